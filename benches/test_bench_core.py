@@ -1,0 +1,125 @@
+"""Core runtime overheads and the first sequential-vs-pool comparison.
+
+Run: ``python -m pytest benches/test_bench_core.py --benchmark-only`` (CI runs every bench
+once with ``--benchmark-disable`` so they keep working).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import uvloop
+
+from benches.conftest import median_s
+from devstate import messages as m
+from devstate.arena import Arena
+from devstate.local import migrate_locally
+from devstate.pool import WorkerPool
+from devstate.settings import Settings
+from devstate.spec import parse_spec
+
+COPY_BYTES = 64 << 20
+
+
+@pytest.fixture(scope="module")
+def arena_and_source():
+    """A pre-faulted arena view and 64 MiB of source bytes."""
+    source = np.random.default_rng(1).integers(0, 255, COPY_BYTES, dtype=np.uint8)
+    with Arena.create(COPY_BYTES) as arena:
+        yield arena.view(0, COPY_BYTES), source
+
+
+def _array(view: memoryview) -> np.ndarray:
+    # A fresh array per call, dropped at once, so the arena can always close.
+    return np.frombuffer(view, dtype=np.uint8)
+
+
+@pytest.mark.benchmark(group="arena-vs-memcpy")
+def test_plain_memory_copy(benchmark, arena_and_source, results) -> None:
+    _, source = arena_and_source
+    target = np.empty_like(source)
+    target[:] = 0  # warm: first touch would be measured otherwise
+    benchmark(np.copyto, target, source)
+    results.setdefault("copy", {})["plain"] = median_s(benchmark) or 0.0
+    benchmark.extra_info["GB/s"] = _gbps(benchmark)
+
+
+@pytest.mark.benchmark(group="arena-vs-memcpy")
+def test_arena_write(benchmark, arena_and_source, results) -> None:
+    view, source = arena_and_source
+    benchmark(lambda: np.copyto(_array(view), source))
+    _ratio(benchmark, results, "write")
+
+
+@pytest.mark.benchmark(group="arena-vs-memcpy")
+def test_arena_read(benchmark, arena_and_source, results) -> None:
+    view, source = arena_and_source
+    target = np.empty_like(source)
+    target[:] = 0
+    benchmark(lambda: np.copyto(target, _array(view)))
+    _ratio(benchmark, results, "read")
+
+
+def _gbps(benchmark) -> float | None:
+    median = median_s(benchmark)
+    return round(COPY_BYTES / median / 1e9, 2) if median else None
+
+
+def _ratio(benchmark, results, name: str) -> None:
+    median, plain = median_s(benchmark), results.get("copy", {}).get("plain")
+    benchmark.extra_info["GB/s"] = _gbps(benchmark)
+    if median and plain:
+        benchmark.extra_info[f"arena_{name}_vs_plain_copy"] = round(plain / median, 3)
+
+
+@pytest.mark.benchmark(group="dispatch")
+def test_dispatch_round_trip(benchmark) -> None:
+    """One request to a worker and its reply: the fixed cost a batch amortises."""
+    spec = parse_spec({"vcpus": {"count": 2}})
+    calls = 200
+
+    async def scenario() -> float:
+        async with WorkerPool(spec, Settings(workers=1).layout(spec), name="bench") as pool:
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            for _ in range(calls):
+                await pool.call(0, m.Digests(()))
+            return (loop.time() - start) / calls
+
+    per_call = benchmark.pedantic(lambda: uvloop.run(scenario()), rounds=1, iterations=1)
+    benchmark.extra_info["round_trip_us"] = round(per_call * 1e6, 1)
+
+
+VCPUS_512 = parse_spec({"name": "vcpus-512", "vcpus": {"count": 512}})
+FREE_VCPUS_512 = parse_spec({"name": "free-vcpus-512",
+                             "vcpus": {"count": 512, "get_us": 0, "put_us": 0}})
+
+
+def _migrate(spec, settings) -> float:
+    report = uvloop.run(migrate_locally(spec, settings, compare_digests=False))
+    return report.downtime_ms
+
+
+@pytest.mark.benchmark(group="dispatch")
+def test_per_item_overhead(benchmark) -> None:
+    """512 vCPUs with zero simulated cost: what the runtime adds per item, both sides."""
+    downtime = benchmark.pedantic(_migrate, args=(FREE_VCPUS_512, Settings(workers=1)),
+                                  rounds=3, iterations=1)
+    benchmark.extra_info["downtime_ms"] = round(downtime, 2)
+    benchmark.extra_info["per_item_us"] = round(downtime * 1e3 / 512, 2)
+
+
+@pytest.mark.benchmark(group="vcpus-512")
+@pytest.mark.parametrize(("mode", "settings"), [
+    ("sequential", Settings(workers=1, concurrent=False)),
+    ("pool", Settings(workers=2, concurrent=True)),
+])
+def test_save_load_512_sim_vcpus(benchmark, results, mode: str, settings: Settings) -> None:
+    downtime = benchmark.pedantic(_migrate, args=(VCPUS_512, settings), rounds=3, iterations=1)
+    benchmark.extra_info["downtime_ms"] = round(downtime, 2)
+    results.setdefault("vcpus-512", {})[mode] = downtime
+    seen = results["vcpus-512"]
+    if "sequential" in seen and "pool" in seen:
+        benchmark.extra_info["sequential_over_pool"] = round(seen["sequential"] / seen["pool"], 3)

@@ -1,0 +1,179 @@
+"""The ``devstate`` command: ``demo``, ``migrate`` and ``vm``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any
+
+import uvloop
+
+from devstate.errors import DevstateError
+from devstate.report import MigrationReport, format_table
+from devstate.settings import Settings
+from devstate.spec import MachineSpec, load_spec
+
+DEFAULT_MACHINE = "default.toml"
+
+
+def default_workers() -> int:
+    """One worker per usable CPU (affinity-aware), at least one."""
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+def load_default_machine() -> MachineSpec:
+    """The built-in default machine of ``devstate demo``."""
+    with resources.as_file(resources.files("devstate.machines") / DEFAULT_MACHINE) as path:
+        return load_spec(path)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="devstate",
+        description="Save and load a VM's device state concurrently during live migration.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="migrate the built-in default machine sequentially "
+                                       "and concurrently, and compare the downtimes")
+    demo.add_argument("--spec", help="machine spec (TOML or JSON) instead of the default")
+    demo.add_argument("--workers", type=_positive, default=default_workers(),
+                      help="workers per side in concurrent mode (default: usable CPUs)")
+    demo.add_argument("--json", action="store_true", help="print one JSON object")
+
+    migrate = sub.add_parser("migrate", help="migrate a machine once to a local destination "
+                                             "process and report")
+    migrate.add_argument("--spec", required=True, help="machine spec (TOML or JSON)")
+    migrate.add_argument("--workers", type=_positive, default=None,
+                         help="workers per side (default: usable CPUs; 1 with --sequential)")
+    migrate.add_argument("--sequential", action="store_true",
+                         help="one device after another, as VMMs do today")
+    migrate.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    vm = sub.add_parser("vm", help="host a machine's devices as a migration destination")
+    vm.add_argument("--spec", required=True, help="machine spec (TOML or JSON)")
+    vm.add_argument("--incoming", required=True, metavar="URI",
+                    help="where to listen for the migration: unix:PATH")
+    vm.add_argument("--workers", type=_positive, default=default_workers(),
+                    help="workers (must equal the source's)")
+    vm.add_argument("--cpus", type=_cpu_list, default=None,
+                    help="comma-separated CPUs to pin workers to (default: usable CPUs)")
+    vm.add_argument("--once", action="store_true",
+                    help="exit after one incoming migration instead of running the VM")
+    return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _cpu_list(text: str) -> tuple[int, ...]:
+    try:
+        cpus = tuple(int(c) for c in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list like 0,1,2") from None
+    usable = os.sched_getaffinity(0)
+    bad = [c for c in cpus if c not in usable]
+    if bad:
+        raise argparse.ArgumentTypeError(f"CPU(s) {bad} are not usable here "
+                                         f"(usable: {sorted(usable)})")
+    return cpus
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``devstate`` console script."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="devstate: %(name)s: %(message)s")
+    try:
+        if args.command == "demo":
+            return uvloop.run(_demo(args))
+        if args.command == "migrate":
+            return uvloop.run(_migrate(args))
+        return uvloop.run(_vm(args))
+    except DevstateError as exc:
+        print(f"devstate: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("devstate: interrupted; everything it started was stopped", file=sys.stderr)
+        return 130
+
+
+def _status(args: argparse.Namespace, text: str) -> None:
+    # Progress on long work, for a person at a terminal; silent for --json or a pipe.
+    if not getattr(args, "json", False) and sys.stderr.isatty():
+        print(f"devstate: {text}", file=sys.stderr, flush=True)
+
+
+async def _run_mode(args: argparse.Namespace, spec: MachineSpec,
+                    settings: Settings) -> MigrationReport:
+    from devstate.local import migrate_locally
+
+    mode = "concurrent" if settings.concurrent else "sequential"
+    _status(args, f"migrating {spec.name} ({len(spec.devices())} devices), {mode}, "
+                  f"{settings.workers} worker(s) per side ...")
+    report = await migrate_locally(spec, settings)
+    _status(args, f"{mode}: downtime {report.downtime_ms:.1f} ms")
+    return report
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec) if args.spec else load_default_machine()
+    reports = [
+        await _run_mode(args, spec, Settings(workers=1, concurrent=False)),
+        await _run_mode(args, spec, Settings(workers=args.workers, concurrent=True)),
+    ]
+    return _print(args, reports)
+
+
+async def _migrate(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec)
+    workers = args.workers or (1 if args.sequential else default_workers())
+    report = await _run_mode(args, spec, Settings(workers=workers,
+                                                  concurrent=not args.sequential))
+    return _print(args, [report])
+
+
+def _print(args: argparse.Namespace, reports: list[MigrationReport]) -> int:
+    if args.json:
+        out: dict[str, Any]
+        if len(reports) == 1:
+            out = reports[0].to_json()
+        else:
+            out = {r.mode: r.to_json() for r in reports}
+            out["speedup"] = round(reports[0].downtime_ms / reports[1].downtime_ms, 3)
+        print(json.dumps(out, indent=1))
+    else:
+        print(format_table(reports), end="")
+    return 0 if all(r.verified for r in reports) else 2
+
+
+async def _vm(args: argparse.Namespace) -> int:
+    from devstate.channels import Listener, parse_uri
+    from devstate.dest import IncomingVM
+
+    spec = load_spec(args.spec)
+    listener = Listener(parse_uri(args.incoming))
+    async with IncomingVM(spec, Settings(workers=args.workers, cpus=args.cpus)) as vm:
+        listener.open()
+        try:
+            print("ready", flush=True)
+            result = await vm.accept_migration(listener)
+            if not result.completed:
+                print(f"devstate: incoming migration failed: {result.reason}", file=sys.stderr)
+                return 1
+            if not args.once:
+                await asyncio.Event().wait()  # the VM runs until the process is stopped
+        finally:
+            listener.close()
+    return 0

@@ -1,0 +1,58 @@
+"""Which worker owns which device, and in what order each worker saves its devices.
+
+This version balances estimated work over workers with a greedy longest-first assignment
+(LPT), the simplest list schedule that keeps the largest devices apart. The deadline-aware
+planner (cost model, critical path, priority classes) replaces the estimate, not the
+interface: a :class:`Plan` maps devices to owners and gives each owner an order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from devstate.spec import DeviceSpec, MachineSpec, Shape
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Owners and per-worker save order; the same on both sides of a migration."""
+
+    workers: int
+    owner: tuple[int, ...]            # owner[device index] = worker
+    order: tuple[tuple[int, ...], ...]  # order[worker] = device indices, in save order
+
+    def devices_of(self, worker: int) -> tuple[int, ...]:
+        """The devices a worker owns, in its save order."""
+        return self.order[worker]
+
+
+def estimate_s(device: DeviceSpec) -> float:
+    """Seconds of stop-and-copy work for one device, from its spec alone."""
+    if device.vcpu is not None:
+        return (device.vcpu.get_us + device.vcpu.put_us) * 1e-6
+    assert device.vfio is not None
+    v = device.vfio
+    return v.size / v.read_bandwidth + v.size / v.write_bandwidth + v.firmware_latency_ms / 1e3
+
+
+def make_plan(spec: MachineSpec, workers: int) -> Plan:
+    """Assign every device to one of ``workers`` owners, longest estimated work first.
+
+    Streams come first in each worker's order: they carry the long tails (bytes, firmware
+    latency) that records can overlap with.
+    """
+    if workers < 1:
+        raise ValueError("a plan needs at least one worker")
+    table = spec.devices()
+    load = [0.0] * workers
+    owner = [0] * len(table)
+    # Stable sort: equal estimates keep table order, so both sides compute the same plan.
+    for device in sorted(table, key=lambda d: -estimate_s(d)):
+        w = min(range(workers), key=lambda k: (load[k], k))
+        owner[device.index] = w
+        load[w] += estimate_s(device)
+    order = tuple(
+        tuple(d.index for d in sorted((d for d in table if owner[d.index] == w),
+                                      key=lambda d: (d.shape is Shape.RECORD, d.index)))
+        for w in range(workers))
+    return Plan(workers, tuple(owner), order)

@@ -1,0 +1,48 @@
+"""Runtime settings of one side of a migration, and the arena layout they imply."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from devstate import wire
+from devstate.arena import Layout, SlotClass
+from devstate.spec import MachineSpec
+
+# Slot classes, in this order, in every worker's partition.
+RECORD_CLASS = 0
+CHUNK_CLASS = 1
+WINDOW_CLASS = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """How one side runs: workers, mode, and the arena's shape.
+
+    ``cpus`` pins workers; two sides on one host pass them in opposite orders so that each
+    side's first worker gets a core of its own. ``chunk_bytes`` is a stream packet's payload: QEMU found 1 MiB as good as 128 MiB for
+    mlx5 (hw/vfio/migration.c) and smaller means less memory per in-flight packet.
+    ``chunk_slots`` bounds in-flight stream bytes per worker (memory vs pipelining:
+    fewer slots stall a fast device behind a slow one sooner). ``record_slots`` lets a
+    worker get that many records ahead of its channel. ``window_bytes`` is the receive
+    window for small packets (records, END markers), read in one syscall.
+    """
+
+    workers: int = 2
+    concurrent: bool = True
+    chunk_bytes: int = 1 << 20
+    chunk_slots: int = 16
+    record_slots: int = 128
+    window_bytes: int = 256 << 10
+    cpus: tuple[int, ...] | None = None  # worker i runs on cpus[i % len]; None: usable CPUs
+
+    def layout(self, spec: MachineSpec) -> Layout:
+        """The arena layout for this machine: the same on both sides."""
+        from devstate.devices import record_bytes
+
+        record = wire.PACKET_HEADER_BYTES + max(record_bytes(spec.vcpus.backend), 64)
+        window = max(self.window_bytes, 4 * record)
+        return Layout(self.workers, (
+            SlotClass(record, self.record_slots),
+            SlotClass(wire.PACKET_HEADER_BYTES + self.chunk_bytes, self.chunk_slots),
+            SlotClass(window, 1),
+        ))

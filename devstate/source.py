@@ -1,0 +1,198 @@
+"""The source side: a running machine whose state migrates out.
+
+Runs in: the source coordinator process, on uvloop.
+
+Sequence of one migration (main channel messages in capitals)::
+
+    setup   connect main channel, HELLO (id, device table, owners, mode) -> destination
+            every worker connects its own data channel          (all before the stop)
+            <- READY (destination validated, devices in RESUMING, channels adopted)
+    t0      stop: every worker gets its devices in parallel and streams them
+            <- LOADED (every device put and its digest verified)
+            COMMIT -> (from here the source will not resume: the destination will)
+            <- RESUMED with t1: downtime = t1 - t0 (CLOCK_MONOTONIC, one host)
+            [<- DIGESTS, if asked: every device's state digest, compared here]
+
+Any failure before COMMIT cancels the workers, tells the destination to discard (ABORT),
+resumes every device here and raises :class:`MigrationFailed` naming the cause. A failure
+after COMMIT leaves the source stopped with its state intact (the destination may be
+running): resuming would risk two running copies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from devstate import channels, fdio, wire
+from devstate import messages as m
+from devstate.errors import DevstateError, MigrationFailed, WorkerLost
+from devstate.plan import Plan, make_plan
+from devstate.pool import WorkerPool
+from devstate.report import DeviceReport, MigrationReport
+from devstate.settings import Settings
+from devstate.spec import MachineSpec
+
+log = logging.getLogger("devstate.source")
+
+# After COMMIT the destination only resumes its devices: seconds are generous.
+RESUMED_TIMEOUT_S = 30.0
+
+
+def device_table(spec: MachineSpec) -> list[list[Any]]:
+    """The device table as the handshake carries it: id, shape, backend, version, size."""
+    return [[d.id, str(d.shape), str(d.backend), d.version, d.size] for d in spec.devices()]
+
+
+class SourceVM:
+    """The machine on the source: a worker pool whose workers own its devices."""
+
+    def __init__(self, spec: MachineSpec, settings: Settings) -> None:
+        self.spec = spec
+        self.settings = settings
+        self.plan: Plan = make_plan(spec, settings.workers)
+        self.pool = WorkerPool(spec, settings.layout(spec), name="source",
+                                cpus=list(settings.cpus) if settings.cpus else None)
+        self.running = False
+
+    async def start(self) -> None:
+        """Start the pool and open every device with its seeded state; the VM runs."""
+        await self.pool.start()
+        await self.pool.call_all({w: m.OpenDevices(self.plan.devices_of(w), incoming=False)
+                                  for w in range(self.plan.workers)})
+        self.running = True
+
+    async def digests(self) -> dict[str, str]:
+        """Every device's state digest (hex), by device id."""
+        table = self.spec.devices()
+        replies = await self.pool.call_all({w: m.Digests(self.plan.devices_of(w))
+                                            for w in range(self.plan.workers)})
+        return {table[i].id: h for per_worker in replies.values() for i, h in per_worker.items()}
+
+    async def migrate(self, address: channels.Address, *, compare_digests: bool = False,
+                      on_status: Callable[[str], None] | None = None) -> MigrationReport:
+        """Migrate the machine to the destination listening at ``address``.
+
+        ``on_status`` is called with QEMU's status names as the migration moves: ``setup``,
+        ``device`` (the VM stopped: stop-and-copy), ``completed`` or ``failed``.
+        """
+        status = on_status or (lambda _: None)
+        status("setup")
+        before = await self.digests() if compare_digests else {}
+        migration_id = uuid.uuid4()
+        sock = await channels.connect(address)
+        committed = False
+        try:
+            t0 = await self._setup(sock, address, migration_id, compare_digests)
+            self.running = False
+            status("device")
+            saved = await self._stop_and_copy(sock)
+            await channels.send_control(sock, wire.ControlType.COMMIT, {})
+            committed = True
+            async with asyncio.timeout(RESUMED_TIMEOUT_S):
+                resumed = await channels.expect_control(sock, wire.ControlType.RESUMED)
+                report = await channels.expect_control(sock, wire.ControlType.REPORT)
+            t1 = wire.field(resumed, "t1_ns", int)
+            result = self._report(t0, t1, saved, report, before)
+            status("completed")
+            return result
+        except BaseException as exc:
+            status("failed")
+            exc = next(iter(self.pool.lost().values()), exc)  # a lost worker is the cause
+            if committed:
+                raise MigrationFailed(f"failed after commit ({exc}); the destination may be "
+                                      "running: the source stays stopped with its state") from exc
+            await self._recover(sock, exc)
+            if isinstance(exc, DevstateError | OSError | TimeoutError):
+                raise MigrationFailed(f"migration failed, source resumed: {exc}") from exc
+            raise
+        finally:
+            sock.close()
+
+    async def _setup(self, sock: Any, address: channels.Address, migration_id: uuid.UUID,
+                     compare_digests: bool) -> int:
+        """Handshake and open data channels; return t0, taken as the VM stops."""
+        n = self.plan.workers
+        await fdio.send_all(sock, [channels.hello(wire.ChannelKind.MAIN, 0, n, migration_id)])
+        await channels.send_control(sock, wire.ControlType.HELLO, {
+            "migration_id": str(migration_id), "devices": device_table(self.spec),
+            "channels": n, "owners": list(self.plan.owner),
+            "concurrent": self.settings.concurrent, "digests": compare_digests})
+        await self.pool.call_all({
+            w: m.ConnectChannel(address.path,
+                                channels.hello(wire.ChannelKind.DATA, w, n, migration_id))
+            for w in range(n)})
+        await channels.expect_control(sock, wire.ControlType.READY)
+        return time.monotonic_ns()
+
+    async def _stop_and_copy(self, sock: Any) -> list[m.DeviceResult]:
+        """Save on every worker while waiting for LOADED; the first failure wins."""
+        saving = asyncio.ensure_future(self.pool.call_all({
+            w: m.Save(self.plan.devices_of(w), self.settings.concurrent)
+            for w in range(self.plan.workers)}))
+        loading = asyncio.ensure_future(channels.expect_control(sock, wire.ControlType.LOADED))
+        try:
+            done, _ = await asyncio.wait({saving, loading}, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()  # raises the first failure
+            saved = await saving
+            await loading
+        finally:
+            for task in (saving, loading):
+                task.cancel()
+            await asyncio.gather(saving, loading, return_exceptions=True)
+        return [r for rows in saved.values() for r in m.unpack_results(rows)]
+
+    async def _recover(self, sock: Any, cause: BaseException) -> None:
+        """Undo a failed migration: abort the destination, cancel workers, resume devices."""
+        log.warning("migration failed (%s): resuming on the source", cause)
+        with contextlib.suppress(Exception):
+            await channels.send_control(sock, wire.ControlType.ABORT, {"reason": str(cause)})
+        alive = [w for w in range(self.plan.workers) if w not in self.pool.lost()]
+        with contextlib.suppress(DevstateError):
+            await self.pool.call_all({w: m.Cancel() for w in alive})
+        try:
+            await self.pool.call_all({w: m.Resume() for w in alive})
+        except WorkerLost as lost:
+            raise MigrationFailed(f"migration failed ({cause}) and {lost} while resuming") \
+                from cause
+        self.running = True
+
+    def _report(self, t0: int, t1: int, saved: list[m.DeviceResult], report: dict[str, Any],
+                before: dict[str, str]) -> MigrationReport:
+        dest = {r["id"]: r for r in wire.field(report, "devices", list)}
+        after = wire.field(report, "digests", dict)
+        rows = []
+        for r in sorted(saved, key=lambda r: r.index):
+            d = dest.get(r.id)
+            if d is None:
+                raise DevstateError(f"destination did not report {r.id}")
+            verified = bool(before) and before.get(r.id) == after.get(r.id)
+            rows.append(DeviceReport(
+                id=r.id, bytes=r.bytes, source_worker=r.worker, dest_worker=d["worker"],
+                save_start_ms=(r.start_ns - t0) / 1e6, save_end_ms=(r.end_ns - t0) / 1e6,
+                load_start_ms=(d["start_ns"] - t0) / 1e6, load_done_ms=(d["done_ns"] - t0) / 1e6,
+                verified=verified))
+        mode = "concurrent" if self.settings.concurrent else "sequential"
+        return MigrationReport(mode, self.plan.workers, (t1 - t0) / 1e6, tuple(rows),
+                               digests_compared=bool(before))
+
+    async def close(self) -> None:
+        """Stop the pool (its workers close the devices). Idempotent."""
+        await self.pool.close()
+
+    async def __aenter__(self) -> SourceVM:
+        try:
+            await self.start()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

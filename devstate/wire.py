@@ -1,0 +1,264 @@
+"""What crosses a channel: data packets, channel hellos and control messages.
+
+All integers are little-endian. Decoders are strict: anything malformed raises
+:class:`~devstate.errors.ProtocolError` naming the field, and sizes are bounded before
+anything is allocated for them.
+
+Data packet (data channels)::
+
+    0  magic    u32  'DSTP'
+    4  version  u16  1
+    6  flags    u16  exactly one of RECORD, CHUNK, END
+    8  device   u32  index in the machine's device table (checked at handshake)
+    12 seq      u32  packet number within the device's state, from 0
+    16 length   u32  payload bytes (bounded by the receiver's slot size)
+    20 reserved u32  0
+    24 checksum u64  xxh3_64(payload, seed=xxh3_64(bytes 0..23)): covers header and payload
+    32 payload
+
+An END packet closes a device's state; its payload is ``digest[16] | bytes u64 | packets
+u32 | reserved u32``: xxh3_128 over every payload byte of the device, in order.
+
+Channel hello (first bytes on every channel)::
+
+    magic 'DSTH' u32 | version u16 | kind u16 (MAIN 0, DATA 1) | index u16 | channels u16 |
+    reserved u32 | migration id [16]
+
+Control message (main channel)::
+
+    magic 'DSTC' u32 | version u16 | type u16 | length u32 | checksum u32 (xxh32 of body) |
+    body: UTF-8 JSON object, at most MAX_CONTROL_BYTES
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import struct
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import xxhash
+
+from devstate.errors import IntegrityError, ProtocolError
+
+VERSION = 1
+
+PACKET_MAGIC = 0x50545344  # b"DSTP"
+HELLO_MAGIC = 0x48545344   # b"DSTH"
+CONTROL_MAGIC = 0x43545344  # b"DSTC"
+
+_PACKET = struct.Struct("<IHHIIIIQ")
+_HELLO = struct.Struct("<IHHHHI16s")
+_CONTROL = struct.Struct("<IHHII")
+_END = struct.Struct("<16sQII")
+
+PACKET_HEADER_BYTES = _PACKET.size
+HELLO_BYTES = _HELLO.size
+CONTROL_HEADER_BYTES = _CONTROL.size
+END_PAYLOAD_BYTES = _END.size
+# Control messages carry the device table and per-device results; 4 MiB holds a 1024-vCPU
+# machine's report many times over, and bounds what a peer can make us allocate.
+MAX_CONTROL_BYTES = 4 << 20
+
+
+class PacketKind(enum.IntFlag):
+    """What a data packet carries."""
+
+    RECORD = 1  # one whole record (seq 0)
+    CHUNK = 2   # the next piece of a stream
+    END = 4     # end of the device's state, with its digest
+
+
+class ChannelKind(enum.IntEnum):
+    """Which channel a hello opens."""
+
+    MAIN = 0
+    DATA = 1
+
+
+class ControlType(enum.IntEnum):
+    """Main-channel messages, in the order a migration uses them."""
+
+    HELLO = 1      # source -> dest: migration id, device table, channel count
+    READY = 2      # dest -> source: device table accepted, devices ready to load
+    LOADED = 3     # dest -> source: every device loaded and verified (phase one)
+    COMMIT = 4     # source -> dest: source releases; resume there (phase two)
+    RESUMED = 5    # dest -> source: VM running on the destination, with t1
+    FAILED = 6     # either way: the migration failed, with the reason
+    ABORT = 7      # source -> dest: discard what was loaded
+    REPORT = 8     # dest -> source, after RESUMED: per-device results [and digests]
+
+
+@dataclass(frozen=True, slots=True)
+class PacketHeader:
+    """A decoded data-packet header."""
+
+    kind: PacketKind
+    device: int
+    seq: int
+    length: int
+    checksum: int
+
+
+@dataclass(frozen=True, slots=True)
+class EndOfState:
+    """The payload of an END packet."""
+
+    digest: bytes
+    total_bytes: int
+    packets: int
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """A channel hello."""
+
+    kind: ChannelKind
+    index: int
+    channels: int
+    migration_id: uuid.UUID
+
+
+def _header_seed(header: memoryview | bytes) -> int:
+    return xxhash.xxh3_64_intdigest(header[:24])
+
+
+def pack_packet_header(out: memoryview, kind: PacketKind, device: int, seq: int,
+                       payload: memoryview | bytes) -> None:
+    """Write the 32-byte header for ``payload`` into ``out[:32]``, checksum included."""
+    _PACKET.pack_into(out, 0, PACKET_MAGIC, VERSION, kind, device, seq, len(payload), 0, 0)
+    checksum = xxhash.xxh3_64_intdigest(payload, seed=_header_seed(out))
+    struct.pack_into("<Q", out, 24, checksum)
+
+
+def decode_packet_header(data: memoryview | bytes, *, devices: int,
+                         max_payload: int) -> PacketHeader:
+    """Decode and bound-check a packet header; the payload is checked by :func:`verify_payload`."""
+    if len(data) < PACKET_HEADER_BYTES:
+        raise ProtocolError("packet.header", f"{len(data)} bytes, need {PACKET_HEADER_BYTES}")
+    magic, version, flags, device, seq, length, reserved, checksum = _PACKET.unpack_from(data)
+    if magic != PACKET_MAGIC:
+        raise ProtocolError("packet.magic", f"{magic:#010x} is not {PACKET_MAGIC:#010x}")
+    if version != VERSION:
+        raise ProtocolError("packet.version", f"{version} is not supported (want {VERSION})")
+    if flags not in (PacketKind.RECORD, PacketKind.CHUNK, PacketKind.END):
+        raise ProtocolError("packet.flags", f"{flags:#x} is not exactly one packet kind")
+    if device >= devices:
+        raise ProtocolError("packet.device", f"index {device} is not below {devices}")
+    if reserved != 0:
+        raise ProtocolError("packet.reserved", f"must be 0, got {reserved:#x}")
+    kind = PacketKind(flags)
+    if kind is PacketKind.END and length != END_PAYLOAD_BYTES:
+        raise ProtocolError("packet.length", f"END payload is {END_PAYLOAD_BYTES}, got {length}")
+    if kind is PacketKind.RECORD and seq != 0:
+        raise ProtocolError("packet.seq", f"a RECORD is always seq 0, got {seq}")
+    if length > max_payload:
+        raise ProtocolError("packet.length", f"{length} exceeds the limit {max_payload}")
+    if kind is not PacketKind.END and length == 0:
+        raise ProtocolError("packet.length", "a data packet must carry bytes")
+    return PacketHeader(kind, device, seq, length, checksum)
+
+
+def verify_payload(header_bytes: memoryview | bytes, header: PacketHeader,
+                   payload: memoryview | bytes) -> None:
+    """Raise :class:`IntegrityError` unless the checksum covers this header and payload."""
+    actual = xxhash.xxh3_64_intdigest(payload, seed=_header_seed(header_bytes))
+    if actual != header.checksum:
+        raise IntegrityError("packet.checksum", f"mismatch for device {header.device} seq "
+                                                f"{header.seq} ({header.length} B)")
+
+
+def pack_end(digest: bytes, total_bytes: int, packets: int) -> bytes:
+    """The payload of an END packet."""
+    return _END.pack(digest, total_bytes, packets, 0)
+
+
+def decode_end(payload: memoryview | bytes) -> EndOfState:
+    """Decode an END payload (its length was checked with the header)."""
+    digest, total, packets, reserved = _END.unpack_from(payload)
+    if reserved != 0:
+        raise ProtocolError("end.reserved", f"must be 0, got {reserved:#x}")
+    return EndOfState(bytes(digest), total, packets)
+
+
+def pack_hello(hello: Hello) -> bytes:
+    """Encode a channel hello."""
+    return _HELLO.pack(HELLO_MAGIC, VERSION, hello.kind, hello.index, hello.channels, 0,
+                       hello.migration_id.bytes)
+
+
+def decode_hello(data: memoryview | bytes, *, max_channels: int = 1024) -> Hello:
+    """Decode a channel hello, rejecting anything out of range."""
+    if len(data) != HELLO_BYTES:
+        raise ProtocolError("hello", f"{len(data)} bytes, need {HELLO_BYTES}")
+    magic, version, kind, index, channels, reserved, mid = _HELLO.unpack(data)
+    if magic != HELLO_MAGIC:
+        raise ProtocolError("hello.magic", f"{magic:#010x} is not {HELLO_MAGIC:#010x}")
+    if version != VERSION:
+        raise ProtocolError("hello.version", f"{version} is not supported (want {VERSION})")
+    if kind not in (ChannelKind.MAIN, ChannelKind.DATA):
+        raise ProtocolError("hello.kind", f"{kind} is not MAIN (0) or DATA (1)")
+    if not 1 <= channels <= max_channels:
+        raise ProtocolError("hello.channels", f"{channels} is not in 1..{max_channels}")
+    if kind == ChannelKind.DATA and index >= channels:
+        raise ProtocolError("hello.index", f"{index} is not below {channels}")
+    if kind == ChannelKind.MAIN and index != 0:
+        raise ProtocolError("hello.index", f"the main channel is index 0, got {index}")
+    if reserved != 0:
+        raise ProtocolError("hello.reserved", f"must be 0, got {reserved:#x}")
+    return Hello(ChannelKind(kind), index, channels, uuid.UUID(bytes=mid))
+
+
+def pack_control(kind: ControlType, body: dict[str, Any]) -> bytes:
+    """Encode a control message."""
+    data = json.dumps(body, separators=(",", ":")).encode()
+    if len(data) > MAX_CONTROL_BYTES:
+        raise ProtocolError("control.length", f"{len(data)} exceeds {MAX_CONTROL_BYTES}")
+    header = _CONTROL.pack(CONTROL_MAGIC, VERSION, kind, len(data), xxhash.xxh32_intdigest(data))
+    return header + data
+
+
+def decode_control_header(data: memoryview | bytes) -> tuple[ControlType, int, int]:
+    """Decode a control header: (type, body length, body checksum)."""
+    if len(data) != CONTROL_HEADER_BYTES:
+        raise ProtocolError("control.header", f"{len(data)} bytes, need {CONTROL_HEADER_BYTES}")
+    magic, version, kind, length, checksum = _CONTROL.unpack(data)
+    if magic != CONTROL_MAGIC:
+        raise ProtocolError("control.magic", f"{magic:#010x} is not {CONTROL_MAGIC:#010x}")
+    if version != VERSION:
+        raise ProtocolError("control.version", f"{version} is not supported (want {VERSION})")
+    try:
+        ctype = ControlType(kind)
+    except ValueError:
+        raise ProtocolError("control.type", f"unknown message type {kind}") from None
+    if length > MAX_CONTROL_BYTES:
+        raise ProtocolError("control.length", f"{length} exceeds {MAX_CONTROL_BYTES}")
+    return ctype, length, checksum
+
+
+def decode_control_body(data: memoryview | bytes, checksum: int) -> dict[str, Any]:
+    """Check and parse a control body into a JSON object."""
+    if xxhash.xxh32_intdigest(data) != checksum:
+        raise IntegrityError("control.checksum", "mismatch")
+    try:
+        body = json.loads(bytes(data))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError("control.body", f"not UTF-8 JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ProtocolError("control.body", "must be a JSON object")
+    return body
+
+
+def field(body: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    """Fetch a required field of a control body with its type checked."""
+    if name not in body:
+        raise ProtocolError(f"control.{name}", "is missing")
+    value = body[name]
+    if isinstance(value, bool) and kind is not bool and bool not in (
+            kind if isinstance(kind, tuple) else (kind,)):
+        raise ProtocolError(f"control.{name}", "has the wrong type bool")
+    if not isinstance(value, kind):
+        raise ProtocolError(f"control.{name}", f"has the wrong type {type(value).__name__}")
+    return value

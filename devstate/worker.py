@@ -1,0 +1,212 @@
+"""A pool worker process: owns devices, a data channel and a partition of the arena.
+
+Runs in: a worker process started by :class:`devstate.pool.WorkerPool` (forkserver, never
+fork from the threaded coordinator). Life of a worker::
+
+    attach arena, pre-fault its partition, pin to its CPU -> "ready" reply (req 0)
+    serve requests on its own uvloop: each runs as a task, replies when done
+      OpenDevices -> devices built and opened here (the owner rule: only this process
+                     ever touches them; a vfio-sim model process is a child of this one)
+      ConnectChannel / AdoptChannel -> its data channel
+      Save / Load -> save.Saver / load.Loader over the channel
+      Resume / Discard / Digests / Cancel
+    Shutdown, or EOF on its pipe (the coordinator died) -> close devices, exit
+
+Errors in a request are replied as text with the exception's type name; the worker itself
+keeps serving. SIGINT is ignored: Ctrl-C belongs to the coordinator, which shuts the pool
+down in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import traceback
+from multiprocessing.connection import Connection
+from multiprocessing.reduction import recv_handle
+from typing import Any
+
+import psutil
+import uvloop
+
+from devstate import channels, fdio
+from devstate import messages as m
+from devstate.arena import Arena, Layout
+from devstate.devices import Device, StreamDevice, make_device
+from devstate.errors import DeviceError
+from devstate.load import Loader
+from devstate.save import Saver
+from devstate.settings import CHUNK_CLASS, RECORD_CLASS, WINDOW_CLASS
+from devstate.spec import MachineSpec, parse_spec
+
+
+def worker_main(index: int, conn: Connection, arena_name: str, arena_size: int,
+                layout: Layout, cpu: int | None, spec_data: dict[str, Any]) -> None:
+    """Entry point of a worker process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        if cpu is not None:
+            psutil.Process().cpu_affinity([cpu])
+        arena = Arena.attach(arena_name, arena_size)
+        spec = parse_spec(spec_data)
+    except BaseException as exc:  # report why start-up failed before exiting
+        conn.send(m.Reply(0, False, error_type=type(exc).__name__, error=str(exc)))
+        raise SystemExit(1) from exc
+    try:
+        worker = Worker(index, conn, arena, layout, spec)
+        conn.send(m.Reply(0, True, value=os.getpid()))
+        uvloop.run(worker.serve())
+    finally:
+        arena.close()
+
+
+class Worker:
+    """The state of one worker process and its request loop."""
+
+    def __init__(self, index: int, conn: Connection, arena: Arena, layout: Layout,
+                 spec: MachineSpec) -> None:
+        self.index = index
+        self._conn = conn
+        self._spec = spec
+        self._table = spec.devices()
+        self._slots = arena.slot_pool(layout, index)
+        self._window = self._slots.acquire_nowait(WINDOW_CLASS)
+        self._devices: dict[int, Device] = {}
+        self._channel: socket.socket | None = None
+        self._busy: asyncio.Task[Any] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stop = asyncio.Event()
+
+    async def serve(self) -> None:
+        """Serve requests until Shutdown or the coordinator's end of the pipe closes."""
+        loop = asyncio.get_running_loop()
+        fdio.watch_blocking(self._conn.fileno(), self._on_request)
+        try:
+            await self._stop.wait()
+        finally:
+            loop.remove_reader(self._conn.fileno())
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self._close_devices()
+            if self._channel is not None:
+                self._channel.close()
+
+    def _on_request(self) -> None:
+        try:
+            while self._conn.poll():
+                request = self._conn.recv()
+                self._start(request)
+        except (EOFError, OSError):
+            self._stop.set()  # the coordinator is gone: nobody to serve
+
+    def _start(self, request: m.Request) -> None:
+        command = request.command
+        if isinstance(command, m.Cancel):
+            if self._busy is not None:
+                self._busy.cancel()
+            self._reply(m.Reply(request.req, True))
+            return
+        if isinstance(command, m.AdoptChannel):
+            # The fd follows the message on the same pipe: take it before anything else.
+            fd = recv_handle(self._conn)
+            self._adopt(fd)
+            self._reply(m.Reply(request.req, True))
+            return
+        task = asyncio.get_running_loop().create_task(self._run(request))
+        if isinstance(command, m.Save | m.Load):
+            self._busy = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, request: m.Request) -> None:
+        try:
+            value = await self._handle(request.command)
+            reply = m.Reply(request.req, True, value=value)
+        except asyncio.CancelledError:
+            reply = m.Reply(request.req, False, error_type="Cancelled",
+                            error=f"{type(request.command).__name__} was cancelled")
+        except Exception as exc:
+            reply = m.Reply(request.req, False, error_type=type(exc).__name__,
+                            error=str(exc) or repr(exc),
+                            extra={"traceback": traceback.format_exc(limit=8)})
+        self._reply(reply)
+
+    def _reply(self, reply: m.Reply) -> None:
+        with contextlib.suppress(OSError):
+            self._conn.send(reply)
+
+    async def _handle(self, command: Any) -> Any:
+        match command:
+            case m.OpenDevices(devices=devices, incoming=incoming):
+                await self._open_devices(devices, incoming)
+            case m.ConnectChannel(path=path, hello=hello):
+                await self._connect(path, hello)
+            case m.Save(order=order, concurrent=concurrent):
+                saver = Saver(self.index, self._devices, self._slots, self._need_channel(),
+                              record_class=RECORD_CLASS, chunk_class=CHUNK_CLASS)
+                return m.pack_results(await saver.run(order, concurrent))
+            case m.PrepareLoad(devices=devices):
+                await asyncio.gather(*(d.load_begin() for i, d in self._devices.items()
+                                       if i in devices and isinstance(d, StreamDevice)))
+            case m.Load(devices=devices, concurrent=concurrent):
+                assert self._window is not None
+                loader = Loader(self.index, self._devices, self._slots, self._window,
+                                self._need_channel(), table_size=len(self._table),
+                                chunk_class=CHUNK_CLASS)
+                return m.pack_results(await loader.run(devices, concurrent))
+            case m.Resume():
+                await asyncio.gather(*(d.resume() for d in self._devices.values()))
+            case m.Discard():
+                await asyncio.gather(*(d.reset() for d in self._devices.values()
+                                       if isinstance(d, StreamDevice)))
+            case m.Digests(devices=devices):
+                digests = await asyncio.gather(*(self._devices[i].digest() for i in devices))
+                return {i: d.hex() for i, d in zip(devices, digests, strict=True)}
+            case m.Shutdown():
+                self._stop.set()
+            case _:
+                raise TypeError(f"unknown command {command!r}")
+        return None
+
+    async def _open_devices(self, devices: tuple[int, ...], incoming: bool) -> None:
+        for i in devices:
+            if i not in self._devices:
+                self._devices[i] = make_device(self._table[i], self._spec.seed,
+                                               incoming=incoming)
+        await asyncio.gather(*(self._devices[i].open() for i in devices))
+
+    async def _close_devices(self) -> None:
+        results = await asyncio.gather(*(d.close() for d in self._devices.values()),
+                                       return_exceptions=True)
+        self._devices.clear()
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, DeviceError):
+                raise result
+
+    async def _connect(self, path: str, hello: bytes) -> None:
+        sock = await channels.connect(channels.Address("unix", path))
+        try:
+            await fdio.send_all(sock, [hello])
+        except BaseException:
+            sock.close()
+            raise
+        self._set_channel(sock)
+
+    def _adopt(self, fd: int) -> None:
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        self._set_channel(sock)
+
+    def _set_channel(self, sock: socket.socket) -> None:
+        if self._channel is not None:
+            self._channel.close()
+        self._channel = sock
+
+    def _need_channel(self) -> socket.socket:
+        if self._channel is None:
+            raise RuntimeError(f"worker {self.index} has no data channel")
+        return self._channel

@@ -1,0 +1,69 @@
+"""Shared fixtures: every test must leave no child process and no arena behind."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import psutil
+import pytest
+import uvloop
+
+from devstate.arena import PREFIX, SHM_DIR
+
+
+def shm_segments() -> set[str]:
+    """devstate arenas currently in /dev/shm."""
+    return {n for n in os.listdir(SHM_DIR) if n.startswith(PREFIX)}
+
+
+def live_children() -> list[psutil.Process]:
+    """This process's descendants that are still running (zombies count as gone)."""
+    alive = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE:
+                alive.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def _ignorable(proc: psutil.Process) -> bool:
+    # multiprocessing's forkserver and resource tracker live for the whole test session.
+    try:
+        cmd = " ".join(proc.cmdline())
+    except psutil.Error:
+        return True
+    return "forkserver" in cmd or "resource_tracker" in cmd
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Any:
+    """Fail a test that leaves devstate processes or shared-memory segments behind."""
+    before = shm_segments()
+    yield
+    leaked_shm = shm_segments() - before
+    # Processes are reaped asynchronously by their parents: allow a bounded moment.
+    _, alive = psutil.wait_procs([p for p in live_children() if not _ignorable(p)],
+                                 timeout=5.0)
+    assert not alive, f"processes left running: {[p.cmdline() for p in alive]}"
+    assert not leaked_shm, f"shared-memory segments left: {leaked_shm}"
+
+
+@pytest.fixture
+def run() -> Callable[[Coroutine[Any, Any, Any]], Any]:
+    """Run a coroutine to completion on uvloop."""
+    def runner(coro: Coroutine[Any, Any, Any]) -> Any:
+        return uvloop.run(coro)
+    return runner
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Make sure nothing left by an earlier interrupted run confuses the leak check.
+    from devstate.arena import sweep_stale_segments
+
+    sweep_stale_segments()
+    asyncio.set_event_loop_policy(None)

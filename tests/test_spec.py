@@ -1,0 +1,105 @@
+"""Machine specs: parsing, units, and validation errors that name the field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from devstate.errors import SpecError
+from devstate.spec import Backend, Shape, load_spec, parse_quantity, parse_spec
+
+
+def _machine(**devices: object) -> dict[str, object]:
+    return {"vcpus": {"count": 2}, "devices": [
+        {"name": "nic0", "size": "32MiB"}, {"name": "nic1", "size": 1024},
+        {"name": "gpu0", **devices}]}
+
+
+def test_default_machine_has_512_vcpus_and_four_devices() -> None:
+    from devstate.cli import load_default_machine
+
+    spec = load_default_machine()
+    table = spec.devices()
+    assert spec.vcpus.count == 512
+    assert [d.id for d in table[512:]] == ["vfio/nic0", "vfio/nic1", "vfio/accel0", "vfio/vgpu0"]
+    sizes = [d.size for d in table[512:]]
+    assert min(sizes) == 32 << 20 and max(sizes) == 512 << 20
+    latencies = [d.vfio.firmware_latency_ms for d in table[512:] if d.vfio]
+    assert min(latencies) == 50 and max(latencies) == 250
+
+
+def test_device_table_is_canonical() -> None:
+    spec = parse_spec(_machine(size="1GiB", read_bandwidth="3GiB/s"))
+    table = spec.devices()
+    assert [d.id for d in table] == ["cpu/0", "cpu/1", "vfio/nic0", "vfio/nic1", "vfio/gpu0"]
+    assert [d.index for d in table] == list(range(5))
+    assert table[0].shape is Shape.RECORD and table[0].backend is Backend.SIM_VCPU
+    assert table[4].shape is Shape.STREAM and table[4].size == 1 << 30
+    assert table[4].vfio is not None and table[4].vfio.read_bandwidth == 3 << 30
+
+
+@pytest.mark.parametrize(("text", "value"), [
+    ("64MiB", 64 << 20), ("1.5GB", 1_500_000_000), ("4096", 4096), (4096, 4096),
+    ("2 KiB", 2048), ("1g", 1_000_000_000)])
+def test_quantities(text: object, value: int) -> None:
+    assert parse_quantity(text, "x") == value
+
+
+@pytest.mark.parametrize(("patch", "path", "reason"), [
+    ({"size": 0}, "devices[2].size", "must be > 0"),
+    ({"size": "-3MiB"}, "devices[2].size", "is not a quantity"),
+    ({"size": "12 parsecs"}, "devices[2].size", "is not a quantity"),
+    ({"size": True}, "devices[2].size", "must be a number"),
+    ({"size": "1MiB", "read_bandwidth": "2GiB"}, "devices[2].read_bandwidth", "is not a rate"),
+    ({"size": "1MiB", "firmware_latency_ms": -1}, "devices[2].firmware_latency_ms",
+     "must be between"),
+    ({"size": "1MiB", "precopy": "yes"}, "devices[2].precopy", "must be true or false"),
+    ({"size": "1MiB", "backend": "kvm"}, "devices[2].backend", "unknown backend"),
+    ({"size": "1MiB", "colour": "red"}, "devices[2].colour", "unknown field"),
+    ({"size": "1MiB", "name": "nic0"}, "devices[2].name", "already the name of devices[0]"),
+    ({"size": "1MiB", "name": "Bad Name"}, "devices[2].name", "must be 1-48"),
+    ({}, "devices[2].size", "is required"),
+])
+def test_validation_errors_name_the_field(patch: dict[str, object], path: str,
+                                          reason: str) -> None:
+    data = _machine(**patch)
+    with pytest.raises(SpecError) as info:
+        parse_spec(data)
+    assert info.value.path == path
+    assert reason in info.value.reason
+    assert str(info.value).startswith(f"{path}: ")
+
+
+@pytest.mark.parametrize(("data", "path"), [
+    ({"vcpus": {"count": 2000}}, "vcpus.count"),
+    ({"vcpus": {"count": "many"}}, "vcpus.count"),
+    ({"vcpus": {"count": 1, "backend": "vfio-sim"}}, "vcpus.backend"),
+    ({"vcpus": {"count": 0}}, ""),
+    ({"devices": {"name": "x"}}, "devices"),
+    ({"devices": ["x"]}, "devices[0]"),
+    ([], ""),
+])
+def test_structural_errors(data: object, path: str) -> None:
+    with pytest.raises(SpecError) as info:
+        parse_spec(data)
+    assert info.value.path == path
+
+
+def test_toml_and_json_files_round_trip(tmp_path) -> None:
+    toml = tmp_path / "m.toml"
+    toml.write_text('name = "m"\nseed = 3\n[vcpus]\ncount = 4\n'
+                    '[[devices]]\nname = "d"\nsize = "8MiB"\nprecopy = true\n')
+    spec = load_spec(toml)
+    js = tmp_path / "m.json"
+    js.write_text(json.dumps(spec.to_dict()))
+    assert load_spec(js) == spec
+
+
+def test_unreadable_or_malformed_files(tmp_path) -> None:
+    with pytest.raises(SpecError, match="cannot read spec"):
+        load_spec(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[vcpus\ncount = 1")
+    with pytest.raises(SpecError, match="not valid TOML"):
+        load_spec(bad)
