@@ -14,23 +14,26 @@ Public API: specs (:mod:`devstate.spec`), the two sides (:class:`SourceVM`,
 :class:`IncomingVM`), a one-host migration (:func:`migrate_locally`), and the errors.
 """
 
-from devstate.errors import (
-    ArenaError,
-    ChannelError,
-    DeviceError,
-    DevstateError,
-    IntegrityError,
-    MigrationFailed,
-    ProtocolError,
-    SpecError,
-    WorkerFailed,
-    WorkerLost,
-)
-from devstate.settings import Settings
-from devstate.spec import MachineSpec, load_spec, parse_spec
+import importlib
+from typing import Any
 
-__all__ = [
-    "ArenaError", "ChannelError", "DeviceError", "DevstateError", "IntegrityError",
-    "MachineSpec", "MigrationFailed", "ProtocolError", "Settings", "SpecError",
-    "WorkerFailed", "WorkerLost", "load_spec", "parse_spec",
-]
+# Exports are loaded on first use: device-model processes import devstate.devices.* and
+# must not pay for the runtime's imports at start-up.
+_EXPORTS = {
+    "ArenaError": "devstate.errors", "ChannelError": "devstate.errors",
+    "DeviceError": "devstate.errors", "DevstateError": "devstate.errors",
+    "IntegrityError": "devstate.errors", "MigrationFailed": "devstate.errors",
+    "ProtocolError": "devstate.errors", "SpecError": "devstate.errors",
+    "WorkerFailed": "devstate.errors", "WorkerLost": "devstate.errors",
+    "Settings": "devstate.settings", "MachineSpec": "devstate.spec",
+    "load_spec": "devstate.spec", "parse_spec": "devstate.spec",
+    "SourceVM": "devstate.source", "IncomingVM": "devstate.dest",
+    "migrate_locally": "devstate.local",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'devstate' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -26,6 +26,7 @@ import contextlib
 import multiprocessing as mp
 import os
 import time
+from multiprocessing import connection as mp_connection
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from multiprocessing.reduction import send_handle
@@ -63,6 +64,7 @@ class WorkerPool:
         self._conns: list[Connection] = []
         self._pending: list[dict[int, asyncio.Future[Any]]] = []
         self._lost: dict[int, WorkerLost] = {}
+        self._exited: list[asyncio.Event] = []
         self._next_req = 1
         self._closed = False
 
@@ -94,6 +96,7 @@ class WorkerPool:
             self._procs.append(proc)
             self._conns.append(parent)
             self._pending.append({0: loop.create_future()})
+            self._exited.append(asyncio.Event())
             await loop.run_in_executor(None, proc.start)
             child.close()
             fdio.watch_blocking(parent.fileno(), self._on_reply, i)
@@ -129,7 +132,12 @@ class WorkerPool:
             if fd is not None:
                 send_handle(self._conns[worker], fd, self._procs[worker].pid)
         except OSError:
+            # The pipe broke: the worker is exiting. Its sentinel closes a moment later;
+            # wait for it (bounded) so the error carries the exit code.
             self._pending[worker].pop(req, None)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self._exited[worker].wait()
             raise self._lost.get(worker) or WorkerLost(
                 worker, self._procs[worker].exitcode, type(command).__name__) from None
         try:
@@ -176,6 +184,7 @@ class WorkerPool:
         with contextlib.suppress(OSError, ValueError):
             loop.remove_reader(self._conns[worker].fileno())
         proc.join(0)
+        self._exited[worker].set()
         if self._closed:
             return
         lost = WorkerLost(worker, proc.exitcode)
@@ -185,7 +194,16 @@ class WorkerPool:
                 fut.set_exception(lost)
 
     def lost(self) -> dict[int, WorkerLost]:
-        """Workers that died while the pool was open."""
+        """Workers that died while the pool was open, checked now (not at the next loop pass).
+
+        A peer can notice a worker's death (its channel closing) before this loop has run
+        the sentinel callback; polling the sentinels here lets the caller name the real
+        cause.
+        """
+        alive = {self._procs[i].sentinel: i for i in range(len(self._procs))
+                 if i not in self._lost and self._procs[i].pid is not None}
+        for sentinel in mp_connection.wait(list(alive), timeout=0):
+            self._on_exit(alive[sentinel])  # type: ignore[index]
         return dict(self._lost)
 
     async def close(self) -> None:

@@ -53,7 +53,7 @@ class MigrationReport:
         return self.digests_compared and all(d.verified for d in self.devices)
 
     def to_json(self) -> dict[str, Any]:
-        """The report as plain data: ``mode``, ``downtime_ms``, ``devices`` (id, bytes, verified)."""
+        """The report as plain data: ``mode``, ``downtime_ms``, ``devices`` (id, bytes, ...)."""
         return {
             "mode": self.mode,
             "workers": self.workers,

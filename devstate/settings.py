@@ -19,8 +19,9 @@ class Settings:
     """How one side runs: workers, mode, and the arena's shape.
 
     ``cpus`` pins workers; two sides on one host pass them in opposite orders so that each
-    side's first worker gets a core of its own. ``chunk_bytes`` is a stream packet's payload: QEMU found 1 MiB as good as 128 MiB for
-    mlx5 (hw/vfio/migration.c) and smaller means less memory per in-flight packet.
+    side's first worker gets a core of its own. ``chunk_bytes`` is a stream packet's
+    payload: QEMU found 1 MiB as good as 128 MiB for mlx5 (hw/vfio/migration.c), and
+    smaller means less memory per in-flight packet.
     ``chunk_slots`` bounds in-flight stream bytes per worker (memory vs pipelining:
     fewer slots stall a fast device behind a slow one sooner). ``record_slots`` lets a
     worker get that many records ahead of its channel. ``window_bytes`` is the receive

@@ -65,7 +65,7 @@ class SourceVM:
         await self.pool.start()
         await self.pool.call_all({w: m.OpenDevices(self.plan.devices_of(w), incoming=False)
                                   for w in range(self.plan.workers)})
-        self.running = True
+        self.running = not self.pool.lost()  # a lost worker took its devices with it
 
     async def digests(self) -> dict[str, str]:
         """Every device's state digest (hex), by device id."""
@@ -103,14 +103,17 @@ class SourceVM:
             return result
         except BaseException as exc:
             status("failed")
-            exc = next(iter(self.pool.lost().values()), exc)  # a lost worker is the cause
             if committed:
                 raise MigrationFailed(f"failed after commit ({exc}); the destination may be "
                                       "running: the source stays stopped with its state") from exc
-            await self._recover(sock, exc)
-            if isinstance(exc, DevstateError | OSError | TimeoutError):
-                raise MigrationFailed(f"migration failed, source resumed: {exc}") from exc
-            raise
+            lost = await self._recover(sock, exc)
+            if lost is None and not isinstance(exc, DevstateError | OSError | TimeoutError):
+                raise  # cancelled or interrupted: recovered, and the interruption goes on
+            cause = lost or exc  # a lost worker is the root cause of whatever followed
+            if lost is not None:
+                raise MigrationFailed(f"migration failed: {lost}; the other workers' devices "
+                                      "resumed, its own are gone") from lost
+            raise MigrationFailed(f"migration failed, source resumed: {cause}") from cause
         finally:
             sock.close()
 
@@ -148,20 +151,24 @@ class SourceVM:
             await asyncio.gather(saving, loading, return_exceptions=True)
         return [r for rows in saved.values() for r in m.unpack_results(rows)]
 
-    async def _recover(self, sock: Any, cause: BaseException) -> None:
-        """Undo a failed migration: abort the destination, cancel workers, resume devices."""
+    async def _recover(self, sock: Any, cause: BaseException) -> WorkerLost | None:
+        """Undo a failed migration: abort the destination, cancel workers, resume devices.
+
+        Returns the first lost worker's error, if a worker died (then its devices are gone
+        and the VM cannot run).
+        """
         log.warning("migration failed (%s): resuming on the source", cause)
         with contextlib.suppress(Exception):
             await channels.send_control(sock, wire.ControlType.ABORT, {"reason": str(cause)})
-        alive = [w for w in range(self.plan.workers) if w not in self.pool.lost()]
-        with contextlib.suppress(DevstateError):
-            await self.pool.call_all({w: m.Cancel() for w in alive})
-        try:
-            await self.pool.call_all({w: m.Resume() for w in alive})
-        except WorkerLost as lost:
-            raise MigrationFailed(f"migration failed ({cause}) and {lost} while resuming") \
-                from cause
-        self.running = True
+        for command in (m.Cancel(), m.Resume()):
+            alive = [w for w in range(self.plan.workers) if w not in self.pool.lost()]
+            try:
+                await self.pool.call_all({w: command for w in alive})
+            except DevstateError as exc:  # keep recovering the others; say what failed
+                log.warning("while recovering (%s): %s", type(command).__name__, exc)
+        lost = self.pool.lost()
+        self.running = not lost
+        return lost[min(lost)] if lost else None
 
     def _report(self, t0: int, t1: int, saved: list[m.DeviceResult], report: dict[str, Any],
                 before: dict[str, str]) -> MigrationReport:

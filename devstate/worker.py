@@ -130,8 +130,9 @@ class Worker:
             reply = m.Reply(request.req, False, error_type="Cancelled",
                             error=f"{type(request.command).__name__} was cancelled")
         except Exception as exc:
-            reply = m.Reply(request.req, False, error_type=type(exc).__name__,
-                            error=str(exc) or repr(exc),
+            cause = _first_error(exc)
+            reply = m.Reply(request.req, False, error_type=type(cause).__name__,
+                            error=str(cause) or repr(cause),
                             extra={"traceback": traceback.format_exc(limit=8)})
         self._reply(reply)
 
@@ -210,3 +211,11 @@ class Worker:
         if self._channel is None:
             raise RuntimeError(f"worker {self.index} has no data channel")
         return self._channel
+
+
+def _first_error(exc: BaseException) -> BaseException:
+    """The first real error inside a TaskGroup's ExceptionGroup: the one that ended the rest."""
+    while isinstance(exc, BaseExceptionGroup):
+        errors = [e for e in exc.exceptions if not isinstance(e, asyncio.CancelledError)]
+        exc = (errors or list(exc.exceptions))[0]
+    return exc

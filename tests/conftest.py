@@ -40,6 +40,11 @@ def _ignorable(proc: psutil.Process) -> bool:
     return "forkserver" in cmd or "resource_tracker" in cmd
 
 
+def our_children() -> list[psutil.Process]:
+    """Live descendants, less multiprocessing's session-long helpers."""
+    return [p for p in live_children() if not _ignorable(p)]
+
+
 @pytest.fixture(autouse=True)
 def no_leaks() -> Any:
     """Fail a test that leaves devstate processes or shared-memory segments behind."""
@@ -47,8 +52,7 @@ def no_leaks() -> Any:
     yield
     leaked_shm = shm_segments() - before
     # Processes are reaped asynchronously by their parents: allow a bounded moment.
-    _, alive = psutil.wait_procs([p for p in live_children() if not _ignorable(p)],
-                                 timeout=5.0)
+    _, alive = psutil.wait_procs(our_children(), timeout=5.0)
     assert not alive, f"processes left running: {[p.cmdline() for p in alive]}"
     assert not leaked_shm, f"shared-memory segments left: {leaked_shm}"
 

@@ -1,0 +1,137 @@
+"""Two real processes migrate a machine: bit-exact, in order, concurrent, and failing safely."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from typing import Any
+
+import psutil
+import pytest
+
+from devstate.cli import load_default_machine
+from devstate.errors import MigrationFailed, WorkerLost
+from devstate.local import destination, migrate_locally
+from devstate.settings import Settings
+from devstate.source import SourceVM
+from devstate.spec import MachineSpec, parse_spec
+
+
+def _vfio(*devices: dict[str, Any], vcpus: int = 0, seed: int = 5) -> MachineSpec:
+    return parse_spec({"seed": seed, "vcpus": {"count": vcpus}, "devices": list(devices)})
+
+
+def test_default_machine_round_trips_bit_exact(run) -> None:
+    spec = load_default_machine()
+    report = run(migrate_locally(spec, Settings(workers=2)))
+    assert report.verified
+    assert len(report.devices) == 516
+    assert all(d.verified for d in report.devices)
+    sizes = {d.id: d.size for d in spec.devices() if d.vfio}
+    moved = {d.id: d.bytes for d in report.devices if d.id in sizes}
+    # A stream carries the device's own framing around its state: never less than the state.
+    assert all(moved[i] >= sizes[i] for i in sizes)
+    assert report.downtime_ms > 0
+
+
+def test_four_streams_load_concurrently_and_in_order(run) -> None:
+    spec = _vfio(*({"name": f"nic{i}", "size": "16MiB", "firmware_latency_ms": 200}
+                   for i in range(4)), vcpus=8)
+    report = run(migrate_locally(spec, Settings(workers=2)))
+    assert report.verified  # every byte arrived, in order: the digests match
+    streams = [d for d in report.devices if d.id.startswith("vfio/")]
+    # All four were loading at once: each started before any finished.
+    assert max(d.load_start_ms for d in streams) < min(d.load_done_ms for d in streams)
+    assert {d.dest_worker for d in streams} == {0, 1}
+
+
+def test_sequential_mode_loads_one_device_after_another(run) -> None:
+    spec = _vfio(*({"name": f"nic{i}", "size": "4MiB", "firmware_latency_ms": 50}
+                   for i in range(3)))
+    report = run(migrate_locally(spec, Settings(workers=1, concurrent=False)))
+    assert report.verified
+    loads = sorted(report.devices, key=lambda d: d.load_start_ms)
+    for before, after in zip(loads, loads[1:], strict=False):
+        assert before.load_done_ms <= after.load_start_ms
+    assert report.downtime_ms >= 150
+
+
+async def _migrate_with_fault(spec: MachineSpec, fault, *, delay_s: float) -> dict[str, Any]:
+    """Migrate while ``fault(source, dest_pid)`` strikes ``delay_s`` after the VM stops."""
+    outcome: dict[str, Any] = {}
+    async with SourceVM(spec, Settings(workers=2)) as source, \
+            destination(spec, Settings(workers=2)) as dest:
+        before = await source.digests()
+        loop = asyncio.get_running_loop()
+
+        def on_status(status: str) -> None:
+            if status == "device":
+                loop.call_later(delay_s, lambda: outcome.setdefault(
+                    "struck", (fault(source, dest.pid), time.monotonic())))
+
+        with pytest.raises(MigrationFailed) as info:
+            await source.migrate(dest.address, on_status=on_status)
+        outcome["failed_at"] = time.monotonic()
+        outcome["error"] = info.value
+        outcome["running"] = source.running
+        if source.running:
+            outcome["unchanged"] = await source.digests() == before
+    return outcome
+
+
+# Slow enough that the fault lands mid-transfer: 256 MiB read at 256 MiB/s takes ~1 s.
+_BIG = {"name": "big", "size": "256MiB", "read_bandwidth": "256MiB/s",
+        "write_bandwidth": "256MiB/s"}
+
+
+def test_worker_killed_mid_save_is_worker_lost_within_a_second(run) -> None:
+    spec = _vfio(_BIG, {"name": "small", "size": "8MiB"}, vcpus=16)
+    big = next(d.index for d in spec.devices() if d.id == "vfio/big")
+
+    def kill_owner(source: SourceVM, _: int) -> int:
+        pid = source.pool.pids[source.plan.owner[big]]
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+    outcome = run(_migrate_with_fault(spec, kill_owner, delay_s=0.3))
+    error = outcome["error"]
+    assert isinstance(error.__cause__, WorkerLost)
+    assert error.__cause__.exitcode == -signal.SIGKILL
+    assert outcome["failed_at"] - outcome["struck"][1] < 1.0
+    assert not outcome["running"]  # the lost worker's devices went with it
+
+
+def test_device_model_killed_mid_load_fails_and_source_resumes(run) -> None:
+    spec = _vfio(_BIG, {"name": "small", "size": "8MiB"}, vcpus=16)
+
+    def kill_dest_model(_: SourceVM, dest_pid: int) -> int:
+        models = [p for p in psutil.Process(dest_pid).children(recursive=True)
+                  if "vfio_model" in " ".join(p.cmdline()) and "big" in " ".join(p.cmdline())]
+        assert len(models) == 1, [p.cmdline() for p in models]
+        models[0].kill()
+        return models[0].pid
+
+    outcome = run(_migrate_with_fault(spec, kill_dest_model, delay_s=0.5))
+    assert "source resumed" in str(outcome["error"])
+    assert "vfio/big" in str(outcome["error"])
+    assert outcome["running"]
+    assert outcome["unchanged"]
+
+
+def test_destination_refuses_an_incompatible_machine(run) -> None:
+    ours = _vfio({"name": "nic0", "size": "4MiB"}, vcpus=4)
+    theirs = _vfio({"name": "nic0", "size": "8MiB"}, vcpus=4)
+
+    async def scenario() -> tuple[MigrationFailed, bool, bool]:
+        async with SourceVM(ours, Settings(workers=2)) as source, \
+                destination(theirs, Settings(workers=2)) as dest:
+            before = await source.digests()
+            with pytest.raises(MigrationFailed) as info:
+                await source.migrate(dest.address)
+            return info.value, source.running, await source.digests() == before
+
+    error, running, unchanged = run(scenario())
+    assert "device 4" in str(error) and "4194304" in str(error) and "8388608" in str(error)
+    assert running and unchanged
