@@ -86,6 +86,7 @@ class Listener:
                 await fdio.wait_readable(self._sock)
                 continue
             conn.setblocking(False)
+            fdio.tune_for_bulk(conn)
             return conn
 
     def close(self) -> None:
@@ -101,6 +102,7 @@ async def connect(address: Address) -> socket.socket:
     """Connect to a destination; the socket comes back non-blocking."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.setblocking(False)
+    fdio.tune_for_bulk(sock)
     try:
         await asyncio.get_running_loop().sock_connect(sock, address.path)
     except OSError as exc:

@@ -61,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="where to listen for the migration: unix:PATH")
     vm.add_argument("--workers", type=_positive, default=default_workers(),
                     help="workers (must equal the source's)")
+    vm.add_argument("--chunk-size", type=_chunk_size, default=Settings().chunk_bytes,
+                    help="largest stream packet payload, e.g. 1MiB (at least the source's)")
     vm.add_argument("--cpus", type=_cpu_list, default=None,
                     help="comma-separated CPUs to pin workers to (default: usable CPUs)")
     vm.add_argument("--once", action="store_true",
@@ -76,6 +78,19 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
     return value
+
+
+def _chunk_size(text: str) -> int:
+    from devstate.errors import SpecError
+    from devstate.spec import parse_quantity
+
+    try:
+        size = parse_quantity(text, "--chunk-size")
+    except SpecError as exc:
+        raise argparse.ArgumentTypeError(exc.reason) from None
+    if not 4096 <= size <= 64 << 20:
+        raise argparse.ArgumentTypeError("must be between 4KiB and 64MiB")
+    return size
 
 
 def _cpu_list(text: str) -> tuple[int, ...]:
@@ -164,7 +179,8 @@ async def _vm(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec)
     listener = Listener(parse_uri(args.incoming))
-    async with IncomingVM(spec, Settings(workers=args.workers, cpus=args.cpus)) as vm:
+    settings = Settings(workers=args.workers, cpus=args.cpus, chunk_bytes=args.chunk_size)
+    async with IncomingVM(spec, settings) as vm:
         listener.open()
         try:
             print("ready", flush=True)

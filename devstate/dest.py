@@ -127,6 +127,10 @@ class IncomingVM:
         if n != self.plan.workers or hello.channels != n:
             raise ProtocolError("control.channels", f"source has {n} data channels, "
                                                     f"destination {self.plan.workers} workers")
+        chunk = wire.field(body, "chunk_bytes", int)
+        if chunk > self.settings.chunk_bytes:
+            raise ProtocolError("control.chunk_bytes", f"source packets of {chunk} B exceed "
+                                f"the destination's slots of {self.settings.chunk_bytes} B")
         if wire.field(body, "owners", list) != list(self.plan.owner):
             raise ProtocolError("control.owners", "source and destination plans differ")
         return wire.field(body, "concurrent", bool), wire.field(body, "digests", bool)

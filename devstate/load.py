@@ -13,8 +13,9 @@ blocks (backpressure, bounded memory).
 
 Order and integrity: every packet's checksum is verified on arrival; each device's packets
 must arrive with consecutive sequence numbers (records exactly once); each device's END
-digest must equal xxh3_128 over the bytes put, in order, before the device counts as
-loaded. Any failure raises, which cancels every task of the load.
+digest (over its packets' checksums, in order: :class:`~devstate.wire.StateDigest`) and
+byte count must match before the device counts as loaded. Any failure raises, which
+cancels every task of the load.
 
 Concurrent mode gives each stream device its own task (chunks queue to it in order), so one
 device's slow writes or firmware latency never block another. Sequential mode handles each
@@ -28,8 +29,6 @@ import socket
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-
-import xxhash
 
 from devstate import fdio, wire
 from devstate.arena import Slot, SlotPool
@@ -52,7 +51,7 @@ class _Incoming:
     end_ns: int = 0
     done_ns: int = 0
     ended: bool = False
-    hasher: xxhash.xxh3_128 = field(default_factory=xxhash.xxh3_128)
+    digest: wire.StateDigest = field(default_factory=wire.StateDigest)
     queue: asyncio.Queue[tuple[Slot | None, int, wire.EndOfState | None]] | None = None
 
 
@@ -153,6 +152,7 @@ class Loader:
             self._slots.release(slot)
             raise
         state.packets += 1
+        state.digest.add(header.checksum)
         if not state.start_ns:
             state.start_ns = time.monotonic_ns()
         if self._concurrent:
@@ -169,7 +169,7 @@ class Loader:
             if not isinstance(device, RecordDevice):
                 raise ProtocolError("packet.flags", f"{device.id} is a stream, got a RECORD")
             state.start_ns = time.monotonic_ns()
-            state.hasher.update(payload)
+            state.digest.add(header.checksum)
             device.put(payload)
             state.bytes += len(payload)
             state.packets += 1
@@ -222,7 +222,6 @@ class Loader:
         assert isinstance(device, StreamDevice)
         try:
             payload = slot.view[:length]
-            state.hasher.update(payload)
             await device.load_write(payload)
             state.bytes += len(payload)
         finally:
@@ -245,5 +244,5 @@ class Loader:
             raise IntegrityError("end.bytes", f"{state.device.id}: source sent "
                                  f"{end.total_bytes} B in {end.packets} packets, received "
                                  f"{state.bytes} B in {state.packets}")
-        if end.digest != state.hasher.digest():
+        if end.digest != state.digest.digest():
             raise IntegrityError("end.digest", f"{state.device.id}: state digest mismatch")

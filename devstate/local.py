@@ -48,7 +48,8 @@ async def destination(spec: MachineSpec, settings: Settings) -> AsyncIterator[De
         address = channels.Address("unix", str(Path(tmp) / "incoming.sock"))
         args = [sys.executable, "-m", "devstate", "vm", "--spec", str(spec_path),
                 "--incoming", str(address), "--workers", str(settings.workers), "--once",
-                "--cpus", ",".join(map(str, dest_cpus(settings)))]
+                "--cpus", ",".join(map(str, dest_cpus(settings))),
+                "--chunk-size", str(settings.chunk_bytes)]
         proc = await asyncio.create_subprocess_exec(
             *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -20,8 +20,6 @@ import socket
 import time
 from collections.abc import Sequence
 
-import xxhash
-
 from devstate import fdio, wire
 from devstate.arena import Slot, SlotPool
 from devstate.devices.base import Device, RecordDevice, StreamDevice
@@ -121,10 +119,11 @@ class Saver:
             start = time.monotonic_ns()
             length = device.get(slot.view[HDR:])
             payload = slot.view[HDR:HDR + length]
-            wire.pack_packet_header(slot.view, wire.PacketKind.RECORD, index, 0, payload)
-            digest = xxhash.xxh3_128_digest(payload)
+            digest = wire.StateDigest()
+            digest.add(wire.pack_packet_header(slot.view, wire.PacketKind.RECORD, index, 0,
+                                               payload))
             self._sender.queue(slot.view[:HDR + length], slot)
-            self._queue_end(index, 1, digest, length, 1)
+            self._queue_end(index, 1, digest.digest(), length, 1)
             results.append(DeviceResult(index, device.id, length, 1, start,
                                         time.monotonic_ns(), self.worker))
             if n % RECORDS_PER_YIELD == RECORDS_PER_YIELD - 1:
@@ -136,7 +135,7 @@ class Saver:
         assert isinstance(device, StreamDevice)
         start = time.monotonic_ns()
         await device.save_begin()
-        hasher = xxhash.xxh3_128()
+        digest = wire.StateDigest()
         seq = total = 0
         at_end = False
         while not at_end:
@@ -153,12 +152,12 @@ class Saver:
                 self._slots.release(slot)
                 continue
             payload = slot.view[HDR:HDR + filled]
-            hasher.update(payload)
-            wire.pack_packet_header(slot.view, wire.PacketKind.CHUNK, index, seq, payload)
+            digest.add(wire.pack_packet_header(slot.view, wire.PacketKind.CHUNK, index, seq,
+                                               payload))
             self._sender.queue(slot.view[:HDR + filled], slot)
             seq += 1
             total += filled
-        self._queue_end(index, seq, hasher.digest(), total, seq)
+        self._queue_end(index, seq, digest.digest(), total, seq)
         await device.save_end()
         return DeviceResult(index, device.id, total, seq, start, time.monotonic_ns(),
                             self.worker)

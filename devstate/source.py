@@ -125,7 +125,8 @@ class SourceVM:
         await channels.send_control(sock, wire.ControlType.HELLO, {
             "migration_id": str(migration_id), "devices": device_table(self.spec),
             "channels": n, "owners": list(self.plan.owner),
-            "concurrent": self.settings.concurrent, "digests": compare_digests})
+            "concurrent": self.settings.concurrent, "digests": compare_digests,
+            "chunk_bytes": self.settings.chunk_bytes})
         await self.pool.call_all({
             w: m.ConnectChannel(address.path,
                                 channels.hello(wire.ChannelKind.DATA, w, n, migration_id))

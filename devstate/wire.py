@@ -17,7 +17,9 @@ Data packet (data channels)::
     32 payload
 
 An END packet closes a device's state; its payload is ``digest[16] | bytes u64 | packets
-u32 | reserved u32``: xxh3_128 over every payload byte of the device, in order.
+u32 | reserved u32``. The digest is xxh3_128 over the device's packet checksums in sequence
+order (:class:`StateDigest`): each checksum already covers its packet's bytes, so the
+digest proves every byte, the order and the count without a second pass over the data.
 
 Channel hello (first bytes on every channel)::
 
@@ -126,11 +128,29 @@ def _header_seed(header: memoryview | bytes) -> int:
 
 
 def pack_packet_header(out: memoryview, kind: PacketKind, device: int, seq: int,
-                       payload: memoryview | bytes) -> None:
-    """Write the 32-byte header for ``payload`` into ``out[:32]``, checksum included."""
+                       payload: memoryview | bytes) -> int:
+    """Write the 32-byte header for ``payload`` into ``out[:32]``; return its checksum."""
     _PACKET.pack_into(out, 0, PACKET_MAGIC, VERSION, kind, device, seq, len(payload), 0, 0)
     checksum = xxhash.xxh3_64_intdigest(payload, seed=_header_seed(out))
     struct.pack_into("<Q", out, 24, checksum)
+    return checksum
+
+
+class StateDigest:
+    """The END digest of one device: xxh3_128 over its packets' checksums, in order."""
+
+    __slots__ = ("_hasher",)
+
+    def __init__(self) -> None:
+        self._hasher = xxhash.xxh3_128()
+
+    def add(self, checksum: int) -> None:
+        """Account for the next packet, by its (verified) checksum."""
+        self._hasher.update(checksum.to_bytes(8, "little"))
+
+    def digest(self) -> bytes:
+        """The 16-byte digest so far."""
+        return self._hasher.digest()
 
 
 def decode_packet_header(data: memoryview | bytes, *, devices: int,

@@ -21,9 +21,8 @@ from typing import Any
 import psutil
 import pytest
 import uvloop
-import xxhash
 
-from devstate.devices.vfio_model import CHUNK_BYTES, stream_bytes
+from devstate.devices.vfio_model import CHUNK_BYTES, digest_of, stream_bytes
 from devstate.devices.vfio_sim import VfioSimDevice
 from devstate.devices.vfio_uapi import PrecopyInfo, VfioState
 from devstate.errors import DeviceError
@@ -120,7 +119,7 @@ def test_a_64mib_device_saved_on_one_model_loads_into_another(run: Runner) -> No
         src, dst = device(size=64 * MiB), device(size=64 * MiB, incoming=True)
         async with opened(src, dst):
             before = await dst.digest()
-            assert before == xxhash.xxh3_128_digest(bytes(64 * MiB))  # blank until loaded
+            assert before == digest_of(bytes(64 * MiB))  # blank until loaded
             await src.save_begin()
             await dst.load_begin()
             buf = memoryview(bytearray(MiB))
@@ -166,7 +165,7 @@ def test_a_blank_device_saves_and_loads_as_blank(run: Runner) -> None:
         blank, dst = device(size=size, incoming=True), device(size=size)
         async with opened(blank, dst):
             await load(dst, await save(blank))
-            assert await dst.digest() == xxhash.xxh3_128_digest(bytes(size))
+            assert await dst.digest() == digest_of(bytes(size))
 
     run(main())
 
@@ -243,7 +242,7 @@ def test_a_corrupted_byte_fails_load_end_and_leaves_the_device_in_error(run: Run
                 await load(dst, bytes(stream))
             assert info.value.errno == errno.EINVAL
             assert ("load_end: RESUMING -> STOP refused: chunk 5 (generation 0) differs "
-                    "from the device's content at byte 4242") in str(info.value)
+                    "from the device's content") in str(info.value)
             assert dst.state is VfioState.ERROR
             with pytest.raises(DeviceError, match="only a reset recovers"):
                 await dst.load_begin()

@@ -12,10 +12,13 @@ driver behind the migration uAPI v2 (:mod:`devstate.devices.vfio_uapi`)::
     data fd, SOCK_STREAM, one per session <------  save stream, paced to read_bandwidth
                                           ------>  resume stream, paced to write_bandwidth
 
-The state is ``size`` bytes in 1 MiB chunks (the last one partial), never materialised
-whole: chunk i at generation g is the device's random base block xor'd with a 64-bit key of
-(i, g), so the state is one generation number per chunk and any chunk is made at tens of
-GB/s. A device starts at generation 0, or blank (BLANK_GENERATION: zero bytes) if it is
+The state is ``size`` bytes in 1 MiB chunks (the last one partial), never made
+whole: chunk i at generation g is a 16-byte stamp (a 64-bit key of the device, i and g,
+then i and g) followed by the rest of the device's random base block, so the state is one
+generation number per chunk. A chunk is sent as (stamp, a view of the base block): the
+model spends no pass over the bytes to make them, and the chunk hash the state digest is
+built from is xxh3_64(stamp) ^ xxh3_64(body), with the body's hash computed once per
+length. A device starts at generation 0, or blank (BLANK_GENERATION: zero bytes) if it is
 incoming; a load adopts the stream's generations and seed.
 
 The save stream (little-endian; opaque to the client, like any VFIO device's)::
@@ -23,7 +26,8 @@ The save stream (little-endian; opaque to the client, like any VFIO device's)::
     header  kind=1 u32 | magic 8s | format u32 | seed u64 | size u64 | chunk_bytes u32
             | name_hash u64
     chunk   kind=2 u32 | index u64 | generation u32 | length u32 | bytes[length]
-    end     kind=3 u32 | chunk_count u64 | digest 16s (xxh3_128 of the whole state)
+    end     kind=3 u32 | chunk_count u64 | digest 16s (the state digest: xxh3_128 over each
+            chunk's xxh3_64, in order)
 
 A chunk record may repeat an index; the last one wins (precopy re-sends dirtied chunks).
 """
@@ -35,6 +39,7 @@ import contextlib
 import ctypes
 import enum
 import errno
+import gc
 import math
 import os
 import selectors
@@ -62,6 +67,7 @@ from devstate.devices.vfio_uapi import (
     next_path,
     session_effect,
 )
+from devstate.fdio import tune_for_bulk
 
 CHUNK_BYTES = 1 << 20
 # The generation of a chunk that holds zero bytes: an incoming device before its load.
@@ -95,8 +101,6 @@ QUANTUM = 64 << 10
 BURST_S = 0.005
 # Bytes one data event may move before the loop looks at the control socket again.
 STEP_BYTES = 4 << 20
-# In-flight bytes per data socket; AF_UNIX bounds them by the sender's SO_SNDBUF.
-SOCKET_BUFFER_BYTES = 1 << 20
 
 PR_SET_PDEATHSIG = 1
 
@@ -120,6 +124,10 @@ def _mix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
+STAMP_BYTES = 16
+_STAMP = struct.Struct("<QII")
+
+
 class ChunkContent:
     """What chunk ``i`` at generation ``g`` holds, for one (machine seed, device name)."""
 
@@ -128,17 +136,30 @@ class ChunkContent:
         self.name = name
         self.name_hash = xxhash.xxh3_64_intdigest(name.encode())
         rng = np.random.default_rng([seed, self.name_hash])
-        self._base = np.frombuffer(rng.bytes(CHUNK_BYTES), dtype=np.uint64)
+        self._base = rng.bytes(CHUNK_BYTES)
         self._salt = _mix64(seed ^ self.name_hash)
+        self._body_hashes: dict[tuple[bool, int], int] = {}
 
-    def fill(self, index: int, generation: int, out: np.ndarray) -> None:
-        """Write the full 1 MiB of chunk ``index`` at ``generation`` into ``out`` (uint64)."""
+    def parts(self, index: int, generation: int, length: int) -> tuple[bytes, memoryview]:
+        """Chunk ``index`` at ``generation`` as (stamp, body), without copying a byte."""
         if generation == BLANK_GENERATION:
-            out.fill(0)
-            return
+            return bytes(min(length, STAMP_BYTES)), memoryview(_BLANK)[STAMP_BYTES:length]
         # index < 2**32 (64 GiB of 1 MiB chunks) and generation is u32: the pair is unique.
         key = _mix64(self._salt ^ (index << 32 | generation))
-        np.bitwise_xor(self._base, np.uint64(key), out=out)
+        stamp = _STAMP.pack(key, index, generation)
+        return stamp[:length], memoryview(self._base)[STAMP_BYTES:length]
+
+    def chunk_hash(self, index: int, generation: int, length: int) -> int:
+        """:func:`_chunk_hash` of the chunk, with the body's hash computed once per length."""
+        stamp, body = self.parts(index, generation, length)
+        blank = generation == BLANK_GENERATION
+        body_hash = self._body_hashes.get((blank, length))
+        if body_hash is None:
+            body_hash = self._body_hashes[(blank, length)] = xxhash.xxh3_64_intdigest(body)
+        return xxhash.xxh3_64_intdigest(stamp) ^ body_hash
+
+
+_BLANK = bytes(CHUNK_BYTES)
 
 
 class DeviceState:
@@ -160,18 +181,14 @@ class DeviceState:
         """Bytes of chunk ``index``: CHUNK_BYTES except for a partial last chunk."""
         return min(CHUNK_BYTES, self.size - index * CHUNK_BYTES)
 
-    def materialise(self, index: int, out: np.ndarray) -> memoryview:
-        """Chunk ``index``'s bytes, made in ``out`` (a CHUNK_BYTES uint64 scratch array)."""
-        self.content.fill(index, int(self.generations[index]), out)
-        return memoryview(out).cast("B")[:self.chunk_length(index)]
-
     def digest(self) -> bytes:
-        """xxh3_128 of the whole state in order, computed once per version."""
+        """The state digest (xxh3_128 over each chunk's xxh3_64), once per version."""
         if self._digest is None or self._digest[0] != self.version:
             hasher = xxhash.xxh3_128()
-            scratch = np.empty(_WORDS, np.uint64)
             for index in range(self.chunk_count):
-                hasher.update(self.materialise(index, scratch))
+                chunk_hash = self.content.chunk_hash(index, int(self.generations[index]),
+                                                     self.chunk_length(index))
+                hasher.update(chunk_hash.to_bytes(8, "little"))
             self._digest = (self.version, hasher.digest())
         return self._digest[1]
 
@@ -188,10 +205,32 @@ class DeviceState:
         self._digest = (self.version, digest)
 
 
-class InOrderDigest:
-    """xxh3_128 of chunks seen in index order, each once: a stream's digest for free.
+def _chunk_hash(data: memoryview) -> int:
+    """The hash of one chunk's bytes, the unit the state digest is built from.
 
-    Any other order (a repeated, dirtied chunk) spoils it and the caller hashes the state.
+    Stamp and body are hashed apart so that a sender can reuse the body's hash; together
+    they still cover every byte once.
+    """
+    return (xxhash.xxh3_64_intdigest(data[:STAMP_BYTES])
+            ^ xxhash.xxh3_64_intdigest(data[STAMP_BYTES:]))
+
+
+def digest_of(data: bytes | memoryview) -> bytes:
+    """The state digest of a state given as plain bytes (tests, tools)."""
+    view = memoryview(data)
+    hasher = xxhash.xxh3_128()
+    for start in range(0, len(view), CHUNK_BYTES):
+        hasher.update(_chunk_hash(view[start:start + CHUNK_BYTES]).to_bytes(8, "little"))
+    return hasher.digest()
+
+
+class InOrderDigest:
+    """The state digest of chunks seen in index order, each once: a stream's digest for free.
+
+    The state digest is xxh3_128 over every chunk's xxh3_64, in index order: one pass over
+    the bytes proves all of them, and a chunk hashed on arrival serves both this digest and
+    the check of a chunk that arrives out of order. Any other order (a repeated, dirtied
+    chunk) spoils it and the caller digests the state instead.
     """
 
     def __init__(self, chunk_count: int) -> None:
@@ -200,12 +239,12 @@ class InOrderDigest:
         self._next = 0
         self._spoilt = False
 
-    def feed(self, index: int, data: memoryview) -> None:
-        """Account for chunk ``index`` with bytes ``data``."""
+    def feed(self, index: int, chunk_hash: int) -> None:
+        """Account for chunk ``index`` by its :func:`_chunk_hash`."""
         if self._spoilt or index != self._next:
             self._spoilt = True
             return
-        self._hasher.update(data)
+        self._hasher.update(chunk_hash.to_bytes(8, "little"))
         self._next += 1
 
     def result(self) -> bytes | None:
@@ -268,7 +307,6 @@ class SaveSession:
         self._initial_bytes = stream_bytes(state.size) - _KIND.size - _BODY[Record.END].size
         self._digest = InOrderDigest(state.chunk_count)
         self._digest_version = state.version
-        self._scratch = np.empty(_WORDS, np.uint64)
 
     def enter_stop_copy(self) -> None:
         """PRE_COPY* -> STOP_COPY: same fd; stream the rest and end it."""
@@ -334,10 +372,13 @@ class SaveSession:
         elif self._next_chunk < state.chunk_count:
             index = self._next_chunk
             self._next_chunk += 1
-            data = state.materialise(index, self._scratch)
-            self._digest.feed(index, data)
-            head = _record(Record.CHUNK, index, int(state.generations[index]), len(data))
-            self._pending = [head, data]
+            generation = int(state.generations[index])
+            length = state.chunk_length(index)
+            self._digest.feed(index, state.content.chunk_hash(index, generation, length))
+            head = _record(Record.CHUNK, index, generation, length)
+            stamp, body = state.content.parts(index, generation, length)
+            # Sent straight from the content's own buffers: no pass to make the bytes.
+            self._pending = [view for view in (head, memoryview(stamp), body) if len(view)]
         elif self._stop_copy and not self._end_queued:
             self._end_queued = True
             self._pending = [_record(Record.END, state.chunk_count, self._stream_digest())]
@@ -379,9 +420,12 @@ def _drop_first_bytes(views: list[memoryview], count: int) -> None:
 class ResumeSession:
     """A resume session: parses and checks the stream as it arrives, in any segmentation.
 
-    Every chunk's bytes are compared with what (seed, index, generation) generates. The
-    first problem is kept and the rest of the stream is read and dropped, so the writer
-    never blocks; :meth:`finish` (RESUMING -> STOP) reports it.
+    Every chunk's bytes are proven equal to what (seed, index, generation) generates: in a
+    stream that sends each chunk once in index order, by the in-order digest checked against
+    the end record (one hash pass, no regeneration); otherwise by comparing each chunk's
+    64-bit hash, kept as it arrives, with the generated content's at the end. The first
+    problem is kept and the rest of the stream is read and dropped, so the writer never
+    blocks; :meth:`finish` (RESUMING -> STOP) reports it.
     """
 
     def __init__(self, state: DeviceState, sock: socket.socket, rate: float,
@@ -392,6 +436,7 @@ class ResumeSession:
         self._content: ChunkContent | None = None  # the stream's, once its header is read
         self._generations = np.zeros(state.chunk_count, np.uint32)
         self._present = np.zeros(state.chunk_count, bool)
+        self._chunk_hashes = np.zeros(state.chunk_count, np.uint64)
         self._end: tuple[int, bytes] | None = None
         self._error: str | None = None
         self._digest = InOrderDigest(state.chunk_count)
@@ -400,7 +445,6 @@ class ResumeSession:
         self._small = memoryview(bytearray(64))
         self._chunk = np.empty(_WORDS, np.uint64)
         self._chunk_bytes = memoryview(self._chunk).cast("B")
-        self._expected = np.empty(_WORDS, np.uint64)
         self._chunk_at: tuple[int, int] = (0, 0)  # (index, generation) being received
         # The parser: the bytes it waits for go into _target; _then runs when it is full.
         self._target = self._small[:0]
@@ -453,7 +497,15 @@ class ResumeSession:
             raise StreamRejected(f"end record counts {count} chunks; the device has "
                                  f"{self._own.chunk_count}")
         loaded = self._digest.result()
-        if loaded is None:  # chunks came out of order: hash the state they make
+        # Out of order, the digest of the generated state proves nothing about the bytes
+        # received: check each chunk's hash first. In order, do so only to name a culprit.
+        if loaded is None or loaded != digest:
+            wrong = self._first_wrong_chunk(content)
+            if wrong is not None:
+                raise StreamRejected(f"chunk {wrong} (generation "
+                                     f"{int(self._generations[wrong])}) differs from the "
+                                     "device's content")
+        if loaded is None:
             loaded = DeviceState(content, self._own.size, self._generations).digest()
         if loaded != digest:
             raise StreamRejected(f"digest mismatch: the end record says {digest.hex()}, "
@@ -554,21 +606,24 @@ class ResumeSession:
             self._expect(self._chunk_bytes[:length], self._on_chunk_data)
 
     def _on_chunk_data(self) -> None:
-        assert self._content is not None  # _kind_problem lets no chunk in before the header
         index, generation = self._chunk_at
         received = self._chunk_bytes[:self._filled]
-        got = np.frombuffer(received, np.uint8)
-        self._content.fill(index, generation, self._expected)
-        expected = self._expected.view(np.uint8)[:len(got)]
-        if not np.array_equal(got, expected):
-            at = int(np.flatnonzero(got != expected)[0])
-            self._fail(f"chunk {index} (generation {generation}) differs from the device's "
-                       f"content at byte {at}")
-            return
+        chunk_hash = _chunk_hash(received)
+        self._digest.feed(index, chunk_hash)
+        self._chunk_hashes[index] = chunk_hash
         self._generations[index] = generation
         self._present[index] = True
-        self._digest.feed(index, received)
         self._expect_record()
+
+    def _first_wrong_chunk(self, content: ChunkContent) -> int | None:
+        """The first chunk whose received bytes are not its generated content, if any."""
+        state = DeviceState(content, self._own.size, self._generations)
+        for index in range(state.chunk_count):
+            made = content.chunk_hash(index, int(self._generations[index]),
+                                      state.chunk_length(index))
+            if made != int(self._chunk_hashes[index]):
+                return index
+        return None
 
     def _on_end(self) -> None:
         count, digest = _BODY[Record.END].unpack_from(self._small)
@@ -713,11 +768,12 @@ class DeviceModel:
     def _open_session(self, *, save: bool, precopy: bool) -> socket.socket:
         assert self._session is None  # every arc into an opening state ended the last one
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        for sock in (ours, theirs):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
+        for end in (ours, theirs):
+            tune_for_bulk(end)
         ours.setblocking(False)
         now = time.monotonic()
         config = self._config
+        gc.disable()  # a session streams at GB/s: no collection pauses until it ends
         self._session = (
             SaveSession(self._state, ours, config.read_bandwidth, precopy=precopy, now=now)
             if save else ResumeSession(self._state, ours, config.write_bandwidth, now))
@@ -736,6 +792,7 @@ class DeviceModel:
         if self._session is not None:
             self._session.close()
             self._session = None
+            gc.enable()
 
     def _get_state(self, request: Request) -> tuple[Reply, None]:
         return self._reply(request), None
@@ -790,7 +847,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     with socket.socket(fileno=args.control_fd) as control:
         try:
-            DeviceModel(config, control).run()
+            model = DeviceModel(config, control)
+            gc.freeze()  # what exists now lives as long as the model: keep it out of GC walks
+            model.run()
         except ProtocolViolation as exc:
             print(f"vfio_model {config.name}: {exc}", file=sys.stderr)
             return 2
