@@ -32,11 +32,8 @@ from typing import Any
 from devstate import channels, wire
 from devstate import messages as m
 from devstate.errors import ChannelError, DevstateError, ProtocolError
-from devstate.plan import Plan, make_plan
-from devstate.pool import WorkerPool
-from devstate.settings import Settings
+from devstate.machine import Machine
 from devstate.source import device_table
-from devstate.spec import MachineSpec
 
 log = logging.getLogger("devstate.dest")
 
@@ -53,29 +50,11 @@ class IncomingResult:
     reason: str = ""
 
 
-class IncomingVM:
+class IncomingVM(Machine):
     """The destination machine: a worker pool whose workers own blank devices."""
 
-    def __init__(self, spec: MachineSpec, settings: Settings) -> None:
-        self.spec = spec
-        self.settings = settings
-        self.plan: Plan = make_plan(spec, settings.workers)
-        self.pool = WorkerPool(spec, settings.layout(spec), name="dest",
-                                cpus=list(settings.cpus) if settings.cpus else None)
-        self.running = False
-
-    async def start(self) -> None:
-        """Start the pool and open every device blank."""
-        await self.pool.start()
-        await self.pool.call_all({w: m.OpenDevices(self.plan.devices_of(w), incoming=True)
-                                  for w in range(self.plan.workers)})
-
-    async def digests(self) -> dict[str, str]:
-        """Every device's state digest (hex), by device id."""
-        table = self.spec.devices()
-        replies = await self.pool.call_all({w: m.Digests(self.plan.devices_of(w))
-                                            for w in range(self.plan.workers)})
-        return {table[i].id: h for per_worker in replies.values() for i, h in per_worker.items()}
+    incoming = True
+    side = "dest"
 
     async def accept_migration(self, listener: channels.Listener) -> IncomingResult:
         """Take one incoming migration from ``listener`` to completion or failure."""
@@ -185,21 +164,6 @@ class IncomingVM:
             await self.pool.call_all({w: m.Cancel() for w in alive})
         with contextlib.suppress(DevstateError):
             await self.pool.call_all({w: m.Discard() for w in alive})
-
-    async def close(self) -> None:
-        """Stop the pool (its workers close the devices). Idempotent."""
-        await self.pool.close()
-
-    async def __aenter__(self) -> IncomingVM:
-        try:
-            await self.start()
-        except BaseException:
-            await self.close()
-            raise
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
 
 def _result_rows(results: list[m.DeviceResult]) -> list[dict[str, Any]]:

@@ -36,6 +36,7 @@ from devstate import fdio
 from devstate import messages as m
 from devstate.arena import Arena, Layout
 from devstate.errors import DevstateError, WorkerFailed, WorkerLost
+from devstate.lifecycle import AsyncLifecycle
 from devstate.spec import MachineSpec
 
 # Bounds, in seconds: a worker attaches and pre-faults its partition in well under a second;
@@ -50,7 +51,7 @@ def usable_cpus() -> list[int]:
     return sorted(os.sched_getaffinity(0))
 
 
-class WorkerPool:
+class WorkerPool(AsyncLifecycle):
     """A fixed set of worker processes sharing one arena."""
 
     def __init__(self, spec: MachineSpec, layout: Layout, *, name: str = "pool",
@@ -239,14 +240,3 @@ class WorkerPool:
                     fut.set_exception(DevstateError(f"{self.name}: the pool was closed"))
         if self.arena is not None:
             self.arena.close()
-
-    async def __aenter__(self) -> WorkerPool:
-        try:
-            await self.start()
-        except BaseException:
-            await self.close()
-            raise
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()

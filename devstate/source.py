@@ -32,10 +32,8 @@ from typing import Any
 from devstate import channels, fdio, wire
 from devstate import messages as m
 from devstate.errors import DevstateError, MigrationFailed, WorkerLost
-from devstate.plan import Plan, make_plan
-from devstate.pool import WorkerPool
+from devstate.machine import Machine
 from devstate.report import DeviceReport, MigrationReport
-from devstate.settings import Settings
 from devstate.spec import MachineSpec
 
 log = logging.getLogger("devstate.source")
@@ -49,30 +47,11 @@ def device_table(spec: MachineSpec) -> list[list[Any]]:
     return [[d.id, str(d.shape), str(d.backend), d.version, d.size] for d in spec.devices()]
 
 
-class SourceVM:
+class SourceVM(Machine):
     """The machine on the source: a worker pool whose workers own its devices."""
 
-    def __init__(self, spec: MachineSpec, settings: Settings) -> None:
-        self.spec = spec
-        self.settings = settings
-        self.plan: Plan = make_plan(spec, settings.workers)
-        self.pool = WorkerPool(spec, settings.layout(spec), name="source",
-                                cpus=list(settings.cpus) if settings.cpus else None)
-        self.running = False
-
-    async def start(self) -> None:
-        """Start the pool and open every device with its seeded state; the VM runs."""
-        await self.pool.start()
-        await self.pool.call_all({w: m.OpenDevices(self.plan.devices_of(w), incoming=False)
-                                  for w in range(self.plan.workers)})
-        self.running = not self.pool.lost()  # a lost worker took its devices with it
-
-    async def digests(self) -> dict[str, str]:
-        """Every device's state digest (hex), by device id."""
-        table = self.spec.devices()
-        replies = await self.pool.call_all({w: m.Digests(self.plan.devices_of(w))
-                                            for w in range(self.plan.workers)})
-        return {table[i].id: h for per_worker in replies.values() for i, h in per_worker.items()}
+    incoming = False
+    side = "source"
 
     async def migrate(self, address: channels.Address, *, compare_digests: bool = False,
                       on_status: Callable[[str], None] | None = None) -> MigrationReport:
@@ -189,18 +168,3 @@ class SourceVM:
         mode = "concurrent" if self.settings.concurrent else "sequential"
         return MigrationReport(mode, self.plan.workers, (t1 - t0) / 1e6, tuple(rows),
                                digests_compared=bool(before))
-
-    async def close(self) -> None:
-        """Stop the pool (its workers close the devices). Idempotent."""
-        await self.pool.close()
-
-    async def __aenter__(self) -> SourceVM:
-        try:
-            await self.start()
-        except BaseException:
-            await self.close()
-            raise
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()

@@ -15,8 +15,20 @@ from devstate.arena import PREFIX, SHM_DIR
 
 
 def shm_segments() -> set[str]:
-    """devstate arenas currently in /dev/shm."""
-    return {n for n in os.listdir(SHM_DIR) if n.startswith(PREFIX)}
+    """devstate arenas in /dev/shm that this test run could have made.
+
+    Names carry the creator's pid (``devstate-<pid>-<id>``); a segment of a live process
+    outside this process tree belongs to someone else (another test run on the machine).
+    """
+    ours = {os.getpid()} | {p.pid for p in psutil.Process().children(recursive=True)}
+    names = set()
+    for name in os.listdir(SHM_DIR):
+        if not name.startswith(PREFIX):
+            continue
+        pid = int(name[len(PREFIX):].split("-", 1)[0] or 0)
+        if pid in ours or not psutil.pid_exists(pid):
+            names.add(name)
+    return names
 
 
 def live_children() -> list[psutil.Process]:

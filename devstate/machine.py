@@ -1,0 +1,47 @@
+"""A machine on one side of a migration: a worker pool whose workers own its devices."""
+
+from __future__ import annotations
+
+from devstate import messages as m
+from devstate.lifecycle import AsyncLifecycle
+from devstate.plan import Plan, make_plan
+from devstate.pool import WorkerPool
+from devstate.settings import Settings
+from devstate.spec import MachineSpec
+
+
+class Machine(AsyncLifecycle):
+    """The devices of ``spec``, each owned by one worker of a pool (the owner rule).
+
+    Runs in: a coordinator process. ``incoming`` machines open their devices blank, to be
+    loaded by a migration; the others with the machine's seeded state.
+    """
+
+    incoming: bool = False
+    side: str = "machine"
+
+    def __init__(self, spec: MachineSpec, settings: Settings) -> None:
+        self.spec = spec
+        self.settings = settings
+        self.plan: Plan = make_plan(spec, settings.workers)
+        self.pool = WorkerPool(spec, settings.layout(spec), name=self.side,
+                               cpus=list(settings.cpus) if settings.cpus else None)
+        self.running = False
+
+    async def start(self) -> None:
+        """Start the pool and open every device on its owner."""
+        await self.pool.start()
+        await self.pool.call_all({w: m.OpenDevices(self.plan.devices_of(w), self.incoming)
+                                  for w in range(self.plan.workers)})
+        self.running = not self.incoming
+
+    async def digests(self) -> dict[str, str]:
+        """Every device's state digest (hex), by device id: for checks, off the critical path."""
+        table = self.spec.devices()
+        replies = await self.pool.call_all({w: m.Digests(self.plan.devices_of(w))
+                                            for w in range(self.plan.workers)})
+        return {table[i].id: h for per_worker in replies.values() for i, h in per_worker.items()}
+
+    async def close(self) -> None:
+        """Stop the pool (its workers close the devices). Idempotent."""
+        await self.pool.close()
