@@ -7,8 +7,9 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from importlib import resources
 from typing import Any
 
@@ -110,18 +111,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``devstate`` console script."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="devstate: %(name)s: %(message)s")
+    command = {"demo": _demo, "migrate": _migrate, "vm": _vm}[args.command]
     try:
-        if args.command == "demo":
-            return uvloop.run(_demo(args))
-        if args.command == "migrate":
-            return uvloop.run(_migrate(args))
-        return uvloop.run(_vm(args))
+        return uvloop.run(_stoppable(command(args)))
     except DevstateError as exc:
         print(f"devstate: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("devstate: interrupted; everything it started was stopped", file=sys.stderr)
         return 130
+
+
+async def _stoppable(main: Coroutine[Any, Any, int]) -> int:
+    """Run ``main`` so that SIGTERM unwinds it like Ctrl-C: every ``async with`` closes."""
+    task = asyncio.ensure_future(main)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if task.cancelled():
+            raise KeyboardInterrupt from None  # reported like Ctrl-C, after the clean-up
+        raise
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
 
 
 def _status(args: argparse.Namespace, text: str) -> None:

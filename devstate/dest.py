@@ -31,7 +31,7 @@ from typing import Any
 
 from devstate import channels, wire
 from devstate import messages as m
-from devstate.errors import ChannelError, DevstateError, ProtocolError
+from devstate.errors import ChannelError, DevstateError, ProtocolError, describe
 from devstate.machine import Machine
 from devstate.source import device_table
 
@@ -78,7 +78,7 @@ class IncomingVM(Machine):
             await self._discard(main, exc)
             main.close()
             if isinstance(exc, DevstateError | OSError):
-                return IncomingResult(False, migration_id, str(exc))
+                return IncomingResult(False, migration_id, describe(exc))
             raise
         try:
             await self.pool.call_all({w: m.Resume() for w in range(self.plan.workers)})
@@ -156,9 +156,9 @@ class IncomingVM(Machine):
         return [r for rows in results.values() for r in m.unpack_results(rows)]
 
     async def _discard(self, main: socket.socket, cause: BaseException) -> None:
-        log.warning("incoming migration failed: %s", cause)
+        log.warning("incoming migration failed: %s", describe(cause))
         with contextlib.suppress(Exception):
-            await channels.send_control(main, wire.ControlType.FAILED, {"reason": str(cause)})
+            await channels.send_control(main, wire.ControlType.FAILED, {"reason": describe(cause)})
         alive = [w for w in range(self.plan.workers) if w not in self.pool.lost()]
         with contextlib.suppress(DevstateError):
             await self.pool.call_all({w: m.Cancel() for w in alive})

@@ -19,6 +19,8 @@ enums; the cause, where there is one, is chained with ``raise ... from``.
 
 from __future__ import annotations
 
+from asyncio import CancelledError
+
 
 class DevstateError(Exception):
     """Base class of every error devstate raises on purpose."""
@@ -88,3 +90,13 @@ class ChannelError(DevstateError):
 
 class MigrationFailed(DevstateError):
     """Raised by the source when a migration failed and the VM resumed on the source."""
+
+
+def describe(exc: BaseException) -> str:
+    """An exception as one line for a person: its message, or its kind when it has none."""
+    if isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        return describe(exc.exceptions[0])
+    text = str(exc)
+    if isinstance(exc, CancelledError):
+        return "cancelled" + (f" ({text})" if text else "")
+    return text or type(exc).__name__

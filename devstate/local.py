@@ -50,9 +50,11 @@ async def destination(spec: MachineSpec, settings: Settings) -> AsyncIterator[De
                 "--incoming", str(address), "--workers", str(settings.workers), "--once",
                 "--cpus", ",".join(map(str, dest_cpus(settings))),
                 "--chunk-size", str(settings.chunk_bytes)]
+        # A session of its own: Ctrl-C at the terminal reaches only the source, which then
+        # ends the destination in order (below) instead of both racing to tear down.
         proc = await asyncio.create_subprocess_exec(
             *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
         try:
             await _wait_ready(proc)
             yield Destination(address, proc.pid)

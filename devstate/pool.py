@@ -34,7 +34,7 @@ from typing import Any
 
 from devstate import fdio
 from devstate import messages as m
-from devstate.arena import Arena, Layout
+from devstate.arena import Arena, Layout, sweep_stale_segments
 from devstate.errors import DevstateError, WorkerFailed, WorkerLost
 from devstate.lifecycle import AsyncLifecycle
 from devstate.spec import MachineSpec
@@ -81,6 +81,7 @@ class WorkerPool(AsyncLifecycle):
 
     async def start(self) -> None:
         """Create the arena and start every worker; return when all are attached."""
+        sweep_stale_segments()  # left by a coordinator killed during an earlier pool start
         self.arena = Arena.create(self.layout.total_bytes)
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(_PRELOAD)

@@ -31,7 +31,7 @@ from typing import Any
 
 from devstate import channels, fdio, wire
 from devstate import messages as m
-from devstate.errors import DevstateError, MigrationFailed, WorkerLost
+from devstate.errors import DevstateError, MigrationFailed, WorkerLost, describe
 from devstate.machine import Machine
 from devstate.report import DeviceReport, MigrationReport
 from devstate.spec import MachineSpec
@@ -137,9 +137,9 @@ class SourceVM(Machine):
         Returns the first lost worker's error, if a worker died (then its devices are gone
         and the VM cannot run).
         """
-        log.warning("migration failed (%s): resuming on the source", cause)
+        log.warning("migration failed (%s): resuming on the source", describe(cause))
         with contextlib.suppress(Exception):
-            await channels.send_control(sock, wire.ControlType.ABORT, {"reason": str(cause)})
+            await channels.send_control(sock, wire.ControlType.ABORT, {"reason": describe(cause)})
         for command in (m.Cancel(), m.Resume()):
             alive = [w for w in range(self.plan.workers) if w not in self.pool.lost()]
             try:

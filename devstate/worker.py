@@ -63,6 +63,8 @@ def worker_main(index: int, conn: Connection, arena_name: str, arena_size: int,
         gc.freeze()
         conn.send(m.Reply(0, True, value=os.getpid()))
         uvloop.run(worker.serve())
+    except (BrokenPipeError, EOFError):
+        raise SystemExit(1) from None  # the coordinator went away first: nothing to report
     finally:
         arena.close()
 

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import psutil
+import pytest
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -51,3 +58,42 @@ def test_bad_input_is_a_clear_error(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
     usage = devstate("migrate", "--spec", str(bad), "--workers", "0")
     assert usage.returncode == 2 and "must be at least 1" in usage.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_mid_migration_stops_everything(tmp_path: Path, sig: signal.Signals) -> None:
+    spec = tmp_path / "slow.toml"
+    spec.write_text('[[devices]]\nname = "big"\nsize = "512MiB"\n'
+                    'read_bandwidth = "128MiB/s"\n')  # ~4 s of saving: time to interrupt
+    proc = subprocess.Popen([sys.executable, "-m", "devstate", "migrate", "--spec", str(spec)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        _wait_for_both_sides(proc.pid)
+        family = psutil.Process(proc.pid).children(recursive=True)
+        os.killpg(proc.pid, sig)  # as a terminal's Ctrl-C, or a service manager's stop
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130
+    assert "interrupted; everything it started was stopped" in err
+    assert "Traceback" not in err
+    _, alive = psutil.wait_procs(family, timeout=5)
+    assert not alive, [p.cmdline() for p in alive]
+
+
+def _wait_for_both_sides(pid: int, timeout_s: float = 60.0) -> None:
+    """Until the destination's device model runs: the migration is set up on both sides."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for child in psutil.Process(pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                cmd = " ".join(child.cmdline())
+                if " vm " in cmd and any("vfio_model" in " ".join(c.cmdline())
+                                         for c in child.children(recursive=True)):
+                    return
+        time.sleep(0.05)
+    raise AssertionError("the migration never got under way")

@@ -62,6 +62,7 @@ class VfioSimDevice(StreamDevice):
         self._incoming = incoming
         self._proc: subprocess.Popen[bytes] | None = None
         self._pidfd = -1
+        self._closing: asyncio.Future[None] | None = None
         self._control: socket.socket | None = None
         self._data: socket.socket | None = None
         self._state = VfioState.RUNNING  # as of the last reply
@@ -115,8 +116,15 @@ class VfioSimDevice(StreamDevice):
     async def close(self) -> None:
         """Ask the model to quit, kill it if it does not, reap it, close every fd.
 
-        Idempotent, and safe after a failed :meth:`open`.
+        Idempotent, safe after a failed :meth:`open`, and single-flight: a close that
+        starts while another runs (a cancelled open closing as its worker shuts down)
+        waits for that one instead of closing the same fds under it.
         """
+        if self._closing is None or self._closing.done():
+            self._closing = asyncio.ensure_future(self._close_once())
+        await asyncio.shield(self._closing)
+
+    async def _close_once(self) -> None:
         proc, self._proc = self._proc, None
         try:
             if proc is not None:
