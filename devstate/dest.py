@@ -12,8 +12,9 @@ Sequence (main channel messages in capitals; see source.py for the other side)::
     every stream device opens its load session (VFIO STOP -> RESUMING); Load dispatched
     READY ->
     ... workers receive into the arena, put, verify each END digest ...
-    LOADED -> (the per-device results)
-    <- COMMIT: resume every device; t1; RESUMED(t1) ->   [DIGESTS -> if asked]
+    LOADED -> (how many devices were loaded and verified)
+    <- COMMIT: resume every device; t1; RESUMED(t1) ->
+    REPORT -> (per-device results, and digests if asked: off the critical path)
     <- ABORT, a closed main channel, or any failure before COMMIT: every device discards
        its load (FAILED -> with the reason, if the source is still there)
 """
@@ -70,9 +71,8 @@ class IncomingVM(Machine):
             await self._adopt_channels(listener, hello.migration_id)
             await self.pool.call_all({w: m.PrepareLoad(self.plan.devices_of(w))
                                       for w in range(self.plan.workers)})
-            results = await self._load(main, concurrent)
-            await channels.send_control(main, wire.ControlType.LOADED,
-                                        {"devices": len(results)})
+            loaded = await self._load(main, concurrent)
+            await channels.send_control(main, wire.ControlType.LOADED, {"devices": loaded})
             await channels.expect_control(main, wire.ControlType.COMMIT)
         except BaseException as exc:
             await self._discard(main, exc)
@@ -86,6 +86,8 @@ class IncomingVM(Machine):
             self.running = True
             await channels.send_control(main, wire.ControlType.RESUMED, {"t1_ns": t1})
             # Off the critical path now: what each device cost, and its digest if asked.
+            results = m.unpack_results(await self.pool.call_all(
+                {w: m.Results() for w in range(self.plan.workers)}))
             await channels.send_control(main, wire.ControlType.REPORT, {
                 "devices": _result_rows(results),
                 "digests": await self.digests() if send_digests else {}})
@@ -135,8 +137,11 @@ class IncomingVM(Machine):
                 finally:
                     conn.close()  # the worker holds its own duplicate of an adopted fd
 
-    async def _load(self, main: socket.socket, concurrent: bool) -> list[m.DeviceResult]:
-        """Send READY and load; the source aborting or vanishing ends the load."""
+    async def _load(self, main: socket.socket, concurrent: bool) -> int:
+        """Send READY and load; the source aborting or vanishing ends the load.
+
+        Returns how many devices were loaded and verified.
+        """
         loading = asyncio.ensure_future(self.pool.call_all({
             w: m.Load(self.plan.devices_of(w), concurrent) for w in range(self.plan.workers)}))
         await channels.send_control(main, wire.ControlType.READY, {})
@@ -153,7 +158,7 @@ class IncomingVM(Machine):
             for task in (loading, watching):
                 task.cancel()
             await asyncio.gather(loading, watching, return_exceptions=True)
-        return [r for rows in results.values() for r in m.unpack_results(rows)]
+        return sum(results.values())
 
     async def _discard(self, main: socket.socket, cause: BaseException) -> None:
         log.warning("incoming migration failed: %s", describe(cause))

@@ -162,24 +162,13 @@ class Loader:
             await self._write_chunk(state, slot, header.length)
 
     async def _small_packet(self, header: wire.PacketHeader, payload: memoryview) -> int:
-        """Handle a RECORD or END packet; return 1 if it ended a device's load."""
+        """Handle a RECORD or END packet; both end a device's load (return 1)."""
         state = self._expect(header)
-        if header.kind is wire.PacketKind.RECORD:
-            device = state.device
-            if not isinstance(device, RecordDevice):
-                raise ProtocolError("packet.flags", f"{device.id} is a stream, got a RECORD")
-            state.start_ns = time.monotonic_ns()
-            state.digest.add(header.checksum)
-            device.put(payload)
-            state.bytes += len(payload)
-            state.packets += 1
-            state.end_ns = time.monotonic_ns()
-            return 0
-        end = wire.decode_end(payload)
         state.ended = True
-        if isinstance(state.device, RecordDevice):
-            self._finish(state, end)
+        if header.kind is wire.PacketKind.RECORD:
+            self._put_record(state, payload)
             return 1
+        end = wire.decode_end(payload)
         if self._concurrent:
             assert self._tasks is not None and state.queue is not None
             state.queue.put_nowait((None, 0, end))
@@ -197,8 +186,9 @@ class Loader:
         if header.seq != state.next_seq:
             raise ProtocolError("packet.seq", f"{state.device.id}: expected seq "
                                               f"{state.next_seq}, got {header.seq}")
-        if header.kind is wire.PacketKind.CHUNK and not isinstance(state.device, StreamDevice):
-            raise ProtocolError("packet.flags", f"{state.device.id} is a record, got a CHUNK")
+        if header.kind is not wire.PacketKind.RECORD and isinstance(state.device, RecordDevice):
+            raise ProtocolError("packet.flags", f"{state.device.id} is a record device, got "
+                                                f"a {header.kind.name}")
         state.next_seq += 1
         if state.queue is None and self._concurrent and isinstance(state.device, StreamDevice):
             assert self._tasks is not None
@@ -235,9 +225,17 @@ class Loader:
         await device.load_end()
         state.done_ns = time.monotonic_ns()
 
-    def _finish(self, state: _Incoming, end: wire.EndOfState) -> None:
-        self._check_end(state, end)
-        state.done_ns = state.end_ns
+    def _put_record(self, state: _Incoming, payload: memoryview) -> None:
+        # A record is its device's whole state in one packet, whose verified checksum is
+        # its digest: it needs no END of its own.
+        device = state.device
+        if not isinstance(device, RecordDevice):
+            raise ProtocolError("packet.flags", f"{device.id} is a stream, got a RECORD")
+        state.start_ns = time.monotonic_ns()
+        device.put(payload)
+        state.bytes = len(payload)
+        state.packets = 1
+        state.end_ns = state.done_ns = time.monotonic_ns()
 
     def _check_end(self, state: _Incoming, end: wire.EndOfState) -> None:
         if end.total_bytes != state.bytes or end.packets != state.packets:

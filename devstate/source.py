@@ -11,7 +11,7 @@ Sequence of one migration (main channel messages in capitals)::
             <- LOADED (every device put and its digest verified)
             COMMIT -> (from here the source will not resume: the destination will)
             <- RESUMED with t1: downtime = t1 - t0 (CLOCK_MONOTONIC, one host)
-            [<- DIGESTS, if asked: every device's state digest, compared here]
+            <- REPORT: per-device results [and digests, if asked, compared here]
 
 Any failure before COMMIT cancels the workers, tells the destination to discard (ABORT),
 resumes every device here and raises :class:`MigrationFailed` naming the cause. A failure
@@ -70,13 +70,15 @@ class SourceVM(Machine):
             t0 = await self._setup(sock, address, migration_id, compare_digests)
             self.running = False
             status("device")
-            saved = await self._stop_and_copy(sock)
+            await self._stop_and_copy(sock)
             await channels.send_control(sock, wire.ControlType.COMMIT, {})
             committed = True
             async with asyncio.timeout(RESUMED_TIMEOUT_S):
                 resumed = await channels.expect_control(sock, wire.ControlType.RESUMED)
                 report = await channels.expect_control(sock, wire.ControlType.REPORT)
             t1 = wire.field(resumed, "t1_ns", int)
+            saved = m.unpack_results(await self.pool.call_all(
+                {w: m.Results() for w in range(self.plan.workers)}))
             result = self._report(t0, t1, saved, report, before)
             status("completed")
             return result
@@ -113,7 +115,7 @@ class SourceVM(Machine):
         await channels.expect_control(sock, wire.ControlType.READY)
         return time.monotonic_ns()
 
-    async def _stop_and_copy(self, sock: Any) -> list[m.DeviceResult]:
+    async def _stop_and_copy(self, sock: Any) -> None:
         """Save on every worker while waiting for LOADED; the first failure wins."""
         saving = asyncio.ensure_future(self.pool.call_all({
             w: m.Save(self.plan.devices_of(w), self.settings.concurrent)
@@ -123,13 +125,12 @@ class SourceVM(Machine):
             done, _ = await asyncio.wait({saving, loading}, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
                 task.result()  # raises the first failure
-            saved = await saving
+            await saving
             await loading
         finally:
             for task in (saving, loading):
                 task.cancel()
             await asyncio.gather(saving, loading, return_exceptions=True)
-        return [r for rows in saved.values() for r in m.unpack_results(rows)]
 
     async def _recover(self, sock: Any, cause: BaseException) -> WorkerLost | None:
         """Undo a failed migration: abort the destination, cancel workers, resume devices.

@@ -16,7 +16,8 @@ Data packet (data channels)::
     24 checksum u64  xxh3_64(payload, seed=xxh3_64(bytes 0..23)): covers header and payload
     32 payload
 
-An END packet closes a device's state; its payload is ``digest[16] | bytes u64 | packets
+A RECORD packet is a record device's whole state and ends it. An END packet closes a
+stream device's state; its payload is ``digest[16] | bytes u64 | packets
 u32 | reserved u32``. The digest is xxh3_128 over the device's packet checksums in sequence
 order (:class:`StateDigest`): each checksum already covers its packet's bytes, so the
 digest proves every byte, the order and the count without a second pass over the data.
@@ -68,7 +69,7 @@ MAX_CONTROL_BYTES = 4 << 20
 class PacketKind(enum.IntFlag):
     """What a data packet carries."""
 
-    RECORD = 1  # one whole record (seq 0)
+    RECORD = 1  # one whole record (seq 0); it ends its device, its checksum its digest
     CHUNK = 2   # the next piece of a stream
     END = 4     # end of the device's state, with its digest
 
@@ -91,6 +92,10 @@ class ControlType(enum.IntEnum):
     FAILED = 6     # either way: the migration failed, with the reason
     ABORT = 7      # source -> dest: discard what was loaded
     REPORT = 8     # dest -> source, after RESUMED: per-device results [and digests]
+
+
+# flags -> kind without an enum call per packet (decoding runs per record: microseconds).
+_KINDS = {int(k): k for k in (PacketKind.RECORD, PacketKind.CHUNK, PacketKind.END)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,13 +168,13 @@ def decode_packet_header(data: memoryview | bytes, *, devices: int,
         raise ProtocolError("packet.magic", f"{magic:#010x} is not {PACKET_MAGIC:#010x}")
     if version != VERSION:
         raise ProtocolError("packet.version", f"{version} is not supported (want {VERSION})")
-    if flags not in (PacketKind.RECORD, PacketKind.CHUNK, PacketKind.END):
+    kind = _KINDS.get(flags)
+    if kind is None:
         raise ProtocolError("packet.flags", f"{flags:#x} is not exactly one packet kind")
     if device >= devices:
         raise ProtocolError("packet.device", f"index {device} is not below {devices}")
     if reserved != 0:
         raise ProtocolError("packet.reserved", f"must be 0, got {reserved:#x}")
-    kind = PacketKind(flags)
     if kind is PacketKind.END and length != END_PAYLOAD_BYTES:
         raise ProtocolError("packet.length", f"END payload is {END_PAYLOAD_BYTES}, got {length}")
     if kind is PacketKind.RECORD and seq != 0:

@@ -83,6 +83,7 @@ class Worker:
         self._devices: dict[int, Device] = {}
         self._channel: socket.socket | None = None
         self._busy: asyncio.Task[Any] | None = None
+        self._results: list[m.DeviceResult] = []  # of the last Save or Load
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stop = asyncio.Event()
 
@@ -161,7 +162,8 @@ class Worker:
             case m.Save(order=order, concurrent=concurrent):
                 saver = Saver(self.index, self._devices, self._slots, self._need_channel(),
                               record_class=RECORD_CLASS, chunk_class=CHUNK_CLASS)
-                return m.pack_results(await saver.run(order, concurrent))
+                self._results = await saver.run(order, concurrent)
+                return len(self._results)
             case m.PrepareLoad(devices=devices):
                 await asyncio.gather(*(d.load_begin() for i, d in self._devices.items()
                                        if i in devices and isinstance(d, StreamDevice)))
@@ -170,9 +172,18 @@ class Worker:
                 loader = Loader(self.index, self._devices, self._slots, self._window,
                                 self._need_channel(), table_size=len(self._table),
                                 chunk_class=CHUNK_CLASS)
-                return m.pack_results(await loader.run(devices, concurrent))
+                self._results = await loader.run(devices, concurrent)
+                return len(self._results)
+            case m.Results():
+                return m.pack_results(self._results)
             case m.Resume():
-                await asyncio.gather(*(d.resume() for d in self._devices.values()))
+                # Streams resume concurrently (each is a round trip to its model); records
+                # one after another: a task per vCPU would cost more than its resume.
+                streams = [d for d in self._devices.values() if isinstance(d, StreamDevice)]
+                for device in self._devices.values():
+                    if not isinstance(device, StreamDevice):
+                        await device.resume()
+                await asyncio.gather(*(d.resume() for d in streams))
             case m.Discard():
                 await asyncio.gather(*(d.reset() for d in self._devices.values()
                                        if isinstance(d, StreamDevice)))

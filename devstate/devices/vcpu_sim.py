@@ -103,8 +103,28 @@ def _busy_until(deadline_ns: int) -> None:
         pass
 
 
+def _layout() -> tuple[dict[Section, int], list[int]]:
+    """Where each section's bytes and each section header sit in a record."""
+    offsets: dict[Section, int] = {}
+    headers: list[int] = []
+    pos = _HEADER.size
+    for section in SAVE_ORDER:
+        headers.append(pos)
+        offsets[section] = pos + _SECTION.size
+        pos += _SECTION.size + SECTION_BYTES[section]
+    return offsets, headers
+
+
+SECTION_OFFSETS, _HEADER_OFFSETS = _layout()
+
+
 class SimVcpu(RecordDevice):
-    """One simulated vCPU, held by its owner worker. Runs in: the owning worker process."""
+    """One simulated vCPU, held by its owner worker. Runs in: the owning worker process.
+
+    The state is kept as a record image (header, then each section behind its header, in
+    SAVE_ORDER), so a get is one copy out and a put checks the image's fixed skeleton
+    and copies each section in RESTORE_ORDER; the ioctl-sized cost is the CPU burn.
+    """
 
     def __init__(self, spec: DeviceSpec, machine_seed: int, *, incoming: bool = False) -> None:
         super().__init__(spec, machine_seed)
@@ -112,54 +132,64 @@ class SimVcpu(RecordDevice):
         self.vcpu_id = int(spec.id.split("/", 1)[1])
         self._get_ns = int(spec.vcpu.get_us * 1000)
         self._put_ns = int(spec.vcpu.put_us * 1000)
-        self._sections = (self._blank_state() if incoming else self._seeded_state())
+        self._image = bytearray(RECORD_BYTES)
+        _HEADER.pack_into(self._image, 0, MAGIC, VERSION, len(SAVE_ORDER), self.vcpu_id, 0)
+        for section, header in zip(SAVE_ORDER, _HEADER_OFFSETS, strict=True):
+            _SECTION.pack_into(self._image, header, section, 0, SECTION_BYTES[section])
+        self._skeleton = [bytes(self._image[:_HEADER.size])] + [
+            bytes(self._image[h:h + _SECTION.size]) for h in _HEADER_OFFSETS]
+        if not incoming:
+            self._seed()
 
-    def _blank_state(self) -> dict[Section, bytearray]:
-        return {s: bytearray(n) for s, n in SECTION_BYTES.items()}
+    def _section(self, section: Section) -> memoryview:
+        start = SECTION_OFFSETS[section]
+        return memoryview(self._image)[start:start + SECTION_BYTES[section]]
 
-    def _seeded_state(self) -> dict[Section, bytearray]:
+    def _seed(self) -> None:
         rng = np.random.default_rng([self.machine_seed, self.vcpu_id])
-        state = {s: bytearray(rng.bytes(n)) for s, n in SECTION_BYTES.items()}
+        for section in SAVE_ORDER:
+            self._section(section)[:] = rng.bytes(SECTION_BYTES[section])
         # Keep the few fields with a meaning plausible: MP state RUNNABLE or HALTED, the
         # MSR list header counting its entries, the LAPIC ID register (offset 0x20) holding
         # the vCPU id in bits 24-31 as x86 does.
-        struct.pack_into("<I", state[Section.MP_STATE], 0, 0 if self.vcpu_id == 0 else 3)
-        struct.pack_into("<II", state[Section.MSRS], 0, MSR_COUNT, 0)
-        struct.pack_into("<I", state[Section.LAPIC], 0x20, (self.vcpu_id & 0xFF) << 24)
-        return state
+        struct.pack_into("<I", self._section(Section.MP_STATE), 0,
+                         0 if self.vcpu_id == 0 else 3)
+        struct.pack_into("<II", self._section(Section.MSRS), 0, MSR_COUNT, 0)
+        struct.pack_into("<I", self._section(Section.LAPIC), 0x20, (self.vcpu_id & 0xFF) << 24)
 
     async def digest(self) -> bytes:
-        """xxh3_128 over the sections in save order."""
-        h = xxhash.xxh3_128()
-        for section in SAVE_ORDER:
-            h.update(self._sections[section])
-        return h.digest()
+        """xxh3_128 of the state (the record image)."""
+        return xxhash.xxh3_128_digest(self._image)
 
     def get(self, out: memoryview) -> int:
-        """Serialise the state into ``out``, in SAVE_ORDER; costs ``get_us`` of CPU."""
+        """Write the record into ``out`` (sections in SAVE_ORDER); costs ``get_us`` of CPU."""
         deadline = time.thread_time_ns() + self._get_ns
         if len(out) < RECORD_BYTES:
             raise DeviceError(self.id, f"get: buffer of {len(out)} B < record {RECORD_BYTES} B")
-        _HEADER.pack_into(out, 0, MAGIC, VERSION, len(SAVE_ORDER), self.vcpu_id, 0)
-        pos = _HEADER.size
-        for section in SAVE_ORDER:
-            data = self._sections[section]
-            _SECTION.pack_into(out, pos, section, 0, len(data))
-            pos += _SECTION.size
-            out[pos:pos + len(data)] = data
-            pos += len(data)
+        out[:RECORD_BYTES] = self._image
         _busy_until(deadline)
-        return pos
+        return RECORD_BYTES
 
     def put(self, data: memoryview) -> None:
         """Validate a record and load it, section by section in RESTORE_ORDER."""
         deadline = time.thread_time_ns() + self._put_ns
-        sections = self._parse(data)
+        if not self._fits_skeleton(data):
+            self._parse(data)  # names what is wrong
+            raise DeviceError(self.id, "put: record does not match the vCPU's layout")
         for section in RESTORE_ORDER:
-            self._sections[section][:] = sections[section]
+            start = SECTION_OFFSETS[section]
+            self._image[start:start + SECTION_BYTES[section]] = \
+                data[start:start + SECTION_BYTES[section]]
         _busy_until(deadline)
 
-    def _parse(self, data: memoryview) -> dict[Section, memoryview]:
+    def _fits_skeleton(self, data: memoryview) -> bool:
+        if len(data) != RECORD_BYTES or data[:_HEADER.size] != self._skeleton[0]:
+            return False
+        return all(data[h:h + _SECTION.size] == skeleton
+                   for h, skeleton in zip(_HEADER_OFFSETS, self._skeleton[1:], strict=True))
+
+    def _parse(self, data: memoryview) -> None:
+        """Raise the DeviceError that says how ``data`` is not a record of this vCPU."""
         if len(data) < _HEADER.size:
             raise DeviceError(self.id, f"put: record of {len(data)} B is shorter than a header")
         magic, version, count, vcpu_id, _ = _HEADER.unpack_from(data, 0)
@@ -171,7 +201,6 @@ class SimVcpu(RecordDevice):
             raise DeviceError(self.id, f"put: record is for vCPU {vcpu_id}")
         if count != len(SAVE_ORDER):
             raise DeviceError(self.id, f"put: record has {count} sections, not {len(SAVE_ORDER)}")
-        found: dict[Section, memoryview] = {}
         pos = _HEADER.size
         for expected in SAVE_ORDER:
             if pos + _SECTION.size > len(data):
@@ -184,8 +213,6 @@ class SimVcpu(RecordDevice):
                                            "belongs")
             if pos + length > len(data):
                 raise DeviceError(self.id, f"put: record truncated inside {expected.name}")
-            found[expected] = data[pos:pos + length]
             pos += length
         if pos != len(data):
             raise DeviceError(self.id, f"put: {len(data) - pos} B after the last section")
-        return found
