@@ -60,6 +60,7 @@ class Backend(enum.StrEnum):
     """Where a device's state really lives."""
 
     SIM_VCPU = "sim-vcpu"
+    KVM = "kvm"
     VFIO_SIM = "vfio-sim"
 
 
@@ -72,7 +73,7 @@ class Shape(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class VcpuSpec:
-    """The machine's vCPUs: how many, which backend, and the simulated per-vCPU costs."""
+    """The machine's vCPUs: how many, which backend, and the per-vCPU costs of ``sim-vcpu``."""
 
     count: int
     backend: Backend = Backend.SIM_VCPU
@@ -215,7 +216,7 @@ def _vcpus(data: Any) -> VcpuSpec:
     table = _mapping(data, "vcpus", {"count", "backend", "get_us", "put_us"})
     count = _integer(table.get("count", 0), "vcpus.count", low=0, high=MAX_VCPUS)
     backend = _backend(table.get("backend", Backend.SIM_VCPU), "vcpus.backend",
-                       {Backend.SIM_VCPU})
+                       {Backend.SIM_VCPU, Backend.KVM})
     get_us = _number(table.get("get_us", 45.0), "vcpus.get_us", low=0.0, high=100_000.0)
     put_us = _number(table.get("put_us", 45.0), "vcpus.put_us", low=0.0, high=100_000.0)
     return VcpuSpec(count=count, backend=backend, get_us=get_us, put_us=put_us)

@@ -33,6 +33,11 @@ def test_demo_json_reports_both_modes_on_the_default_machine() -> None:
         assert all({"id", "bytes", "verified"} <= d.keys() and d["verified"] for d in devices)
     assert out["sequential"]["workers"] == 1
     assert out["speedup"] > 1.0
+    from devstate.cli import kvm_usable
+
+    usable, why = kvm_usable()
+    assert out["vcpu_backend"] == ("kvm" if usable else "sim-vcpu")
+    assert why in out["vcpu_backend_reason"]
 
 
 def test_migrate_prints_a_table_or_json() -> None:

@@ -16,6 +16,10 @@ def record_bytes(backend: Backend) -> int:
         from devstate.devices.vcpu_sim import RECORD_BYTES
 
         return RECORD_BYTES
+    if backend is Backend.KVM:
+        from devstate.devices.kvm_vcpu import host_record_bytes
+
+        return host_record_bytes()
     return 0
 
 
@@ -29,6 +33,10 @@ def make_device(spec: DeviceSpec, machine_seed: int, *, incoming: bool) -> Devic
         from devstate.devices.vcpu_sim import SimVcpu
 
         return SimVcpu(spec, machine_seed, incoming=incoming)
+    if spec.backend is Backend.KVM:
+        from devstate.devices.kvm_vcpu import KvmVcpuDevice
+
+        return KvmVcpuDevice(spec, machine_seed, incoming=incoming)
     if spec.backend is Backend.VFIO_SIM:
         from devstate.devices.vfio_sim import VfioSimDevice
 

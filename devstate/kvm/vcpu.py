@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+import xxhash
 
 from devstate.errors import DeviceError
 from devstate.kvm import uapi
@@ -419,6 +420,22 @@ class KvmVcpu:
                 for diff in _diff_section(section, self.layout, old[section], new[section])]
 
     # -- lifecycle --------------------------------------------------------------------
+
+    def stable_digest(self, record: bytearray) -> bytes:
+        """xxh3_128 of a record of this vCPU with every :data:`TOLERANCES` field zeroed.
+
+        Two vCPUs with equal stable digests agree on every field the kernel does not
+        change by itself, so a source and a destination can be compared by digest.
+        """
+        sections = self.parse(memoryview(record))
+        for tolerance in TOLERANCES:
+            view = sections.get(self.layout.resolve(tolerance.section))
+            if view is None:
+                continue
+            for field in section_fields(self.layout, self.layout.resolve(tolerance.section)):
+                if field.name == tolerance.field:
+                    view[field.offset:field.offset + field.size] = bytes(field.size)
+        return xxhash.xxh3_128_digest(record)
 
     def close(self) -> None:
         """Close the vCPU fd. Idempotent."""
