@@ -74,6 +74,20 @@ class Digests:
 
 
 @dataclass(frozen=True, slots=True)
+class SnapshotRecords:
+    """Get every owned record device into this worker's arena slots, with no channel.
+
+    One side of a migration alone (the scaling benchmarks measure each side apart, since
+    both sides share the cores of one host). Replies with the worker's get time in ns.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreRecords:
+    """Put every record of the last :class:`SnapshotRecords` back; reply with the ns taken."""
+
+
+@dataclass(frozen=True, slots=True)
 class Results:
     """Report the per-device results of the last Save or Load.
 

@@ -25,6 +25,7 @@ import gc
 import os
 import signal
 import socket
+import time
 import traceback
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle
@@ -35,8 +36,8 @@ import uvloop
 
 from devstate import channels, fdio
 from devstate import messages as m
-from devstate.arena import Arena, Layout
-from devstate.devices import Device, StreamDevice, make_device
+from devstate.arena import Arena, Layout, Slot
+from devstate.devices import Device, RecordDevice, StreamDevice, make_device
 from devstate.errors import DeviceError
 from devstate.load import Loader
 from devstate.save import Saver
@@ -84,6 +85,7 @@ class Worker:
         self._channel: socket.socket | None = None
         self._busy: asyncio.Task[Any] | None = None
         self._results: list[m.DeviceResult] = []  # of the last Save or Load
+        self._snapshot: list[tuple[Slot, int]] = []  # of the last SnapshotRecords
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stop = asyncio.Event()
 
@@ -176,6 +178,10 @@ class Worker:
                 return len(self._results)
             case m.Results():
                 return m.pack_results(self._results)
+            case m.SnapshotRecords():
+                return self._snapshot_records()
+            case m.RestoreRecords():
+                return self._restore_records()
             case m.Resume():
                 # Streams resume concurrently (each is a round trip to its model); records
                 # one after another: a task per vCPU would cost more than its resume.
@@ -195,6 +201,36 @@ class Worker:
             case _:
                 raise TypeError(f"unknown command {command!r}")
         return None
+
+    def _snapshot_records(self) -> int:
+        self._release_snapshot()
+        records = [d for d in self._devices.values() if isinstance(d, RecordDevice)]
+        for _ in records:
+            slot = self._slots.acquire_nowait(RECORD_CLASS)
+            if slot is None:
+                self._release_snapshot()
+                raise RuntimeError(f"worker {self.index}: {len(records)} records need as many "
+                                   "record slots (raise Settings.record_slots)")
+            self._snapshot.append((slot, 0))
+        start = time.perf_counter_ns()
+        for n, device in enumerate(records):
+            slot = self._snapshot[n][0]
+            self._snapshot[n] = (slot, device.get(slot.view))
+        return time.perf_counter_ns() - start
+
+    def _restore_records(self) -> int:
+        records = [d for d in self._devices.values() if isinstance(d, RecordDevice)]
+        start = time.perf_counter_ns()
+        for device, (slot, length) in zip(records, self._snapshot, strict=True):
+            device.put(slot.view[:length])
+        elapsed = time.perf_counter_ns() - start
+        self._release_snapshot()
+        return elapsed
+
+    def _release_snapshot(self) -> None:
+        for slot, _ in self._snapshot:
+            self._slots.release(slot)
+        self._snapshot.clear()
 
     async def _open_devices(self, devices: tuple[int, ...], incoming: bool) -> None:
         for i in devices:
