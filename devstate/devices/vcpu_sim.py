@@ -22,7 +22,6 @@ Record layout (little-endian)::
 
 from __future__ import annotations
 
-import enum
 import struct
 import time
 
@@ -31,27 +30,17 @@ import xxhash
 
 from devstate.devices.base import RecordDevice
 from devstate.errors import DeviceError
+
+# One record layout and one ordering for simulated and real vCPUs: the KVM backend's,
+# with its reasons (sim-vcpu uses SREGS, never SREGS2).
+from devstate.kvm.vcpu import HEADER as _HEADER
+from devstate.kvm.vcpu import RESTORE_ORDER, SAVE_ORDER, Section
+from devstate.kvm.vcpu import SECTION as _SECTION
 from devstate.spec import DeviceSpec
 
 MAGIC = 0x55504356  # b"VCPU" little-endian
 VERSION = 1
-_HEADER = struct.Struct("<IHHII")
-_SECTION = struct.Struct("<HHI")
 MSR_COUNT = 40
-
-
-class Section(enum.IntEnum):
-    """One part of a vCPU's state, named after the KVM ioctl that moves it."""
-
-    MP_STATE = 1
-    REGS = 2
-    SREGS = 3
-    XSAVE = 4
-    XCRS = 5
-    DEBUGREGS = 6
-    LAPIC = 7
-    MSRS = 8
-    VCPU_EVENTS = 9
 
 
 SECTION_BYTES: dict[Section, int] = {
@@ -65,33 +54,6 @@ SECTION_BYTES: dict[Section, int] = {
     Section.MSRS: 8 + 16 * MSR_COUNT,
     Section.VCPU_EVENTS: 64,
 }
-
-# Save order, as KVM needs it (Firecracker arch/x86_64/vcpu.rs::save_state):
-SAVE_ORDER: tuple[Section, ...] = (
-    Section.MP_STATE,     # first: GET_MP_STATE runs kvm_apic_accept_events(), which may
-                          # change vCPU and LAPIC state read afterwards
-    Section.REGS,
-    Section.SREGS,
-    Section.XSAVE,
-    Section.XCRS,
-    Section.DEBUGREGS,
-    Section.LAPIC,        # after MP state, which may have changed it
-    Section.MSRS,
-    Section.VCPU_EVENTS,  # last: events reflect everything read before
-)
-
-# Restore order (Firecracker restore_state):
-RESTORE_ORDER: tuple[Section, ...] = (
-    Section.MP_STATE,     # some set ioctls depend on kvm_vcpu_is_bsp()
-    Section.REGS,         # SET_REGS clears pending exceptions: before VCPU_EVENTS
-    Section.SREGS,        # restores apic_base: before LAPIC
-    Section.XSAVE,
-    Section.XCRS,
-    Section.DEBUGREGS,
-    Section.LAPIC,        # before MSRs: TSC_DEADLINE only restores with the LAPIC set up
-    Section.MSRS,
-    Section.VCPU_EVENTS,  # last: would be clobbered by SET_REGS
-)
 
 RECORD_BYTES = _HEADER.size + sum(_SECTION.size + n for n in SECTION_BYTES.values())
 
