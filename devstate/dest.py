@@ -33,6 +33,7 @@ from typing import Any
 from devstate import channels, wire
 from devstate import messages as m
 from devstate.errors import ChannelError, DevstateError, ProtocolError, describe
+from devstate.lifecycle import no_gc_pauses
 from devstate.machine import Machine
 from devstate.source import device_table
 
@@ -71,9 +72,10 @@ class IncomingVM(Machine):
             await self._adopt_channels(listener, hello.migration_id)
             await self.pool.call_all({w: m.PrepareLoad(self.plan.devices_of(w))
                                       for w in range(self.plan.workers)})
-            loaded = await self._load(main, concurrent)
-            await channels.send_control(main, wire.ControlType.LOADED, {"devices": loaded})
-            await channels.expect_control(main, wire.ControlType.COMMIT)
+            with no_gc_pauses():  # the source has stopped: until t1, no collection pauses
+                loaded = await self._load(main, concurrent)
+                await channels.send_control(main, wire.ControlType.LOADED, {"devices": loaded})
+                await channels.expect_control(main, wire.ControlType.COMMIT)
         except BaseException as exc:
             await self._discard(main, exc)
             main.close()
@@ -81,8 +83,9 @@ class IncomingVM(Machine):
                 return IncomingResult(False, migration_id, describe(exc))
             raise
         try:
-            await self.pool.call_all({w: m.Resume() for w in range(self.plan.workers)})
-            t1 = time.monotonic_ns()
+            with no_gc_pauses():
+                await self.pool.call_all({w: m.Resume() for w in range(self.plan.workers)})
+                t1 = time.monotonic_ns()
             self.running = True
             await channels.send_control(main, wire.ControlType.RESUMED, {"t1_ns": t1})
             # Off the critical path now: what each device cost, and its digest if asked.

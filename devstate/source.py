@@ -32,6 +32,7 @@ from typing import Any
 from devstate import channels, fdio, wire
 from devstate import messages as m
 from devstate.errors import DevstateError, MigrationFailed, WorkerLost, describe
+from devstate.lifecycle import no_gc_pauses
 from devstate.machine import Machine
 from devstate.report import DeviceReport, MigrationReport
 from devstate.spec import MachineSpec
@@ -70,11 +71,13 @@ class SourceVM(Machine):
             t0 = await self._setup(sock, address, migration_id, compare_digests)
             self.running = False
             status("device")
-            await self._stop_and_copy(sock)
-            await channels.send_control(sock, wire.ControlType.COMMIT, {})
-            committed = True
+            with no_gc_pauses():
+                await self._stop_and_copy(sock)
+                await channels.send_control(sock, wire.ControlType.COMMIT, {})
+                committed = True
+                async with asyncio.timeout(RESUMED_TIMEOUT_S):
+                    resumed = await channels.expect_control(sock, wire.ControlType.RESUMED)
             async with asyncio.timeout(RESUMED_TIMEOUT_S):
-                resumed = await channels.expect_control(sock, wire.ControlType.RESUMED)
                 report = await channels.expect_control(sock, wire.ControlType.REPORT)
             t1 = wire.field(resumed, "t1_ns", int)
             saved = m.unpack_results(await self.pool.call_all(

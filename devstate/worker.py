@@ -39,6 +39,7 @@ from devstate import messages as m
 from devstate.arena import Arena, Layout, Slot
 from devstate.devices import Device, RecordDevice, StreamDevice, make_device
 from devstate.errors import DeviceError
+from devstate.lifecycle import no_gc_pauses
 from devstate.load import Loader
 from devstate.save import Saver
 from devstate.settings import CHUNK_CLASS, RECORD_CLASS, WINDOW_CLASS
@@ -132,9 +133,13 @@ class Worker:
         task.add_done_callback(self._tasks.discard)
 
     async def _run(self, request: m.Request) -> None:
-        critical = isinstance(request.command, m.Save | m.Load)
-        if critical:
-            gc.disable()  # no collection pauses while the VM is stopped; collect after
+        critical = isinstance(request.command, m.Save | m.Load | m.SnapshotRecords
+                              | m.RestoreRecords)
+        with no_gc_pauses() if critical else contextlib.nullcontext():
+            reply = await self._reply_for(request)
+        self._reply(reply)
+
+    async def _reply_for(self, request: m.Request) -> m.Reply:
         try:
             value = await self._handle(request.command)
             reply = m.Reply(request.req, True, value=value)
@@ -146,10 +151,7 @@ class Worker:
             reply = m.Reply(request.req, False, error_type=type(cause).__name__,
                             error=str(cause) or repr(cause),
                             extra={"traceback": traceback.format_exc(limit=8)})
-        finally:
-            if critical:
-                gc.enable()
-        self._reply(reply)
+        return reply
 
     def _reply(self, reply: m.Reply) -> None:
         with contextlib.suppress(OSError):
