@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from devstate.spec import DeviceSpec, MachineSpec, Shape
+from devstate.spec import Backend, DeviceSpec, MachineSpec, Shape
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +28,8 @@ class Plan:
 
 def estimate_s(device: DeviceSpec) -> float:
     """Seconds of stop-and-copy work for one device, from its spec alone."""
+    if device.vfio is None and device.vcpu is None:
+        return 0.0  # VM-level state: a few ioctls
     if device.vcpu is not None:
         return (device.vcpu.get_us + device.vcpu.put_us) * 1e-6
     assert device.vfio is not None
@@ -46,8 +48,11 @@ def make_plan(spec: MachineSpec, workers: int) -> Plan:
     table = spec.devices()
     load = [0.0] * workers
     owner = [0] * len(table)
+    # VM-level state belongs to one VM: worker 0's, whose records start with it (table
+    # order), so it loads before that VM's vCPUs.
+    pinned = [d for d in table if d.backend is Backend.KVM_VM]
     # Stable sort: equal estimates keep table order, so both sides compute the same plan.
-    for device in sorted(table, key=lambda d: -estimate_s(d)):
+    for device in sorted((d for d in table if d not in pinned), key=lambda d: -estimate_s(d)):
         w = min(range(workers), key=lambda k: (load[k], k))
         owner[device.index] = w
         load[w] += estimate_s(device)

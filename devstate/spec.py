@@ -61,6 +61,7 @@ class Backend(enum.StrEnum):
 
     SIM_VCPU = "sim-vcpu"
     KVM = "kvm"
+    KVM_VM = "kvm-vm"  # the VM-level state that comes with kvm vCPUs (not for spec files)
     VFIO_SIM = "vfio-sim"
 
 
@@ -122,12 +123,19 @@ class MachineSpec:
     vfio: tuple[VfioSpec, ...]
 
     def devices(self) -> tuple[DeviceSpec, ...]:
-        """The device table in canonical order: ``cpu/0..n-1`` then VFIO devices in spec order."""
+        """The device table in canonical order: VM-level devices (with kvm vCPUs), then
+        ``cpu/0..n-1``, then VFIO devices in spec order."""
         from devstate.devices import record_bytes  # local: devices import spec
 
         table: list[DeviceSpec] = []
+        if self.vcpus.backend is Backend.KVM and self.vcpus.count:
+            from devstate.devices.kvm_vcpu import VM_DEVICES, vm_device_bytes
+
+            for name in VM_DEVICES:
+                table.append(DeviceSpec(len(table), name, Backend.KVM_VM, Shape.RECORD, 1,
+                                        vm_device_bytes(name)))
         for i in range(self.vcpus.count):
-            table.append(DeviceSpec(i, f"cpu/{i}", self.vcpus.backend, Shape.RECORD, 1,
+            table.append(DeviceSpec(len(table), f"cpu/{i}", self.vcpus.backend, Shape.RECORD, 1,
                                     record_bytes(self.vcpus.backend), vcpu=self.vcpus))
         for dev in self.vfio:
             table.append(DeviceSpec(len(table), f"vfio/{dev.name}", dev.backend, Shape.STREAM,

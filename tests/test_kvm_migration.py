@@ -25,9 +25,12 @@ def test_1024_kvm_vcpus_migrate_verified_with_the_example_spec() -> None:
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
-    assert len(report["devices"]) == 1024
+    cpus = [d for d in report["devices"] if d["id"].startswith("cpu/")]
+    assert len(cpus) == 1024
+    assert sorted(d["id"] for d in report["devices"] if d["id"].startswith("vm/")) == [
+        "vm/clock", "vm/irqchip", "vm/pit"]
     assert report["verified"] and all(d["verified"] for d in report["devices"])
-    assert {d["source_worker"] for d in report["devices"]} == {0, 1}  # sharded
+    assert {d["source_worker"] for d in cpus} == {0, 1}  # sharded
 
 
 def test_kvm_vcpus_and_a_vfio_device_migrate_sequentially_too(run) -> None:
@@ -35,7 +38,18 @@ def test_kvm_vcpus_and_a_vfio_device_migrate_sequentially_too(run) -> None:
                        "devices": [{"name": "nic0", "size": "4MiB"}]})
     report = run(migrate_locally(spec, Settings(workers=1, concurrent=False)))
     assert report.verified
-    assert len(report.devices) == 33
+    assert len(report.devices) == 36  # 32 vCPUs, PIT, clock, irqchip, one VFIO device
+
+
+def test_vm_level_state_loads_before_the_vcpus_of_its_vm(run) -> None:
+    spec = parse_spec({"seed": 5, "vcpus": {"count": 16, "backend": "kvm"}})
+    report = run(migrate_locally(spec, Settings(workers=2)))
+    assert report.verified
+    vm_parts = [d for d in report.devices if d.id.startswith("vm/")]
+    assert {d.dest_worker for d in vm_parts} == {0}
+    first_cpu = min(d.load_start_ms for d in report.devices
+                    if d.id.startswith("cpu/") and d.dest_worker == 0)
+    assert max(d.load_done_ms for d in vm_parts) <= first_cpu
 
 
 def test_distinct_seeded_vcpus_give_distinct_digests(run) -> None:
@@ -52,4 +66,5 @@ def test_distinct_seeded_vcpus_give_distinct_digests(run) -> None:
             return before
 
     # A round trip of identical vCPUs would prove little: every source vCPU differs.
-    assert len(set(run(scenario()).values())) == 8
+    digests = run(scenario())
+    assert len({h for device, h in digests.items() if device.startswith("cpu/")}) == 8

@@ -37,6 +37,10 @@ def make_device(spec: DeviceSpec, machine_seed: int, *, incoming: bool) -> Devic
         from devstate.devices.kvm_vcpu import KvmVcpuDevice
 
         return KvmVcpuDevice(spec, machine_seed, incoming=incoming)
+    if spec.backend is Backend.KVM_VM:
+        from devstate.devices.kvm_vcpu import KvmVmPartDevice
+
+        return KvmVmPartDevice(spec, machine_seed, incoming=incoming)
     if spec.backend is Backend.VFIO_SIM:
         from devstate.devices.vfio_sim import VfioSimDevice
 

@@ -1,5 +1,9 @@
 """``kvm``: real vCPUs in KVM, sharded: each worker owns one KVM VM holding its vCPUs.
 
+With them come the VM-level devices (``vm/pit``, ``vm/clock``, ``vm/irqchip``: the PIT,
+kvmclock, and the PICs and IOAPIC), owned by worker 0 and loaded before its vCPUs; in the
+sharded model the machine's VM-level state is that of worker 0's VM.
+
 Runs in: the worker that owns the vCPUs. A KVM VM answers only the process that created
 it (any other gets EIO: the owner rule), so every worker creates its own VM, the
 *shard*, on the first vCPU it opens, and ``cpu/17`` is vCPU id 17 in whichever shard owns
@@ -15,11 +19,29 @@ from __future__ import annotations
 
 import functools
 
+import xxhash
+
 from devstate.devices.base import RecordDevice
 from devstate.errors import DeviceError
 from devstate.kvm.vcpu import KvmVcpu
-from devstate.kvm.vm import KvmVm
+from devstate.kvm.vm import VM_SAVE_ORDER, VOLATILE_FIELDS, KvmVm, VmSection, vm_state_bytes
 from devstate.spec import DeviceSpec
+
+# The VM-level devices and the parts of the VM state each one carries, in restore order
+# (Firecracker's: PIT, clock, irqchips); all load before any vCPU of the VM.
+VM_DEVICES: dict[str, tuple[VmSection, ...]] = {
+    "vm/pit": (VmSection.PIT2,),
+    "vm/clock": (VmSection.CLOCK,),
+    "vm/irqchip": (VmSection.PIC_MASTER, VmSection.PIC_SLAVE, VmSection.IOAPIC),
+}
+assert tuple(s for parts in VM_DEVICES.values() for s in parts) == VM_SAVE_ORDER
+# kvmclock may only move forward between a set and the readback, and not by much.
+CLOCK_TOLERANCE_NS = 10 * 10**9
+
+
+def vm_device_bytes(device_id: str) -> int:
+    """The record size of a VM-level device."""
+    return vm_state_bytes(VM_DEVICES[device_id])
 
 _shard: KvmVm | None = None
 
@@ -105,3 +127,51 @@ class KvmVcpuDevice(RecordDevice):
             shown = "; ".join(str(d) for d in unexplained[:3])
             raise DeviceError(self.id, f"put: the readback differs in {len(unexplained)} "
                                        f"field(s): {shown}")
+
+
+class KvmVmPartDevice(RecordDevice):
+    """A part of the VM-level state of this worker's KVM VM (PIT, clock or irqchips)."""
+
+    def __init__(self, spec: DeviceSpec, machine_seed: int, *, incoming: bool = False) -> None:
+        super().__init__(spec, machine_seed)
+        self._sections = VM_DEVICES[spec.id]
+
+    async def open(self) -> None:
+        """Make sure this worker's VM exists (its irqchip and PIT come with it)."""
+        shard()
+
+    def get(self, out: memoryview) -> int:
+        """Read this part of the VM state into ``out``."""
+        record = shard().get_state(self._sections)
+        out[:len(record)] = record
+        return len(record)
+
+    def put(self, data: memoryview) -> None:
+        """Load this part, read it back, and fail unless only volatile fields moved."""
+        vm = shard()
+        vm.put_state(data, self._sections)
+        readback = vm.get_state(self._sections)
+        if self._stable(readback) != self._stable(data):
+            raise DeviceError(self.id, "put: the readback differs outside the fields the "
+                                       "kernel changes (count_load_time, clock)")
+        if VmSection.CLOCK in self._sections:
+            saved, now = (self._clock(vm, r) for r in (data, readback))
+            if not 0 <= now - saved <= CLOCK_TOLERANCE_NS:
+                raise DeviceError(self.id, f"put: kvmclock read back {now - saved} ns from "
+                                           "the saved value")
+
+    async def digest(self) -> bytes:
+        """Digest of this part with its volatile fields zeroed."""
+        return self._stable(shard().get_state(self._sections))
+
+    def _stable(self, record: bytes | memoryview) -> bytes:
+        copy = bytearray(record)
+        sections = shard().parse_state(copy, self._sections)
+        for section, offset, size in VOLATILE_FIELDS:
+            if section in sections:
+                sections[section][offset:offset + size] = bytes(size)
+        return xxhash.xxh3_128_digest(copy)
+
+    def _clock(self, vm: KvmVm, record: bytes | memoryview) -> int:
+        return int.from_bytes(vm.parse_state(record, self._sections)[VmSection.CLOCK][:8],
+                              "little")

@@ -102,9 +102,17 @@ _VM_PARTS: Mapping[VmSection, _VmPart] = {
                              (VmSection.IOAPIC, IrqchipId.IOAPIC))},
 }
 
-_VM_EXPECTED = [(s, ctypes.sizeof(_VM_PARTS[s].ctype)) for s in VM_SAVE_ORDER]
-VM_STATE_BYTES = HEADER.size + sum(SECTION.size + ctypes.sizeof(part.ctype)
-                                    for part in _VM_PARTS.values())
+def vm_state_bytes(sections: tuple[VmSection, ...] = VM_SAVE_ORDER) -> int:
+    """The length of a VM-state record holding ``sections``."""
+    return HEADER.size + sum(SECTION.size + ctypes.sizeof(_VM_PARTS[s].ctype) for s in sections)
+
+
+# Fields the kernel changes by itself between a set and a get, as (section, offset, size):
+# a PIT channel's count_load_time is the host time of the set (24-byte channels, field at
+# 16); the clock's value, wall time and host TSC advance, and its flags reflect the host.
+VOLATILE_FIELDS: tuple[tuple[VmSection, int, int], ...] = (
+    *((VmSection.PIT2, 24 * channel + 16, 8) for channel in range(3)),
+    (VmSection.CLOCK, 0, 16), (VmSection.CLOCK, 16, 16))
 
 
 class KvmVm:
@@ -271,13 +279,13 @@ class KvmVm:
 
     # -- VM-level state -------------------------------------------------------------
 
-    def get_state(self) -> bytes:
-        """PIT, clock and the three irqchips as one record, in VM_SAVE_ORDER."""
-        record = bytearray(VM_STATE_BYTES)
+    def get_state(self, sections: tuple[VmSection, ...] = VM_SAVE_ORDER) -> bytes:
+        """VM-level state as one record: ``sections`` (a subset of VM_SAVE_ORDER), in order."""
+        record = bytearray(vm_state_bytes(sections))
         out = memoryview(record)
-        HEADER.pack_into(out, 0, VM_MAGIC, VERSION, len(VM_SAVE_ORDER), 0, 0)
+        HEADER.pack_into(out, 0, VM_MAGIC, VERSION, len(sections), 0, 0)
         pos = HEADER.size
-        for section in VM_SAVE_ORDER:
+        for section in sections:
             part = _VM_PARTS[section]
             state = part.ctype()
             if part.chip is not None:
@@ -286,16 +294,19 @@ class KvmVm:
             pos = write_section(out, pos, section, memoryview(state).cast("B"))
         return bytes(record)
 
-    def parse_state(self, record: bytes | memoryview) -> dict[int, memoryview]:
+    def parse_state(self, record: bytes | memoryview,
+                    sections: tuple[VmSection, ...] = VM_SAVE_ORDER) -> dict[int, memoryview]:
         """A VM-state record's sections by tag, after checking its header and lengths."""
-        return parse_record(memoryview(record), self.name, VM_MAGIC, 0, _VM_EXPECTED)
+        expected = [(s, ctypes.sizeof(_VM_PARTS[s].ctype)) for s in sections]
+        return parse_record(memoryview(record), self.name, VM_MAGIC, 0, expected)
 
-    def put_state(self, data: bytes | memoryview) -> None:
-        """Load a record made by :meth:`get_state`, in VM_RESTORE_ORDER."""
-        sections = self.parse_state(data)
-        for section in VM_RESTORE_ORDER:
+    def put_state(self, data: bytes | memoryview,
+                  sections: tuple[VmSection, ...] = VM_SAVE_ORDER) -> None:
+        """Load a record made by :meth:`get_state` with the same ``sections``, in order."""
+        parsed = self.parse_state(data, sections)
+        for section in sections:
             part = _VM_PARTS[section]
-            state = part.ctype.from_buffer_copy(sections[section])
+            state = part.ctype.from_buffer_copy(parsed[section])
             if part.chip is not None and state.chip_id != part.chip:
                 raise DeviceError(self.name, f"put: {section.name} section carries chip "
                                              f"{state.chip_id}")
