@@ -157,3 +157,35 @@ def test_put_all_vcpus(benchmark, results, machines, variant: str) -> None:
     setup = (lambda: sharded.call(m.SnapshotRecords())) if variant == "sharded" else None
     benchmark.pedantic(_without_gc(runs[variant]), setup=setup, rounds=5, iterations=1)
     _record(benchmark, results, f"put-{count}", variant, count)
+
+
+MODES = {
+    "sequential": Settings(workers=1, concurrent=False),
+    "single-vm": Settings(workers=1, single_vm=True),
+    "sharded": Settings(workers=THREADS),
+}
+
+
+@pytest.mark.parametrize("count", COUNTS)
+@pytest.mark.parametrize("mode", list(MODES))
+def test_migrate_kvm_vcpus(benchmark, results, count: int, mode: str) -> None:
+    """Save+load between two processes: the downtime of each variant (both sides share
+    this host's two cores, so this is not the per-side figure above)."""
+    from devstate.local import migrate_locally
+
+    benchmark.group = f"kvm-migrate-{count}"
+    spec = parse_spec({"seed": 7, "vcpus": {"count": count, "backend": "kvm"}})
+    downtimes: list[float] = []
+
+    def once() -> None:
+        report = uvloop.run(migrate_locally(spec, MODES[mode], compare_digests=False))
+        downtimes.append(report.downtime_ms)
+
+    benchmark.pedantic(once, rounds=3, iterations=1)
+    downtime = sorted(downtimes)[len(downtimes) // 2]
+    benchmark.extra_info["downtime_ms"] = round(downtime, 1)
+    seen = results.setdefault(f"kvm-migrate-{count}", {})
+    seen[mode] = downtime
+    if mode == "sharded" and {"sequential", "single-vm"} <= seen.keys():
+        benchmark.extra_info["sequential_over_sharded"] = round(seen["sequential"] / downtime, 3)
+        benchmark.extra_info["single_vm_over_sharded"] = round(seen["single-vm"] / downtime, 3)

@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
                          help="workers per side (default: usable CPUs; 1 with --sequential)")
     migrate.add_argument("--sequential", action="store_true",
                          help="one device after another, as VMMs do today")
+    migrate.add_argument("--single-vm", action="store_true",
+                         help="kvm: one VM in one worker, vCPUs on a thread per CPU, "
+                              "instead of a VM per worker")
     migrate.add_argument("--json", action="store_true", help="print the report as JSON")
 
     vm = sub.add_parser("vm", help="host a machine's devices as a migration destination")
@@ -67,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="largest stream packet payload, e.g. 1MiB (at least the source's)")
     vm.add_argument("--cpus", type=_cpu_list, default=None,
                     help="comma-separated CPUs to pin workers to (default: usable CPUs)")
+    vm.add_argument("--single-vm", action="store_true",
+                    help="kvm: one VM in one worker (must match the source)")
     vm.add_argument("--once", action="store_true",
                     help="exit after one incoming migration instead of running the VM")
     return parser
@@ -200,8 +205,8 @@ async def _demo(args: argparse.Namespace) -> int:
 async def _migrate(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     workers = args.workers or (1 if args.sequential else default_workers())
-    report = await _run_mode(args, spec, Settings(workers=workers,
-                                                  concurrent=not args.sequential))
+    report = await _run_mode(args, spec, Settings(workers=workers, concurrent=not args.sequential,
+                                                  single_vm=args.single_vm))
     return _print(args, [report])
 
 
@@ -227,7 +232,8 @@ async def _vm(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec)
     listener = Listener(parse_uri(args.incoming))
-    settings = Settings(workers=args.workers, cpus=args.cpus, chunk_bytes=args.chunk_size)
+    settings = Settings(workers=args.workers, cpus=args.cpus, chunk_bytes=args.chunk_size,
+                        single_vm=args.single_vm)
     async with IncomingVM(spec, settings) as vm:
         listener.open()
         try:

@@ -146,7 +146,8 @@ class IncomingVM(Machine):
         Returns how many devices were loaded and verified.
         """
         loading = asyncio.ensure_future(self.pool.call_all({
-            w: m.Load(self.plan.devices_of(w), concurrent) for w in range(self.plan.workers)}))
+            w: m.Load(self.plan.devices_of(w), concurrent, self.settings.record_threads)
+            for w in range(self.plan.workers)}))
         await channels.send_control(main, wire.ControlType.READY, {})
         watching = asyncio.ensure_future(channels.recv_control(main))
         try:

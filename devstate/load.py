@@ -28,6 +28,7 @@ import asyncio
 import socket
 import time
 from collections.abc import Iterable
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 from devstate import fdio, wire
@@ -35,6 +36,7 @@ from devstate.arena import Slot, SlotPool
 from devstate.devices.base import Device, RecordDevice, StreamDevice
 from devstate.errors import ChannelError, IntegrityError, ProtocolError
 from devstate.messages import DeviceResult
+from devstate.spec import Backend
 
 HDR = wire.PACKET_HEADER_BYTES
 
@@ -60,14 +62,17 @@ class Loader:
 
     def __init__(self, worker: int, devices: dict[int, Device], slots: SlotPool,
                  window: Slot, sock: socket.socket, *, table_size: int,
-                 chunk_class: int) -> None:
+                 record_class: int, chunk_class: int, executor: Executor | None = None) -> None:
         self.worker = worker
         self._devices = devices
         self._slots = slots
         self._window = window
         self._sock = sock
         self._table_size = table_size
+        self._record_class = record_class
         self._chunk_class = chunk_class
+        self._executor = executor
+        self._puts: list[asyncio.Future[None]] = []  # single-vm puts in flight
         self._max_payload = max(slots.sizes[chunk_class] - HDR, window.size - HDR)
         self._loads: dict[int, _Incoming] = {}
         self._concurrent = False
@@ -80,6 +85,7 @@ class Loader:
         async with asyncio.TaskGroup() as tg:
             self._tasks = tg
             await self._receive()
+            await asyncio.gather(*self._puts)
         return [DeviceResult(i, s.device.id, s.bytes, s.packets, s.start_ns, s.end_ns,
                              self.worker, verified=True, done_ns=s.done_ns)
                 for i, s in self._loads.items()]
@@ -166,7 +172,10 @@ class Loader:
         state = self._expect(header)
         state.ended = True
         if header.kind is wire.PacketKind.RECORD:
-            self._put_record(state, payload)
+            if self._executor is not None and state.device.spec.backend is Backend.KVM:
+                await self._put_record_on_thread(state, payload)
+            else:
+                self._put_record(state, payload)
             return 1
         end = wire.decode_end(payload)
         if self._concurrent:
@@ -225,7 +234,19 @@ class Loader:
         await device.load_end()
         state.done_ns = time.monotonic_ns()
 
+    async def _put_record_on_thread(self, state: _Incoming, payload: memoryview) -> None:
+        """Single-vm: put on a thread (the ioctls drop the GIL) while receiving goes on."""
+        # The window is reused at once: the record moves to a slot of its own, and the
+        # record slots bound how many puts are in flight.
+        slot = await self._slots.acquire(self._record_class)
+        slot.view[:len(payload)] = payload
+        put = asyncio.get_running_loop().run_in_executor(
+            self._executor, self._put_record, state, slot.view[:len(payload)])
+        put.add_done_callback(lambda _: self._slots.release(slot))
+        self._puts.append(put)
+
     def _put_record(self, state: _Incoming, payload: memoryview) -> None:
+        """Put one record. Runs in: the loop, or a single-vm put thread."""
         # A record is its device's whole state in one packet, whose verified checksum is
         # its digest: it needs no END of its own.
         device = state.device

@@ -49,7 +49,8 @@ async def destination(spec: MachineSpec, settings: Settings) -> AsyncIterator[De
         args = [sys.executable, "-m", "devstate", "vm", "--spec", str(spec_path),
                 "--incoming", str(address), "--workers", str(settings.workers), "--once",
                 "--cpus", ",".join(map(str, dest_cpus(settings))),
-                "--chunk-size", str(settings.chunk_bytes)]
+                "--chunk-size", str(settings.chunk_bytes),
+                *(["--single-vm"] if settings.single_vm else [])]
         # A session of its own: Ctrl-C at the terminal reaches only the source, which then
         # ends the destination in order (below) instead of both racing to tear down.
         proc = await asyncio.create_subprocess_exec(

@@ -23,7 +23,7 @@ class Machine(AsyncLifecycle):
     def __init__(self, spec: MachineSpec, settings: Settings) -> None:
         self.spec = spec
         self.settings = settings
-        self.plan: Plan = make_plan(spec, settings.workers)
+        self.plan: Plan = make_plan(spec, settings.workers, single_vm=settings.single_vm)
         self.pool = WorkerPool(spec, settings.layout(spec), name=self.side,
                                cpus=list(settings.cpus) if settings.cpus else None)
         self.running = False

@@ -35,10 +35,14 @@ class AdoptChannel:
 
 @dataclass(frozen=True, slots=True)
 class Save:
-    """Source: stop, get and send these devices in this order."""
+    """Source: stop, get and send these devices in this order.
+
+    ``record_threads`` > 1 gets kvm vCPUs on that many threads (single-vm mode).
+    """
 
     order: tuple[int, ...]
     concurrent: bool
+    record_threads: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,10 +54,14 @@ class PrepareLoad:
 
 @dataclass(frozen=True, slots=True)
 class Load:
-    """Destination: receive and put these devices, verifying each one's digest."""
+    """Destination: receive and put these devices, verifying each one's digest.
+
+    ``record_threads`` > 1 puts kvm vCPUs on that many threads (single-vm mode).
+    """
 
     devices: tuple[int, ...]
     concurrent: bool
+    record_threads: int = 1
 
 
 @dataclass(frozen=True, slots=True)

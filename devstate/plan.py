@@ -37,11 +37,12 @@ def estimate_s(device: DeviceSpec) -> float:
     return v.size / v.read_bandwidth + v.size / v.write_bandwidth + v.firmware_latency_ms / 1e3
 
 
-def make_plan(spec: MachineSpec, workers: int) -> Plan:
+def make_plan(spec: MachineSpec, workers: int, *, single_vm: bool = False) -> Plan:
     """Assign every device to one of ``workers`` owners, longest estimated work first.
 
     Streams come first in each worker's order: they carry the long tails (bytes, firmware
-    latency) that records can overlap with.
+    latency) that records can overlap with. With ``single_vm`` every kvm vCPU goes to
+    worker 0, whose one VM holds them all.
     """
     if workers < 1:
         raise ValueError("a plan needs at least one worker")
@@ -50,7 +51,8 @@ def make_plan(spec: MachineSpec, workers: int) -> Plan:
     owner = [0] * len(table)
     # VM-level state belongs to one VM: worker 0's, whose records start with it (table
     # order), so it loads before that VM's vCPUs.
-    pinned = [d for d in table if d.backend is Backend.KVM_VM]
+    to_worker_0 = {Backend.KVM_VM, Backend.KVM} if single_vm else {Backend.KVM_VM}
+    pinned = [d for d in table if d.backend in to_worker_0]
     # Stable sort: equal estimates keep table order, so both sides compute the same plan.
     for device in sorted((d for d in table if d not in pinned), key=lambda d: -estimate_s(d)):
         w = min(range(workers), key=lambda k: (load[k], k))

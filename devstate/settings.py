@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from devstate import wire
@@ -26,6 +27,9 @@ class Settings:
     fewer slots stall a fast device behind a slow one sooner). ``record_slots`` lets a
     worker get that many records ahead of its channel. ``window_bytes`` is the receive
     window for small packets (records, END markers), read in one syscall.
+    ``single_vm`` gives every kvm vCPU to worker 0, in one KVM VM, whose gets and puts run
+    on a thread per usable CPU (ctypes drops the GIL during the ioctl): what a one-process
+    VMM can do. The default is sharded: each worker's own VM holds its share.
     """
 
     workers: int = 2
@@ -35,6 +39,12 @@ class Settings:
     record_slots: int = 128
     window_bytes: int = 256 << 10
     cpus: tuple[int, ...] | None = None  # worker i runs on cpus[i % len]; None: usable CPUs
+    single_vm: bool = False
+
+    @property
+    def record_threads(self) -> int:
+        """Threads a worker gets and puts kvm vCPUs with: one per usable CPU if single-vm."""
+        return len(self.cpus or os.sched_getaffinity(0)) if self.single_vm else 1
 
     def layout(self, spec: MachineSpec) -> Layout:
         """The arena layout for this machine: the same on both sides."""

@@ -121,7 +121,8 @@ class SourceVM(Machine):
     async def _stop_and_copy(self, sock: Any) -> None:
         """Save on every worker while waiting for LOADED; the first failure wins."""
         saving = asyncio.ensure_future(self.pool.call_all({
-            w: m.Save(self.plan.devices_of(w), self.settings.concurrent)
+            w: m.Save(self.plan.devices_of(w), self.settings.concurrent,
+                      self.settings.record_threads)
             for w in range(self.plan.workers)}))
         loading = asyncio.ensure_future(channels.expect_control(sock, wire.ControlType.LOADED))
         try:
@@ -169,6 +170,7 @@ class SourceVM(Machine):
                 save_start_ms=(r.start_ns - t0) / 1e6, save_end_ms=(r.end_ns - t0) / 1e6,
                 load_start_ms=(d["start_ns"] - t0) / 1e6, load_done_ms=(d["done_ns"] - t0) / 1e6,
                 verified=verified))
-        mode = "concurrent" if self.settings.concurrent else "sequential"
+        mode = ("sequential" if not self.settings.concurrent
+                else "single-vm" if self.settings.single_vm else "concurrent")
         return MigrationReport(mode, self.plan.workers, (t1 - t0) / 1e6, tuple(rows),
                                digests_compared=bool(before))

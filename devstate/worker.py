@@ -27,6 +27,7 @@ import signal
 import socket
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle
 from typing import Any
@@ -87,6 +88,7 @@ class Worker:
         self._busy: asyncio.Task[Any] | None = None
         self._results: list[m.DeviceResult] = []  # of the last Save or Load
         self._snapshot: list[tuple[Slot, int]] = []  # of the last SnapshotRecords
+        self._executor: ThreadPoolExecutor | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stop = asyncio.Event()
 
@@ -104,6 +106,8 @@ class Worker:
             await self._close_devices()
             if self._channel is not None:
                 self._channel.close()
+            if self._executor is not None:
+                self._executor.shutdown()
 
     def _on_request(self) -> None:
         try:
@@ -163,19 +167,21 @@ class Worker:
                 await self._open_devices(devices, incoming)
             case m.ConnectChannel(path=path, hello=hello):
                 await self._connect(path, hello)
-            case m.Save(order=order, concurrent=concurrent):
+            case m.Save(order=order, concurrent=concurrent, record_threads=threads):
                 saver = Saver(self.index, self._devices, self._slots, self._need_channel(),
-                              record_class=RECORD_CLASS, chunk_class=CHUNK_CLASS)
+                              record_class=RECORD_CLASS, chunk_class=CHUNK_CLASS,
+                              executor=self._record_executor(threads))
                 self._results = await saver.run(order, concurrent)
                 return len(self._results)
             case m.PrepareLoad(devices=devices):
                 await asyncio.gather(*(d.load_begin() for i, d in self._devices.items()
                                        if i in devices and isinstance(d, StreamDevice)))
-            case m.Load(devices=devices, concurrent=concurrent):
+            case m.Load(devices=devices, concurrent=concurrent, record_threads=threads):
                 assert self._window is not None
                 loader = Loader(self.index, self._devices, self._slots, self._window,
                                 self._need_channel(), table_size=len(self._table),
-                                chunk_class=CHUNK_CLASS)
+                                record_class=RECORD_CLASS, chunk_class=CHUNK_CLASS,
+                                executor=self._record_executor(threads))
                 self._results = await loader.run(devices, concurrent)
                 return len(self._results)
             case m.Results():
@@ -203,6 +209,14 @@ class Worker:
             case _:
                 raise TypeError(f"unknown command {command!r}")
         return None
+
+    def _record_executor(self, threads: int) -> ThreadPoolExecutor | None:
+        """The single-vm get/put threads (made once, before they are needed), or None."""
+        if threads <= 1:
+            return None
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(threads, thread_name_prefix="vcpu")
+        return self._executor
 
     def _snapshot_records(self) -> int:
         self._release_snapshot()

@@ -68,3 +68,11 @@ def test_distinct_seeded_vcpus_give_distinct_digests(run) -> None:
     # A round trip of identical vCPUs would prove little: every source vCPU differs.
     digests = run(scenario())
     assert len({h for device, h in digests.items() if device.startswith("cpu/")}) == 8
+
+
+def test_single_vm_mode_puts_every_vcpu_in_one_worker_on_threads(run) -> None:
+    spec = parse_spec({"seed": 6, "vcpus": {"count": 64, "backend": "kvm"}})
+    report = run(migrate_locally(spec, Settings(workers=2, single_vm=True)))
+    assert report.verified and report.mode == "single-vm"
+    assert {d.source_worker for d in report.devices} == {0}
+    assert {d.dest_worker for d in report.devices} == {0}
