@@ -4,7 +4,8 @@ Runs in: a destination worker process, on its event loop. The worker owns its de
 its partition of the arena and its data channel.
 
 Receiving: small packets (records, END markers) arrive batched into the worker's receive
-*window*, a slot of the arena, and records are put straight from there. A stream CHUNK's
+*window*, a slot of the arena, and records are put straight from there (in single-vm mode
+each is copied to a record slot of its own first, to be put on a thread). A stream CHUNK's
 payload goes to a chunk slot of its own: after a chunk header, the receiver reads only up
 to the next header, so payloads land in their slot by ``recv_into`` without a copy (a copy
 happens only for payload bytes that shared one read with small packets before them).
@@ -73,7 +74,8 @@ class Loader:
         self._chunk_class = chunk_class
         self._executor = executor
         self._puts: list[asyncio.Future[None]] = []  # single-vm puts in flight
-        self._max_payload = max(slots.sizes[chunk_class] - HDR, window.size - HDR)
+        self._max_chunk = slots.sizes[chunk_class] - HDR
+        self._max_payload = max(self._max_chunk, window.size - HDR)
         self._loads: dict[int, _Incoming] = {}
         self._concurrent = False
         self._tasks: asyncio.TaskGroup | None = None
@@ -104,6 +106,9 @@ class Loader:
                                                    devices=self._table_size,
                                                    max_payload=self._max_payload)
                 if header.kind is wire.PacketKind.CHUNK:
+                    if header.length > self._max_chunk:
+                        raise ProtocolError("packet.length", f"a CHUNK of {header.length} B "
+                                            f"exceeds the chunk slots' {self._max_chunk} B")
                     have = min(end - start - HDR, header.length)
                     await self._receive_chunk(header, buf[start:start + HDR],
                                               buf[start + HDR:start + HDR + have])
