@@ -17,6 +17,7 @@ from typing import Any
 import uvloop
 
 from devstate.errors import DevstateError
+from devstate.lifecycle import end_with_parent
 from devstate.report import MigrationReport, format_table
 from devstate.settings import Settings
 from devstate.spec import Backend, MachineSpec, load_spec
@@ -74,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="kvm: one VM in one worker (must match the source)")
     vm.add_argument("--once", action="store_true",
                     help="exit after one incoming migration instead of running the VM")
+    vm.add_argument("--parent", type=int, default=None, metavar="PID",
+                    help=argparse.SUPPRESS)  # started by a local migration: end with it
     return parser
 
 
@@ -230,6 +233,9 @@ async def _vm(args: argparse.Namespace) -> int:
     from devstate.channels import Listener, parse_uri
     from devstate.dest import IncomingVM
 
+    if args.parent is not None:
+        # A destination started by a local migration: SIGTERM (clean unwind) if it dies.
+        end_with_parent(args.parent, signal.SIGTERM)
     spec = load_spec(args.spec)
     listener = Listener(parse_uri(args.incoming))
     settings = Settings(workers=args.workers, cpus=args.cpus, chunk_bytes=args.chunk_size,

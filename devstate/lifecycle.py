@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import ctypes
 import gc
+import os
+import signal
 from collections.abc import Iterator
 from typing import Self
 
@@ -51,3 +54,21 @@ def no_gc_pauses() -> Iterator[None]:
     finally:
         if was_enabled:
             gc.enable()
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def end_with_parent(parent_pid: int, sig: signal.Signals = signal.SIGKILL) -> None:
+    """Have the kernel send ``sig`` to this process when its parent dies, however it dies.
+
+    For helper processes that only make sense while their parent lives (a device model
+    and its worker, a one-shot destination and the migration that started it). Exits at
+    once if the parent is already gone (it died before the prctl: no signal would come).
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_PDEATHSIG): {os.strerror(err)}")
+    if os.getppid() != parent_pid:
+        raise SystemExit(0)

@@ -50,7 +50,8 @@ async def destination(spec: MachineSpec, settings: Settings) -> AsyncIterator[De
                 "--incoming", str(address), "--workers", str(settings.workers), "--once",
                 "--cpus", ",".join(map(str, dest_cpus(settings))),
                 "--chunk-size", str(settings.chunk_bytes),
-                *(["--single-vm"] if settings.single_vm else [])]
+                *(["--single-vm"] if settings.single_vm else []),
+                "--parent", str(os.getpid())]
         # A session of its own: Ctrl-C at the terminal reaches only the source, which then
         # ends the destination in order (below) instead of both racing to tear down.
         proc = await asyncio.create_subprocess_exec(

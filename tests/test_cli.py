@@ -102,3 +102,59 @@ def _wait_for_both_sides(pid: int, timeout_s: float = 60.0) -> None:
                     return
         time.sleep(0.05)
     raise AssertionError("the migration never got under way")
+
+
+def test_a_killed_migration_leaves_nothing_running(tmp_path: Path) -> None:
+    """SIGKILL of the source coordinator: its workers see their pipes close, the device
+    models their owners die, and the destination its parent: everything ends by itself."""
+    spec = tmp_path / "slow.toml"
+    spec.write_text('[vcpus]\ncount = 8\n[[devices]]\nname = "big"\nsize = "512MiB"\n'
+                    'read_bandwidth = "128MiB/s"\n')
+    proc = subprocess.Popen([sys.executable, "-m", "devstate", "migrate", "--spec", str(spec)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        _wait_for_both_sides(proc.pid)
+        family = psutil.Process(proc.pid).children(recursive=True)
+        proc.kill()
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    _, alive = psutil.wait_procs(family, timeout=15)
+    assert not alive, [p.cmdline() for p in alive]
+    pids = {proc.pid} | {p.pid for p in family}
+    leftovers = [n for n in os.listdir("/dev/shm")
+                 if n.startswith("devstate-") and int(n.split("-")[1]) in pids]
+    assert not leftovers
+
+
+def test_a_one_shot_destination_ends_with_the_process_that_started_it(tmp_path: Path) -> None:
+    spec = tmp_path / "m.toml"
+    spec.write_text('[[devices]]\nname = "nic0"\nsize = "4MiB"\n')
+    sock = tmp_path / "in.sock"
+    # A parent that starts the destination, says its pid, then waits to be killed.
+    launcher = ("import os, subprocess, sys, time\n"
+                "p = subprocess.Popen([sys.executable, '-m', 'devstate', 'vm', '--spec', "
+                f"{str(spec)!r}, '--incoming', 'unix:{sock}', '--once', '--parent', "
+                "str(os.getpid())], stdout=subprocess.PIPE)\n"
+                "print(p.pid, flush=True); p.stdout.readline(); print('ready', flush=True)\n"
+                "time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", launcher], stdout=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    try:
+        dest_pid = int(parent.stdout.readline())
+        assert parent.stdout.readline().strip() == "ready"  # listening, devices open
+        dest = psutil.Process(dest_pid)
+        family = [dest, *dest.children(recursive=True)]
+        parent.kill()
+        parent.wait()
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+    _, alive = psutil.wait_procs(family, timeout=15)
+    assert not alive, [p.cmdline() for p in alive]
+    assert not sock.exists()  # it unwound: the listener removed its socket file
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"devstate-{dest_pid}-")]

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import errno
 import gc
 import os
@@ -59,8 +58,7 @@ from devstate.devices.vfio_uapi import (
     session_effect,
 )
 from devstate.fdio import tune_for_bulk
-
-PR_SET_PDEATHSIG = 1
+from devstate.lifecycle import end_with_parent
 
 
 class ProtocolViolation(Exception):
@@ -253,16 +251,6 @@ class DeviceModel:
         return self._reply(request), None
 
 
-def _die_with_owner(owner_pid: int) -> None:
-    """Get SIGKILL when the owner dies, however it dies; exit if it already has."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"prctl(PR_SET_PDEATHSIG): {os.strerror(err)}")
-    if os.getppid() != owner_pid:  # it died before prctl: no signal will come
-        raise SystemExit(0)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of a device-model process."""
     parser = argparse.ArgumentParser(prog="python -m devstate.devices.vfio_model")
@@ -270,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="ModelConfig as JSON")
     args = parser.parse_args(argv)
     config = ModelConfig.from_json(args.config)
-    _die_with_owner(config.owner_pid)
+    end_with_parent(config.owner_pid)
     # The model stands for the device's own hardware, not for its owner's work: do not
     # inherit the owner worker's CPU pinning (the kernel keeps this within our cpuset).
     with contextlib.suppress(OSError):
