@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -113,17 +114,10 @@ def test_a_killed_migration_leaves_nothing_running(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "devstate", "migrate", "--spec", str(spec)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
-    try:
+    with _killed_at_exit(proc):
         _wait_for_both_sides(proc.pid)
         family = psutil.Process(proc.pid).children(recursive=True)
-        proc.kill()
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    _, alive = psutil.wait_procs(family, timeout=15)
-    assert not alive, [p.cmdline() for p in alive]
+    _assert_all_end(family)
     pids = {proc.pid} | {p.pid for p in family}
     leftovers = [n for n in os.listdir("/dev/shm")
                  if n.startswith("devstate-") and int(n.split("-")[1]) in pids]
@@ -143,18 +137,26 @@ def test_a_one_shot_destination_ends_with_the_process_that_started_it(tmp_path: 
                 "time.sleep(600)\n")
     parent = subprocess.Popen([sys.executable, "-c", launcher], stdout=subprocess.PIPE,
                               text=True, start_new_session=True)
-    try:
+    with _killed_at_exit(parent):
         dest_pid = int(parent.stdout.readline())
         assert parent.stdout.readline().strip() == "ready"  # listening, devices open
         dest = psutil.Process(dest_pid)
         family = [dest, *dest.children(recursive=True)]
-        parent.kill()
-        parent.wait()
-    finally:
-        if parent.poll() is None:
-            parent.kill()
-            parent.wait()
-    _, alive = psutil.wait_procs(family, timeout=15)
-    assert not alive, [p.cmdline() for p in alive]
+    _assert_all_end(family)
     assert not sock.exists()  # it unwound: the listener removed its socket file
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"devstate-{dest_pid}-")]
+
+
+@contextlib.contextmanager
+def _killed_at_exit(proc: subprocess.Popen) -> Iterator[None]:
+    """SIGKILL ``proc`` (and reap it) when the block ends, however it ends."""
+    try:
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _assert_all_end(family: list[psutil.Process], timeout_s: float = 15.0) -> None:
+    _, alive = psutil.wait_procs(family, timeout=timeout_s)
+    assert not alive, [p.cmdline() for p in alive]
