@@ -118,7 +118,11 @@ def _cpu_list(text: str) -> tuple[int, ...]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``devstate`` console script."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "migrate" and args.sequential and (args.workers or 1) > 1:
+        parser.error("--sequential saves and loads one device after another in one worker; "
+                     "it cannot take --workers above 1")
     logging.basicConfig(level=logging.WARNING, format="devstate: %(name)s: %(message)s")
     command = {"demo": _demo, "migrate": _migrate, "vm": _vm}[args.command]
     try:

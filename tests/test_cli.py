@@ -64,6 +64,8 @@ def test_bad_input_is_a_clear_error(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
     usage = devstate("migrate", "--spec", str(bad), "--workers", "0")
     assert usage.returncode == 2 and "must be at least 1" in usage.stderr
+    both = devstate("migrate", "--spec", str(bad), "--workers", "2", "--sequential")
+    assert both.returncode == 2 and "cannot take --workers above 1" in both.stderr
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
