@@ -348,14 +348,20 @@ def test_killing_the_model_mid_load_fails_the_next_call_within_a_second(run: Run
     run(main())
 
 
+async def _load_end_in_firmware(src: VfioSimDevice, dst: VfioSimDevice) -> asyncio.Task[None]:
+    """Load ``src``'s state into ``dst`` and start its load_end: a minute of firmware."""
+    await dst.load_begin()
+    await write(dst, await save(src))
+    pending = asyncio.create_task(dst.load_end())
+    await asyncio.sleep(0)  # let it send its request
+    return pending
+
+
 def test_killing_the_model_fails_a_pending_load_end_within_a_second(run: Runner) -> None:
     async def main() -> None:
         src, dst = device(), device(incoming=True, firmware_latency_ms=60_000)
         async with opened(src, dst):
-            await dst.load_begin()
-            await write(dst, await save(src))
-            pending = asyncio.create_task(dst.load_end())
-            await asyncio.sleep(0)  # let it send its request
+            pending = await _load_end_in_firmware(src, dst)
             assert dst.pid is not None
             os.kill(dst.pid, signal.SIGKILL)
             async with asyncio.timeout(1):
@@ -371,10 +377,7 @@ def test_close_during_a_firmware_latency_kills_the_model_promptly(run: Runner) -
     async def main() -> None:
         src, dst = device(), device(incoming=True, firmware_latency_ms=60_000)
         async with opened(src, dst):
-            await dst.load_begin()
-            await write(dst, await save(src))
-            pending = asyncio.create_task(dst.load_end())
-            await asyncio.sleep(0)  # let it send its request
+            pending = await _load_end_in_firmware(src, dst)
             async with asyncio.timeout(3):
                 await dst.close()
                 with pytest.raises(DeviceError):
