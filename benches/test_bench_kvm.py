@@ -63,8 +63,7 @@ class OneProcess:
             vcpu = self.vcpus[i]
             vcpu.put(self.buffers[i])
             vcpu.get(self.readback[i])
-            if any(not d.explained for d in vcpu.compare(bytes(self.buffers[i]),
-                                                          bytes(self.readback[i]))):
+            if any(not d.explained for d in vcpu.compare(self.buffers[i], self.readback[i])):
                 raise AssertionError(f"{vcpu.id}: readback differs")
 
     def threaded(self, fn) -> None:

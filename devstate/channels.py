@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import socket
 import uuid
@@ -21,8 +20,6 @@ from typing import Any
 
 from devstate import fdio, wire
 from devstate.errors import ChannelError, DevstateError, ProtocolError
-
-log = logging.getLogger("devstate.channels")
 
 # A peer that connected must say who it is promptly; a silent one is dropped, not waited on.
 HELLO_TIMEOUT_S = 5.0

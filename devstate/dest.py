@@ -35,7 +35,6 @@ from devstate import messages as m
 from devstate.errors import ChannelError, DevstateError, ProtocolError, describe
 from devstate.lifecycle import no_gc_pauses
 from devstate.machine import Machine
-from devstate.source import device_table
 
 log = logging.getLogger("devstate.dest")
 
@@ -48,7 +47,6 @@ class IncomingResult:
     """How an incoming migration ended on the destination."""
 
     completed: bool
-    migration_id: str
     reason: str = ""
 
 
@@ -61,12 +59,10 @@ class IncomingVM(Machine):
     async def accept_migration(self, listener: channels.Listener) -> IncomingResult:
         """Take one incoming migration from ``listener`` to completion or failure."""
         main = await listener.accept()
-        migration_id = ""
         try:
             hello = await channels.read_hello(main)
             if hello.kind is not wire.ChannelKind.MAIN:
                 raise ProtocolError("hello.kind", "the first connection must be the main channel")
-            migration_id = str(hello.migration_id)
             body = await channels.expect_control(main, wire.ControlType.HELLO)
             concurrent, send_digests = self._check_hello(body, hello)
             await self._adopt_channels(listener, hello.migration_id)
@@ -80,7 +76,7 @@ class IncomingVM(Machine):
             await self._discard(main, exc)
             main.close()
             if isinstance(exc, DevstateError | OSError):
-                return IncomingResult(False, migration_id, describe(exc))
+                return IncomingResult(False, describe(exc))
             raise
         try:
             with no_gc_pauses():
@@ -99,12 +95,12 @@ class IncomingVM(Machine):
             log.warning("after resume: %s", exc)
         finally:
             main.close()
-        return IncomingResult(True, migration_id)
+        return IncomingResult(True)
 
     def _check_hello(self, body: dict[str, Any], hello: wire.Hello) -> tuple[bool, bool]:
         wire.field(body, "migration_id", str)
         theirs = wire.field(body, "devices", list)
-        ours = device_table(self.spec)
+        ours = self.spec.handshake_table()
         if theirs != ours:
             raise ProtocolError("control.devices", _table_difference(theirs, ours))
         n = wire.field(body, "channels", int)
@@ -177,7 +173,7 @@ class IncomingVM(Machine):
 
 def _result_rows(results: list[m.DeviceResult]) -> list[dict[str, Any]]:
     return [{"id": r.id, "index": r.index, "bytes": r.bytes, "worker": r.worker,
-             "start_ns": r.start_ns, "done_ns": r.done_ns, "verified": r.verified}
+             "start_ns": r.start_ns, "done_ns": r.done_ns}
             for r in results]
 
 

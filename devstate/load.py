@@ -36,8 +36,7 @@ from devstate import fdio, wire
 from devstate.arena import Slot, SlotPool
 from devstate.devices.base import Device, RecordDevice, StreamDevice
 from devstate.errors import ChannelError, IntegrityError, ProtocolError
-from devstate.messages import DeviceResult
-from devstate.spec import Backend
+from devstate.messages import ResultRow
 
 HDR = wire.PACKET_HEADER_BYTES
 
@@ -80,7 +79,7 @@ class Loader:
         self._concurrent = False
         self._tasks: asyncio.TaskGroup | None = None
 
-    async def run(self, indices: Iterable[int], concurrent: bool) -> list[DeviceResult]:
+    async def run(self, indices: Iterable[int], concurrent: bool) -> list[ResultRow]:
         """Load every device in ``indices``; return once each is put and verified."""
         self._concurrent = concurrent
         self._loads = {i: _Incoming(self._devices[i]) for i in indices}
@@ -88,9 +87,8 @@ class Loader:
             self._tasks = tg
             await self._receive()
             await asyncio.gather(*self._puts)
-        return [DeviceResult(i, s.device.id, s.bytes, s.packets, s.start_ns, s.end_ns,
-                             self.worker, verified=True, done_ns=s.done_ns)
-                for i, s in self._loads.items()]
+        return [(i, s.device.id, s.bytes, s.packets, s.start_ns, s.end_ns, self.worker,
+                 s.done_ns) for i, s in self._loads.items()]
 
     async def _receive(self) -> None:
         buf = self._window.view
@@ -177,7 +175,9 @@ class Loader:
         state = self._expect(header)
         state.ended = True
         if header.kind is wire.PacketKind.RECORD:
-            if self._executor is not None and state.device.spec.backend is Backend.KVM:
+            device = state.device
+            if (self._executor is not None and isinstance(device, RecordDevice)
+                    and device.releases_gil):
                 await self._put_record_on_thread(state, payload)
             else:
                 self._put_record(state, payload)

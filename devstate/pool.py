@@ -46,6 +46,13 @@ SHUTDOWN_TIMEOUT_S = 5.0
 _PRELOAD = ["devstate.worker"]
 
 
+class _RemoteTraceback(Exception):
+    """The worker's traceback, shown as the cause of a WorkerFailed (as CPython's pools do)."""
+
+    def __str__(self) -> str:
+        return f"\n\"\"\"\n{self.args[0] if self.args else ''}\"\"\""
+
+
 def usable_cpus() -> list[int]:
     """CPUs this process may run on (affinity, which respects cpusets)."""
     return sorted(os.sched_getaffinity(0))
@@ -148,7 +155,7 @@ class WorkerPool(AsyncLifecycle):
             self._pending[worker].pop(req, None)
         if not reply.ok:
             raise WorkerFailed(worker, f"{type(command).__name__}: {reply.error_type}: "
-                                       f"{reply.error}")
+                                       f"{reply.error}") from _RemoteTraceback(reply.traceback)
         return reply.value
 
     async def call_all(self, commands: dict[int, Any]) -> dict[int, Any]:

@@ -24,13 +24,13 @@ from concurrent.futures import Executor
 from devstate import fdio, wire
 from devstate.arena import Slot, SlotPool
 from devstate.devices.base import Device, RecordDevice, StreamDevice
-from devstate.messages import DeviceResult
+from devstate.messages import ResultRow
 
 HDR = wire.PACKET_HEADER_BYTES
 # Records per batch: after each, the sender ships what is ready (so the destination starts
 # putting at once) and stream devices get served, for one loop pass per 16 records; in
 # single-vm mode a batch is what the get threads share.
-RECORDS_PER_YIELD = 16
+RECORD_BATCH = 16
 
 
 class PacketSender:
@@ -42,7 +42,6 @@ class PacketSender:
         self._queue: list[tuple[memoryview | bytes, Slot | None]] = []
         self._wakeup = asyncio.Event()
         self._closing = False
-        self.bytes_sent = 0
 
     def queue(self, data: memoryview | bytes, slot: Slot | None = None) -> None:
         """Queue one packet (header and payload contiguous in ``data``)."""
@@ -65,7 +64,6 @@ class PacketSender:
                 for _, slot in batch:
                     if slot is not None:
                         self._slots.release(slot)
-            self.bytes_sent += sum(len(data) for data, _ in batch)
 
     def close(self) -> None:
         """No more packets will be queued; :meth:`run` ends once the queue drains."""
@@ -87,9 +85,9 @@ class Saver:
         self._chunk_class = chunk_class
         self._sender = PacketSender(sock, slots)
 
-    async def run(self, order: Sequence[int], concurrent: bool) -> list[DeviceResult]:
+    async def run(self, order: Sequence[int], concurrent: bool) -> list[ResultRow]:
         """Save every device in ``order``; return their results once all bytes are sent."""
-        results: list[DeviceResult] = []
+        results: list[ResultRow] = []
         async with asyncio.TaskGroup() as tg:
             sending = tg.create_task(self._sender.run())
             try:
@@ -111,28 +109,32 @@ class Saver:
             await sending
         return results
 
-    async def _save_records(self, indices: Sequence[int]) -> list[DeviceResult]:
+    async def _save_records(self, indices: Sequence[int]) -> list[ResultRow]:
         results = []
-        for start in range(0, len(indices), RECORDS_PER_YIELD):
-            batch = indices[start:start + RECORDS_PER_YIELD]
+        for start in range(0, len(indices), RECORD_BATCH):
+            batch = indices[start:start + RECORD_BATCH]
             slots = [await self._slots.acquire(self._record_class) for _ in batch]
-            if self._executor is not None:
-                # Single-vm: one VM's vCPUs on several threads; the ioctls drop the GIL.
-                loop = asyncio.get_running_loop()
-                timed = await asyncio.gather(*(
-                    loop.run_in_executor(self._executor, self._get_record, i, slot)
-                    for i, slot in zip(batch, slots, strict=True)))
-            else:
-                timed = [self._get_record(i, slot) for i, slot in zip(batch, slots, strict=True)]
+            loop = asyncio.get_running_loop()
+            # Single-vm: gets that drop the GIL start on the worker's threads, the rest run
+            # here meanwhile; then the threads' results are collected in order.
+            pending = [loop.run_in_executor(self._executor, self._get_record, i, slot)
+                       if self._on_thread(i) else self._get_record(i, slot)
+                       for i, slot in zip(batch, slots, strict=True)]
+            timed = [await p if isinstance(p, asyncio.Future) else p for p in pending]
             for index, slot, (length, start_ns, end_ns) in zip(batch, slots, timed, strict=True):
                 payload = slot.view[HDR:HDR + length]
                 # One packet is the whole record; its checksum is its digest: no END follows.
                 wire.pack_packet_header(slot.view, wire.PacketKind.RECORD, index, 0, payload)
                 self._sender.queue(slot.view[:HDR + length], slot)
-                results.append(DeviceResult(index, self._devices[index].id, length, 1,
-                                            start_ns, end_ns, self.worker))
+                results.append((index, self._devices[index].id, length, 1, start_ns, end_ns,
+                                self.worker))
             await asyncio.sleep(0)  # let the sender ship the batch and streams progress
         return results
+
+    def _on_thread(self, index: int) -> bool:
+        device = self._devices[index]
+        return (self._executor is not None and isinstance(device, RecordDevice)
+                and device.releases_gil)
 
     def _get_record(self, index: int, slot: Slot) -> tuple[int, int, int]:
         """Get one record into its slot. Runs in: the loop, or a single-vm get thread."""
@@ -142,7 +144,7 @@ class Saver:
         length = device.get(slot.view[HDR:])
         return length, start, time.monotonic_ns()
 
-    async def _save_stream(self, index: int) -> DeviceResult:
+    async def _save_stream(self, index: int) -> ResultRow:
         device = self._devices[index]
         assert isinstance(device, StreamDevice)
         start = time.monotonic_ns()
@@ -171,8 +173,7 @@ class Saver:
             total += filled
         self._queue_end(index, seq, digest.digest(), total, seq)
         await device.save_end()
-        return DeviceResult(index, device.id, total, seq, start, time.monotonic_ns(),
-                            self.worker)
+        return index, device.id, total, seq, start, time.monotonic_ns(), self.worker
 
     def _queue_end(self, index: int, seq: int, digest: bytes, total: int, packets: int) -> None:
         packet = bytearray(HDR + wire.END_PAYLOAD_BYTES)

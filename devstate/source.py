@@ -35,17 +35,11 @@ from devstate.errors import DevstateError, MigrationFailed, WorkerLost, describe
 from devstate.lifecycle import no_gc_pauses
 from devstate.machine import Machine
 from devstate.report import DeviceReport, MigrationReport
-from devstate.spec import MachineSpec
 
 log = logging.getLogger("devstate.source")
 
 # After COMMIT the destination only resumes its devices: seconds are generous.
 RESUMED_TIMEOUT_S = 30.0
-
-
-def device_table(spec: MachineSpec) -> list[list[Any]]:
-    """The device table as the handshake carries it: id, shape, backend, version, size."""
-    return [[d.id, str(d.shape), str(d.backend), d.version, d.size] for d in spec.devices()]
 
 
 class SourceVM(Machine):
@@ -107,7 +101,7 @@ class SourceVM(Machine):
         n = self.plan.workers
         await fdio.send_all(sock, [channels.hello(wire.ChannelKind.MAIN, 0, n, migration_id)])
         await channels.send_control(sock, wire.ControlType.HELLO, {
-            "migration_id": str(migration_id), "devices": device_table(self.spec),
+            "migration_id": str(migration_id), "devices": self.spec.handshake_table(),
             "channels": n, "owners": list(self.plan.owner),
             "concurrent": self.settings.concurrent, "digests": compare_digests,
             "chunk_bytes": self.settings.chunk_bytes})

@@ -142,6 +142,13 @@ class MachineSpec:
                                     1, dev.size, vfio=dev))
         return tuple(table)
 
+    def handshake_table(self) -> list[list[Any]]:
+        """The device table as the handshake carries it: id, shape, backend, version, size.
+
+        Two sides can migrate between each other exactly when their tables are equal.
+        """
+        return [[d.id, str(d.shape), str(d.backend), d.version, d.size] for d in self.devices()]
+
     def to_dict(self) -> dict[str, Any]:
         """A plain-data form that :func:`parse_spec` reads back to an equal spec."""
         return {

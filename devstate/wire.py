@@ -281,8 +281,8 @@ def field(body: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any
     if name not in body:
         raise ProtocolError(f"control.{name}", "is missing")
     value = body[name]
-    if isinstance(value, bool) and kind is not bool and bool not in (
-            kind if isinstance(kind, tuple) else (kind,)):
+    # bool is an int to isinstance: accept it only where bool is asked for.
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
         raise ProtocolError(f"control.{name}", "has the wrong type bool")
     if not isinstance(value, kind):
         raise ProtocolError(f"control.{name}", f"has the wrong type {type(value).__name__}")

@@ -86,7 +86,7 @@ class Worker:
         self._devices: dict[int, Device] = {}
         self._channel: socket.socket | None = None
         self._busy: asyncio.Task[Any] | None = None
-        self._results: list[m.DeviceResult] = []  # of the last Save or Load
+        self._results: list[m.ResultRow] = []  # of the last Save or Load
         self._snapshot: list[tuple[Slot, int]] = []  # of the last SnapshotRecords
         self._executor: ThreadPoolExecutor | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -154,7 +154,7 @@ class Worker:
             cause = _first_error(exc)
             reply = m.Reply(request.req, False, error_type=type(cause).__name__,
                             error=str(cause) or repr(cause),
-                            extra={"traceback": traceback.format_exc(limit=8)})
+                            traceback=traceback.format_exc(limit=8))
         return reply
 
     def _reply(self, reply: m.Reply) -> None:
@@ -185,7 +185,7 @@ class Worker:
                 self._results = await loader.run(devices, concurrent)
                 return len(self._results)
             case m.Results():
-                return m.pack_results(self._results)
+                return self._results
             case m.SnapshotRecords():
                 return self._snapshot_records()
             case m.RestoreRecords():

@@ -55,6 +55,10 @@ class RecordDevice(Device):
     """Small state produced and consumed whole."""
 
     shape = Shape.RECORD
+    # True when get and put spend their time in calls that drop the GIL (KVM ioctls), so
+    # a worker may run them on threads (single-vm mode); Python-bound gets would only
+    # contend for the GIL there.
+    releases_gil = False
 
     @abc.abstractmethod
     def get(self, out: memoryview) -> int:

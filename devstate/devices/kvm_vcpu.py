@@ -54,10 +54,13 @@ def shard() -> KvmVm:
     return _shard
 
 
-def close_shard() -> None:
-    """Close this process's VM once its last vCPU is closed."""
+def release_vcpu(vcpu_id: int) -> None:
+    """Close a vCPU of this process's VM, and the VM with its last vCPU."""
     global _shard
-    if _shard is not None and not _shard.vcpus:
+    if _shard is None:
+        return
+    _shard.close_vcpu(vcpu_id)
+    if not _shard.vcpus:
         _shard.close()
         _shard = None
 
@@ -75,6 +78,8 @@ def host_record_bytes() -> int:
 
 class KvmVcpuDevice(RecordDevice):
     """One real vCPU, in its owner worker's KVM VM."""
+
+    releases_gil = True  # its gets and puts are ioctls through ctypes
 
     def __init__(self, spec: DeviceSpec, machine_seed: int, *, incoming: bool = False) -> None:
         super().__init__(spec, machine_seed)
@@ -95,11 +100,9 @@ class KvmVcpuDevice(RecordDevice):
 
     async def close(self) -> None:
         """Close the vCPU fd, and the VM with its last vCPU."""
-        vcpu, self._vcpu = self._vcpu, None
-        if vcpu is not None:
-            shard().vcpus.pop(self.vcpu_id, None)
-            vcpu.close()
-            close_shard()
+        if self._vcpu is not None:
+            self._vcpu = None
+            release_vcpu(self.vcpu_id)
 
     def _opened(self) -> KvmVcpu:
         if self._vcpu is None:
@@ -121,7 +124,7 @@ class KvmVcpuDevice(RecordDevice):
         vcpu = self._opened()
         vcpu.put(data)
         vcpu.get(memoryview(self._scratch))
-        unexplained = [d for d in vcpu.compare(bytes(data), bytes(self._scratch))
+        unexplained = [d for d in vcpu.compare(data, memoryview(self._scratch))
                        if not d.explained]
         if unexplained:
             shown = "; ".join(str(d) for d in unexplained[:3])

@@ -409,7 +409,8 @@ class KvmVcpu:
             seeder(sections[self.layout.resolve(section)], ctx)
         self.put(memoryview(record))
 
-    def compare(self, saved: bytes, readback: bytes) -> list[Difference]:
+    def compare(self, saved: bytes | memoryview,
+                readback: bytes | memoryview) -> list[Difference]:
         """Every field where ``readback`` differs from ``saved``, explained or not.
 
         A difference within a :data:`TOLERANCES` entry comes back with ``tolerance`` set;

@@ -279,6 +279,12 @@ class KvmVm:
 
     # -- VM-level state -------------------------------------------------------------
 
+    def close_vcpu(self, vcpu_id: int) -> None:
+        """Close one vCPU and forget it (its id may be created again). Idempotent."""
+        vcpu = self.vcpus.pop(vcpu_id, None)
+        if vcpu is not None:
+            vcpu.close()
+
     def get_state(self, sections: tuple[VmSection, ...] = VM_SAVE_ORDER) -> bytes:
         """VM-level state as one record: ``sections`` (a subset of VM_SAVE_ORDER), in order."""
         record = bytearray(vm_state_bytes(sections))
