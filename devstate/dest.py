@@ -82,7 +82,12 @@ class IncomingVM(Machine):
             with no_gc_pauses():
                 await self.pool.call_all({w: m.Resume() for w in range(self.plan.workers)})
                 t1 = time.monotonic_ns()
-            self.running = True
+        except DevstateError as exc:
+            # Committed, but not running: neither side runs the VM; say so, loudly.
+            main.close()
+            return IncomingResult(False, f"resume after commit failed: {describe(exc)}")
+        self.running = True
+        try:
             await channels.send_control(main, wire.ControlType.RESUMED, {"t1_ns": t1})
             # Off the critical path now: what each device cost, and its digest if asked.
             results = m.unpack_results(await self.pool.call_all(
@@ -91,7 +96,8 @@ class IncomingVM(Machine):
                 "devices": _result_rows(results),
                 "digests": await self.digests() if send_digests else {}})
         except (DevstateError, OSError) as exc:
-            # Resumed here: the source has committed and will not resume; report only.
+            # Running here, and the source has committed: a report that cannot be sent
+            # changes nothing; say why.
             log.warning("after resume: %s", exc)
         finally:
             main.close()

@@ -85,13 +85,12 @@ class SourceVM(Machine):
                 raise MigrationFailed(f"failed after commit ({exc}); the destination may be "
                                       "running: the source stays stopped with its state") from exc
             lost = await self._recover(sock, exc)
-            if lost is None and not isinstance(exc, DevstateError | OSError | TimeoutError):
-                raise  # cancelled or interrupted: recovered, and the interruption goes on
-            cause = lost or exc  # a lost worker is the root cause of whatever followed
-            if lost is not None:
+            if lost is not None:  # the root cause of whatever followed
                 raise MigrationFailed(f"migration failed: {lost}; the other workers' devices "
                                       "resumed, its own are gone") from lost
-            raise MigrationFailed(f"migration failed, source resumed: {cause}") from cause
+            if not isinstance(exc, DevstateError | OSError | TimeoutError):
+                raise  # cancelled or interrupted: recovered, and the interruption goes on
+            raise MigrationFailed(f"migration failed, source resumed: {exc}") from exc
         finally:
             sock.close()
 

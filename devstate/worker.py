@@ -8,12 +8,13 @@ fork from the threaded coordinator). Life of a worker::
       OpenDevices -> devices built and opened here (the owner rule: only this process
                      ever touches them; a vfio-sim model process is a child of this one)
       ConnectChannel / AdoptChannel -> its data channel
-      Save / Load -> save.Saver / load.Loader over the channel
-      Resume / Discard / Digests / Cancel
+      PrepareLoad, then Save / Load -> save.Saver / load.Loader over the channel; the
+                     reply is a count, the per-device rows wait for Results
+      Resume / Discard / Digests / Cancel / SnapshotRecords / RestoreRecords
     Shutdown, or EOF on its pipe (the coordinator died) -> close devices, exit
 
-Errors in a request are replied as text with the exception's type name; the worker itself
-keeps serving. SIGINT is ignored: Ctrl-C belongs to the coordinator, which shuts the pool
+Errors in a request are replied with the exception's type, text and traceback; the worker
+itself keeps serving. SIGINT is ignored: Ctrl-C belongs to the coordinator, which shuts the pool
 down in order.
 """
 
