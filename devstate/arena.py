@@ -276,14 +276,15 @@ def sweep_stale_segments() -> list[str]:
         if not name.startswith(PREFIX):
             continue
         pid_text = name[len(PREFIX):].split("-", 1)[0]
-        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+        if pid_text.isdigit() and not pid_alive(int(pid_text)):
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(SHM_DIR, name))
                 removed.append(name)
     return removed
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (ours or not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -1,111 +1,94 @@
-"""Channels between the two sides: addresses, the listener, hellos and control messages.
+"""Channels between the two sides: opening them (TLS included), hellos and control messages.
 
-Runs in: a coordinator (main channel, accepting data channels) or a source worker
-(connecting its own data channel). One main channel carries control messages; each data
+Runs in: a coordinator (main channel, accepting data channels) or a worker (connecting or
+adopting its own data channels). One main channel carries control messages; each data
 channel belongs to one worker on each side, which sends or receives on it directly.
 
-Addresses use QEMU's URI style. This module speaks ``unix:PATH``; TCP and TLS come with
-the transport issue and plug in here.
+Addresses, listeners and TLS are :mod:`devstate.transport`'s. Every channel opens with a
+plaintext hello (migration id, kind, index): the destination's coordinator routes the
+connection by it before any TLS, since a TLS session cannot move between processes. With
+TLS the channel's worker then runs the handshake itself and the hello is sent again inside
+TLS, where it must match: the plaintext one only routes, the encrypted one authenticates.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import socket
+import ssl
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
-from devstate import fdio, wire
-from devstate.errors import ChannelError, DevstateError, ProtocolError
+from devstate import fdio, transport, wire
+from devstate.errors import ChannelError, ProtocolError
+from devstate.transport import Address, Listener, TlsConfig, parse_uri
+
+__all__ = ["Address", "Listener", "TlsConfig", "parse_uri", "open_main_channel",
+           "accept_main_channel", "open_data_channel", "adopt_data_channel", "read_hello",
+           "hello", "send_control", "recv_control", "expect_control"]
 
 # A peer that connected must say who it is promptly; a silent one is dropped, not waited on.
 HELLO_TIMEOUT_S = 5.0
 
-
-@dataclass(frozen=True, slots=True)
-class Address:
-    """A parsed channel URI."""
-
-    transport: str
-    path: str
-
-    def __str__(self) -> str:
-        return f"{self.transport}:{self.path}"
+Channel = socket.socket | ssl.SSLSocket
 
 
-def parse_uri(uri: str) -> Address:
-    """Parse ``unix:PATH`` (the only transport of this version)."""
-    transport, sep, rest = uri.partition(":")
-    if not sep or not rest:
-        raise DevstateError(f"channel URI {uri!r}: expected 'unix:PATH'")
-    if transport != "unix":
-        raise DevstateError(f"channel URI {uri!r}: transport {transport!r} is not supported "
-                            "yet (only unix:PATH)")
-    return Address("unix", rest)
+def _server_name(address: Address, tls: TlsConfig) -> str:
+    return tls.hostname or address.host or "localhost"
 
 
-class Listener:
-    """The destination's listening socket (mode 0600: only its owner may connect)."""
-
-    def __init__(self, address: Address) -> None:
-        self.address = address
-        self._sock: socket.socket | None = None
-
-    def open(self) -> None:
-        """Bind and listen; a stale socket file at the path is replaced."""
-        path = self.address.path
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            old = os.umask(0o177)
-            try:
-                sock.bind(path)
-            finally:
-                os.umask(old)
-            sock.listen(64)
-            sock.setblocking(False)
-        except OSError as exc:
-            sock.close()
-            raise ChannelError(f"cannot listen on {self.address}: {exc.strerror}") from exc
-        self._sock = sock
-
-    async def accept(self) -> socket.socket:
-        """The next connection, non-blocking."""
-        assert self._sock is not None
-        while True:
-            try:
-                conn, _ = self._sock.accept()
-            except BlockingIOError:
-                await fdio.wait_readable(self._sock)
-                continue
-            conn.setblocking(False)
-            fdio.tune_for_bulk(conn)
-            return conn
-
-    def close(self) -> None:
-        """Stop listening and remove the socket file. Idempotent."""
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.address.path)
+async def open_main_channel(address: Address, tls: TlsConfig | None) -> Channel:
+    """Source: connect the main channel (its hello is the caller's to send)."""
+    sock = await transport.connect(address)
+    if tls is None:
+        return sock
+    return await transport.tls_client(sock, tls, _server_name(address, tls))
 
 
-async def connect(address: Address) -> socket.socket:
-    """Connect to a destination; the socket comes back non-blocking."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.setblocking(False)
-    fdio.tune_for_bulk(sock)
+async def accept_main_channel(sock: socket.socket, tls: TlsConfig | None) -> Channel:
+    """Destination: the accepted main channel, after the TLS handshake if ``tls``."""
+    if tls is None:
+        return sock
+    return await transport.tls_server(sock, tls)
+
+
+async def open_data_channel(address: Address, hello_bytes: bytes,
+                            tls: TlsConfig | None) -> Channel:
+    """Source worker: connect one data channel and send its hello (twice over TLS)."""
+    sock = await transport.connect(address)
     try:
-        await asyncio.get_running_loop().sock_connect(sock, address.path)
+        await fdio.send_all(sock, [hello_bytes])
     except OSError as exc:
         sock.close()
-        raise ChannelError(f"cannot connect to {address}: {exc.strerror or exc}") from exc
-    return sock
+        raise ChannelError(f"data channel to {address}: sending its hello: {exc}") from exc
+    if tls is None:
+        return sock
+    secured = await transport.tls_client(sock, tls, _server_name(address, tls))
+    try:
+        await fdio.send_all(secured, [hello_bytes])
+    except OSError as exc:
+        secured.close()
+        raise ChannelError(f"data channel to {address}: sending its hello: {exc}") from exc
+    return secured
+
+
+async def adopt_data_channel(fd: int, hello_bytes: bytes, tls: TlsConfig | None) -> Channel:
+    """Destination worker: take over an accepted data channel whose plaintext hello was
+    ``hello_bytes``; over TLS, handshake and check the hello sent again inside."""
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(False)
+    if tls is None:
+        return sock
+    secured = await transport.tls_server(sock, tls)
+    try:
+        inner = await read_hello(secured)
+        if wire.pack_hello(inner) != hello_bytes:
+            raise ProtocolError("hello", f"channel {inner.index}: the hello inside TLS differs "
+                                         "from the one that routed it")
+    except BaseException:
+        secured.close()
+        raise
+    return secured
 
 
 async def read_hello(sock: socket.socket) -> wire.Hello:

@@ -4,10 +4,11 @@ Runs in: the destination coordinator process (``devstate vm --incoming``), on uv
 
 Sequence (main channel messages in capitals; see source.py for the other side)::
 
-    accept main channel; its hello, then HELLO: the device table must equal ours, the
-        channel count our worker count, the owner map our plan's
-    accept one data channel per worker (hello: migration id, index); pass each fd to its
-        worker; connections with another migration id, a duplicate index, or no hello are
+    accept main channel; its hello, then HELLO: the device table must equal ours; the
+        channel count may differ from our worker count (channel k goes to worker k % D)
+    accept the data channels (hello: migration id, index); pass each fd to its worker,
+        which (over TLS) runs the handshake and reads the hello again inside it;
+        connections with another migration id, a duplicate index, or no hello are
         refused and logged, and the migration goes on
     every stream device opens its load session (VFIO STOP -> RESUMING); Load dispatched
     READY ->
@@ -32,9 +33,10 @@ from typing import Any
 
 from devstate import channels, wire
 from devstate import messages as m
-from devstate.errors import ChannelError, DevstateError, ProtocolError, describe
+from devstate.errors import ChannelError, DevstateError, ProtocolError, WorkerFailed, describe
 from devstate.lifecycle import no_gc_pauses
 from devstate.machine import Machine
+from devstate.route import Routes, Routing
 
 log = logging.getLogger("devstate.dest")
 
@@ -56,16 +58,22 @@ class IncomingVM(Machine):
     incoming = True
     side = "dest"
 
-    async def accept_migration(self, listener: channels.Listener) -> IncomingResult:
-        """Take one incoming migration from ``listener`` to completion or failure."""
+    async def accept_migration(self, listener: channels.Listener,
+                               tls: channels.TlsConfig | None = None) -> IncomingResult:
+        """Take one incoming migration from ``listener`` to completion or failure.
+
+        With ``tls`` every channel runs TLS with our certificate (and requires the source's,
+        if ``tls.verify_client``).
+        """
         main = await listener.accept()
         try:
+            main = await channels.accept_main_channel(main, tls)
             hello = await channels.read_hello(main)
             if hello.kind is not wire.ChannelKind.MAIN:
                 raise ProtocolError("hello.kind", "the first connection must be the main channel")
             body = await channels.expect_control(main, wire.ControlType.HELLO)
             concurrent, send_digests = self._check_hello(body, hello)
-            await self._adopt_channels(listener, hello.migration_id)
+            await self._adopt_channels(listener, hello.migration_id, hello.channels, tls)
             await self.pool.call_all({w: m.PrepareLoad(self.plan.devices_of(w))
                                       for w in range(self.plan.workers)})
             with no_gc_pauses():  # the source has stopped: until t1, no collection pauses
@@ -110,32 +118,45 @@ class IncomingVM(Machine):
         if theirs != ours:
             raise ProtocolError("control.devices", _table_difference(theirs, ours))
         n = wire.field(body, "channels", int)
-        if n != self.plan.workers or hello.channels != n:
-            raise ProtocolError("control.channels", f"source has {n} data channels, "
-                                                    f"destination {self.plan.workers} workers")
+        if hello.channels != n:
+            raise ProtocolError("control.channels", f"HELLO says {n} data channels, the "
+                                                    f"main channel's hello {hello.channels}")
+        most = self.plan.workers * self.settings.window_slots
+        if n > most:
+            raise ProtocolError("control.channels", f"source has {n} data channels, this "
+                                f"destination takes at most {most} ({self.plan.workers} "
+                                f"workers x {self.settings.window_slots} receive windows)")
+        routing = wire.field(body, "routing", str)
+        if routing not in {r.value for r in Routing}:
+            raise ProtocolError("control.routing", f"{routing!r} is not a routing")
         chunk = wire.field(body, "chunk_bytes", int)
         if chunk > self.settings.chunk_bytes:
             raise ProtocolError("control.chunk_bytes", f"source packets of {chunk} B exceed "
                                 f"the destination's slots of {self.settings.chunk_bytes} B")
-        if wire.field(body, "owners", list) != list(self.plan.owner):
-            raise ProtocolError("control.owners", "source and destination plans differ")
         return wire.field(body, "concurrent", bool), wire.field(body, "digests", bool)
 
-    async def _adopt_channels(self, listener: channels.Listener,
-                              migration_id: uuid.UUID) -> None:
-        """Accept one data channel per worker; refuse and log anything else."""
+    async def _adopt_channels(self, listener: channels.Listener, migration_id: uuid.UUID,
+                              count: int, tls: channels.TlsConfig | None) -> None:
+        """Accept ``count`` data channels, channel k for worker k % D; refuse and log
+        anything else."""
+        routes = Routes(count, self.plan.workers)
         adopted: set[int] = set()
         async with asyncio.timeout(CHANNELS_TIMEOUT_S):
-            while len(adopted) < self.plan.workers:
+            while len(adopted) < count:
                 conn = await listener.accept()
                 try:
                     hello = await channels.read_hello(conn)
-                    refusal = _refusal(hello, migration_id, adopted, self.plan.workers)
+                    refusal = _refusal(hello, migration_id, adopted, count)
                     if refusal:
                         log.warning("refused a data channel: %s", refusal)
                         continue
-                    await self.pool.call(hello.index, m.AdoptChannel(hello.index),
-                                         fd=conn.fileno())
+                    command = m.AdoptChannel(hello.index, wire.pack_hello(hello), tls)
+                    try:
+                        await self.pool.call(routes.channel_owner(hello.index), command,
+                                             fd=conn.fileno())
+                    except WorkerFailed as exc:  # its TLS handshake or inner hello failed
+                        log.warning("refused data channel %d: %s", hello.index, exc)
+                        continue
                     adopted.add(hello.index)
                 except (ChannelError, ProtocolError) as exc:
                     log.warning("refused a connection: %s", exc)
@@ -147,8 +168,10 @@ class IncomingVM(Machine):
 
         Returns how many devices were loaded and verified.
         """
+        gen = self.next_gen()
         loading = asyncio.ensure_future(self.pool.call_all({
-            w: m.Load(self.plan.devices_of(w), concurrent, self.settings.record_threads)
+            w: m.Load(self.plan.devices_of(w), concurrent, self.plan.owner, gen,
+                      self.settings.record_threads)
             for w in range(self.plan.workers)}))
         await channels.send_control(main, wire.ControlType.READY, {})
         watching = asyncio.ensure_future(channels.recv_control(main))
@@ -184,13 +207,13 @@ def _result_rows(results: list[m.DeviceResult]) -> list[dict[str, Any]]:
 
 
 def _refusal(hello: wire.Hello, migration_id: uuid.UUID, adopted: set[int],
-             workers: int) -> str:
+             count: int) -> str:
     if hello.kind is not wire.ChannelKind.DATA:
         return "a second main channel"
     if hello.migration_id != migration_id:
         return f"migration id {hello.migration_id} is not {migration_id}"
-    if hello.channels != workers:
-        return f"it counts {hello.channels} channels, not {workers}"
+    if hello.channels != count:
+        return f"it counts {hello.channels} channels, not {count}"
     if hello.index in adopted:
         return f"channel {hello.index} is already connected"
     return ""

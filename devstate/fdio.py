@@ -5,17 +5,35 @@ plain non-blocking call after a readiness wait (shared/reference/python-runtime-
 A3), so the hot paths wait for readiness with ``add_reader``/``add_writer`` and then call
 ``recv_into``/``sendmsg`` directly. Every function here runs in: whichever process owns the
 socket, on its running loop; the socket must be non-blocking.
+
+TLS: an ``ssl.SSLSocket`` (made by :mod:`devstate.transport`) goes through the same
+functions. Its reads and writes report "would block" as ``ssl.SSLWantReadError`` or
+``ssl.SSLWantWriteError`` (not ``BlockingIOError`` subclasses), either of which can need
+the *other* direction's readiness. It has no ``sendmsg``, so :func:`send_all` coalesces
+small buffers into one ``send`` (one TLS record instead of one per packet). A broken TLS
+stream, including a close without ``close_notify`` (a truncation an attacker could cause),
+comes out as :class:`ConnectionError`; a clean ``close_notify`` reads as end of stream.
+Plain sockets keep their ``recv_into``/``sendmsg`` fast path untouched.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
-from collections.abc import Callable, Sequence
+import ssl
+from collections.abc import Callable, Iterator, Sequence
 
 # Linux caps one sendmsg at IOV_MAX (1024) buffers.
 IOV_MAX = 1024
+
+# TLS coalescing: buffers under TLS_SMALL_BYTES are copied together into sends of up to about
+# TLS_BATCH_BYTES. Each send is cut into 16 KiB records anyway, so a bigger batch buys only
+# fewer calls, while the copy costs memory bandwidth; large buffers (1 MiB chunks) go as
+# they are, without a copy.
+TLS_SMALL_BYTES = 16 << 10
+TLS_BATCH_BYTES = 256 << 10
 
 
 def watch_blocking(fd: int, callback: Callable[..., object], *args: object) -> None:
@@ -72,12 +90,22 @@ async def _wait(sock: socket.socket, *, readable: bool) -> None:
 
 
 async def recv_some(sock: socket.socket, view: memoryview) -> int:
-    """Receive at least one byte into ``view``; return the count, 0 at end of stream."""
+    """Receive at least one byte into ``view``; return the count, 0 at end of stream.
+
+    On TLS, bytes OpenSSL has already decrypted are returned without waiting: only a
+    "want" error, which means its buffer is empty, leads to a readiness wait.
+    """
     while True:
         try:
             return sock.recv_into(view)
-        except BlockingIOError:
+        except (BlockingIOError, ssl.SSLWantReadError):
             await wait_readable(sock)
+        except ssl.SSLWantWriteError:
+            await wait_writable(sock)
+        except ssl.SSLZeroReturnError:
+            return 0  # the peer's close_notify: a clean end
+        except ssl.SSLError as exc:
+            raise ConnectionError(f"TLS stream broken: {ssl_reason(exc)}") from exc
 
 
 async def recv_exactly(sock: socket.socket, view: memoryview) -> bool:
@@ -101,6 +129,10 @@ async def recv_exactly(sock: socket.socket, view: memoryview) -> bool:
 async def send_all(sock: socket.socket, buffers: Sequence[memoryview | bytes]) -> None:
     """Send every byte of ``buffers`` in order with as few ``sendmsg`` calls as possible."""
     pending = [memoryview(b).cast("B") for b in buffers if len(b)]
+    if isinstance(sock, ssl.SSLSocket):
+        for data in _coalesced(pending):
+            await _send_tls(sock, data)
+        return
     first = 0
     while first < len(pending):
         try:
@@ -116,3 +148,60 @@ async def send_all(sock: socket.socket, buffers: Sequence[memoryview | bytes]) -
             else:
                 pending[first] = head[sent:]
                 sent = 0
+
+
+def _coalesced(views: Sequence[memoryview]) -> Iterator[memoryview | bytes]:
+    """``views`` in order, runs of small ones joined into batches of about TLS_BATCH_BYTES."""
+    run: list[memoryview] = []
+    size = 0
+    for view in views:
+        if len(view) >= TLS_SMALL_BYTES:
+            if run:
+                yield _joined(run)
+                run, size = [], 0
+            yield view
+            continue
+        run.append(view)
+        size += len(view)
+        if size >= TLS_BATCH_BYTES:
+            yield _joined(run)
+            run, size = [], 0
+    if run:
+        yield _joined(run)
+
+
+def _joined(run: list[memoryview]) -> memoryview | bytes:
+    return run[0] if len(run) == 1 else b"".join(run)
+
+
+async def _send_tls(sock: ssl.SSLSocket, data: memoryview | bytes) -> None:
+    """Send all of ``data`` on a TLS socket.
+
+    After a "want" error OpenSSL requires the retry to pass the same bytes (it has already
+    encrypted part of them), so ``view`` only moves on after a successful send.
+    """
+    view = memoryview(data)
+    while view:
+        try:
+            sent = sock.send(view)
+        except (BlockingIOError, ssl.SSLWantWriteError):
+            await wait_writable(sock)
+            continue
+        except ssl.SSLWantReadError:
+            await wait_readable(sock)
+            continue
+        except ssl.SSLError as exc:
+            raise ConnectionError(f"TLS stream broken: {ssl_reason(exc)}") from exc
+        view = view[sent:]
+
+
+def ssl_reason(exc: ssl.SSLError) -> str:
+    """An ssl error as a person reads it: the verify message, else the text without its
+    ``[SSL: CODE]`` prefix and ``(_ssl.c:NNN)`` suffix."""
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return f"certificate verify failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLEOFError):
+        return "the peer closed the connection without a TLS close_notify"
+    text = str(exc.args[1]) if len(exc.args) > 1 else str(exc)
+    text = re.sub(r"^\[SSL(: \w+)?\]\s*", "", text)
+    return re.sub(r"\s*\(_ssl\.c:\d+\)$", "", text) or type(exc).__name__

@@ -1,22 +1,30 @@
 """The destination side of one worker: receive packets into the arena and put its devices.
 
-Runs in: a destination worker process, on its event loop. The worker owns its devices,
-its partition of the arena and its data channel.
+Runs in: a destination worker process, on its event loop. The worker owns its devices, its
+partition of the arena and its data channels (none, one or several: :mod:`devstate.route`).
 
-Receiving: small packets (records, END markers) arrive batched into the worker's receive
-*window*, a slot of the arena, and records are put straight from there (in single-vm mode
-each is copied to a record slot of its own first, to be put on a thread). A stream CHUNK's
-payload goes to a chunk slot of its own: after a chunk header, the receiver reads only up
-to the next header, so payloads land in their slot by ``recv_into`` without a copy (a copy
-happens only for payload bytes that shared one read with small packets before them).
-When no chunk slot is free the receiver stops reading: the channel fills and the sender
-blocks (backpressure, bounded memory).
+Receiving: small packets (records, END markers) arrive batched into a channel's receive
+*window*, a slot of the arena, and records of this worker's devices are put straight from
+there (in single-vm mode each is copied to a record slot of its own first, to be put on a
+thread). A stream CHUNK's payload goes to a chunk slot of its own: after a chunk header, the
+receiver reads only up to the next header, so payloads land in their slot by ``recv_into``
+without a copy (a copy happens only for payload bytes that shared one read with small
+packets before them). When no chunk slot is free the receiver stops reading: the channel
+fills and the sender blocks (backpressure, bounded memory). Each channel has its own share
+of the chunk slots: a channel whose slots all hold packets that came early must never
+starve the channel that carries the packet they wait for. Each channel ends with a FIN that
+counts its packets.
 
-Order and integrity: every packet's checksum is verified on arrival; each device's packets
-must arrive with consecutive sequence numbers (records exactly once); each device's END
-digest (over its packets' checksums, in order: :class:`~devstate.wire.StateDigest`) and
-byte count must match before the device counts as loaded. Any failure raises, which
-cancels every task of the load.
+Owners: a packet of a device another worker owns is handed to it (:mod:`devstate.handoff`):
+a chunk's slot is lent as it is; a small packet is first copied out of the window into a
+record slot. The owner gives the slot back once the bytes are written to the device.
+
+Order and integrity: every packet's checksum is verified on arrival; the owner accepts each
+device's packets in sequence order, holding any that arrive early (spread routing: the
+packets of one stream come over several channels) in the slots they arrived in, so
+reassembly copies nothing. Records come exactly once; each device's END digest (over its
+packets' checksums, in order: :class:`~devstate.wire.StateDigest`) and byte count must match
+before the device counts as loaded. Any failure raises, which cancels every task of the load.
 
 Concurrent mode gives each stream device its own task (chunks queue to it in order), so one
 device's slow writes or firmware latency never block another. Sequential mode handles each
@@ -28,17 +36,32 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from functools import partial
 
 from devstate import fdio, wire
 from devstate.arena import Slot, SlotPool
 from devstate.devices.base import Device, RecordDevice, StreamDevice
 from devstate.errors import ChannelError, IntegrityError, ProtocolError
+from devstate.handoff import Mesh, Note, Op
 from devstate.messages import ResultRow
 
 HDR = wire.PACKET_HEADER_BYTES
+
+Release = Callable[[], None]
+
+
+@dataclass(slots=True)
+class _Early:
+    """A packet that arrived before its turn, held (in its slot) until the ones before it."""
+
+    kind: wire.PacketKind
+    checksum: int
+    payload: memoryview
+    release: Release | None
+    end: wire.EndOfState | None
 
 
 @dataclass(slots=True)
@@ -54,63 +77,110 @@ class _Incoming:
     done_ns: int = 0
     ended: bool = False
     digest: wire.StateDigest = field(default_factory=wire.StateDigest)
-    queue: asyncio.Queue[tuple[Slot | None, int, wire.EndOfState | None]] | None = None
+    early: dict[int, _Early] = field(default_factory=dict)
+    queue: asyncio.Queue[tuple[memoryview | None, Release | None,
+                               wire.EndOfState | None]] | None = None
 
 
 class Loader:
-    """Receives one worker's channel and loads the devices it owns."""
+    """Receives one worker's channels and loads the devices it owns."""
 
     def __init__(self, worker: int, devices: dict[int, Device], slots: SlotPool,
-                 window: Slot, sock: socket.socket, *, table_size: int,
-                 record_class: int, chunk_class: int, executor: Executor | None = None) -> None:
+                 arena: memoryview, windows: dict[int, Slot],
+                 channels: dict[int, socket.socket], mesh: Mesh | None,
+                 owner: tuple[int, ...], gen: int, *, record_class: int, chunk_class: int,
+                 executor: Executor | None = None) -> None:
         self.worker = worker
         self._devices = devices
         self._slots = slots
-        self._window = window
-        self._sock = sock
-        self._table_size = table_size
+        self._arena = arena
+        self._windows = windows
+        self._channels = channels
+        self._mesh = mesh
+        self._owner = owner
+        self._gen = gen
         self._record_class = record_class
         self._chunk_class = chunk_class
         self._executor = executor
         self._puts: list[asyncio.Future[None]] = []  # single-vm puts in flight
         self._max_chunk = slots.sizes[chunk_class] - HDR
-        self._max_payload = max(self._max_chunk, window.size - HDR)
+        share = slots.counts[chunk_class] // max(1, len(channels))
+        if channels and share < 1:
+            raise ValueError(f"{len(channels)} channels need as many chunk slots")
+        self._shares = {k: asyncio.Semaphore(share) for k in channels}
+        self._max_payload = max([self._max_chunk] + [w.size - HDR for w in windows.values()])
         self._loads: dict[int, _Incoming] = {}
+        self._unloaded = 0
+        self._all_loaded = asyncio.Event()
+        # offset -> our slot held by its device's owner, and the channel share it counts in
+        self._lent: dict[int, tuple[Slot, asyncio.Semaphore | None]] = {}
+        self._all_back = asyncio.Event()
+        self._all_back.set()
         self._concurrent = False
         self._tasks: asyncio.TaskGroup | None = None
+        self._fault: asyncio.Future[None] | None = None
 
     async def run(self, indices: Iterable[int], concurrent: bool) -> list[ResultRow]:
-        """Load every device in ``indices``; return once each is put and verified."""
+        """Load every device in ``indices``; return once each is put and verified, every
+        channel of this worker has ended, and every slot it lent is back."""
         self._concurrent = concurrent
         self._loads = {i: _Incoming(self._devices[i]) for i in indices}
-        async with asyncio.TaskGroup() as tg:
-            self._tasks = tg
-            await self._receive()
-            await asyncio.gather(*self._puts)
+        self._unloaded = len(self._loads)
+        if not self._unloaded:
+            self._all_loaded.set()
+        self._fault = asyncio.get_running_loop().create_future()
+        if self._mesh is not None:
+            self._mesh.serve(self._gen, self._on_note)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tasks = tg
+                watch = tg.create_task(_raise_when_set(self._fault))
+                await asyncio.gather(*(tg.create_task(self._receive(k, sock))
+                                       for k, sock in self._channels.items()))
+                await self._all_loaded.wait()
+                await asyncio.gather(*self._puts)
+                await self._all_back.wait()
+                watch.cancel()
+        finally:
+            if self._mesh is not None:
+                self._mesh.stop()
+            self._release_held()
         return [(i, s.device.id, s.bytes, s.packets, s.start_ns, s.end_ns, self.worker,
                  s.done_ns) for i, s in self._loads.items()]
 
-    async def _receive(self) -> None:
-        buf = self._window.view
+    def _release_held(self) -> None:
+        """After a failed load: every slot still lent or held early goes back to its pool."""
+        for state in self._loads.values():
+            for early in state.early.values():
+                if early.release is not None:
+                    early.release()
+            state.early.clear()
+        for lent in self._lent.values():
+            self._give_back(*lent)
+        self._lent.clear()
+
+    async def _receive(self, channel: int, sock: socket.socket) -> None:
+        buf = self._windows[channel].view
         # A small packet must fit in half the window, so moving a partial one to the front
         # always makes room for the rest of it.
         max_small = len(buf) // 2 - HDR
         start = end = 0
-        remaining = len(self._loads)
+        packets = 0
         after_chunk = False
-        while remaining:
-            while remaining and end - start >= HDR:
+        while True:
+            while end - start >= HDR:
                 header = wire.decode_packet_header(buf[start:start + HDR],
-                                                   devices=self._table_size,
+                                                   devices=len(self._owner),
                                                    max_payload=self._max_payload)
                 if header.kind is wire.PacketKind.CHUNK:
                     if header.length > self._max_chunk:
                         raise ProtocolError("packet.length", f"a CHUNK of {header.length} B "
                                             f"exceeds the chunk slots' {self._max_chunk} B")
                     have = min(end - start - HDR, header.length)
-                    await self._receive_chunk(header, buf[start:start + HDR],
+                    await self._receive_chunk(channel, sock, header, buf[start:start + HDR],
                                               buf[start + HDR:start + HDR + have])
                     start += HDR + have
+                    packets += 1
                     after_chunk = True
                     continue
                 if header.length > max_small:
@@ -121,11 +191,18 @@ class Loader:
                     break
                 payload = buf[start + HDR:start + total]
                 wire.verify_payload(buf[start:start + HDR], header, payload)
-                remaining -= await self._small_packet(header, payload)
+                if header.kind is wire.PacketKind.FIN:
+                    if header.seq != packets:
+                        raise IntegrityError("fin.packets", f"channel {channel}: the source "
+                                             f"sent {header.seq} packets, received {packets}")
+                    if end - start > total:
+                        raise ProtocolError("packet.flags", f"channel {channel}: bytes after "
+                                                            "its FIN")
+                    return
+                await self._small_packet(header, payload)
+                packets += 1
                 start += total
                 after_chunk = False
-            if not remaining:
-                break
             if start == end:
                 start = end = 0
             elif start > len(buf) // 2:
@@ -134,120 +211,231 @@ class Loader:
             # Streaming chunks, read only up to the next header so the payload after it
             # lands in its own slot; otherwise take as many small packets as fit.
             limit = start + HDR if after_chunk and end - start < HDR else len(buf)
-            n = await fdio.recv_some(self._sock, buf[end:limit])
+            n = await fdio.recv_some(sock, buf[end:limit])
             if n == 0:
-                raise ChannelError(f"data channel {self.worker} closed by the source before "
-                                   f"the end of {self._unfinished()}")
+                raise ChannelError(f"data channel {channel} closed by the source before its "
+                                   f"end ({self._unfinished()} still loading here)")
             end += n
 
     def _unfinished(self) -> str:
-        missing = [s.device.id for s in self._loads.values() if not s.ended]
+        missing = [s.device.id for s in self._loads.values() if not s.done_ns]
+        if not missing:
+            return "nothing"
         return ", ".join(missing[:4]) + (" ..." if len(missing) > 4 else "")
 
-    async def _receive_chunk(self, header: wire.PacketHeader, header_bytes: memoryview,
+    async def _receive_chunk(self, channel: int, sock: socket.socket,
+                             header: wire.PacketHeader, header_bytes: memoryview,
                              head: memoryview) -> None:
         """Receive a chunk into a slot of its own; ``head`` is what the window already has."""
-        state = self._expect(header)
+        share = self._shares[channel]
+        await share.acquire()
         slot = await self._slots.acquire(self._chunk_class)
         try:
             payload = slot.view[:header.length]
             payload[:len(head)] = head
             if len(head) < header.length and not await fdio.recv_exactly(
-                    self._sock, payload[len(head):]):
-                raise ChannelError(f"data channel {self.worker} closed inside a chunk of "
-                                   f"{state.device.id}")
+                    sock, payload[len(head):]):
+                raise ChannelError(f"data channel {channel} closed inside a chunk of device "
+                                   f"{header.device}")
             wire.verify_payload(header_bytes, header, payload)
         except BaseException:
             self._slots.release(slot)
+            share.release()
             raise
-        state.packets += 1
-        state.digest.add(header.checksum)
-        if not state.start_ns:
-            state.start_ns = time.monotonic_ns()
-        if self._concurrent:
-            assert state.queue is not None
-            state.queue.put_nowait((slot, header.length, None))
-        else:
-            await self._write_chunk(state, slot, header.length)
+        owner = self._owner[header.device]
+        if owner != self.worker:
+            self._lend(owner, header, slot, share)
+            return
+        state = self._accept(header.kind, header.device, header.seq, header.checksum,
+                             payload, partial(self._give_back, slot, share))
+        if not self._concurrent and state.queue is not None:
+            await state.queue.join()
 
-    async def _small_packet(self, header: wire.PacketHeader, payload: memoryview) -> int:
-        """Handle a RECORD or END packet; both end a device's load (return 1)."""
-        state = self._expect(header)
-        state.ended = True
-        if header.kind is wire.PacketKind.RECORD:
-            device = state.device
-            if (self._executor is not None and isinstance(device, RecordDevice)
-                    and device.releases_gil):
-                await self._put_record_on_thread(state, payload)
+    async def _small_packet(self, header: wire.PacketHeader, payload: memoryview) -> None:
+        """Handle a RECORD or END packet that sits in a receive window."""
+        owner = self._owner[header.device]
+        if owner != self.worker:
+            # The window is reused at once: the packet moves to a record slot, lent.
+            slot = await self._slots.acquire(self._record_class)
+            slot.view[:len(payload)] = payload
+            self._lend(owner, header, slot)
+            return
+        release: Release | None = None
+        if header.kind is wire.PacketKind.RECORD and self._threaded(header.device):
+            # Put on a thread while the window is reused: the record moves to a slot of its
+            # own, and the record slots bound how many puts are in flight.
+            slot = await self._slots.acquire(self._record_class)
+            slot.view[:len(payload)] = payload
+            payload = slot.view[:len(payload)]
+            release = partial(self._give_back, slot)
+        state = self._accept(header.kind, header.device, header.seq, header.checksum,
+                             payload, release)
+        if not self._concurrent and state.queue is not None:
+            await state.queue.join()
+
+    def _threaded(self, index: int) -> bool:
+        """Whether this device's record is put on a single-vm thread."""
+        device = self._devices.get(index)
+        return (self._executor is not None and isinstance(device, RecordDevice)
+                and device.releases_gil)
+
+    def _give_back(self, slot: Slot, share: asyncio.Semaphore | None = None) -> None:
+        """A slot is free again (and back in its channel's share, if it counts in one)."""
+        self._slots.release(slot)
+        if share is not None:
+            share.release()
+
+    def _lend(self, owner: int, header: wire.PacketHeader, slot: Slot,
+              share: asyncio.Semaphore | None = None) -> None:
+        assert self._mesh is not None
+        self._lent[slot.offset] = (slot, share)
+        self._all_back.clear()
+        self._mesh.send(owner, Op.DELIVER, kind=header.kind, device=header.device,
+                        seq=header.seq, length=header.length, offset=slot.offset,
+                        checksum=header.checksum)
+
+    def _on_note(self, peer: int, note: Note | None) -> None:
+        """A note from another destination worker (see :mod:`devstate.handoff`)."""
+        assert self._mesh is not None
+        try:
+            if note is None:
+                raise ChannelError(f"worker {peer} closed its link during the load")
+            if note.op == Op.DELIVER:
+                kind = wire.PacketKind(note.kind)
+                payload = self._arena[note.offset:note.offset + note.length]
+                self._accept(kind, note.device, note.seq, note.checksum, payload,
+                             partial(self._mesh.send, peer, Op.RELEASE, offset=note.offset))
+            elif note.op == Op.RELEASE:
+                lent = self._lent.pop(note.offset, None)
+                if lent is not None:
+                    self._give_back(*lent)
+                if not self._lent:
+                    self._all_back.set()
             else:
-                self._put_record(state, payload)
-            return 1
-        end = wire.decode_end(payload)
-        if self._concurrent:
-            assert self._tasks is not None and state.queue is not None
-            state.queue.put_nowait((None, 0, end))
-        else:
-            await self._complete_stream(state, end)
-        return 1
+                raise ProtocolError("handoff.op", f"worker {peer} sent op {note.op}")
+        except Exception as exc:  # noqa: BLE001 - any failure here fails the load
+            self._fail(exc)
 
-    def _expect(self, header: wire.PacketHeader) -> _Incoming:
-        state = self._loads.get(header.device)
+    def _fail(self, exc: BaseException) -> None:
+        assert self._fault is not None
+        if not self._fault.done():
+            self._fault.set_exception(exc)
+
+    def _accept(self, kind: wire.PacketKind, index: int, seq: int, checksum: int,
+                payload: memoryview, release: Release | None) -> _Incoming:
+        """Take a verified packet of a device this worker owns, in whatever order it came.
+
+        ``release`` gives back the slot holding ``payload``; None: the payload sits in a
+        receive window, valid only until this returns.
+        """
+        state = self._loads.get(index)
         if state is None:
-            raise ProtocolError("packet.device", f"device {header.device} is not loaded by "
-                                                 f"worker {self.worker}")
+            raise ProtocolError("packet.device", f"device {index} is not loaded by worker "
+                                                 f"{self.worker}")
         if state.ended:
-            raise ProtocolError("packet.seq", f"{state.device.id}: packet after its END")
-        if header.seq != state.next_seq:
-            raise ProtocolError("packet.seq", f"{state.device.id}: expected seq "
-                                              f"{state.next_seq}, got {header.seq}")
-        if header.kind is not wire.PacketKind.RECORD and isinstance(state.device, RecordDevice):
-            raise ProtocolError("packet.flags", f"{state.device.id} is a record device, got "
-                                                f"a {header.kind.name}")
+            raise ProtocolError("packet.seq", f"{state.device.id}: packet after its end")
+        device = state.device
+        if kind is wire.PacketKind.RECORD:
+            if not isinstance(device, RecordDevice):
+                raise ProtocolError("packet.flags", f"{device.id} is a stream, got a RECORD")
+            state.ended = True
+            if release is not None and self._threaded(index):
+                self._put_record_on_thread(state, payload, release)
+                return state
+            try:
+                self._put_record(state, payload)
+            finally:
+                if release is not None:
+                    release()
+            self._loaded_one()
+            return state
+        if isinstance(device, RecordDevice):
+            raise ProtocolError("packet.flags", f"{device.id} is a record device, got a "
+                                                f"{kind.name}")
+        if seq < state.next_seq or seq in state.early:
+            raise ProtocolError("packet.seq", f"{device.id}: seq {seq} arrived twice")
+        end = wire.decode_end(payload) if kind is wire.PacketKind.END else None
+        if end is not None and release is not None:
+            release()  # decoded: the slot is free
+            release = None
+        if seq != state.next_seq:
+            assert end is not None or release is not None, "chunks always sit in slots"
+            state.early[seq] = _Early(kind, checksum, payload, release, end)
+            return state
+        self._in_order(state, kind, checksum, payload, release, end)
+        while state.next_seq in state.early and not state.ended:
+            early = state.early.pop(state.next_seq)
+            self._in_order(state, early.kind, early.checksum, early.payload, early.release,
+                           early.end)
+        return state
+
+    def _in_order(self, state: _Incoming, kind: wire.PacketKind, checksum: int,
+                  payload: memoryview, release: Release | None,
+                  end: wire.EndOfState | None) -> None:
+        """The next packet of a stream, in sequence: count it and queue it to its task."""
         state.next_seq += 1
-        if state.queue is None and self._concurrent and isinstance(state.device, StreamDevice):
+        if state.queue is None:
             assert self._tasks is not None
             state.queue = asyncio.Queue()
             self._tasks.create_task(self._drive_stream(state))
-        return state
+        if end is not None:
+            state.ended = True
+            if state.early:
+                raise ProtocolError("packet.seq", f"{state.device.id}: packets after its END")
+            state.queue.put_nowait((None, None, end))
+            return
+        state.packets += 1
+        state.digest.add(checksum)
+        if not state.start_ns:
+            state.start_ns = time.monotonic_ns()
+        state.queue.put_nowait((payload, release, None))
 
     async def _drive_stream(self, state: _Incoming) -> None:
         assert state.queue is not None
+        device = state.device
+        assert isinstance(device, StreamDevice)
         while True:
-            slot, length, end = await state.queue.get()
-            if slot is not None:
-                await self._write_chunk(state, slot, length)
-            else:
-                assert end is not None
-                await self._complete_stream(state, end)
-                return
+            payload, release, end = await state.queue.get()
+            if payload is not None:
+                try:
+                    await device.load_write(payload)
+                    state.bytes += len(payload)
+                finally:
+                    if release is not None:
+                        release()
+                state.queue.task_done()
+                continue
+            assert end is not None
+            self._check_end(state, end)
+            state.end_ns = time.monotonic_ns()
+            await device.load_end()
+            state.done_ns = time.monotonic_ns()
+            self._loaded_one()
+            state.queue.task_done()
+            return
 
-    async def _write_chunk(self, state: _Incoming, slot: Slot, length: int) -> None:
-        device = state.device
-        assert isinstance(device, StreamDevice)
-        try:
-            payload = slot.view[:length]
-            await device.load_write(payload)
-            state.bytes += len(payload)
-        finally:
-            self._slots.release(slot)
+    def _loaded_one(self) -> None:
+        self._unloaded -= 1
+        if not self._unloaded:
+            self._all_loaded.set()
 
-    async def _complete_stream(self, state: _Incoming, end: wire.EndOfState) -> None:
-        self._check_end(state, end)
-        device = state.device
-        assert isinstance(device, StreamDevice)
-        state.end_ns = time.monotonic_ns()
-        await device.load_end()
-        state.done_ns = time.monotonic_ns()
-
-    async def _put_record_on_thread(self, state: _Incoming, payload: memoryview) -> None:
+    def _put_record_on_thread(self, state: _Incoming, payload: memoryview,
+                              release: Release) -> None:
         """Single-vm: put on a thread (the ioctls drop the GIL) while receiving goes on."""
-        # The window is reused at once: the record moves to a slot of its own, and the
-        # record slots bound how many puts are in flight.
-        slot = await self._slots.acquire(self._record_class)
-        slot.view[:len(payload)] = payload
         put = asyncio.get_running_loop().run_in_executor(
-            self._executor, self._put_record, state, slot.view[:len(payload)])
-        put.add_done_callback(lambda _: self._slots.release(slot))
+            self._executor, self._put_record, state, payload)
+
+        def done(fut: asyncio.Future[None]) -> None:  # on the loop, not the thread
+            release()
+            if fut.cancelled():
+                return
+            exc = fut.exception()
+            if exc is not None:
+                self._fail(exc)
+            else:
+                self._loaded_one()
+
+        put.add_done_callback(done)
         self._puts.append(put)
 
     def _put_record(self, state: _Incoming, payload: memoryview) -> None:
@@ -255,8 +443,7 @@ class Loader:
         # A record is its device's whole state in one packet, whose verified checksum is
         # its digest: it needs no END of its own.
         device = state.device
-        if not isinstance(device, RecordDevice):
-            raise ProtocolError("packet.flags", f"{device.id} is a stream, got a RECORD")
+        assert isinstance(device, RecordDevice)
         state.start_ns = time.monotonic_ns()
         device.put(payload)
         state.bytes = len(payload)
@@ -270,3 +457,8 @@ class Loader:
                                  f"{state.bytes} B in {state.packets}")
         if end.digest != state.digest.digest():
             raise IntegrityError("end.digest", f"{state.device.id}: state digest mismatch")
+
+
+async def _raise_when_set(fault: asyncio.Future[None]) -> None:
+    """Turn a failure noticed in a callback into a task failure (ending the TaskGroup)."""
+    await fault

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 from devstate import messages as m
 from devstate.lifecycle import AsyncLifecycle
 from devstate.plan import Plan, make_plan
@@ -27,13 +29,33 @@ class Machine(AsyncLifecycle):
         self.pool = WorkerPool(spec, settings.layout(spec), name=self.side,
                                cpus=list(settings.cpus) if settings.cpus else None)
         self.running = False
+        self._gen = 0
 
     async def start(self) -> None:
-        """Start the pool and open every device on its owner."""
+        """Start the pool, link its workers to each other, open every device on its owner."""
         await self.pool.start()
+        await self._link_workers()
         await self.pool.call_all({w: m.OpenDevices(self.plan.devices_of(w), self.incoming)
                                   for w in range(self.plan.workers)})
         self.running = not self.incoming
+
+    async def _link_workers(self) -> None:
+        """Give every pair of workers a link for handoffs (:mod:`devstate.handoff`)."""
+        n = self.plan.workers
+        for a in range(n):
+            for b in range(a + 1, n):
+                ends = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                try:
+                    await self.pool.call(a, m.JoinMesh(b), fd=ends[0].fileno())
+                    await self.pool.call(b, m.JoinMesh(a), fd=ends[1].fileno())
+                finally:
+                    for end in ends:  # each worker holds its own duplicate now
+                        end.close()
+
+    def next_gen(self) -> int:
+        """A fresh operation number for a Save or Load (tags its handoffs)."""
+        self._gen += 1
+        return self._gen
 
     async def digests(self) -> dict[str, str]:
         """Every device's state digest (hex), by device id: for checks, off the critical path."""

@@ -19,29 +19,50 @@ class OpenDevices:
 
 
 @dataclass(frozen=True, slots=True)
-class ConnectChannel:
-    """Source: connect data channel ``hello`` to the destination at ``path`` and send it."""
+class ConnectChannels:
+    """Source: connect these data channels to the destination at ``address``.
 
-    path: str
-    hello: bytes
+    ``hellos`` pairs each channel index with the hello it opens with; ``tls`` (a
+    :class:`~devstate.transport.TlsConfig`, or None) secures them.
+    """
+
+    address: Any
+    hellos: tuple[tuple[int, bytes], ...]
+    tls: Any = None
 
 
 @dataclass(frozen=True, slots=True)
 class AdoptChannel:
-    """Destination: the data channel's fd follows this message (SCM_RIGHTS)."""
+    """Destination: data channel ``index``'s fd follows this message (SCM_RIGHTS).
+
+    With ``tls`` the worker runs the TLS handshake itself, then reads the channel's hello
+    again inside TLS, where it must equal ``hello`` (the plaintext one that routed it here).
+    """
 
     index: int
+    hello: bytes = b""
+    tls: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class JoinMesh:
+    """This worker's end of its link to worker ``peer`` follows (SCM_RIGHTS)."""
+
+    peer: int
 
 
 @dataclass(frozen=True, slots=True)
 class Save:
-    """Source: stop, get and send these devices in this order.
+    """Source: stop, get and send these devices in this order, on the channels ``routes``
+    gives (operation number ``gen`` tags the handoffs between workers).
 
     ``record_threads`` > 1 gets kvm vCPUs on that many threads (single-vm mode).
     """
 
     order: tuple[int, ...]
     concurrent: bool
+    routes: Any
+    gen: int
     record_threads: int = 1
 
 
@@ -56,11 +77,15 @@ class PrepareLoad:
 class Load:
     """Destination: receive and put these devices, verifying each one's digest.
 
-    ``record_threads`` > 1 puts kvm vCPUs on that many threads (single-vm mode).
+    ``owner`` maps every device of the table to its destination worker: packets of devices
+    owned elsewhere are handed over (operation number ``gen``). ``record_threads`` > 1 puts
+    kvm vCPUs on that many threads (single-vm mode).
     """
 
     devices: tuple[int, ...]
     concurrent: bool
+    owner: tuple[int, ...]
+    gen: int
     record_threads: int = 1
 
 

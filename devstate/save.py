@@ -1,12 +1,20 @@
 """The source side of one worker: get its devices into arena slots and send them.
 
 Runs in: a source worker process, on its event loop. The worker owns its devices, its
-partition of the arena (a :class:`~devstate.arena.SlotPool`) and its data channel.
+partition of the arena (a :class:`~devstate.arena.SlotPool`) and its data channels (none,
+one or several: :mod:`devstate.route`).
 
 Each packet is built in place in one slot: the 32-byte header, then the payload the device
-wrote straight into the slot. A :class:`PacketSender` task batches whatever packets are
-ready into one ``sendmsg`` and releases their slots as soon as the kernel has the bytes,
-so the slot count bounds memory and a full channel slows the getters (backpressure).
+wrote straight into the slot. The route picks the packet's channel. On a channel of this
+worker a :class:`PacketSender` task batches whatever packets are ready into one ``sendmsg``
+and releases their slots as soon as the kernel has the bytes; on another worker's channel
+the slot is lent to that worker (:mod:`devstate.handoff`), which sends it and gives it back.
+Either way the slot count bounds memory and a full channel slows the getters.
+
+A stream's packets reach their channels' queues in sequence order, even across workers: a
+packet bound for another channel than the one before waits until that one is queued. This
+is what keeps the destination's reassembly free of deadlock with bounded slots: a packet
+it holds out of order only ever waits for packets queued, hence sent, before it.
 
 Concurrent mode drives every stream device in its own task and the record devices in one
 more task that yields to the loop every few records, so one device waiting on its data fd
@@ -18,13 +26,17 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
+from functools import partial
 
 from devstate import fdio, wire
 from devstate.arena import Slot, SlotPool
 from devstate.devices.base import Device, RecordDevice, StreamDevice
+from devstate.errors import ChannelError, ProtocolError
+from devstate.handoff import Mesh, Note, Op
 from devstate.messages import ResultRow
+from devstate.route import Routes
 
 HDR = wire.PACKET_HEADER_BYTES
 # Records per batch: after each, the sender ships what is ready (so the destination starts
@@ -34,36 +46,50 @@ RECORD_BATCH = 16
 
 
 class PacketSender:
-    """Sends packets on one channel in the order queued, batching, releasing slots after."""
+    """Sends packets on one channel in the order queued, batching, releasing slots after.
 
-    def __init__(self, sock: socket.socket, slots: SlotPool) -> None:
+    Once closed and drained it ends the channel with a FIN counting the packets before it.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
-        self._slots = slots
-        self._queue: list[tuple[memoryview | bytes, Slot | None]] = []
+        self._queue: list[tuple[memoryview | bytes, Callable[[], None] | None]] = []
         self._wakeup = asyncio.Event()
         self._closing = False
+        self.packets = 0
 
-    def queue(self, data: memoryview | bytes, slot: Slot | None = None) -> None:
-        """Queue one packet (header and payload contiguous in ``data``)."""
-        self._queue.append((data, slot))
+    def queue(self, data: memoryview | bytes, release: Callable[[], None] | None = None) -> None:
+        """Queue one packet (header and payload contiguous in ``data``); ``release`` is
+        called once the kernel has its bytes (or the send failed)."""
+        self._queue.append((data, release))
+        self.packets += 1
         self._wakeup.set()
 
     async def run(self) -> None:
-        """Send until :meth:`close` was called and the queue is empty."""
-        while True:
-            if not self._queue:
-                if self._closing:
-                    return
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            batch, self._queue = self._queue[:fdio.IOV_MAX], self._queue[fdio.IOV_MAX:]
-            try:
-                await fdio.send_all(self._sock, [data for data, _ in batch])
-            finally:
-                for _, slot in batch:
-                    if slot is not None:
-                        self._slots.release(slot)
+        """Send until :meth:`close` was called and the queue is empty, then the FIN."""
+        try:
+            while True:
+                if not self._queue:
+                    if self._closing:
+                        break
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                batch, self._queue = self._queue[:fdio.IOV_MAX], self._queue[fdio.IOV_MAX:]
+                try:
+                    await fdio.send_all(self._sock, [data for data, _ in batch])
+                finally:
+                    for _, release in batch:
+                        if release is not None:
+                            release()
+            fin = memoryview(bytearray(HDR))
+            wire.pack_packet_header(fin, wire.PacketKind.FIN, 0, self.packets, b"")
+            await fdio.send_all(self._sock, [fin])
+        finally:
+            for _, release in self._queue:  # a failed send: hand every slot back
+                if release is not None:
+                    release()
+            self._queue.clear()
 
     def close(self) -> None:
         """No more packets will be queued; :meth:`run` ends once the queue drains."""
@@ -72,42 +98,139 @@ class PacketSender:
 
 
 class Saver:
-    """Gets and sends the devices one worker owns."""
+    """Gets and sends the devices one worker owns, on whichever channels the route says."""
 
     def __init__(self, worker: int, devices: dict[int, Device], slots: SlotPool,
-                 sock: socket.socket, *, record_class: int, chunk_class: int,
+                 arena: memoryview, channels: dict[int, socket.socket], mesh: Mesh | None,
+                 routes: Routes, gen: int, *, record_class: int, chunk_class: int,
                  executor: Executor | None = None) -> None:
         self.worker = worker
         self._devices = devices
         self._slots = slots
+        self._arena = arena
+        self._mesh = mesh
+        self._routes = routes
+        self._gen = gen
         self._record_class = record_class
-        self._executor = executor
         self._chunk_class = chunk_class
-        self._sender = PacketSender(sock, slots)
+        self._executor = executor
+        self._senders = {k: PacketSender(sock) for k, sock in channels.items()}
+        self._records_routed = 0
+        self._lent: dict[int, Slot] = {}  # offset -> our slot, queued on a peer's channel
+        self._all_back = asyncio.Event()
+        self._all_back.set()
+        self._queued: dict[tuple[int, int], asyncio.Future[None]] = {}
+        self._peers_done: set[int] = set()
+        self._no_more_sends = asyncio.Event()
+        self._fault: asyncio.Future[None] | None = None
 
     async def run(self, order: Sequence[int], concurrent: bool) -> list[ResultRow]:
         """Save every device in ``order``; return their results once all bytes are sent."""
+        missing = set(self._routes.channels_of(self.worker)) - set(self._senders)
+        if missing:
+            raise RuntimeError(f"worker {self.worker} has no data channel "
+                               f"{', '.join(map(str, sorted(missing)))}")
         results: list[ResultRow] = []
-        async with asyncio.TaskGroup() as tg:
-            sending = tg.create_task(self._sender.run())
-            try:
-                if concurrent:
-                    records = [i for i in order if isinstance(self._devices[i], RecordDevice)]
-                    streams = [i for i in order if isinstance(self._devices[i], StreamDevice)]
-                    jobs = [tg.create_task(self._save_stream(i)) for i in streams]
-                    if records:
-                        results.extend(await self._save_records(records))
-                    results.extend([await job for job in jobs])
-                else:
-                    for run in _runs_of_same_shape(order, self._devices):
-                        if isinstance(self._devices[run[0]], RecordDevice):
-                            results.extend(await self._save_records(run))
-                        else:
-                            results.append(await self._save_stream(run[0]))
-            finally:
-                self._sender.close()
-            await sending
+        self._fault = asyncio.get_running_loop().create_future()
+        peers = self._mesh.peers if self._mesh is not None else ()
+        if not peers:
+            self._no_more_sends.set()
+        if self._mesh is not None:
+            self._mesh.serve(self._gen, self._on_note)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                watch = tg.create_task(_raise_when_set(self._fault))
+                sending = [tg.create_task(s.run()) for s in self._senders.values()]
+                try:
+                    if concurrent:
+                        records = [i for i in order
+                                   if isinstance(self._devices[i], RecordDevice)]
+                        streams = [i for i in order
+                                   if isinstance(self._devices[i], StreamDevice)]
+                        jobs = [tg.create_task(self._save_stream(i)) for i in streams]
+                        if records:
+                            results.extend(await self._save_records(records))
+                        results.extend([await job for job in jobs])
+                    else:
+                        for run in _runs_of_same_shape(order, self._devices):
+                            if isinstance(self._devices[run[0]], RecordDevice):
+                                results.extend(await self._save_records(run))
+                            else:
+                                results.append(await self._save_stream(run[0]))
+                    if self._mesh is not None:
+                        self._mesh.broadcast(Op.DONE)
+                    if self._senders:  # peers may still hand packets to our channels
+                        await self._no_more_sends.wait()
+                finally:
+                    for sender in self._senders.values():
+                        sender.close()
+                await asyncio.gather(*sending)
+                await self._all_back.wait()
+                watch.cancel()
+        finally:
+            if self._mesh is not None:
+                self._mesh.stop()
+            # A failed run: every worker's Save is cancelled with this one, so no peer
+            # still reads the slots it was lent.
+            for slot in self._lent.values():
+                self._slots.release(slot)
+            self._lent.clear()
         return results
+
+    def _emit(self, index: int, seq: int, slot: Slot, length: int,
+              channel: int) -> asyncio.Future[None] | None:
+        """Queue the packet in ``slot[:length]`` on ``channel``.
+
+        Returns, for a channel of another worker, the future of that worker's QUEUED.
+        """
+        owner = self._routes.channel_owner(channel)
+        if owner == self.worker:
+            self._senders[channel].queue(slot.view[:length], partial(self._slots.release, slot))
+            return None
+        assert self._mesh is not None
+        self._lent[slot.offset] = slot
+        self._all_back.clear()
+        queued = asyncio.get_running_loop().create_future()
+        self._queued[index, seq] = queued
+        self._mesh.send(owner, Op.SEND, channel=channel, device=index, seq=seq,
+                        length=length, offset=slot.offset)
+        return queued
+
+    def _on_note(self, peer: int, note: Note | None) -> None:
+        """A note from another source worker (see :mod:`devstate.handoff`)."""
+        assert self._mesh is not None and self._fault is not None
+        if note is None:
+            self._fail(ChannelError(f"worker {peer} closed its link during the save"))
+        elif note.op == Op.SEND:
+            sender = self._senders.get(note.channel)
+            if sender is None:
+                self._fail(ProtocolError("handoff.channel", f"worker {peer} sent on channel "
+                                         f"{note.channel}, not one of worker {self.worker}'s"))
+                return
+            sender.queue(self._arena[note.offset:note.offset + note.length],
+                         partial(self._mesh.send, peer, Op.RELEASE, offset=note.offset))
+            self._mesh.send(peer, Op.QUEUED, device=note.device, seq=note.seq)
+        elif note.op == Op.QUEUED:
+            queued = self._queued.pop((note.device, note.seq), None)
+            if queued is not None and not queued.done():
+                queued.set_result(None)
+        elif note.op == Op.RELEASE:
+            slot = self._lent.pop(note.offset, None)
+            if slot is not None:
+                self._slots.release(slot)
+            if not self._lent:
+                self._all_back.set()
+        elif note.op == Op.DONE:
+            self._peers_done.add(peer)
+            if len(self._peers_done) == len(self._mesh.peers):
+                self._no_more_sends.set()
+        else:
+            self._fail(ProtocolError("handoff.op", f"worker {peer} sent op {note.op}"))
+
+    def _fail(self, exc: Exception) -> None:
+        assert self._fault is not None
+        if not self._fault.done():
+            self._fault.set_exception(exc)
 
     async def _save_records(self, indices: Sequence[int]) -> list[ResultRow]:
         results = []
@@ -125,10 +248,13 @@ class Saver:
                 payload = slot.view[HDR:HDR + length]
                 # One packet is the whole record; its checksum is its digest: no END follows.
                 wire.pack_packet_header(slot.view, wire.PacketKind.RECORD, index, 0, payload)
-                self._sender.queue(slot.view[:HDR + length], slot)
+                # Records need no order among themselves: none waits for a QUEUED.
+                self._emit(index, 0, slot, HDR + length,
+                           self._routes.record_channel(self.worker, self._records_routed))
+                self._records_routed += 1
                 results.append((index, self._devices[index].id, length, 1, start_ns, end_ns,
                                 self.worker))
-            await asyncio.sleep(0)  # let the sender ship the batch and streams progress
+            await asyncio.sleep(0)  # let the senders ship the batch and streams progress
         return results
 
     def _on_thread(self, index: int) -> bool:
@@ -152,6 +278,7 @@ class Saver:
         digest = wire.StateDigest()
         seq = total = 0
         at_end = False
+        hop = _Hop()
         while not at_end:
             slot = await self._slots.acquire(self._chunk_class)
             capacity = slot.size - HDR
@@ -168,19 +295,40 @@ class Saver:
             payload = slot.view[HDR:HDR + filled]
             digest.add(wire.pack_packet_header(slot.view, wire.PacketKind.CHUNK, index, seq,
                                                payload))
-            self._sender.queue(slot.view[:HDR + filled], slot)
+            await self._emit_in_order(hop, index, seq, slot, HDR + filled)
             seq += 1
             total += filled
-        self._queue_end(index, seq, digest.digest(), total, seq)
+        slot = await self._slots.acquire(self._record_class)
+        end = slot.view[:HDR + wire.END_PAYLOAD_BYTES]
+        end[HDR:] = wire.pack_end(digest.digest(), total, seq)
+        wire.pack_packet_header(end, wire.PacketKind.END, index, seq, end[HDR:])
+        await self._emit_in_order(hop, index, seq, slot, len(end))
         await device.save_end()
         return index, device.id, total, seq, start, time.monotonic_ns(), self.worker
 
-    def _queue_end(self, index: int, seq: int, digest: bytes, total: int, packets: int) -> None:
-        packet = bytearray(HDR + wire.END_PAYLOAD_BYTES)
-        view = memoryview(packet)
-        view[HDR:] = wire.pack_end(digest, total, packets)
-        wire.pack_packet_header(view, wire.PacketKind.END, index, seq, view[HDR:])
-        self._sender.queue(packet)
+    async def _emit_in_order(self, hop: _Hop, index: int, seq: int, slot: Slot,
+                             length: int) -> None:
+        """Emit a stream packet once the one before it is queued, if it changes channel."""
+        channel = self._routes.stream_channel(self.worker, seq)
+        if hop.queued is not None and channel != hop.channel:
+            await hop.queued
+        hop.channel = channel
+        hop.queued = self._emit(index, seq, slot, length, channel)
+
+
+class _Hop:
+    """Where a stream's last packet went, and the future of its QUEUED if another worker's."""
+
+    __slots__ = ("channel", "queued")
+
+    def __init__(self) -> None:
+        self.channel = -1
+        self.queued: asyncio.Future[None] | None = None
+
+
+async def _raise_when_set(fault: asyncio.Future[None]) -> None:
+    """Turn a failure noticed in a callback into a task failure (ending the TaskGroup)."""
+    await fault
 
 
 def _runs_of_same_shape(order: Sequence[int], devices: dict[int, Device]) -> list[list[int]]:

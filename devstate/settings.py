@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from devstate import wire
 from devstate.arena import Layout, SlotClass
+from devstate.route import Routing
 from devstate.spec import MachineSpec
 
 # Slot classes, in this order, in every worker's partition.
@@ -30,6 +31,10 @@ class Settings:
     ``single_vm`` gives every kvm vCPU to worker 0, in one KVM VM, whose gets and puts run
     on a thread per usable CPU (ctypes drops the GIL during the ioctl): what a one-process
     VMM can do. The default is sharded: each worker's own VM holds its share.
+    ``channels`` is the number of data channels (None: one per worker), the same setting
+    for every device; ``routing`` puts a device's packets on its home channel (affinity) or
+    spreads a stream's packets over all of them (:mod:`devstate.route`). A destination
+    worker receives on at most ``window_slots`` channels (a receive window each).
     """
 
     workers: int = 2
@@ -40,6 +45,14 @@ class Settings:
     window_bytes: int = 256 << 10
     cpus: tuple[int, ...] | None = None  # worker i runs on cpus[i % len]; None: usable CPUs
     single_vm: bool = False
+    channels: int | None = None
+    routing: Routing = Routing.AFFINITY
+    window_slots: int = 4
+
+    @property
+    def data_channels(self) -> int:
+        """How many data channels a migration from this side opens."""
+        return self.channels or self.workers
 
     @property
     def record_threads(self) -> int:
@@ -55,5 +68,5 @@ class Settings:
         return Layout(self.workers, (
             SlotClass(record, self.record_slots),
             SlotClass(wire.PACKET_HEADER_BYTES + self.chunk_bytes, self.chunk_slots),
-            SlotClass(window, 1),
+            SlotClass(window, self.window_slots),
         ))

@@ -4,8 +4,8 @@ Runs in: the source coordinator process, on uvloop.
 
 Sequence of one migration (main channel messages in capitals)::
 
-    setup   connect main channel, HELLO (id, device table, owners, mode) -> destination
-            every worker connects its own data channel          (all before the stop)
+    setup   connect main channel, HELLO (id, device table, channels, mode) -> destination
+            every worker connects the data channels it owns      (all before the stop)
             <- READY (destination validated, devices in RESUMING, channels adopted)
     t0      stop: every worker gets its devices in parallel and streams them
             <- LOADED (every device put and its digest verified)
@@ -35,11 +35,14 @@ from devstate.errors import DevstateError, MigrationFailed, WorkerLost, describe
 from devstate.lifecycle import no_gc_pauses
 from devstate.machine import Machine
 from devstate.report import DeviceReport, MigrationReport
+from devstate.route import Routes
 
 log = logging.getLogger("devstate.source")
 
 # After COMMIT the destination only resumes its devices: seconds are generous.
 RESUMED_TIMEOUT_S = 30.0
+# How long a failed save waits for the destination's own account of the failure.
+PEER_REASON_WAIT_S = 1.0
 
 
 class SourceVM(Machine):
@@ -48,9 +51,11 @@ class SourceVM(Machine):
     incoming = False
     side = "source"
 
-    async def migrate(self, address: channels.Address, *, compare_digests: bool = False,
+    async def migrate(self, address: channels.Address, *, tls: channels.TlsConfig | None = None,
+                      compare_digests: bool = False,
                       on_status: Callable[[str], None] | None = None) -> MigrationReport:
-        """Migrate the machine to the destination listening at ``address``.
+        """Migrate the machine to the destination listening at ``address`` (over TLS with
+        ``tls``: the destination's certificate is checked against ``tls.ca``).
 
         ``on_status`` is called with QEMU's status names as the migration moves: ``setup``,
         ``device`` (the VM stopped: stop-and-copy), ``completed`` or ``failed``.
@@ -59,10 +64,10 @@ class SourceVM(Machine):
         status("setup")
         before = await self.digests() if compare_digests else {}
         migration_id = uuid.uuid4()
-        sock = await channels.connect(address)
+        sock = await channels.open_main_channel(address, tls)
         committed = False
         try:
-            t0 = await self._setup(sock, address, migration_id, compare_digests)
+            t0 = await self._setup(sock, address, tls, migration_id, compare_digests)
             self.running = False
             status("device")
             with no_gc_pauses():
@@ -94,32 +99,48 @@ class SourceVM(Machine):
         finally:
             sock.close()
 
-    async def _setup(self, sock: Any, address: channels.Address, migration_id: uuid.UUID,
+    @property
+    def routes(self) -> Routes:
+        """This side's channel map: which worker sends on which channel, and how."""
+        return Routes(self.settings.data_channels, self.plan.workers, self.settings.routing)
+
+    async def _setup(self, sock: Any, address: channels.Address,
+                     tls: channels.TlsConfig | None, migration_id: uuid.UUID,
                      compare_digests: bool) -> int:
         """Handshake and open data channels; return t0, taken as the VM stops."""
-        n = self.plan.workers
+        routes = self.routes
+        n = routes.channels
         await fdio.send_all(sock, [channels.hello(wire.ChannelKind.MAIN, 0, n, migration_id)])
         await channels.send_control(sock, wire.ControlType.HELLO, {
             "migration_id": str(migration_id), "devices": self.spec.handshake_table(),
-            "channels": n, "owners": list(self.plan.owner),
+            "channels": n, "routing": routes.routing.value,
             "concurrent": self.settings.concurrent, "digests": compare_digests,
             "chunk_bytes": self.settings.chunk_bytes})
         await self.pool.call_all({
-            w: m.ConnectChannel(address.path,
-                                channels.hello(wire.ChannelKind.DATA, w, n, migration_id))
-            for w in range(n)})
+            w: m.ConnectChannels(address, tuple(
+                (k, channels.hello(wire.ChannelKind.DATA, k, n, migration_id))
+                for k in routes.channels_of(w)), tls)
+            for w in range(self.plan.workers)})
         await channels.expect_control(sock, wire.ControlType.READY)
         return time.monotonic_ns()
 
     async def _stop_and_copy(self, sock: Any) -> None:
         """Save on every worker while waiting for LOADED; the first failure wins."""
+        routes, gen = self.routes, self.next_gen()
         saving = asyncio.ensure_future(self.pool.call_all({
-            w: m.Save(self.plan.devices_of(w), self.settings.concurrent,
+            w: m.Save(self.plan.devices_of(w), self.settings.concurrent, routes, gen,
                       self.settings.record_threads)
             for w in range(self.plan.workers)}))
         loading = asyncio.ensure_future(channels.expect_control(sock, wire.ControlType.LOADED))
         try:
             done, _ = await asyncio.wait({saving, loading}, return_when=asyncio.FIRST_EXCEPTION)
+            if saving in done and saving.exception() is not None and not loading.done():
+                # A save that fails on a data channel is often the echo of a failure at the
+                # destination, which closes its channels and says why on the main channel:
+                # give that reason a moment to arrive, as it names the cause.
+                await asyncio.wait({loading}, timeout=PEER_REASON_WAIT_S)
+                if loading.done() and loading.exception() is not None:
+                    raise loading.exception() from saving.exception()  # type: ignore[misc]
             for task in done:
                 task.result()  # raises the first failure
             await saving

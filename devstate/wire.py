@@ -8,7 +8,7 @@ Data packet (data channels)::
 
     0  magic    u32  'DSTP'
     4  version  u16  1
-    6  flags    u16  exactly one of RECORD, CHUNK, END
+    6  flags    u16  exactly one of RECORD, CHUNK, END, FIN
     8  device   u32  index in the machine's device table (checked at handshake)
     12 seq      u32  packet number within the device's state, from 0
     16 length   u32  payload bytes (bounded by the receiver's slot size)
@@ -16,9 +16,10 @@ Data packet (data channels)::
     24 checksum u64  xxh3_64(payload, seed=xxh3_64(bytes 0..23)): covers header and payload
     32 payload
 
-A RECORD packet is a record device's whole state and ends it. An END packet closes a
-stream device's state; its payload is ``digest[16] | bytes u64 | packets
-u32 | reserved u32``. The digest is xxh3_128 over the device's packet checksums in sequence
+A RECORD packet is a record device's whole state and ends it. A FIN packet ends a data
+channel: device 0, ``seq`` the number of packets sent on the channel before it, no payload.
+An END packet closes a stream device's state; its payload is ``digest[16] | bytes u64 |
+packets u32 | reserved u32``. The digest is xxh3_128 over the device's packet checksums in sequence
 order (:class:`StateDigest`): each checksum already covers its packet's bytes, so the
 digest proves every byte, the order and the count without a second pass over the data.
 
@@ -72,6 +73,7 @@ class PacketKind(enum.IntFlag):
     RECORD = 1  # one whole record (seq 0); it ends its device, its checksum its digest
     CHUNK = 2   # the next piece of a stream
     END = 4     # end of the device's state, with its digest
+    FIN = 8     # end of the channel: seq counts the packets before it
 
 
 class ChannelKind(enum.IntEnum):
@@ -95,7 +97,8 @@ class ControlType(enum.IntEnum):
 
 
 # flags -> kind without an enum call per packet (decoding runs per record: microseconds).
-_KINDS = {int(k): k for k in (PacketKind.RECORD, PacketKind.CHUNK, PacketKind.END)}
+_KINDS = {int(k): k for k in (PacketKind.RECORD, PacketKind.CHUNK, PacketKind.END,
+                             PacketKind.FIN)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,7 +184,10 @@ def decode_packet_header(data: memoryview | bytes, *, devices: int,
         raise ProtocolError("packet.seq", f"a RECORD is always seq 0, got {seq}")
     if length > max_payload:
         raise ProtocolError("packet.length", f"{length} exceeds the limit {max_payload}")
-    if kind is not PacketKind.END and length == 0:
+    if kind is PacketKind.FIN:
+        if length or device:
+            raise ProtocolError("packet.length", "a FIN carries no payload and device 0")
+    elif kind is not PacketKind.END and length == 0:
         raise ProtocolError("packet.length", "a data packet must carry bytes")
     return PacketHeader(kind, device, seq, length, checksum)
 

@@ -7,9 +7,10 @@ fork from the threaded coordinator). Life of a worker::
     serve requests on its own uvloop: each runs as a task, replies when done
       OpenDevices -> devices built and opened here (the owner rule: only this process
                      ever touches them; a vfio-sim model process is a child of this one)
-      ConnectChannel / AdoptChannel -> its data channel
-      PrepareLoad, then Save / Load -> save.Saver / load.Loader over the channel; the
-                     reply is a count, the per-device rows wait for Results
+      JoinMesh       -> its link to another worker of the side (handoffs through the arena)
+      ConnectChannels / AdoptChannel -> its data channels (none, one or several)
+      PrepareLoad, then Save / Load -> save.Saver / load.Loader over its channels, which
+                     close after; the reply is a count, the per-device rows wait for Results
       Resume / Discard / Digests / Cancel / SnapshotRecords / RestoreRecords
     Shutdown, or EOF on its pipe (the coordinator died) -> close devices, exit
 
@@ -41,6 +42,7 @@ from devstate import messages as m
 from devstate.arena import Arena, Layout, Slot
 from devstate.devices import Device, RecordDevice, StreamDevice, make_device
 from devstate.errors import DeviceError
+from devstate.handoff import Mesh
 from devstate.lifecycle import no_gc_pauses
 from devstate.load import Loader
 from devstate.save import Saver
@@ -83,9 +85,14 @@ class Worker:
         self._spec = spec
         self._table = spec.devices()
         self._slots = arena.slot_pool(layout, index)
-        self._window = self._slots.acquire_nowait(WINDOW_CLASS)
+        if layout.workers > 1:
+            # Handoffs read and write the slots of the other workers' partitions too.
+            arena.prefault(0, layout.total_bytes)
+        self._arena = arena.view(0, layout.total_bytes)
+        self._mesh: Mesh | None = None
+        self._gens = 0
         self._devices: dict[int, Device] = {}
-        self._channel: socket.socket | None = None
+        self._channels: dict[int, socket.socket] = {}
         self._busy: asyncio.Task[Any] | None = None
         self._results: list[m.ResultRow] = []  # of the last Save or Load
         self._snapshot: list[tuple[Slot, int]] = []  # of the last SnapshotRecords
@@ -105,8 +112,9 @@ class Worker:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             await self._close_devices()
-            if self._channel is not None:
-                self._channel.close()
+            self._drop_channels()
+            if self._mesh is not None:
+                self._mesh.close()
             if self._executor is not None:
                 self._executor.shutdown()
 
@@ -125,28 +133,26 @@ class Worker:
                 self._busy.cancel()
             self._reply(m.Reply(request.req, True))
             return
-        if isinstance(command, m.AdoptChannel):
+        fd = None
+        if isinstance(command, m.AdoptChannel | m.JoinMesh):
             # The fd follows the message on the same pipe: take it before anything else.
             fd = recv_handle(self._conn)
-            self._adopt(fd)
-            self._reply(m.Reply(request.req, True))
-            return
-        task = asyncio.get_running_loop().create_task(self._run(request))
+        task = asyncio.get_running_loop().create_task(self._run(request, fd))
         if isinstance(command, m.Save | m.Load):
             self._busy = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, request: m.Request) -> None:
+    async def _run(self, request: m.Request, fd: int | None) -> None:
         critical = isinstance(request.command, m.Save | m.Load | m.SnapshotRecords
                               | m.RestoreRecords)
         with no_gc_pauses() if critical else contextlib.nullcontext():
-            reply = await self._reply_for(request)
+            reply = await self._reply_for(request, fd)
         self._reply(reply)
 
-    async def _reply_for(self, request: m.Request) -> m.Reply:
+    async def _reply_for(self, request: m.Request, fd: int | None) -> m.Reply:
         try:
-            value = await self._handle(request.command)
+            value = await self._handle(request.command, fd)
             reply = m.Reply(request.req, True, value=value)
         except asyncio.CancelledError:
             reply = m.Reply(request.req, False, error_type="Cancelled",
@@ -162,28 +168,50 @@ class Worker:
         with contextlib.suppress(OSError):
             self._conn.send(reply)
 
-    async def _handle(self, command: Any) -> Any:
+    async def _handle(self, command: Any, fd: int | None = None) -> Any:
         match command:
             case m.OpenDevices(devices=devices, incoming=incoming):
                 await self._open_devices(devices, incoming)
-            case m.ConnectChannel(path=path, hello=hello):
-                await self._connect(path, hello)
-            case m.Save(order=order, concurrent=concurrent, record_threads=threads):
-                saver = Saver(self.index, self._devices, self._slots, self._need_channel(),
+            case m.JoinMesh(peer=peer):
+                assert fd is not None
+                if self._mesh is None:
+                    self._mesh = Mesh(self.index)
+                self._mesh.join(peer, fd)
+            case m.ConnectChannels(address=address, hellos=hellos, tls=tls):
+                self._drop_channels()
+                for index, hello in hellos:
+                    self._channels[index] = await channels.open_data_channel(address, hello,
+                                                                             tls)
+            case m.AdoptChannel(index=index, hello=hello, tls=tls):
+                assert fd is not None
+                self._channels[index] = await channels.adopt_data_channel(fd, hello, tls)
+            case m.Save(order=order, concurrent=concurrent, routes=routes, gen=gen,
+                        record_threads=threads):
+                saver = Saver(self.index, self._devices, self._slots, self._arena,
+                              self._channels, self._mesh, routes, gen,
                               record_class=RECORD_CLASS, chunk_class=CHUNK_CLASS,
                               executor=self._record_executor(threads))
-                self._results = await saver.run(order, concurrent)
+                try:
+                    self._results = await saver.run(order, concurrent)
+                finally:
+                    self._drop_channels()
                 return len(self._results)
             case m.PrepareLoad(devices=devices):
                 await asyncio.gather(*(d.load_begin() for i, d in self._devices.items()
                                        if i in devices and isinstance(d, StreamDevice)))
-            case m.Load(devices=devices, concurrent=concurrent, record_threads=threads):
-                assert self._window is not None
-                loader = Loader(self.index, self._devices, self._slots, self._window,
-                                self._need_channel(), table_size=len(self._table),
+            case m.Load(devices=devices, concurrent=concurrent, owner=owner, gen=gen,
+                        record_threads=threads):
+                windows = self._windows()
+                loader = Loader(self.index, self._devices, self._slots, self._arena, windows,
+                                self._channels, self._mesh, owner, gen,
                                 record_class=RECORD_CLASS, chunk_class=CHUNK_CLASS,
                                 executor=self._record_executor(threads))
-                self._results = await loader.run(devices, concurrent)
+                try:
+                    self._results = await loader.run(devices, concurrent)
+                finally:
+                    for window in windows.values():
+                        self._slots.release(window)
+                    self._drop_channels()
                 return len(self._results)
             case m.Results():
                 return self._results
@@ -200,6 +228,7 @@ class Worker:
                         await device.resume()
                 await asyncio.gather(*(d.resume() for d in streams))
             case m.Discard():
+                self._drop_channels()
                 await asyncio.gather(*(d.reset() for d in self._devices.values()
                                        if isinstance(d, StreamDevice)))
             case m.Digests(devices=devices):
@@ -264,29 +293,24 @@ class Worker:
             if isinstance(result, BaseException) and not isinstance(result, DeviceError):
                 raise result
 
-    async def _connect(self, path: str, hello: bytes) -> None:
-        sock = await channels.connect(channels.Address("unix", path))
-        try:
-            await fdio.send_all(sock, [hello])
-        except BaseException:
+    def _windows(self) -> dict[int, Slot]:
+        """A receive window slot for each data channel of this worker."""
+        windows: dict[int, Slot] = {}
+        for index in self._channels:
+            window = self._slots.acquire_nowait(WINDOW_CLASS)
+            if window is None:
+                for taken in windows.values():
+                    self._slots.release(taken)
+                raise RuntimeError(f"worker {self.index}: {len(self._channels)} channels, "
+                                   f"{self._slots.counts[WINDOW_CLASS]} receive windows")
+            windows[index] = window
+        return windows
+
+    def _drop_channels(self) -> None:
+        """Close this worker's data channels: each serves one migration."""
+        for sock in self._channels.values():
             sock.close()
-            raise
-        self._set_channel(sock)
-
-    def _adopt(self, fd: int) -> None:
-        sock = socket.socket(fileno=fd)
-        sock.setblocking(False)
-        self._set_channel(sock)
-
-    def _set_channel(self, sock: socket.socket) -> None:
-        if self._channel is not None:
-            self._channel.close()
-        self._channel = sock
-
-    def _need_channel(self) -> socket.socket:
-        if self._channel is None:
-            raise RuntimeError(f"worker {self.index} has no data channel")
-        return self._channel
+        self._channels.clear()
 
 
 def _first_error(exc: BaseException) -> BaseException:

@@ -1,10 +1,11 @@
-"""The destination's receive path against any segmentation of the byte stream.
+"""The destination's receive path against any segmentation and any spread of the bytes.
 
-A Loader reassembles packets from whatever pieces the socket delivers: small packets
-batched in its window (moved forward when one straddles the end), chunk payloads read
-straight into slots, chunk heads that arrived with earlier small packets copied once.
-Hypothesis picks the device mix and the cut points; every device must get exactly its
-bytes, in order.
+A Loader reassembles packets from whatever pieces the sockets deliver: small packets
+batched in its windows (moved forward when one straddles the end), chunk payloads read
+straight into slots, chunk heads that arrived with earlier small packets copied once, and
+(spread routing) a stream's packets arriving over several channels in any interleaving.
+Hypothesis picks the device mix, each packet's channel and the cut points; every device
+must get exactly its bytes, in order, with fewer chunk slots than a stream has chunks.
 """
 
 from __future__ import annotations
@@ -79,11 +80,11 @@ def _packet(kind: wire.PacketKind, device: int, seq: int,
     return bytes(buf), checksum
 
 
-def _stream_of(records: list[bytes], streams: list[list[bytes]]) -> bytes:
-    """Records first, then the streams' chunks interleaved round robin, then their ENDs."""
-    out = []
-    for i, payload in enumerate(records):
-        out.append(_packet(wire.PacketKind.RECORD, i, 0, payload)[0])
+def _packets_of(records: list[bytes], streams: list[list[bytes]]) -> list[tuple[int, bytes]]:
+    """(device, packet) in send order: records, then the streams' chunks interleaved round
+    robin, then their ENDs."""
+    out = [(i, _packet(wire.PacketKind.RECORD, i, 0, payload)[0])
+           for i, payload in enumerate(records)]
     digests = [wire.StateDigest() for _ in streams]
     for step in range(max((len(c) for c in streams), default=0)):
         for k, chunks in enumerate(streams):
@@ -91,38 +92,54 @@ def _stream_of(records: list[bytes], streams: list[list[bytes]]) -> bytes:
                 packet, checksum = _packet(wire.PacketKind.CHUNK, len(records) + k, step,
                                            chunks[step])
                 digests[k].add(checksum)
-                out.append(packet)
+                out.append((len(records) + k, packet))
     for k, chunks in enumerate(streams):
         end = wire.pack_end(digests[k].digest(), sum(map(len, chunks)), len(chunks))
-        out.append(_packet(wire.PacketKind.END, len(records) + k, len(chunks), end)[0])
-    return b"".join(out)
+        out.append((len(records) + k,
+                    _packet(wire.PacketKind.END, len(records) + k, len(chunks), end)[0]))
+    return out
 
 
-async def _load(data: bytes, cuts: list[int], devices: dict, concurrent: bool) -> None:
-    layout = Layout(1, (SlotClass(HDR + 1024, 4), SlotClass(HDR + CHUNK, 3),
-                        SlotClass(8192, 1)))
+def _channel_bytes(packets: list[tuple[int, bytes]], routes: list[int],
+                   channels: int) -> list[bytes]:
+    """Each channel's byte stream: its packets in send order, then its FIN."""
+    per = [[] for _ in range(channels)]
+    for (_, packet), k in zip(packets, routes, strict=True):
+        per[k].append(packet)
+    return [b"".join(p) + _packet(wire.PacketKind.FIN, 0, len(p), b"")[0] for p in per]
+
+
+async def _load(streams: list[bytes], cuts: list[list[int]], devices: dict,
+                concurrent: bool, chunk_slots: int) -> None:
+    channels = len(streams)
+    layout = Layout(1, (SlotClass(HDR + 1024, 4), SlotClass(HDR + CHUNK, chunk_slots),
+                        SlotClass(8192, channels)))
     with Arena.create(layout.total_bytes) as arena:
         slots = arena.slot_pool(layout, 0)
-        window = slots.acquire_nowait(2)
-        ours, theirs = socket.socketpair()
-        ours.setblocking(False)
+        windows = {k: slots.acquire_nowait(2) for k in range(channels)}
+        pairs = [socket.socketpair() for _ in range(channels)]
+        for ours, _ in pairs:
+            ours.setblocking(False)
         try:
-            loader = Loader(0, devices, slots, window, ours, table_size=len(devices),
-                            record_class=0, chunk_class=1)
+            loader = Loader(0, devices, slots, arena.view(0, layout.total_bytes), windows,
+                            {k: ours for k, (ours, _) in enumerate(pairs)}, None,
+                            (0,) * len(devices), 1, record_class=0, chunk_class=1)
 
-            async def send() -> None:
+            async def send(k: int) -> None:
                 loop = asyncio.get_running_loop()
-                pos = 0
-                for cut in [*sorted(set(cuts)), len(data)]:
+                data, pos = streams[k], 0
+                for cut in [*sorted(set(cuts[k])), len(data)]:
                     if cut > pos:
-                        await loop.run_in_executor(None, theirs.sendall, data[pos:cut])
+                        await loop.run_in_executor(None, pairs[k][1].sendall, data[pos:cut])
                         pos = cut
 
-            await asyncio.gather(loader.run(devices, concurrent), send())
+            await asyncio.gather(loader.run(devices, concurrent),
+                                 *(send(k) for k in range(channels)))
         finally:
-            ours.close()
-            theirs.close()
-        del window, slots
+            for pair in pairs:
+                for sock in pair:
+                    sock.close()
+        del windows, slots
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -132,14 +149,34 @@ async def _load(data: bytes, cuts: list[int], devices: dict, concurrent: bool) -
        data=st.data(), concurrent=st.booleans())
 def test_every_segmentation_loads_every_device_exactly(records, streams, data,
                                                        concurrent) -> None:
+    """One channel: any cut points, in sequential and concurrent mode."""
+    _check(records, streams, data, concurrent, channels=1)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(records=st.lists(st.binary(min_size=1, max_size=1000), max_size=8),
+       streams=st.lists(st.lists(st.binary(min_size=1, max_size=CHUNK), min_size=1,
+                                 max_size=8), min_size=1, max_size=3),
+       channels=st.integers(2, 4), data=st.data())
+def test_spread_packets_reassemble_in_order_from_any_channel(records, streams, channels,
+                                                            data) -> None:
+    """Spread routing: every packet on any channel, the channels read in any interleaving,
+    with fewer chunk slots than one stream has chunks: each stream still loads in order."""
+    _check(records, streams, data, True, channels=channels)
+
+
+def _check(records, streams, data, concurrent: bool, *, channels: int) -> None:
     if not records and not streams:
         return
-    stream = _stream_of(records, streams)
-    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=40))
+    packets = _packets_of(records, streams)
+    routes = data.draw(st.lists(st.integers(0, channels - 1), min_size=len(packets),
+                                max_size=len(packets)))
+    per_channel = _channel_bytes(packets, routes, channels)
+    cuts = [data.draw(st.lists(st.integers(0, len(b)), max_size=20)) for b in per_channel]
     devices = {i: FakeRecord(i) for i in range(len(records))}
     devices.update({len(records) + k: FakeStream(len(records) + k)
                     for k in range(len(streams))})
-    uvloop.run(_load(stream, cuts, devices, concurrent))
+    uvloop.run(_load(per_channel, cuts, devices, concurrent, chunk_slots=channels + 1))
     for i, payload in enumerate(records):
         assert devices[i].loaded == payload
     for k, chunks in enumerate(streams):

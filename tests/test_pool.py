@@ -13,6 +13,7 @@ import pytest
 from devstate import messages as m
 from devstate.errors import WorkerFailed, WorkerLost
 from devstate.pool import WorkerPool, usable_cpus
+from devstate.route import Routes
 from devstate.settings import Settings
 from devstate.spec import parse_spec
 from tests.conftest import shm_segments
@@ -46,8 +47,8 @@ def test_calls_return_values_and_errors_name_the_worker(run) -> None:
             digests = await pool.call(1, m.Digests((1, 3)))
             assert set(digests) == {1, 3}
             with pytest.raises(WorkerFailed, match="worker 0: Save: RuntimeError: worker 0 "
-                                                   "has no data channel"):
-                await pool.call(0, m.Save((0,), True))
+                                                   "has no data channel 0"):
+                await pool.call(0, m.Save((0,), True, Routes(2, 2), 1))
             # The worker survives its own errors.
             assert await pool.call(0, m.Digests((0,)))
 

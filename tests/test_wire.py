@@ -69,13 +69,24 @@ def test_each_header_field_is_checked(field: str, value: int) -> None:
     fmt, off = offsets[field]
     buf = _packet(wire.PacketKind.CHUNK, 1, 0, b"x" * 16)
     original = struct.unpack_from(fmt, buf, off)[0]
-    bad = {"magic": value | 1 << 20, "version": (value % 60000) + 2, "flags": 3 if value % 2 else 8,
+    bad = {"magic": value | 1 << 20, "version": (value % 60000) + 2,
+           "flags": 3 if value % 2 else 16,
            "device": 8 + value, "reserved": value + 1, "length": MAX + 1 + value}[field]
     assert bad != original
     struct.pack_into(fmt, buf, off, bad)
     with pytest.raises(ProtocolError) as info:
         wire.decode_packet_header(buf[:HDR], devices=8, max_payload=MAX)
     assert info.value.field == f"packet.{field}"
+
+
+def test_fin_carries_no_payload_and_device_0() -> None:
+    header = wire.decode_packet_header(_packet(wire.PacketKind.FIN, 0, 7, b"")[:HDR],
+                                       devices=1, max_payload=MAX)
+    assert (header.kind, header.seq, header.length) == (wire.PacketKind.FIN, 7, 0)
+    for device, payload in ((0, b"x"), (1, b"")):
+        with pytest.raises(ProtocolError, match="FIN"):
+            wire.decode_packet_header(_packet(wire.PacketKind.FIN, device, 0, payload)[:HDR],
+                                      devices=2, max_payload=MAX)
 
 
 def test_record_and_end_rules() -> None:
