@@ -7,8 +7,9 @@ channel belongs to one worker on each side, which sends or receives on it direct
 Addresses, listeners and TLS are :mod:`devstate.transport`'s. Every channel opens with a
 plaintext hello (migration id, kind, index): the destination's coordinator routes the
 connection by it before any TLS, since a TLS session cannot move between processes. With
-TLS the channel's worker then runs the handshake itself and the hello is sent again inside
-TLS, where it must match: the plaintext one only routes, the encrypted one authenticates.
+TLS whoever owns the channel (the coordinator for the main one, a worker for a data one)
+then runs the handshake and the hello is sent again inside TLS, where it must match: the
+plaintext one only routes, the encrypted one authenticates.
 """
 
 from __future__ import annotations
@@ -23,12 +24,15 @@ from devstate import fdio, transport, wire
 from devstate.errors import ChannelError, ProtocolError
 from devstate.transport import Address, Listener, TlsConfig, parse_uri
 
-__all__ = ["Address", "Listener", "TlsConfig", "parse_uri", "open_main_channel",
-           "accept_main_channel", "open_data_channel", "adopt_data_channel", "read_hello",
-           "hello", "send_control", "recv_control", "expect_control"]
+__all__ = ["Address", "Channel", "Listener", "TlsConfig", "parse_uri", "open_channel",
+           "secure_accepted", "adopt_channel", "read_hello", "hello", "send_control",
+           "recv_control", "expect_control"]
 
 # A peer that connected must say who it is promptly; a silent one is dropped, not waited on.
 HELLO_TIMEOUT_S = 5.0
+# The destination adopts channels one after another once it has checked the HELLO: seconds
+# are generous, but a destination that never adopts a channel must not hang the source.
+ECHO_TIMEOUT_S = 30.0
 
 Channel = socket.socket | ssl.SSLSocket
 
@@ -37,58 +41,68 @@ def _server_name(address: Address, tls: TlsConfig) -> str:
     return tls.hostname or address.host or "localhost"
 
 
-async def open_main_channel(address: Address, tls: TlsConfig | None) -> Channel:
-    """Source: connect the main channel (its hello is the caller's to send)."""
-    sock = await transport.connect(address)
-    if tls is None:
-        return sock
-    return await transport.tls_client(sock, tls, _server_name(address, tls))
-
-
-async def accept_main_channel(sock: socket.socket, tls: TlsConfig | None) -> Channel:
-    """Destination: the accepted main channel, after the TLS handshake if ``tls``."""
-    if tls is None:
-        return sock
-    return await transport.tls_server(sock, tls)
-
-
-async def open_data_channel(address: Address, hello_bytes: bytes,
-                            tls: TlsConfig | None) -> Channel:
-    """Source worker: connect one data channel and send its hello (twice over TLS)."""
+async def open_channel(address: Address, hello_bytes: bytes, tls: TlsConfig | None) -> Channel:
+    """Source: connect a channel and send its hello (again inside TLS, with ``tls``)."""
     sock = await transport.connect(address)
     try:
         await fdio.send_all(sock, [hello_bytes])
     except OSError as exc:
         sock.close()
-        raise ChannelError(f"data channel to {address}: sending its hello: {exc}") from exc
-    if tls is None:
-        return sock
-    secured = await transport.tls_client(sock, tls, _server_name(address, tls))
+        raise ChannelError(f"{address}: sending the hello: {exc}") from exc
+    channel: Channel = sock
     try:
-        await fdio.send_all(secured, [hello_bytes])
+        if tls is not None:
+            channel = await transport.tls_client(sock, tls, _server_name(address, tls))
+            await fdio.send_all(channel, [hello_bytes])
+        # The destination echoes the hello once the channel is adopted: a refused, stray
+        # or broken channel shows here, at setup, not as a stall later.
+        echo = bytearray(len(hello_bytes))
+        async with asyncio.timeout(ECHO_TIMEOUT_S):
+            if not await fdio.recv_exactly(channel, memoryview(echo)):
+                raise ChannelError(f"{address}: closed by the destination before adopting "
+                                   "the channel")
+        if echo != hello_bytes:
+            raise ProtocolError("hello", "the destination echoed another hello")
+    except TimeoutError:
+        channel.close()
+        raise ChannelError(f"{address}: not adopted within {ECHO_TIMEOUT_S:.0f} s") from None
+    except (OSError, ConnectionError) as exc:
+        channel.close()
+        raise ChannelError(f"{address}: {exc}") from exc
+    except BaseException:
+        channel.close()
+        raise
+    return channel
+
+
+async def secure_accepted(sock: socket.socket, hello_bytes: bytes,
+                          tls: TlsConfig | None) -> Channel:
+    """Destination: adopt an accepted channel whose plaintext hello was ``hello_bytes``:
+    with ``tls``, run the handshake and check the hello sent again inside it; then echo the
+    hello, which tells the source the channel is ours."""
+    channel: Channel = sock
+    try:
+        if tls is not None:
+            channel = await transport.tls_server(sock, tls)
+            inner = await read_hello(channel)
+            if wire.pack_hello(inner) != hello_bytes:
+                raise ProtocolError("hello", f"channel {inner.index}: the hello inside TLS "
+                                             "differs from the one that routed it")
+        await fdio.send_all(channel, [hello_bytes])
     except OSError as exc:
-        secured.close()
-        raise ChannelError(f"data channel to {address}: sending its hello: {exc}") from exc
-    return secured
+        channel.close()
+        raise ChannelError(f"echoing the hello: {exc}") from exc
+    except BaseException:
+        channel.close()
+        raise
+    return channel
 
 
-async def adopt_data_channel(fd: int, hello_bytes: bytes, tls: TlsConfig | None) -> Channel:
-    """Destination worker: take over an accepted data channel whose plaintext hello was
-    ``hello_bytes``; over TLS, handshake and check the hello sent again inside."""
+async def adopt_channel(fd: int, hello_bytes: bytes, tls: TlsConfig | None) -> Channel:
+    """Destination worker: take over an accepted data channel passed as ``fd``."""
     sock = socket.socket(fileno=fd)
     sock.setblocking(False)
-    if tls is None:
-        return sock
-    secured = await transport.tls_server(sock, tls)
-    try:
-        inner = await read_hello(secured)
-        if wire.pack_hello(inner) != hello_bytes:
-            raise ProtocolError("hello", f"channel {inner.index}: the hello inside TLS differs "
-                                         "from the one that routed it")
-    except BaseException:
-        secured.close()
-        raise
-    return secured
+    return await secure_accepted(sock, hello_bytes, tls)
 
 
 async def read_hello(sock: socket.socket) -> wire.Hello:

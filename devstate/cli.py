@@ -19,8 +19,10 @@ import uvloop
 from devstate.errors import DevstateError
 from devstate.lifecycle import end_with_parent
 from devstate.report import MigrationReport, format_table
+from devstate.route import Routing
 from devstate.settings import Settings
 from devstate.spec import Backend, MachineSpec, load_spec
+from devstate.transport import TlsConfig
 
 DEFAULT_MACHINE = "default.toml"
 
@@ -49,9 +51,13 @@ def _parser() -> argparse.ArgumentParser:
                       help="workers per side in concurrent mode (default: usable CPUs)")
     demo.add_argument("--json", action="store_true", help="print one JSON object")
 
-    migrate = sub.add_parser("migrate", help="migrate a machine once to a local destination "
-                                             "process and report")
+    migrate = sub.add_parser("migrate", help="migrate a machine once and report: to a "
+                                             "destination it starts here, or --to one "
+                                             "listening elsewhere")
     migrate.add_argument("--spec", required=True, help="machine spec (TOML or JSON)")
+    migrate.add_argument("--to", metavar="URI", default=None,
+                         help="a destination already listening (devstate vm --incoming): "
+                              "unix:PATH or tcp:HOST:PORT; default: start one on this host")
     migrate.add_argument("--workers", type=_positive, default=None,
                          help="workers per side (default: usable CPUs; 1 with --sequential)")
     migrate.add_argument("--sequential", action="store_true",
@@ -59,25 +65,81 @@ def _parser() -> argparse.ArgumentParser:
     migrate.add_argument("--single-vm", action="store_true",
                          help="kvm: one VM in one worker, vCPUs on a thread per CPU, "
                               "instead of a VM per worker")
+    migrate.add_argument("--channels", type=_positive, default=None,
+                         help="data channels (default: one per worker)")
+    migrate.add_argument("--routing", choices=[r.value for r in Routing],
+                         default=Routing.AFFINITY.value,
+                         help="affinity: a device's packets on its owner's channel; spread: "
+                              "a stream's packets over every channel")
+    migrate.add_argument("--max-bandwidth", type=_rate, default=None, metavar="RATE",
+                         help="bytes per second over all channels together, e.g. 100MiB")
+    _tls_arguments(migrate, server=False)
     migrate.add_argument("--json", action="store_true", help="print the report as JSON")
 
     vm = sub.add_parser("vm", help="host a machine's devices as a migration destination")
     vm.add_argument("--spec", required=True, help="machine spec (TOML or JSON)")
     vm.add_argument("--incoming", required=True, metavar="URI",
-                    help="where to listen for the migration: unix:PATH")
+                    help="where to listen for the migration: unix:PATH or tcp:HOST:PORT "
+                         "(port 0: any free port; the 'ready' line names it)")
     vm.add_argument("--workers", type=_positive, default=default_workers(),
-                    help="workers (must equal the source's)")
+                    help="workers (default: usable CPUs; need not equal the source's)")
     vm.add_argument("--chunk-size", type=_chunk_size, default=Settings().chunk_bytes,
                     help="largest stream packet payload, e.g. 1MiB (at least the source's)")
     vm.add_argument("--cpus", type=_cpu_list, default=None,
                     help="comma-separated CPUs to pin workers to (default: usable CPUs)")
     vm.add_argument("--single-vm", action="store_true",
-                    help="kvm: one VM in one worker (must match the source)")
+                    help="kvm: one VM in one worker, vCPUs put on a thread per CPU")
+    _tls_arguments(vm, server=True)
     vm.add_argument("--once", action="store_true",
                     help="exit after one incoming migration instead of running the VM")
     vm.add_argument("--parent", type=int, default=None, metavar="PID",
                     help=argparse.SUPPRESS)  # started by a local migration: end with it
     return parser
+
+
+def _tls_arguments(parser: argparse.ArgumentParser, *, server: bool) -> None:
+    group = parser.add_argument_group("TLS (x509; every channel, when --tls-ca is given)")
+    group.add_argument("--tls-ca", metavar="PEM",
+                       help="CA certificate(s) that sign the peer's certificate")
+    group.add_argument("--tls-cert", metavar="PEM",
+                       help="our certificate chain" + (" (required)" if server
+                                                       else " (for mutual TLS)"))
+    group.add_argument("--tls-key", metavar="PEM", help="its private key, if not in --tls-cert")
+    if server:
+        group.add_argument("--tls-verify-client", action="store_true",
+                           help="require a client certificate signed by --tls-ca")
+    else:
+        group.add_argument("--tls-hostname", metavar="NAME",
+                           help="name to check in the destination's certificate "
+                                "(default: the host of --to)")
+
+
+def _tls_config(args: argparse.Namespace) -> TlsConfig | None:
+    """The TLS settings the flags give, or None; usage errors for incomplete ones."""
+    given = [flag for flag in ("tls_cert", "tls_key", "tls_hostname", "tls_verify_client")
+             if getattr(args, flag, None)]
+    if args.tls_ca is None:
+        if given:
+            raise DevstateError(f"--{given[0].replace('_', '-')} needs --tls-ca")
+        return None
+    if args.command == "vm" and not args.tls_cert:
+        raise DevstateError("a TLS destination needs --tls-cert (and --tls-key)")
+    return TlsConfig(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key,
+                     hostname=getattr(args, "tls_hostname", None),
+                     verify_client=getattr(args, "tls_verify_client", False))
+
+
+def _rate(text: str) -> float:
+    from devstate.errors import SpecError
+    from devstate.spec import parse_quantity
+
+    try:
+        rate = parse_quantity(text, "--max-bandwidth")
+    except SpecError as exc:
+        raise argparse.ArgumentTypeError(exc.reason) from None
+    if rate <= 0:
+        raise argparse.ArgumentTypeError("must be above 0")
+    return float(rate)
 
 
 def _positive(text: str) -> int:
@@ -212,8 +274,24 @@ async def _demo(args: argparse.Namespace) -> int:
 async def _migrate(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     workers = args.workers or (1 if args.sequential else default_workers())
-    report = await _run_mode(args, spec, Settings(workers=workers, concurrent=not args.sequential,
-                                                  single_vm=args.single_vm))
+    settings = Settings(workers=workers, concurrent=not args.sequential,
+                        single_vm=args.single_vm, channels=args.channels,
+                        routing=Routing(args.routing), max_bandwidth=args.max_bandwidth)
+    tls = _tls_config(args)
+    if args.to is None:
+        if tls is not None:
+            raise DevstateError("TLS needs --to: a destination started here uses a Unix "
+                                "socket of its own")
+        return _print(args, [await _run_mode(args, spec, settings)])
+    from devstate.channels import parse_uri
+    from devstate.source import SourceVM
+
+    address = parse_uri(args.to)
+    async with SourceVM(spec, settings) as source:
+        _status(args, f"migrating {spec.name} to {address} over {settings.data_channels} "
+                      f"channel(s){' with TLS' if tls else ''} ...")
+        report = await source.migrate(address, tls=tls, compare_digests=True,
+                                      on_status=lambda text: _status(args, text))
     return _print(args, [report])
 
 
@@ -241,14 +319,15 @@ async def _vm(args: argparse.Namespace) -> int:
         # A destination started by a local migration: SIGTERM (clean unwind) if it dies.
         end_with_parent(args.parent, signal.SIGTERM)
     spec = load_spec(args.spec)
+    tls = _tls_config(args)
     listener = Listener(parse_uri(args.incoming))
     settings = Settings(workers=args.workers, cpus=args.cpus, chunk_bytes=args.chunk_size,
                         single_vm=args.single_vm)
     async with IncomingVM(spec, settings) as vm:
         listener.open()
         try:
-            print("ready", flush=True)
-            result = await vm.accept_migration(listener)
+            print(f"ready {listener.address}", flush=True)
+            result = await vm.accept_migration(listener, tls)
             if not result.completed:
                 print(f"devstate: incoming migration failed: {result.reason}", file=sys.stderr)
                 return 1

@@ -28,8 +28,9 @@ import logging
 import socket
 import time
 import uuid
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from devstate import channels, wire
 from devstate import messages as m
@@ -39,6 +40,7 @@ from devstate.machine import Machine
 from devstate.route import Routes, Routing
 
 log = logging.getLogger("devstate.dest")
+T = TypeVar("T")
 
 # The source connects its data channels right after HELLO; seconds are generous.
 CHANNELS_TIMEOUT_S = 30.0
@@ -65,15 +67,16 @@ class IncomingVM(Machine):
         With ``tls`` every channel runs TLS with our certificate (and requires the source's,
         if ``tls.verify_client``).
         """
-        main = await listener.accept()
+        main: channels.Channel = await listener.accept()
         try:
-            main = await channels.accept_main_channel(main, tls)
             hello = await channels.read_hello(main)
             if hello.kind is not wire.ChannelKind.MAIN:
                 raise ProtocolError("hello.kind", "the first connection must be the main channel")
+            main = await channels.secure_accepted(main, wire.pack_hello(hello), tls)
             body = await channels.expect_control(main, wire.ControlType.HELLO)
             concurrent, send_digests = self._check_hello(body, hello)
-            await self._adopt_channels(listener, hello.migration_id, hello.channels, tls)
+            await self._unless_source_speaks(main, self._adopt_channels(
+                listener, hello.migration_id, hello.channels, tls), "channel setup")
             await self.pool.call_all({w: m.PrepareLoad(self.plan.devices_of(w))
                                       for w in range(self.plan.workers)})
             with no_gc_pauses():  # the source has stopped: until t1, no collection pauses
@@ -141,27 +144,38 @@ class IncomingVM(Machine):
         anything else."""
         routes = Routes(count, self.plan.workers)
         adopted: set[int] = set()
-        async with asyncio.timeout(CHANNELS_TIMEOUT_S):
-            while len(adopted) < count:
-                conn = await listener.accept()
+        try:
+            await asyncio.wait_for(self._adopt_each(listener, migration_id, count, tls,
+                                                    routes, adopted), CHANNELS_TIMEOUT_S)
+        except TimeoutError:
+            missing = sorted(set(range(count)) - adopted)
+            raise ChannelError(f"data channel(s) {', '.join(map(str, missing))} did not "
+                               f"connect within {CHANNELS_TIMEOUT_S:.0f} s") from None
+
+    async def _adopt_each(self, listener: channels.Listener, migration_id: uuid.UUID,
+                          count: int, tls: channels.TlsConfig | None, routes: Routes,
+                          adopted: set[int]) -> None:
+        """Accept until every channel is adopted (``adopted`` fills as they are)."""
+        while len(adopted) < count:
+            conn = await listener.accept()
+            try:
+                hello = await channels.read_hello(conn)
+                refusal = _refusal(hello, migration_id, adopted, count)
+                if refusal:
+                    log.warning("refused a data channel: %s", refusal)
+                    continue
+                command = m.AdoptChannel(hello.index, wire.pack_hello(hello), tls)
                 try:
-                    hello = await channels.read_hello(conn)
-                    refusal = _refusal(hello, migration_id, adopted, count)
-                    if refusal:
-                        log.warning("refused a data channel: %s", refusal)
-                        continue
-                    command = m.AdoptChannel(hello.index, wire.pack_hello(hello), tls)
-                    try:
-                        await self.pool.call(routes.channel_owner(hello.index), command,
-                                             fd=conn.fileno())
-                    except WorkerFailed as exc:  # its TLS handshake or inner hello failed
-                        log.warning("refused data channel %d: %s", hello.index, exc)
-                        continue
-                    adopted.add(hello.index)
-                except (ChannelError, ProtocolError) as exc:
-                    log.warning("refused a connection: %s", exc)
-                finally:
-                    conn.close()  # the worker holds its own duplicate of an adopted fd
+                    await self.pool.call(routes.channel_owner(hello.index), command,
+                                         fd=conn.fileno())
+                except WorkerFailed as exc:  # its TLS handshake or inner hello failed
+                    log.warning("refused data channel %d: %s", hello.index, exc)
+                    continue
+                adopted.add(hello.index)
+            except (ChannelError, ProtocolError) as exc:
+                log.warning("refused a connection: %s", exc)
+            finally:
+                conn.close()  # the worker holds its own duplicate of an adopted fd
 
     async def _load(self, main: socket.socket, concurrent: bool) -> int:
         """Send READY and load; the source aborting or vanishing ends the load.
@@ -173,21 +187,33 @@ class IncomingVM(Machine):
             w: m.Load(self.plan.devices_of(w), concurrent, self.plan.owner, gen,
                       self.settings.record_threads)
             for w in range(self.plan.workers)}))
-        await channels.send_control(main, wire.ControlType.READY, {})
+        try:
+            await channels.send_control(main, wire.ControlType.READY, {})
+        except BaseException:
+            loading.cancel()
+            await asyncio.gather(loading, return_exceptions=True)
+            raise
+        results = await self._unless_source_speaks(main, loading, "the load")
+        return sum(results.values())
+
+    async def _unless_source_speaks(self, main: channels.Channel, work: Awaitable[T],
+                                    during: str) -> T:
+        """Await ``work``; the source aborting or vanishing (anything on the main channel)
+        ends it first."""
+        working = asyncio.ensure_future(work)
         watching = asyncio.ensure_future(channels.recv_control(main))
         try:
-            done, _ = await asyncio.wait({loading, watching},
+            done, _ = await asyncio.wait({working, watching},
                                          return_when=asyncio.FIRST_COMPLETED)
             if watching in done:
                 kind, body = watching.result()
-                raise ChannelError(f"source sent {kind.name} during the load: "
+                raise ChannelError(f"source sent {kind.name} during {during}: "
                                    f"{body.get('reason', '')}")
-            results = loading.result()
+            return working.result()
         finally:
-            for task in (loading, watching):
+            for task in (working, watching):
                 task.cancel()
-            await asyncio.gather(loading, watching, return_exceptions=True)
-        return sum(results.values())
+            await asyncio.gather(working, watching, return_exceptions=True)
 
     async def _discard(self, main: socket.socket, cause: BaseException) -> None:
         log.warning("incoming migration failed: %s", describe(cause))

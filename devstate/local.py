@@ -1,8 +1,8 @@
 """A migration on one host: the destination as a second OS process, joined by Unix sockets.
 
 Runs in: the process of ``devstate migrate`` / ``devstate demo`` (the source coordinator).
-The destination is ``devstate vm --incoming unix:PATH --once`` started as a child process
-with the same spec and worker count; it prints one ``ready`` line when it listens. Both
+The destination is ``devstate vm --incoming URI --once`` started as a child process with
+the same spec; it prints one ``ready URI`` line when it listens. Both
 sides start their pools at the same time, before the VM stops. On every exit path the
 destination is waited for, and terminated if it does not finish on its own.
 """
@@ -15,7 +15,7 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from devstate.report import MigrationReport
 from devstate.settings import Settings
 from devstate.source import SourceVM
 from devstate.spec import MachineSpec
+from devstate.transport import TlsConfig
 
 # The destination imports numpy and starts its own pool: a few seconds at most.
 DEST_READY_TIMEOUT_S = 60.0
@@ -40,17 +41,26 @@ class Destination:
 
 
 @contextlib.asynccontextmanager
-async def destination(spec: MachineSpec, settings: Settings) -> AsyncIterator[Destination]:
-    """Run a destination process for ``spec``; yield where it listens and its pid."""
+async def destination(spec: MachineSpec, settings: Settings, *, incoming: str | None = None,
+                      tls: TlsConfig | None = None,
+                      prefix: Sequence[str] = ()) -> AsyncIterator[Destination]:
+    """Run a destination process for ``spec``; yield where it listens and its pid.
+
+    ``incoming`` is the URI to listen on (default: a Unix socket in a private directory;
+    ``tcp:HOST:0`` takes a free port, reported back); ``tls`` its certificate and key
+    (and ``verify_client``); ``prefix`` runs it under another command, e.g.
+    ``ip netns exec NS``.
+    """
     with tempfile.TemporaryDirectory(prefix="devstate-") as tmp:
         spec_path = Path(tmp) / "spec.json"
         spec_path.write_text(json.dumps(spec.to_dict()))
-        address = channels.Address("unix", str(Path(tmp) / "incoming.sock"))
-        args = [sys.executable, "-m", "devstate", "vm", "--spec", str(spec_path),
-                "--incoming", str(address), "--workers", str(settings.workers), "--once",
+        uri = incoming or f"unix:{Path(tmp) / 'incoming.sock'}"
+        args = [*prefix, sys.executable, "-m", "devstate", "vm", "--spec", str(spec_path),
+                "--incoming", uri, "--workers", str(settings.workers), "--once",
                 "--cpus", ",".join(map(str, dest_cpus(settings))),
                 "--chunk-size", str(settings.chunk_bytes),
                 *(["--single-vm"] if settings.single_vm else []),
+                *(tls_arguments(tls, server=True) if tls else []),
                 "--parent", str(os.getpid())]
         # A session of its own: Ctrl-C at the terminal reaches only the source, which then
         # ends the destination in order (below) instead of both racing to tear down.
@@ -58,7 +68,7 @@ async def destination(spec: MachineSpec, settings: Settings) -> AsyncIterator[De
             *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
         try:
-            await _wait_ready(proc)
+            address = await _wait_ready(proc)
             yield Destination(address, proc.pid)
             async with asyncio.timeout(DEST_EXIT_TIMEOUT_S):
                 await proc.wait()
@@ -66,12 +76,27 @@ async def destination(spec: MachineSpec, settings: Settings) -> AsyncIterator[De
             await _reap(proc)
 
 
+def tls_arguments(tls: TlsConfig, *, server: bool) -> list[str]:
+    """``devstate`` command-line flags that give a process ``tls``."""
+    args = ["--tls-ca", tls.ca]
+    if tls.cert:
+        args += ["--tls-cert", tls.cert]
+    if tls.key:
+        args += ["--tls-key", tls.key]
+    if server and tls.verify_client:
+        args.append("--tls-verify-client")
+    if not server and tls.hostname:
+        args += ["--tls-hostname", tls.hostname]
+    return args
+
+
 def dest_cpus(settings: Settings) -> list[int]:
     """The destination's CPUs: the source's in reverse, so first workers do not collide."""
     return list(reversed(settings.cpus or sorted(os.sched_getaffinity(0))))
 
 
-async def _wait_ready(proc: asyncio.subprocess.Process) -> None:
+async def _wait_ready(proc: asyncio.subprocess.Process) -> channels.Address:
+    """Wait for the ``ready URI`` line; return the address the destination listens on."""
     assert proc.stdout is not None
     try:
         async with asyncio.timeout(DEST_READY_TIMEOUT_S):
@@ -79,10 +104,12 @@ async def _wait_ready(proc: asyncio.subprocess.Process) -> None:
     except TimeoutError:
         raise DevstateError(f"destination did not get ready within "
                             f"{DEST_READY_TIMEOUT_S:.0f} s") from None
-    if line.strip() != b"ready":
+    word, _, uri = line.decode(errors="replace").strip().partition(" ")
+    if word != "ready":
         await proc.wait()
         raise DevstateError(f"destination failed to start (exit code {proc.returncode}); "
                             "its error is above")
+    return channels.parse_uri(uri)
 
 
 async def _reap(proc: asyncio.subprocess.Process) -> None:
@@ -99,11 +126,15 @@ async def _reap(proc: asyncio.subprocess.Process) -> None:
 
 
 async def migrate_locally(spec: MachineSpec, settings: Settings, *,
+                          dest_settings: Settings | None = None,
                           compare_digests: bool = True) -> MigrationReport:
-    """Start both sides, migrate once, and return the report (both sides shut down after)."""
+    """Start both sides, migrate once, and return the report (both sides shut down after).
+
+    The destination runs with ``dest_settings`` (default: the source's).
+    """
     source = SourceVM(spec, settings)
     try:
-        async with destination(spec, settings) as dest:
+        async with destination(spec, dest_settings or settings) as dest:
             await source.start()
             return await source.migrate(dest.address, compare_digests=compare_digests)
     finally:

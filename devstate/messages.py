@@ -64,6 +64,7 @@ class Save:
     routes: Any
     gen: int
     record_threads: int = 1
+    max_bandwidth: float | None = None  # bytes/s over all channels, None: unlimited
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,7 @@ from functools import partial
 
 from devstate import fdio, wire
 from devstate.arena import Slot, SlotPool
+from devstate.bandwidth import Pacer
 from devstate.devices.base import Device, RecordDevice, StreamDevice
 from devstate.errors import ChannelError, ProtocolError
 from devstate.handoff import Mesh, Note, Op
@@ -51,8 +52,9 @@ class PacketSender:
     Once closed and drained it ends the channel with a FIN counting the packets before it.
     """
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, pacer: Pacer | None = None) -> None:
         self._sock = sock
+        self._pacer = pacer
         self._queue: list[tuple[memoryview | bytes, Callable[[], None] | None]] = []
         self._wakeup = asyncio.Event()
         self._closing = False
@@ -75,13 +77,18 @@ class PacketSender:
                     self._wakeup.clear()
                     await self._wakeup.wait()
                     continue
-                batch, self._queue = self._queue[:fdio.IOV_MAX], self._queue[fdio.IOV_MAX:]
+                # Paced, a packet at a time (each a chunk at most): the pacer's burst
+                # covers one, so the rate holds without cutting packets.
+                take = 1 if self._pacer is not None else fdio.IOV_MAX
+                batch, self._queue = self._queue[:take], self._queue[take:]
                 try:
                     await fdio.send_all(self._sock, [data for data, _ in batch])
                 finally:
                     for _, release in batch:
                         if release is not None:
                             release()
+                if self._pacer is not None:
+                    await self._pacer.spend(sum(len(data) for data, _ in batch))
             fin = memoryview(bytearray(HDR))
             wire.pack_packet_header(fin, wire.PacketKind.FIN, 0, self.packets, b"")
             await fdio.send_all(self._sock, [fin])
@@ -103,7 +110,7 @@ class Saver:
     def __init__(self, worker: int, devices: dict[int, Device], slots: SlotPool,
                  arena: memoryview, channels: dict[int, socket.socket], mesh: Mesh | None,
                  routes: Routes, gen: int, *, record_class: int, chunk_class: int,
-                 executor: Executor | None = None) -> None:
+                 executor: Executor | None = None, max_bandwidth: float | None = None) -> None:
         self.worker = worker
         self._devices = devices
         self._slots = slots
@@ -114,7 +121,9 @@ class Saver:
         self._record_class = record_class
         self._chunk_class = chunk_class
         self._executor = executor
-        self._senders = {k: PacketSender(sock) for k, sock in channels.items()}
+        self._senders = {
+            k: PacketSender(sock, Pacer.for_channel(max_bandwidth, routes.channels))
+            for k, sock in channels.items()}
         self._records_routed = 0
         self._lent: dict[int, Slot] = {}  # offset -> our slot, queued on a peer's channel
         self._all_back = asyncio.Event()

@@ -35,6 +35,8 @@ class Settings:
     for every device; ``routing`` puts a device's packets on its home channel (affinity) or
     spreads a stream's packets over all of them (:mod:`devstate.route`). A destination
     worker receives on at most ``window_slots`` channels (a receive window each).
+    ``max_bandwidth`` (bytes/s, QEMU's max-bandwidth) limits what all channels send
+    together (:mod:`devstate.bandwidth`); None: unlimited.
     """
 
     workers: int = 2
@@ -48,6 +50,7 @@ class Settings:
     channels: int | None = None
     routing: Routing = Routing.AFFINITY
     window_slots: int = 4
+    max_bandwidth: float | None = None
 
     @property
     def data_channels(self) -> int:

@@ -26,10 +26,10 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
-from devstate import channels, fdio, wire
+from devstate import channels, wire
 from devstate import messages as m
 from devstate.errors import DevstateError, MigrationFailed, WorkerLost, describe
 from devstate.lifecycle import no_gc_pauses
@@ -38,6 +38,7 @@ from devstate.report import DeviceReport, MigrationReport
 from devstate.route import Routes
 
 log = logging.getLogger("devstate.source")
+T = TypeVar("T")
 
 # After COMMIT the destination only resumes its devices: seconds are generous.
 RESUMED_TIMEOUT_S = 30.0
@@ -64,7 +65,14 @@ class SourceVM(Machine):
         status("setup")
         before = await self.digests() if compare_digests else {}
         migration_id = uuid.uuid4()
-        sock = await channels.open_main_channel(address, tls)
+        routes = self.routes
+        try:
+            sock = await channels.open_channel(address, channels.hello(
+                wire.ChannelKind.MAIN, 0, routes.channels, migration_id), tls)
+        except DevstateError as exc:
+            status("failed")
+            raise MigrationFailed(f"migration failed, source still running: main channel: "
+                                  f"{exc}") from exc
         committed = False
         try:
             t0 = await self._setup(sock, address, tls, migration_id, compare_digests)
@@ -110,45 +118,52 @@ class SourceVM(Machine):
         """Handshake and open data channels; return t0, taken as the VM stops."""
         routes = self.routes
         n = routes.channels
-        await fdio.send_all(sock, [channels.hello(wire.ChannelKind.MAIN, 0, n, migration_id)])
         await channels.send_control(sock, wire.ControlType.HELLO, {
             "migration_id": str(migration_id), "devices": self.spec.handshake_table(),
             "channels": n, "routing": routes.routing.value,
             "concurrent": self.settings.concurrent, "digests": compare_digests,
             "chunk_bytes": self.settings.chunk_bytes})
-        await self.pool.call_all({
+        await self._alongside_peer(self.pool.call_all({
             w: m.ConnectChannels(address, tuple(
                 (k, channels.hello(wire.ChannelKind.DATA, k, n, migration_id))
                 for k in routes.channels_of(w)), tls)
-            for w in range(self.plan.workers)})
-        await channels.expect_control(sock, wire.ControlType.READY)
+            for w in range(self.plan.workers)}),
+            channels.expect_control(sock, wire.ControlType.READY))
         return time.monotonic_ns()
 
     async def _stop_and_copy(self, sock: Any) -> None:
         """Save on every worker while waiting for LOADED; the first failure wins."""
         routes, gen = self.routes, self.next_gen()
-        saving = asyncio.ensure_future(self.pool.call_all({
+        await self._alongside_peer(self.pool.call_all({
             w: m.Save(self.plan.devices_of(w), self.settings.concurrent, routes, gen,
-                      self.settings.record_threads)
-            for w in range(self.plan.workers)}))
-        loading = asyncio.ensure_future(channels.expect_control(sock, wire.ControlType.LOADED))
+                      self.settings.record_threads, self.settings.max_bandwidth)
+            for w in range(self.plan.workers)}),
+            channels.expect_control(sock, wire.ControlType.LOADED))
+
+    async def _alongside_peer(self, work: Awaitable[Any], reply: Awaitable[T]) -> T:
+        """Await the workers' ``work`` and the destination's ``reply`` together; the first
+        failure wins, except that the destination's own account of a failure is preferred.
+
+        Work that fails on a data channel is often the echo of a failure at the destination,
+        which closes its channels and says why on the main channel: give that reason a
+        moment to arrive, as it names the cause.
+        """
+        working, replying = asyncio.ensure_future(work), asyncio.ensure_future(reply)
         try:
-            done, _ = await asyncio.wait({saving, loading}, return_when=asyncio.FIRST_EXCEPTION)
-            if saving in done and saving.exception() is not None and not loading.done():
-                # A save that fails on a data channel is often the echo of a failure at the
-                # destination, which closes its channels and says why on the main channel:
-                # give that reason a moment to arrive, as it names the cause.
-                await asyncio.wait({loading}, timeout=PEER_REASON_WAIT_S)
-                if loading.done() and loading.exception() is not None:
-                    raise loading.exception() from saving.exception()  # type: ignore[misc]
+            done, _ = await asyncio.wait({working, replying},
+                                         return_when=asyncio.FIRST_EXCEPTION)
+            if working in done and working.exception() is not None and not replying.done():
+                await asyncio.wait({replying}, timeout=PEER_REASON_WAIT_S)
+                if replying.done() and replying.exception() is not None:
+                    raise replying.exception() from working.exception()  # type: ignore[misc]
             for task in done:
                 task.result()  # raises the first failure
-            await saving
-            await loading
+            await working
+            return await replying
         finally:
-            for task in (saving, loading):
+            for task in (working, replying):
                 task.cancel()
-            await asyncio.gather(saving, loading, return_exceptions=True)
+            await asyncio.gather(working, replying, return_exceptions=True)
 
     async def _recover(self, sock: Any, cause: BaseException) -> WorkerLost | None:
         """Undo a failed migration: abort the destination, cancel workers, resume devices.

@@ -41,7 +41,7 @@ from devstate import channels, fdio
 from devstate import messages as m
 from devstate.arena import Arena, Layout, Slot
 from devstate.devices import Device, RecordDevice, StreamDevice, make_device
-from devstate.errors import DeviceError
+from devstate.errors import ChannelError, DeviceError
 from devstate.handoff import Mesh
 from devstate.lifecycle import no_gc_pauses
 from devstate.load import Loader
@@ -180,17 +180,20 @@ class Worker:
             case m.ConnectChannels(address=address, hellos=hellos, tls=tls):
                 self._drop_channels()
                 for index, hello in hellos:
-                    self._channels[index] = await channels.open_data_channel(address, hello,
-                                                                             tls)
+                    try:
+                        self._channels[index] = await channels.open_channel(
+                            address, hello, tls)
+                    except ChannelError as exc:
+                        raise ChannelError(f"data channel {index}: {exc}") from exc
             case m.AdoptChannel(index=index, hello=hello, tls=tls):
                 assert fd is not None
-                self._channels[index] = await channels.adopt_data_channel(fd, hello, tls)
+                self._channels[index] = await channels.adopt_channel(fd, hello, tls)
             case m.Save(order=order, concurrent=concurrent, routes=routes, gen=gen,
-                        record_threads=threads):
+                        record_threads=threads, max_bandwidth=limit):
                 saver = Saver(self.index, self._devices, self._slots, self._arena,
                               self._channels, self._mesh, routes, gen,
                               record_class=RECORD_CLASS, chunk_class=CHUNK_CLASS,
-                              executor=self._record_executor(threads))
+                              executor=self._record_executor(threads), max_bandwidth=limit)
                 try:
                     self._results = await saver.run(order, concurrent)
                 finally:

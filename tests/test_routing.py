@@ -1,0 +1,75 @@
+"""Channels decoupled from workers: any channel count over any two worker counts, affinity
+and spread routing, reassembly with an arena smaller than one device, a bandwidth limit."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from devstate.local import migrate_locally
+from devstate.route import Routes, Routing
+from devstate.settings import CHUNK_CLASS, Settings
+from devstate.spec import MachineSpec, parse_spec
+
+
+def _machine(*devices: dict[str, Any], vcpus: int = 16) -> MachineSpec:
+    return parse_spec({"seed": 11, "vcpus": {"count": vcpus}, "devices": list(devices)})
+
+
+def test_routes_give_every_channel_one_owner_per_side() -> None:
+    routes = Routes(channels=5, workers=2, routing=Routing.SPREAD)
+    assert [routes.channel_owner(k) for k in range(5)] == [0, 1, 0, 1, 0]
+    assert routes.channels_of(0) == (0, 2, 4) and routes.channels_of(1) == (1, 3)
+    # A stream of worker 1 starts on its home channel and then takes every channel in turn.
+    assert [routes.stream_channel(1, seq) for seq in range(6)] == [1, 2, 3, 4, 0, 1]
+    affinity = Routes(channels=2, workers=3)
+    assert affinity.channels_of(2) == ()  # fewer channels than workers: worker 2 hands off
+    assert {affinity.stream_channel(2, seq) for seq in range(4)} == {0}
+
+
+@pytest.mark.parametrize(("source", "dest", "channels", "routing"), [
+    (2, 3, None, Routing.AFFINITY),   # more destination workers: handoffs there
+    (3, 1, None, Routing.AFFINITY),   # one destination worker receives three channels
+    (2, 2, 4, Routing.SPREAD),        # one stream over four channels, two per worker
+    (1, 2, 3, Routing.SPREAD),        # one source worker sends on three channels
+    (3, 2, 1, Routing.SPREAD),        # fewer channels than source workers: handoffs there
+])
+def test_any_channel_count_over_any_worker_counts_round_trips(run, source, dest, channels,
+                                                             routing) -> None:
+    spec = _machine({"name": "big", "size": "24MiB"}, {"name": "small", "size": "3MiB"})
+    report = run(migrate_locally(
+        spec, Settings(workers=source, channels=channels, routing=routing),
+        dest_settings=Settings(workers=dest)))
+    assert report.verified and all(d.verified for d in report.devices)
+    assert {d.dest_worker for d in report.devices} == set(range(dest))
+    # cpu/N is vCPU id N on both sides, whoever owns it.
+    assert sorted(d.id for d in report.devices if d.id.startswith("cpu/")) == sorted(
+        f"cpu/{i}" for i in range(16))
+
+
+def test_spread_reassembles_a_stream_larger_than_the_whole_arena(run) -> None:
+    """Four 256 KiB chunk slots per worker on both sides carry a 48 MiB stream spread
+    over four channels: reassembly holds early packets in those slots and never stalls."""
+    small = Settings(workers=2, channels=4, routing=Routing.SPREAD, chunk_bytes=256 << 10,
+                     chunk_slots=4)
+    spec = _machine({"name": "huge", "size": "48MiB"}, vcpus=4)
+    layout = small.layout(spec)
+    chunk_memory = layout.classes[CHUNK_CLASS].bytes * layout.workers
+    assert chunk_memory * 8 <= 48 << 20
+    report = run(migrate_locally(spec, small, dest_settings=Settings(
+        workers=2, chunk_bytes=256 << 10, chunk_slots=4)))
+    assert report.verified
+
+
+def test_bandwidth_limit_holds_over_all_channels(run) -> None:
+    """A lower bound only (a loaded host can always be slower): 12 MiB at 8 MiB/s over
+    two channels cannot take less than its bytes, less one burst per channel, allow."""
+    limit = 8 << 20
+    spec = _machine({"name": "nic", "size": "12MiB"}, vcpus=2)
+    report = run(migrate_locally(spec, Settings(workers=2, routing=Routing.SPREAD,
+                                                max_bandwidth=limit)))
+    assert report.verified
+    moved = sum(d.bytes for d in report.devices)
+    bursts = 2 * (1 << 20)
+    assert report.downtime_ms / 1e3 >= (moved - bursts) / limit

@@ -1,0 +1,205 @@
+"""Migrations over each transport (Unix, TCP, mutual TLS) with four data channels, and the
+setup and transfer failures that must tear everything down: no hang, no leaked process,
+thread, fd or shared-memory segment, an error naming the channel and cause, and a source
+VM that keeps running with its state unchanged."""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from multiprocessing import forkserver, resource_tracker
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+import uvloop
+
+from devstate import wire
+from devstate.errors import MigrationFailed
+from devstate.local import destination
+from devstate.route import Routing
+from devstate.settings import Settings
+from devstate.source import SourceVM
+from devstate.spec import parse_spec
+from devstate.transport import TlsConfig, parse_uri
+from tests.faulty_proxy import Fault, faulty_proxy
+
+SPEC = parse_spec({"seed": 3, "vcpus": {"count": 32},
+                   "devices": [{"name": "big", "size": "32MiB"},
+                               {"name": "small", "size": "4MiB"}]})
+
+
+@dataclass(frozen=True)
+class Pki:
+    """A CA, the destination's certificate and key, and a client certificate."""
+
+    server: TlsConfig  # the destination's: requires a client certificate (mutual TLS)
+    client: TlsConfig  # the source's: trusts the CA, presents its own certificate
+    untrusting: TlsConfig  # a source that trusts another CA only
+
+
+def make_pki(directory: Path, *names: str) -> Pki:
+    """Certificates for a destination reachable as ``names`` (and localhost/127.0.0.1)."""
+    ca, other = trustme.CA(), trustme.CA()
+    server_cert = ca.issue_cert("localhost", "127.0.0.1", *names)
+    client_cert = ca.issue_cert("devstate-source")
+    paths = {}
+    for name, blob in {"ca": ca.cert_pem, "other_ca": other.cert_pem,
+                       "server": server_cert.private_key_and_cert_chain_pem,
+                       "client": client_cert.private_key_and_cert_chain_pem}.items():
+        paths[name] = str(directory / f"{name}.pem")
+        blob.write_to_path(paths[name])
+    return Pki(server=TlsConfig(ca=paths["ca"], cert=paths["server"], verify_client=True),
+               client=TlsConfig(ca=paths["ca"], cert=paths["client"]),
+               untrusting=TlsConfig(ca=paths["other_ca"], cert=paths["client"]))
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    return make_pki(tmp_path)
+
+
+def _fds() -> dict[str, str]:
+    fds = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            fds[fd] = os.readlink(f"/proc/self/fd/{fd}")
+        except FileNotFoundError:
+            pass  # the listing's own fd, closed by now
+    return fds
+
+
+@pytest.fixture(scope="module")
+def warm_process_machinery() -> None:
+    """Start what lives for the whole session before counting: multiprocessing's forkserver
+    and resource tracker, and the pipe the first pool start leaves for later ones."""
+    forkserver.ensure_running()
+    resource_tracker.ensure_running()
+
+    async def start_a_pool() -> None:
+        async with SourceVM(parse_spec({"vcpus": {"count": 1}}), Settings(workers=1)):
+            pass
+
+    uvloop.run(start_a_pool())
+
+
+@pytest.fixture
+def no_fd_or_thread_leaks(warm_process_machinery: None) -> Iterator[None]:
+    """The test process ends with the fds and threads it started with."""
+    gc.collect()
+    fds, threads = _fds(), threading.active_count()
+    yield
+    gc.collect()
+    left = {fd: what for fd, what in _fds().items() if fds.get(fd) != what}
+    assert not left, f"file descriptors left open: {left}"
+    assert threading.active_count() <= threads, [t.name for t in threading.enumerate()]
+
+
+async def _migrate(uri: str | None, routing: Routing, tls: Pki | None) -> Any:
+    settings = Settings(workers=2, channels=4, routing=routing)
+    async with SourceVM(SPEC, settings) as source, destination(
+            SPEC, Settings(workers=2), incoming=uri,
+            tls=tls.server if tls else None) as dest:
+        return await source.migrate(dest.address, tls=tls.client if tls else None,
+                                    compare_digests=True)
+
+
+@pytest.mark.parametrize(("uri", "routing", "secure"), [
+    (None, Routing.AFFINITY, False),
+    ("tcp:127.0.0.1:0", Routing.SPREAD, False),
+    ("tcp:127.0.0.1:0", Routing.SPREAD, True),
+], ids=["unix-affinity", "tcp-spread", "mutual-tls-spread"])
+def test_four_channels_migrate_bit_exact(run, pki, no_fd_or_thread_leaks, uri, routing,
+                                         secure) -> None:
+    report = run(_migrate(uri, routing, pki if secure else None))
+    assert report.verified and all(d.verified for d in report.devices)
+
+
+async def _fail_through_proxy(faults: dict[tuple[wire.ChannelKind, int], Fault],
+                              tls: TlsConfig | None, server: TlsConfig | None,
+                              cut_after: int = 4 << 20) -> tuple[MigrationFailed, bool, bool]:
+    settings = Settings(workers=2, channels=4, routing=Routing.SPREAD)
+    async with SourceVM(SPEC, settings) as source, destination(
+            SPEC, Settings(workers=2), incoming="tcp:127.0.0.1:0", tls=server) as dest:
+        before = await source.digests()
+        async with faulty_proxy((dest.address.host, dest.address.port), faults,
+                                cut_after) as proxy:
+            with pytest.raises(MigrationFailed) as info:
+                await source.migrate(parse_uri(proxy.uri), tls=tls)
+        return info.value, source.running, await source.digests() == before
+
+
+def test_refused_connection_names_the_address(run, no_fd_or_thread_leaks) -> None:
+    async def scenario() -> tuple[str, bool]:
+        async with SourceVM(SPEC, Settings(workers=2, channels=4)) as source:
+            # A port nobody listens on: bound, never listening, so nothing can take it.
+            import socket
+            with socket.socket() as parked:
+                parked.bind(("127.0.0.1", 0))
+                port = parked.getsockname()[1]
+                with pytest.raises(MigrationFailed) as info:
+                    await source.migrate(parse_uri(f"tcp:127.0.0.1:{port}"))
+            return str(info.value), source.running
+
+    error, running = run(scenario())
+    assert "main channel" in error and "cannot connect to tcp:127.0.0.1:" in error
+    assert "refused" in error.lower()
+    assert running
+
+
+def test_tls_handshake_failure_on_one_data_channel(run, pki, no_fd_or_thread_leaks) -> None:
+    error, running, unchanged = run(_fail_through_proxy(
+        {(wire.ChannelKind.DATA, 2): Fault.GARBAGE}, pki.client, pki.server))
+    assert "data channel 2" in str(error) and "TLS handshake" in str(error)
+    assert running and unchanged
+
+
+def test_a_refused_data_channel_names_its_index(run, no_fd_or_thread_leaks) -> None:
+    error, running, unchanged = run(_fail_through_proxy(
+        {(wire.ChannelKind.DATA, 3): Fault.REFUSE}, None, None))
+    assert "data channel 3" in str(error) or "channel 3" in str(error)
+    assert running and unchanged
+
+
+def test_peer_closing_mid_migration(run, pki, no_fd_or_thread_leaks) -> None:
+    error, running, unchanged = run(_fail_through_proxy(
+        {(wire.ChannelKind.DATA, 1): Fault.CUT}, pki.client, pki.server, cut_after=2 << 20))
+    assert "source resumed" in str(error)
+    assert "channel 1" in str(error) or "closed" in str(error)
+    assert running and unchanged
+
+
+def test_source_that_does_not_trust_the_destination(run, pki, no_fd_or_thread_leaks) -> None:
+    async def scenario() -> tuple[str, bool]:
+        async with SourceVM(SPEC, Settings(workers=2, channels=4)) as source, destination(
+                SPEC, Settings(workers=2), incoming="tcp:127.0.0.1:0",
+                tls=pki.server) as dest:
+            with pytest.raises(MigrationFailed) as info:
+                await source.migrate(dest.address, tls=pki.untrusting)
+            return str(info.value), source.running
+
+    error, running = run(scenario())
+    assert "main channel" in error and "TLS handshake" in error
+    assert "certificate verify failed" in error
+    assert running
+
+
+def test_destination_refuses_a_source_without_a_client_certificate(
+        run, pki, no_fd_or_thread_leaks) -> None:
+    anonymous = TlsConfig(ca=pki.client.ca)
+
+    async def scenario() -> tuple[str, bool]:
+        async with SourceVM(SPEC, Settings(workers=2)) as source, destination(
+                SPEC, Settings(workers=2), incoming="tcp:127.0.0.1:0",
+                tls=pki.server) as dest:
+            with pytest.raises(MigrationFailed) as info:
+                await source.migrate(dest.address, tls=anonymous)
+            return str(info.value), source.running
+
+    error, running = run(scenario())
+    assert "certificate required" in error or "TLS" in error
+    assert running
