@@ -14,7 +14,7 @@ Sequence (main channel messages in capitals; see source.py for the other side)::
     READY ->
     ... workers receive into the arena, put, verify each END digest ...
     LOADED -> (how many devices were loaded and verified)
-    <- COMMIT: resume every device; t1; RESUMED(t1) ->
+    <- COMMIT: resume every device; RESUMED ->
     REPORT -> (per-device results, and digests if asked: off the critical path)
     <- ABORT, a closed main channel, or any failure before COMMIT: every device discards
        its load (FAILED -> with the reason, if the source is still there)
@@ -59,6 +59,7 @@ class IncomingVM(Machine):
 
     incoming = True
     side = "dest"
+    _ready_ns = 0  # when READY went out: the origin of the times this side reports
 
     async def accept_migration(self, listener: channels.Listener,
                                tls: channels.TlsConfig | None = None) -> IncomingResult:
@@ -79,7 +80,7 @@ class IncomingVM(Machine):
                 listener, hello.migration_id, hello.channels, tls), "channel setup")
             await self.pool.call_all({w: m.PrepareLoad(self.plan.devices_of(w))
                                       for w in range(self.plan.workers)})
-            with no_gc_pauses():  # the source has stopped: until t1, no collection pauses
+            with no_gc_pauses():  # the source has stopped: until the resume, no collection pauses
                 loaded = await self._load(main, concurrent)
                 await channels.send_control(main, wire.ControlType.LOADED, {"devices": loaded})
                 await channels.expect_control(main, wire.ControlType.COMMIT)
@@ -92,19 +93,18 @@ class IncomingVM(Machine):
         try:
             with no_gc_pauses():
                 await self.pool.call_all({w: m.Resume() for w in range(self.plan.workers)})
-                t1 = time.monotonic_ns()
         except DevstateError as exc:
             # Committed, but not running: neither side runs the VM; say so, loudly.
             main.close()
             return IncomingResult(False, f"resume after commit failed: {describe(exc)}")
         self.running = True
         try:
-            await channels.send_control(main, wire.ControlType.RESUMED, {"t1_ns": t1})
+            await channels.send_control(main, wire.ControlType.RESUMED, {})
             # Off the critical path now: what each device cost, and its digest if asked.
             results = m.unpack_results(await self.pool.call_all(
                 {w: m.Results() for w in range(self.plan.workers)}))
             await channels.send_control(main, wire.ControlType.REPORT, {
-                "devices": _result_rows(results),
+                "devices": _result_rows(results), "ready_ns": self._ready_ns,
                 "digests": await self.digests() if send_digests else {}})
         except (DevstateError, OSError) as exc:
             # Running here, and the source has committed: a report that cannot be sent
@@ -188,6 +188,7 @@ class IncomingVM(Machine):
                       self.settings.record_threads)
             for w in range(self.plan.workers)}))
         try:
+            self._ready_ns = time.monotonic_ns()
             await channels.send_control(main, wire.ControlType.READY, {})
         except BaseException:
             loading.cancel()

@@ -10,7 +10,8 @@ Sequence of one migration (main channel messages in capitals)::
     t0      stop: every worker gets its devices in parallel and streams them
             <- LOADED (every device put and its digest verified)
             COMMIT -> (from here the source will not resume: the destination will)
-            <- RESUMED with t1: downtime = t1 - t0 (CLOCK_MONOTONIC, one host)
+            <- RESUMED, received at t1: downtime = t1 - t0, both on this host's clock (an
+               upper bound by one main-channel latency; valid across hosts)
             <- REPORT: per-device results [and digests, if asked, compared here]
 
 Any failure before COMMIT cancels the workers, tells the destination to discard (ABORT),
@@ -83,10 +84,10 @@ class SourceVM(Machine):
                 await channels.send_control(sock, wire.ControlType.COMMIT, {})
                 committed = True
                 async with asyncio.timeout(RESUMED_TIMEOUT_S):
-                    resumed = await channels.expect_control(sock, wire.ControlType.RESUMED)
+                    await channels.expect_control(sock, wire.ControlType.RESUMED)
+                t1 = time.monotonic_ns()
             async with asyncio.timeout(RESUMED_TIMEOUT_S):
                 report = await channels.expect_control(sock, wire.ControlType.REPORT)
-            t1 = wire.field(resumed, "t1_ns", int)
             saved = m.unpack_results(await self.pool.call_all(
                 {w: m.Results() for w in range(self.plan.workers)}))
             result = self._report(t0, t1, saved, report, before)
@@ -188,6 +189,9 @@ class SourceVM(Machine):
                 before: dict[str, str]) -> MigrationReport:
         dest = {r["id"]: r for r in wire.field(report, "devices", list)}
         after = wire.field(report, "digests", dict)
+        # The destination's clock is its own (another host, perhaps): its times count from
+        # when it sent READY, which is t0 here less one main-channel latency.
+        shift = t0 - wire.field(report, "ready_ns", int)
         rows = []
         for r in sorted(saved, key=lambda r: r.index):
             d = dest.get(r.id)
@@ -197,7 +201,8 @@ class SourceVM(Machine):
             rows.append(DeviceReport(
                 id=r.id, bytes=r.bytes, source_worker=r.worker, dest_worker=d["worker"],
                 save_start_ms=(r.start_ns - t0) / 1e6, save_end_ms=(r.end_ns - t0) / 1e6,
-                load_start_ms=(d["start_ns"] - t0) / 1e6, load_done_ms=(d["done_ns"] - t0) / 1e6,
+                load_start_ms=(d["start_ns"] + shift - t0) / 1e6,
+                load_done_ms=(d["done_ns"] + shift - t0) / 1e6,
                 verified=verified))
         mode = ("sequential" if not self.settings.concurrent
                 else "single-vm" if self.settings.single_vm else "concurrent")

@@ -90,7 +90,7 @@ class ControlType(enum.IntEnum):
     READY = 2      # dest -> source: device table accepted, devices ready to load
     LOADED = 3     # dest -> source: every device loaded and verified (phase one)
     COMMIT = 4     # source -> dest: source releases; resume there (phase two)
-    RESUMED = 5    # dest -> source: VM running on the destination, with t1
+    RESUMED = 5    # dest -> source: VM running on the destination (the end of downtime)
     FAILED = 6     # either way: the migration failed, with the reason
     ABORT = 7      # source -> dest: discard what was loaded
     REPORT = 8     # dest -> source, after RESUMED: per-device results [and digests]
