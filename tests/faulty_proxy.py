@@ -1,9 +1,11 @@
-"""A TCP proxy in front of a destination that breaks chosen channels on purpose.
+"""A TCP proxy in front of a destination that breaks chosen channels on purpose, or counts
+what plaintext data channels carry.
 
 Every devstate channel opens with a plaintext hello naming its kind and index, so the
 proxy can tell channels apart even when the rest is TLS. Per channel it can pass the bytes
 through, answer a TLS handshake with garbage, refuse it (close at once), or cut it after
-a number of bytes from the source. Runs in: the test's event loop, beside the source.
+a number of bytes from the source; without TLS it can also parse the source's packets and
+tally them per data channel. Runs in: the test's event loop, beside the source.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from devstate import wire
@@ -27,14 +30,66 @@ class Fault(enum.Enum):
 
 
 @dataclass
+class ChannelTally:
+    """What the source sent on one data channel: bytes after the hello, and its packets."""
+
+    bytes: int = 0
+    records: Counter[int] = field(default_factory=Counter)  # device index -> RECORD packets
+    fin_seq: int | None = None  # the FIN's packet count
+    packets: int = 0  # packets before the FIN
+
+    def feed(self, data: bytes, parser: PacketParser) -> None:
+        self.bytes += len(data)
+        for header in parser.feed(data):
+            if header.kind is wire.PacketKind.FIN:
+                assert self.fin_seq is None, "two FINs on one channel"
+                self.fin_seq = header.seq
+            else:
+                self.packets += 1
+                if header.kind is wire.PacketKind.RECORD:
+                    self.records[header.device] += 1
+
+
+class PacketParser:
+    """Splits a data channel's byte stream into packet headers, skipping payloads."""
+
+    def __init__(self, devices: int) -> None:
+        self._devices = devices
+        self._header = bytearray()
+        self._skip = 0
+
+    def feed(self, data: bytes) -> list[wire.PacketHeader]:
+        headers = []
+        view = memoryview(data)
+        while view:
+            if self._skip:
+                n = min(self._skip, len(view))
+                self._skip -= n
+                view = view[n:]
+                continue
+            take = min(wire.PACKET_HEADER_BYTES - len(self._header), len(view))
+            self._header += view[:take]
+            view = view[take:]
+            if len(self._header) == wire.PACKET_HEADER_BYTES:
+                header = wire.decode_packet_header(bytes(self._header), devices=self._devices,
+                                                   max_payload=1 << 30)
+                headers.append(header)
+                self._skip = header.length
+                self._header.clear()
+        return headers
+
+
+@dataclass
 class Proxy:
     """Where the proxy listens, what it does, and what it saw."""
 
     upstream: tuple[str, int]
     faults: dict[tuple[wire.ChannelKind, int], Fault]
     cut_after: int = 4 << 20
+    count_packets: int = 0  # the device table's size: parse and tally data channels
     port: int = 0
     seen: list[tuple[wire.ChannelKind, int]] = field(default_factory=list)
+    data: dict[int, ChannelTally] = field(default_factory=dict)
 
     @property
     def uri(self) -> str:
@@ -43,10 +98,12 @@ class Proxy:
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                limit: int | None) -> None:
+                limit: int | None, seen: Callable[[bytes], None] | None = None) -> None:
     moved = 0
     try:
         while data := await reader.read(1 << 16):
+            if seen is not None:
+                seen(data)
             if limit is not None and moved + len(data) >= limit:
                 writer.write(data[:limit - moved])
                 await writer.drain()
@@ -83,15 +140,29 @@ async def _serve(proxy: Proxy, reader: asyncio.StreamReader,
     up_reader, up_writer = await asyncio.open_connection(*proxy.upstream)
     up_writer.write(first)
     limit = proxy.cut_after if fault is Fault.CUT else None
-    await asyncio.gather(_pipe(reader, up_writer, limit), _pipe(up_reader, writer, limit))
+    seen = None
+    if proxy.count_packets and hello.kind is wire.ChannelKind.DATA:
+        tally = proxy.data.setdefault(hello.index, ChannelTally())
+        parser = PacketParser(proxy.count_packets)
+
+        def seen(data: bytes) -> None:
+            tally.feed(data, parser)
+
+    await asyncio.gather(_pipe(reader, up_writer, limit, seen),
+                         _pipe(up_reader, writer, limit))
 
 
 @contextlib.asynccontextmanager
 async def faulty_proxy(upstream: tuple[str, int],
                        faults: dict[tuple[wire.ChannelKind, int], Fault],
-                       cut_after: int = 4 << 20) -> AsyncIterator[Proxy]:
-    """Run a proxy to ``upstream`` on a free port of 127.0.0.1 for the body's duration."""
-    proxy = Proxy(upstream, faults, cut_after)
+                       cut_after: int = 4 << 20, *,
+                       count_packets: int = 0) -> AsyncIterator[Proxy]:
+    """Run a proxy to ``upstream`` on a free port of 127.0.0.1 for the body's duration.
+
+    ``count_packets`` (the device table's size) tallies each plaintext data channel's
+    packets in :attr:`Proxy.data`; a malformed packet fails the body's test there.
+    """
+    proxy = Proxy(upstream, faults, cut_after, count_packets)
     tasks: set[asyncio.Task[None]] = set()
 
     def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -2,26 +2,22 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from devstate import wire
 from devstate.cli import kvm_usable
 from devstate.local import migrate_locally
 from devstate.route import Routing
 from devstate.settings import Settings
 from devstate.spec import parse_spec
 from devstate.transport import parse_uri
+from tests.faulty_proxy import Proxy, faulty_proxy
 
 USABLE, WHY = kvm_usable()
 pytestmark = pytest.mark.skipif(not USABLE, reason=f"needs KVM: {WHY}")
@@ -110,132 +106,6 @@ def test_256_kvm_vcpus_migrate_to_a_destination_of_another_worker_count(
     assert all(d.bytes > 0 for d in report.devices)
 
 
-@dataclass
-class _DataChannelTally:
-    """What the source sent on one data channel: bytes after the hello, and its packets."""
-
-    bytes: int = 0
-    records: Counter[int] = field(default_factory=Counter)  # device index -> RECORD packets
-    fin_seq: int | None = None  # the FIN's packet count
-    packets: int = 0  # packets before the FIN
-
-    def feed(self, data: bytes, parser: _PacketParser) -> None:
-        self.bytes += len(data)
-        for header in parser.feed(data):
-            if header.kind is wire.PacketKind.FIN:
-                assert self.fin_seq is None, "two FINs on one channel"
-                self.fin_seq = header.seq
-            else:
-                self.packets += 1
-                if header.kind is wire.PacketKind.RECORD:
-                    self.records[header.device] += 1
-
-
-class _PacketParser:
-    """Splits a data channel's byte stream into packet headers, skipping payloads."""
-
-    def __init__(self, devices: int) -> None:
-        self._devices = devices
-        self._header = bytearray()
-        self._skip = 0
-
-    def feed(self, data: bytes) -> list[wire.PacketHeader]:
-        headers = []
-        view = memoryview(data)
-        while view:
-            if self._skip:
-                n = min(self._skip, len(view))
-                self._skip -= n
-                view = view[n:]
-                continue
-            take = min(wire.PACKET_HEADER_BYTES - len(self._header), len(view))
-            self._header += view[:take]
-            view = view[take:]
-            if len(self._header) == wire.PACKET_HEADER_BYTES:
-                header = wire.decode_packet_header(bytes(self._header), devices=self._devices,
-                                                   max_payload=1 << 30)
-                headers.append(header)
-                self._skip = header.length
-                self._header.clear()
-        return headers
-
-
-@dataclass
-class _CountingProxy:
-    """A plain TCP proxy that tallies, per data channel, what the source sent on it."""
-
-    upstream: tuple[str, int]
-    devices: int
-    port: int = 0
-    data: dict[int, _DataChannelTally] = field(default_factory=dict)
-    errors: list[BaseException] = field(default_factory=list)
-
-    @property
-    def uri(self) -> str:
-        return f"tcp:127.0.0.1:{self.port}"
-
-
-async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                seen: Callable[[bytes], None] | None = None) -> None:
-    try:
-        while data := await reader.read(1 << 16):
-            if seen is not None:
-                seen(data)
-            writer.write(data)
-            await writer.drain()
-    except (ConnectionError, OSError):
-        pass
-    finally:
-        writer.close()
-
-
-@contextlib.asynccontextmanager
-async def _counting_proxy(upstream: tuple[str, int], devices: int
-                          ) -> AsyncIterator[_CountingProxy]:
-    proxy = _CountingProxy(upstream, devices)
-    tasks: set[asyncio.Task[None]] = set()
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            first = await reader.readexactly(wire.HELLO_BYTES)
-            hello = wire.decode_hello(first)
-            up_reader, up_writer = await asyncio.open_connection(*upstream)
-        except BaseException as exc:
-            proxy.errors.append(exc)
-            writer.close()
-            raise
-        up_writer.write(first)
-        seen: Callable[[bytes], None] | None = None
-        if hello.kind is wire.ChannelKind.DATA:
-            tally = proxy.data.setdefault(hello.index, _DataChannelTally())
-            parser = _PacketParser(devices)
-
-            def count(data: bytes) -> None:
-                try:
-                    tally.feed(data, parser)
-                except Exception as exc:  # a parse error must fail the test, not the copy
-                    proxy.errors.append(exc)
-
-            seen = count
-        await asyncio.gather(_copy(reader, up_writer, seen), _copy(up_reader, writer))
-
-    def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.ensure_future(serve(reader, writer))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-
-    server = await asyncio.start_server(accepted, "127.0.0.1", 0)
-    proxy.port = server.sockets[0].getsockname()[1]
-    try:
-        yield proxy
-    finally:
-        server.close()
-        for task in list(tasks):
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await server.wait_closed()
-
-
 @pytest.mark.parametrize("dest_single_vm", [False, True],
                          ids=["to-sharded-2-workers", "to-single-vm-2-workers"])
 def test_single_vm_spread_routing_sends_worker_0s_vcpus_on_every_channel(
@@ -248,17 +118,16 @@ def test_single_vm_spread_routing_sends_worker_0s_vcpus_on_every_channel(
     table = spec.devices()
     settings = Settings(workers=2, single_vm=True, routing=Routing.SPREAD)
 
-    async def scenario() -> tuple[Any, _CountingProxy, tuple[int, ...], tuple[int, ...]]:
+    async def scenario() -> tuple[Any, Proxy, tuple[int, ...], tuple[int, ...]]:
         async with SourceVM(spec, settings) as source, destination(
                 spec, Settings(workers=2, single_vm=dest_single_vm),
                 incoming="tcp:127.0.0.1:0") as dest:
-            async with _counting_proxy((dest.address.host, dest.address.port),
-                                       len(table)) as proxy:
+            async with faulty_proxy((dest.address.host, dest.address.port), {},
+                              count_packets=len(table)) as proxy:
                 report = await source.migrate(parse_uri(proxy.uri), compare_digests=True)
             return report, proxy, source.routes.channels_of(1), source.plan.devices_of(1)
 
     report, proxy, channels_of_1, devices_of_1 = run(scenario())
-    assert not proxy.errors, proxy.errors
     assert report.verified and all(d.verified for d in report.devices)
     assert report.mode == "single-vm"
     assert {d.source_worker for d in report.devices} == {0}
