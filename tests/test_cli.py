@@ -162,3 +162,24 @@ def _killed_at_exit(proc: subprocess.Popen) -> Iterator[None]:
 def _assert_all_end(family: list[psutil.Process], timeout_s: float = 15.0) -> None:
     _, alive = psutil.wait_procs(family, timeout=timeout_s)
     assert not alive, [p.cmdline() for p in alive]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to drop to an unprivileged user")
+def test_demo_falls_back_to_sim_vcpu_where_dev_kvm_cannot_be_opened() -> None:
+    """A real unopenable /dev/kvm: the demo's machine, chosen as user nobody (for whom the
+    root-only device node answers EACCES), runs on sim-vcpu and says why."""
+    if os.path.exists("/dev/kvm") and os.stat("/dev/kvm").st_mode & 0o006:
+        pytest.skip("/dev/kvm is open to every user here: nobody could use it too")
+    # Imports happen before the drop: the interpreter's own files may be root-only.
+    probe = ("import argparse, os\n"
+             "from devstate import cli\n"
+             "from devstate.devices import kvm_vcpu\n"
+             "os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
+             "spec, why = cli._demo_machine(argparse.Namespace(spec=None))\n"
+             "print(spec.vcpus.backend, '|', why)\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    backend, _, why = done.stdout.strip().partition(" | ")
+    assert backend == "sim-vcpu"
+    assert "/dev/kvm cannot be opened" in why
