@@ -28,7 +28,7 @@ import logging
 import socket
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -78,12 +78,14 @@ class IncomingVM(Machine):
             concurrent, send_digests = self._check_hello(body, hello)
             await self._unless_source_speaks(main, self._adopt_channels(
                 listener, hello.migration_id, hello.channels, tls), "channel setup")
-            await self.pool.call_all({w: m.PrepareLoad(self.plan.devices_of(w))
-                                      for w in range(self.plan.workers)})
-            with no_gc_pauses():  # the source has stopped: until the resume, no collection pauses
-                loaded = await self._load(main, concurrent)
-                await channels.send_control(main, wire.ControlType.LOADED, {"devices": loaded})
-                await channels.expect_control(main, wire.ControlType.COMMIT)
+            async with _refusing_late_connections(listener):
+                await self.pool.call_all({w: m.PrepareLoad(self.plan.devices_of(w))
+                                          for w in range(self.plan.workers)})
+                with no_gc_pauses():  # the source has stopped: no collection pauses until
+                    loaded = await self._load(main, concurrent)  # the resume
+                    await channels.send_control(main, wire.ControlType.LOADED,
+                                                {"devices": loaded})
+                    await channels.expect_control(main, wire.ControlType.COMMIT)
         except BaseException as exc:
             await self._discard(main, exc)
             main.close()
@@ -225,6 +227,24 @@ class IncomingVM(Machine):
             await self.pool.call_all({w: m.Cancel() for w in alive})
         with contextlib.suppress(DevstateError):
             await self.pool.call_all({w: m.Discard() for w in alive})
+
+
+@contextlib.asynccontextmanager
+async def _refusing_late_connections(listener: channels.Listener) -> AsyncIterator[None]:
+    """While the body runs, every new connection is late: close it and say so."""
+    async def refuse() -> None:
+        while True:
+            conn = await listener.accept()
+            conn.close()
+            log.warning("refused a late connection: every channel of the migration is "
+                        "connected")
+
+    refusing = asyncio.ensure_future(refuse())
+    try:
+        yield
+    finally:
+        refusing.cancel()
+        await asyncio.gather(refusing, return_exceptions=True)
 
 
 def _result_rows(results: list[m.DeviceResult]) -> list[dict[str, Any]]:

@@ -223,6 +223,7 @@ class Worker:
             case m.RestoreRecords():
                 return self._restore_records()
             case m.Resume():
+                self._drop_channels()  # a source recovering: channels of a failed setup
                 # Streams resume concurrently (each is a round trip to its model); records
                 # one after another: a task per vCPU would cost more than its resume.
                 streams = [d for d in self._devices.values() if isinstance(d, StreamDevice)]

@@ -87,9 +87,12 @@ class Proxy:
     faults: dict[tuple[wire.ChannelKind, int], Fault]
     cut_after: int = 4 << 20
     count_packets: int = 0  # the device table's size: parse and tally data channels
+    intrude: bool = False  # when data channel 1 connects, send intruders after it
     port: int = 0
     seen: list[tuple[wire.ChannelKind, int]] = field(default_factory=list)
     data: dict[int, ChannelTally] = field(default_factory=dict)
+    intruders: asyncio.Future[None] | None = None
+    held: asyncio.Event = field(default_factory=asyncio.Event)  # data channel 3 waits
 
     @property
     def uri(self) -> str:
@@ -117,6 +120,31 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
         writer.close()
 
 
+async def _intrude(proxy: Proxy, hello: bytes) -> None:
+    """Stray, duplicate and late connections to the destination, one after another:
+    bytes that are no hello, another migration's channel and a second channel 1 while the
+    destination still waits for channel 3 (held back until then), and, once the transfer
+    runs, one more."""
+    other = bytearray(hello)
+    other[-16:] = bytes(16)  # the migration id: none of this migration's
+    try:
+        for opening in (b"GET / HTTP/1.0\r\n\r\n" + bytes(16), bytes(other), hello):
+            await _connect_and_say(proxy.upstream, opening)
+    finally:
+        proxy.held.set()
+    await asyncio.sleep(0.3)
+    await _connect_and_say(proxy.upstream, hello)
+
+
+async def _connect_and_say(upstream: tuple[str, int], opening: bytes) -> None:
+    with contextlib.suppress(ConnectionError, OSError):
+        reader, writer = await asyncio.open_connection(*upstream)
+        writer.write(opening)
+        await writer.drain()
+        await reader.read(1 << 10)  # until the destination closes it
+        writer.close()
+
+
 async def _serve(proxy: Proxy, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter) -> None:
     try:
@@ -137,8 +165,13 @@ async def _serve(proxy: Proxy, reader: asyncio.StreamReader,
             await reader.read(1 << 16)
         writer.close()
         return
+    if proxy.intrude and (hello.kind, hello.index) == (wire.ChannelKind.DATA, 3):
+        await proxy.held.wait()
     up_reader, up_writer = await asyncio.open_connection(*proxy.upstream)
     up_writer.write(first)
+    await up_writer.drain()
+    if proxy.intrude and (hello.kind, hello.index) == (wire.ChannelKind.DATA, 1):
+        proxy.intruders = asyncio.ensure_future(_intrude(proxy, first))
     limit = proxy.cut_after if fault is Fault.CUT else None
     seen = None
     if proxy.count_packets and hello.kind is wire.ChannelKind.DATA:
@@ -156,13 +189,14 @@ async def _serve(proxy: Proxy, reader: asyncio.StreamReader,
 async def faulty_proxy(upstream: tuple[str, int],
                        faults: dict[tuple[wire.ChannelKind, int], Fault],
                        cut_after: int = 4 << 20, *,
-                       count_packets: int = 0) -> AsyncIterator[Proxy]:
+                       count_packets: int = 0, intrude: bool = False) -> AsyncIterator[Proxy]:
     """Run a proxy to ``upstream`` on a free port of 127.0.0.1 for the body's duration.
 
     ``count_packets`` (the device table's size) tallies each plaintext data channel's
     packets in :attr:`Proxy.data`; a malformed packet fails the body's test there.
+    ``intrude`` sends stray, duplicate and late connections once data channel 1 connects.
     """
-    proxy = Proxy(upstream, faults, cut_after, count_packets)
+    proxy = Proxy(upstream, faults, cut_after, count_packets, intrude)
     tasks: set[asyncio.Task[None]] = set()
 
     def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -176,6 +210,8 @@ async def faulty_proxy(upstream: tuple[str, int],
         yield proxy
     finally:
         server.close()
+        if proxy.intruders is not None:
+            await proxy.intruders
         for task in list(tasks):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -33,16 +33,17 @@ def _devstate(*args: str) -> list[str]:
     return [sys.executable, "-m", "devstate", *args]
 
 
-def migrate_between(hosts: TwoHosts, spec: Path, pki: Pki | None,
-                    source_args: list[str], dest_args: list[str] = ()) -> dict[str, Any]:
-    """Run ``devstate vm`` in the destination namespace and ``devstate migrate --to`` it
-    from the source namespace; return the source's JSON report."""
+def migrate_between(hosts: TwoHosts, spec: Path, pki: Pki | None, source_args: list[str],
+                    incoming: str | None = None) -> dict[str, Any]:
+    """Run ``devstate vm`` in the destination namespace (on ``incoming``, default its TCP
+    address) and ``devstate migrate --to`` it from the source namespace; return the
+    source's JSON report."""
     server = ["--tls-ca", pki.server.ca, "--tls-cert", pki.server.cert,
               "--tls-verify-client"] if pki else []
     client = ["--tls-ca", pki.client.ca, "--tls-cert", pki.client.cert] if pki else []
     dest = hosts.popen("dest", _devstate("vm", "--spec", str(spec), "--incoming",
-                                         f"tcp:{hosts.dest_ip}:0", "--once", *server,
-                                         *dest_args),
+                                         incoming or f"tcp:{hosts.dest_ip}:0", "--once",
+                                         *server),
                        stdout=subprocess.PIPE, text=True)
     try:
         assert dest.stdout is not None
@@ -67,11 +68,15 @@ def hosts() -> Iterator[TwoHosts]:
         yield pair
 
 
-def test_mutual_tls_between_namespaces_with_four_channels(hosts, tmp_path) -> None:
+@pytest.mark.parametrize("transport", ["mutual-tls", "tcp", "unix"])
+def test_four_channels_between_namespaces(hosts, tmp_path, transport: str) -> None:
+    """Mutual TLS and plain TCP over the veth link; a Unix socket in the filesystem both
+    namespaces share (network namespaces do not separate filesystem sockets)."""
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps(SPEC))
-    pki = make_pki(tmp_path, hosts.dest_ip)
+    pki = make_pki(tmp_path, hosts.dest_ip) if transport == "mutual-tls" else None
+    incoming = f"unix:{tmp_path / 'incoming.sock'}" if transport == "unix" else None
     report = migrate_between(hosts, spec, pki, ["--channels", "4", "--routing", "spread",
-                                                "--workers", "2"])
+                                                "--workers", "2"], incoming)
     assert report["verified"] and all(d["verified"] for d in report["devices"])
     assert len(report["devices"]) == 66

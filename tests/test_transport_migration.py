@@ -13,6 +13,7 @@ from multiprocessing import forkserver, resource_tracker
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import uvloop
 
@@ -100,11 +101,17 @@ async def _fail_through_proxy(faults: dict[tuple[wire.ChannelKind, int], Fault],
     async with SourceVM(SPEC, settings) as source, destination(
             SPEC, Settings(workers=2), incoming="tcp:127.0.0.1:0", tls=server) as dest:
         before = await source.digests()
+        fds = _worker_fds(source)
         async with faulty_proxy((dest.address.host, dest.address.port), faults,
                                 cut_after) as proxy:
             with pytest.raises(MigrationFailed) as info:
                 await source.migrate(parse_uri(proxy.uri), tls=tls)
+        assert _worker_fds(source) == fds, "a source worker kept fds of the failed migration"
         return info.value, source.running, await source.digests() == before
+
+
+def _worker_fds(source: SourceVM) -> dict[int, int]:
+    return {pid: psutil.Process(pid).num_fds() for pid in source.pool.pids}
 
 
 def test_refused_connection_names_the_address(run, no_fd_or_thread_leaks) -> None:
@@ -177,3 +184,27 @@ def test_destination_refuses_a_source_without_a_client_certificate(
     error, running = run(scenario())
     assert "certificate required" in error or "TLS" in error
     assert running
+
+
+def test_stray_duplicate_and_late_connections_are_refused_and_logged(
+        no_fd_or_thread_leaks, run, capfd) -> None:
+    """Bytes that are no hello, another migration's hello, a second data channel 1 and a
+    connection during the transfer: each refused and logged by the destination, and the
+    migration completes verified."""
+    big = parse_spec({"seed": 4, "vcpus": {"count": 8},
+                      "devices": [{"name": "big", "size": "160MiB"}]})
+
+    async def scenario() -> Any:
+        async with SourceVM(big, Settings(workers=2, channels=4)) as source, destination(
+                big, Settings(workers=2), incoming="tcp:127.0.0.1:0") as dest:
+            upstream = (dest.address.host, dest.address.port)
+            async with faulty_proxy(upstream, {}, intrude=True) as proxy:
+                return await source.migrate(parse_uri(proxy.uri), compare_digests=True)
+
+    report = run(scenario())
+    assert report.verified
+    log = capfd.readouterr().err
+    assert "refused a connection: hello.magic" in log
+    assert "refused a data channel: migration id" in log
+    assert "channel 1 is already connected" in log
+    assert "refused a late connection" in log
