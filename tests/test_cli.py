@@ -170,10 +170,12 @@ def test_demo_falls_back_to_sim_vcpu_where_dev_kvm_cannot_be_opened() -> None:
     root-only device node answers EACCES), runs on sim-vcpu and says why."""
     if os.path.exists("/dev/kvm") and os.stat("/dev/kvm").st_mode & 0o006:
         pytest.skip("/dev/kvm is open to every user here: nobody could use it too")
-    # Imports happen before the drop: the interpreter's own files may be root-only.
+    # Everything the probe imports, lazily too, is loaded before the drop: the
+    # interpreter's own files may be readable by root only.
     probe = ("import argparse, os\n"
              "from devstate import cli\n"
              "from devstate.devices import kvm_vcpu\n"
+             "cli.load_default_machine()\n"
              "os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
              "spec, why = cli._demo_machine(argparse.Namespace(spec=None))\n"
              "print(spec.vcpus.backend, '|', why)\n")
