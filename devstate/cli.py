@@ -16,11 +16,12 @@ from typing import Any
 
 import uvloop
 
+from devstate.cost import CostHistory, refine
 from devstate.errors import DevstateError
 from devstate.lifecycle import end_with_parent
 from devstate.report import MigrationReport, format_table
 from devstate.route import Routing
-from devstate.settings import Settings
+from devstate.settings import Overrun, Settings
 from devstate.spec import Backend, MachineSpec, load_spec
 from devstate.transport import TlsConfig
 
@@ -73,6 +74,17 @@ def _parser() -> argparse.ArgumentParser:
                               "a stream's packets over every channel")
     migrate.add_argument("--max-bandwidth", type=_rate, default=None, metavar="RATE",
                          help="bytes per second over all channels together, e.g. 100MiB")
+    migrate.add_argument("--downtime-limit", type=_milliseconds, default=None, metavar="MS",
+                         help="no switchover while the expected downtime is above this")
+    migrate.add_argument("--on-overrun", choices=[o.value for o in Overrun],
+                         default=Overrun.FINISH.value,
+                         help="past the limit during stop-and-copy: finish and report the "
+                              "overrun, or abort (the source resumes unchanged)")
+    migrate.add_argument("--force-switchover", action="store_true",
+                         help="switch over even when the limit is expected to be missed")
+    migrate.add_argument("--spec-order", action="store_true",
+                         help="baseline: devices in spec order, dealt round-robin, instead "
+                              "of the plan (longest work first)")
     _tls_arguments(migrate, server=False)
     migrate.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -89,6 +101,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="comma-separated CPUs to pin workers to (default: usable CPUs)")
     vm.add_argument("--single-vm", action="store_true",
                     help="kvm: one VM in one worker, vCPUs put on a thread per CPU")
+    vm.add_argument("--spec-order", action="store_true",
+                    help="baseline: devices in spec order, dealt round-robin")
     _tls_arguments(vm, server=True)
     vm.add_argument("--once", action="store_true",
                     help="exit after one incoming migration instead of running the VM")
@@ -142,6 +156,16 @@ def _rate(text: str) -> float:
     return float(rate)
 
 
+def _milliseconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of milliseconds") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be above 0")
+    return value
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -193,7 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"devstate: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("devstate: interrupted; everything it started was stopped", file=sys.stderr)
+        if getattr(args, "parent", None) is None:  # a local destination ends quietly
+            print("devstate: interrupted; everything it started was stopped", file=sys.stderr)
         return 130
 
 
@@ -225,7 +250,7 @@ async def _run_mode(args: argparse.Namespace, spec: MachineSpec,
     mode = "concurrent" if settings.concurrent else "sequential"
     _status(args, f"migrating {spec.name} ({len(spec.devices())} devices), {mode}, "
                   f"{settings.workers} worker(s) per side ...")
-    report = await migrate_locally(spec, settings)
+    report = await migrate_locally(spec, settings, history=CostHistory())
     _status(args, f"{mode}: downtime {report.downtime_ms:.1f} ms")
     return report
 
@@ -276,7 +301,10 @@ async def _migrate(args: argparse.Namespace) -> int:
     workers = args.workers or (1 if args.sequential else default_workers())
     settings = Settings(workers=workers, concurrent=not args.sequential,
                         single_vm=args.single_vm, channels=args.channels,
-                        routing=Routing(args.routing), max_bandwidth=args.max_bandwidth)
+                        routing=Routing(args.routing), max_bandwidth=args.max_bandwidth,
+                        downtime_limit_ms=args.downtime_limit,
+                        overrun=Overrun(args.on_overrun),
+                        force_switchover=args.force_switchover, spec_order=args.spec_order)
     tls = _tls_config(args)
     if args.to is None:
         if tls is not None:
@@ -287,11 +315,15 @@ async def _migrate(args: argparse.Namespace) -> int:
     from devstate.source import SourceVM
 
     address = parse_uri(args.to)
+    history = CostHistory()
+    costs = history.load()
     async with SourceVM(spec, settings) as source:
         _status(args, f"migrating {spec.name} to {address} over {settings.data_channels} "
                       f"channel(s){' with TLS' if tls else ''} ...")
-        report = await source.migrate(address, tls=tls, compare_digests=True,
+        report = await source.migrate(address, tls=tls, compare_digests=True, costs=costs,
                                       on_status=lambda text: _status(args, text))
+    if source.last_estimate is not None:
+        history.save(refine(costs, source.last_estimate, report.downtime_ms))
     return _print(args, [report])
 
 
@@ -322,7 +354,7 @@ async def _vm(args: argparse.Namespace) -> int:
     tls = _tls_config(args)
     listener = Listener(parse_uri(args.incoming))
     settings = Settings(workers=args.workers, cpus=args.cpus, chunk_bytes=args.chunk_size,
-                        single_vm=args.single_vm)
+                        single_vm=args.single_vm, spec_order=args.spec_order)
     async with IncomingVM(spec, settings) as vm:
         listener.open()
         try:

@@ -100,3 +100,24 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, CancelledError):
         return "cancelled" + (f" ({text})" if text else "")
     return text or type(exc).__name__
+
+
+class DowntimeLimitUnmet(MigrationFailed):
+    """The expected downtime exceeds the limit: no switchover happened, the VM runs on.
+
+    ``critical_path`` names what sets the downtime (the cost model's largest terms).
+    """
+
+    def __init__(self, limit_ms: float, expected_ms: float, critical_path: str) -> None:
+        self.limit_ms = limit_ms
+        self.expected_ms = expected_ms
+        self.critical_path = critical_path
+        super().__init__(f"expected downtime {expected_ms:.0f} ms exceeds the limit of "
+                         f"{limit_ms:.0f} ms; no switchover, the VM keeps running. Critical "
+                         f"path: {critical_path}")
+
+
+class DowntimeOverrun(MigrationFailed):
+    """Stop-and-copy passed the downtime limit and the policy was to abort: the destination
+    discarded, the source resumed with its state unchanged."""
+

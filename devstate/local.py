@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from devstate import channels
+from devstate.cost import CostHistory, refine
 from devstate.errors import DevstateError
 from devstate.report import MigrationReport
 from devstate.settings import Settings
@@ -60,6 +61,7 @@ async def destination(spec: MachineSpec, settings: Settings, *, incoming: str | 
                 "--cpus", ",".join(map(str, dest_cpus(settings))),
                 "--chunk-size", str(settings.chunk_bytes),
                 *(["--single-vm"] if settings.single_vm else []),
+                *(["--spec-order"] if settings.spec_order else []),
                 *(tls_arguments(tls, server=True) if tls else []),
                 "--parent", str(os.getpid())]
         # A session of its own: Ctrl-C at the terminal reaches only the source, which then
@@ -127,15 +129,22 @@ async def _reap(proc: asyncio.subprocess.Process) -> None:
 
 async def migrate_locally(spec: MachineSpec, settings: Settings, *,
                           dest_settings: Settings | None = None,
-                          compare_digests: bool = True) -> MigrationReport:
+                          compare_digests: bool = True,
+                          history: CostHistory | None = None) -> MigrationReport:
     """Start both sides, migrate once, and return the report (both sides shut down after).
 
-    The destination runs with ``dest_settings`` (default: the source's).
+    The destination runs with ``dest_settings`` (default: the source's). With ``history``
+    the cost model starts from this host's stored constants and learns from the run.
     """
     source = SourceVM(spec, settings)
+    costs = history.load() if history else None
     try:
         async with destination(spec, dest_settings or settings) as dest:
             await source.start()
-            return await source.migrate(dest.address, compare_digests=compare_digests)
+            report = await source.migrate(dest.address, compare_digests=compare_digests,
+                                          costs=costs)
     finally:
         await source.close()
+    if history and costs and source.last_estimate:
+        history.save(refine(costs, source.last_estimate, report.downtime_ms))
+    return report

@@ -6,7 +6,7 @@ import socket
 
 from devstate import messages as m
 from devstate.lifecycle import AsyncLifecycle
-from devstate.plan import Plan, make_plan
+from devstate.plan import Plan, make_plan, spec_order_plan
 from devstate.pool import WorkerPool
 from devstate.settings import Settings
 from devstate.spec import MachineSpec
@@ -25,7 +25,8 @@ class Machine(AsyncLifecycle):
     def __init__(self, spec: MachineSpec, settings: Settings) -> None:
         self.spec = spec
         self.settings = settings
-        self.plan: Plan = make_plan(spec, settings.workers, single_vm=settings.single_vm)
+        self.plan: Plan = (spec_order_plan(spec, settings.workers) if settings.spec_order
+                           else make_plan(spec, settings.workers, single_vm=settings.single_vm))
         self.pool = WorkerPool(spec, settings.layout(spec), name=self.side,
                                cpus=list(settings.cpus) if settings.cpus else None)
         self.running = False

@@ -109,11 +109,15 @@ class Digests:
 
 @dataclass(frozen=True, slots=True)
 class SnapshotRecords:
-    """Get every owned record device into this worker's arena slots, with no channel.
+    """Get owned record devices (the first ``limit``, or all) into this worker's arena
+    slots, with no channel.
 
     One side of a migration alone (the scaling benchmarks measure each side apart, since
-    both sides share the cores of one host). Replies with the worker's get time in ns.
+    both sides share the cores of one host; the cost model probes a sample). Replies with
+    the worker's get time in ns and how many records it got.
     """
+
+    limit: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

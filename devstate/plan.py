@@ -37,6 +37,18 @@ def estimate_s(device: DeviceSpec) -> float:
     return v.size / v.read_bandwidth + v.size / v.write_bandwidth + v.firmware_latency_ms / 1e3
 
 
+def spec_order_plan(spec: MachineSpec, workers: int) -> Plan:
+    """The baseline a plan must beat: devices dealt to workers round-robin in table order,
+    each worker saving them in that order (as a VMM walks its device list)."""
+    if workers < 1:
+        raise ValueError("a plan needs at least one worker")
+    table = spec.devices()
+    kvm_vm = {d.index for d in table if d.backend is Backend.KVM_VM}
+    owner = tuple(0 if d.index in kvm_vm else d.index % workers for d in table)
+    order = tuple(tuple(d.index for d in table if owner[d.index] == w) for w in range(workers))
+    return Plan(workers, owner, order)
+
+
 def make_plan(spec: MachineSpec, workers: int, *, single_vm: bool = False) -> Plan:
     """Assign every device to one of ``workers`` owners, longest estimated work first.
 

@@ -41,6 +41,14 @@ class MigrationReport:
     downtime_ms: float
     devices: tuple[DeviceReport, ...]
     digests_compared: bool
+    expected_ms: float = 0.0  # the cost model's estimate before the stop
+    critical_path: str = ""   # what the estimate said sets the downtime
+    limit_ms: float | None = None  # the downtime limit, if one was set
+
+    @property
+    def overrun_ms(self) -> float:
+        """How far the downtime passed its limit (0 without a limit or within it)."""
+        return max(0.0, self.downtime_ms - self.limit_ms) if self.limit_ms else 0.0
 
     @property
     def total_bytes(self) -> int:
@@ -58,6 +66,10 @@ class MigrationReport:
             "mode": self.mode,
             "workers": self.workers,
             "downtime_ms": round(self.downtime_ms, 3),
+            "expected_ms": round(self.expected_ms, 3),
+            "critical_path": self.critical_path,
+            "limit_ms": self.limit_ms,
+            "overrun_ms": round(self.overrun_ms, 3),
             "total_bytes": self.total_bytes,
             "verified": self.verified,
             "devices": [
@@ -83,8 +95,13 @@ def format_table(reports: Iterable[MigrationReport]) -> str:
     reports = list(reports)
     for report in reports:
         lines.append(f"{report.mode}: {report.workers} worker(s), downtime "
-                     f"{report.downtime_ms:.1f} ms, {_mib(report.total_bytes)}, "
+                     f"{report.downtime_ms:.1f} ms (expected {report.expected_ms:.0f}), "
+                     f"{_mib(report.total_bytes)}, "
                      f"{'verified bit-exact' if report.verified else 'NOT verified'}")
+        if report.limit_ms is not None:
+            lines.append(f"  limit {report.limit_ms:.0f} ms: " + (
+                f"overrun by {report.overrun_ms:.1f} ms; critical path: "
+                f"{report.critical_path}" if report.overrun_ms else "met"))
         lines.append(f"  {'device':<28} {'bytes':>12} {'saved at ms':>16} {'loaded at ms':>16}"
                      f" {'verified':>9}")
         for name, group in _group(report.devices):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import os
 from dataclasses import dataclass
 
@@ -9,6 +10,14 @@ from devstate import wire
 from devstate.arena import Layout, SlotClass
 from devstate.route import Routing
 from devstate.spec import MachineSpec
+
+
+class Overrun(enum.Enum):
+    """What stop-and-copy does when it passes the downtime limit."""
+
+    FINISH = "finish"  # complete, and report the overrun and its cause
+    ABORT = "abort"    # cancel: the destination discards, the source resumes unchanged
+
 
 # Slot classes, in this order, in every worker's partition.
 RECORD_CLASS = 0
@@ -37,6 +46,11 @@ class Settings:
     worker receives on at most ``window_slots`` channels (a receive window each).
     ``max_bandwidth`` (bytes/s, QEMU's max-bandwidth) limits what all channels send
     together (:mod:`devstate.bandwidth`); None: unlimited.
+    ``spec_order`` replaces the plan (longest work first, streams before records) with
+    the baseline it must beat: devices in table order, dealt round-robin.
+    ``downtime_limit_ms`` (QEMU's downtime-limit): no switchover while the cost model
+    expects more (:mod:`devstate.cost`), unless ``force_switchover``; during stop-and-copy,
+    passing it either finishes and reports the overrun or aborts (``overrun``).
     """
 
     workers: int = 2
@@ -51,6 +65,10 @@ class Settings:
     routing: Routing = Routing.AFFINITY
     window_slots: int = 4
     max_bandwidth: float | None = None
+    spec_order: bool = False
+    downtime_limit_ms: float | None = None
+    overrun: Overrun = Overrun.FINISH
+    force_switchover: bool = False
 
     @property
     def data_channels(self) -> int:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -32,17 +33,30 @@ from typing import Any, TypeVar
 
 from devstate import channels, wire
 from devstate import messages as m
-from devstate.errors import DevstateError, MigrationFailed, WorkerLost, describe
+from devstate.cost import Estimate, HostCosts, estimate
+from devstate.errors import (
+    DevstateError,
+    DowntimeLimitUnmet,
+    DowntimeOverrun,
+    MigrationFailed,
+    WorkerLost,
+    describe,
+)
 from devstate.lifecycle import no_gc_pauses
 from devstate.machine import Machine
 from devstate.report import DeviceReport, MigrationReport
 from devstate.route import Routes
+from devstate.settings import Overrun
+from devstate.spec import Backend
 
 log = logging.getLogger("devstate.source")
 T = TypeVar("T")
 
 # After COMMIT the destination only resumes its devices: seconds are generous.
 RESUMED_TIMEOUT_S = 30.0
+# Records per worker the cost model's probe gets and puts back: enough for a stable mean,
+# few enough to fit the record slots and take milliseconds.
+PROBE_RECORDS = 64
 # How long a failed save waits for the destination's own account of the failure.
 PEER_REASON_WAIT_S = 1.0
 
@@ -52,19 +66,33 @@ class SourceVM(Machine):
 
     incoming = False
     side = "source"
+    last_estimate: Estimate | None = None  # of the last migrate(), made before its stop
 
     async def migrate(self, address: channels.Address, *, tls: channels.TlsConfig | None = None,
-                      compare_digests: bool = False,
+                      compare_digests: bool = False, costs: HostCosts | None = None,
                       on_status: Callable[[str], None] | None = None) -> MigrationReport:
         """Migrate the machine to the destination listening at ``address`` (over TLS with
         ``tls``: the destination's certificate is checked against ``tls.ca``).
 
+        Before the stop, the cost model (``costs``: this host's constants) estimates the
+        downtime; with ``settings.downtime_limit_ms`` an estimate above the limit raises
+        :class:`DowntimeLimitUnmet` and nothing stops, unless ``settings.force_switchover``.
+        A stop-and-copy that passes the limit finishes and reports the overrun, or with
+        ``Overrun.ABORT`` is cancelled (:class:`DowntimeOverrun`; the source resumes).
+
         ``on_status`` is called with QEMU's status names as the migration moves: ``setup``,
-        ``device`` (the VM stopped: stop-and-copy), ``completed`` or ``failed``.
+        ``active`` (estimating, VM running), ``device`` (the VM stopped: stop-and-copy),
+        then ``completed``, ``failed``, or ``cancelling`` and ``cancelled`` on an abort.
         """
         status = on_status or (lambda _: None)
         status("setup")
         before = await self.digests() if compare_digests else {}
+        status("active")
+        made = self.last_estimate = await self.estimate(costs or HostCosts())
+        limit = self.settings.downtime_limit_ms
+        if limit is not None and made.expected_ms > limit and not self.settings.force_switchover:
+            status("failed")
+            raise DowntimeLimitUnmet(limit, made.expected_ms, made.explain())
         migration_id = uuid.uuid4()
         routes = self.routes
         try:
@@ -80,7 +108,7 @@ class SourceVM(Machine):
             self.running = False
             status("device")
             with no_gc_pauses():
-                await self._stop_and_copy(sock)
+                await self._within_limit(self._stop_and_copy(sock), t0, made)
                 await channels.send_control(sock, wire.ControlType.COMMIT, {})
                 committed = True
                 async with asyncio.timeout(RESUMED_TIMEOUT_S):
@@ -90,11 +118,12 @@ class SourceVM(Machine):
                 report = await channels.expect_control(sock, wire.ControlType.REPORT)
             saved = m.unpack_results(await self.pool.call_all(
                 {w: m.Results() for w in range(self.plan.workers)}))
-            result = self._report(t0, t1, saved, report, before)
+            result = self._report(t0, t1, saved, report, before, made)
             status("completed")
             return result
         except BaseException as exc:
-            status("failed")
+            aborting = isinstance(exc, DowntimeOverrun)
+            status("cancelling" if aborting else "failed")
             if committed:
                 raise MigrationFailed(f"failed after commit ({exc}); the destination may be "
                                       "running: the source stays stopped with its state") from exc
@@ -102,11 +131,57 @@ class SourceVM(Machine):
             if lost is not None:  # the root cause of whatever followed
                 raise MigrationFailed(f"migration failed: {lost}; the other workers' devices "
                                       "resumed, its own are gone") from lost
+            if aborting:
+                status("cancelled")
+                raise
             if not isinstance(exc, DevstateError | OSError | TimeoutError):
                 raise  # cancelled or interrupted: recovered, and the interruption goes on
             raise MigrationFailed(f"migration failed, source resumed: {exc}") from exc
         finally:
             sock.close()
+
+    async def estimate(self, costs: HostCosts) -> Estimate:
+        """The expected downtime, with record costs probed on the workers where the spec
+        cannot know them (real KVM vCPUs). Runs before the stop, the VM still running."""
+        record_us = None
+        if self.spec.vcpus.backend is Backend.KVM and self.spec.vcpus.count:
+            record_us = await self.probe_records()
+        return estimate(self.spec, self.plan.workers, costs, record_us)
+
+    async def probe_records(self, sample: int = PROBE_RECORDS) -> tuple[float, float]:
+        """Get up to ``sample`` record devices per worker into the arena and put them back,
+        on every worker at once; return one record's (get, put) in µs of a core, as the
+        cost model counts them. The state is unchanged: each record is put back exactly as
+        it was got."""
+        gets = await self.pool.call_all({w: m.SnapshotRecords(sample)
+                                         for w in range(self.plan.workers)})
+        puts = await self.pool.call_all({w: m.RestoreRecords()
+                                         for w in range(self.plan.workers)})
+        per_get = [ns / n for ns, n in gets.values() if n]
+        per_put = [puts[w] / gets[w][1] for w in gets if gets[w][1]]
+        if not per_get:
+            return 0.0, 0.0
+        # Measured with every worker busy at once: a record's wall time on one worker,
+        # scaled to core time when workers share fewer cores.
+        share = min(1.0, len(os.sched_getaffinity(0)) / self.plan.workers)
+        return (sum(per_get) / len(per_get) / 1e3 * share,
+                sum(per_put) / len(per_put) / 1e3 * share)
+
+    async def _within_limit(self, work: Awaitable[None], t0: int, made: Estimate) -> None:
+        """Await stop-and-copy; with ``Overrun.ABORT``, cancel it once the limit passes."""
+        limit = self.settings.downtime_limit_ms
+        if limit is None or self.settings.overrun is not Overrun.ABORT:
+            await work
+            return
+        left_s = limit / 1e3 - (time.monotonic_ns() - t0) / 1e9
+        try:
+            async with asyncio.timeout(max(0.0, left_s)):
+                await work
+        except TimeoutError:
+            raise DowntimeOverrun(f"stop-and-copy passed the downtime limit of {limit:.0f} ms "
+                                  f"(expected {made.expected_ms:.0f} ms; critical path: "
+                                  f"{made.explain()}): aborted, the source resumed with its "
+                                  "state unchanged") from None
 
     @property
     def routes(self) -> Routes:
@@ -186,7 +261,7 @@ class SourceVM(Machine):
         return lost[min(lost)] if lost else None
 
     def _report(self, t0: int, t1: int, saved: list[m.DeviceResult], report: dict[str, Any],
-                before: dict[str, str]) -> MigrationReport:
+                before: dict[str, str], made: Estimate) -> MigrationReport:
         dest = {r["id"]: r for r in wire.field(report, "devices", list)}
         after = wire.field(report, "digests", dict)
         # The destination's clock is its own (another host, perhaps): its times count from
@@ -207,4 +282,6 @@ class SourceVM(Machine):
         mode = ("sequential" if not self.settings.concurrent
                 else "single-vm" if self.settings.single_vm else "concurrent")
         return MigrationReport(mode, self.plan.workers, (t1 - t0) / 1e6, tuple(rows),
-                               digests_compared=bool(before))
+                               digests_compared=bool(before), expected_ms=made.expected_ms,
+                               critical_path=made.explain(),
+                               limit_ms=self.settings.downtime_limit_ms)

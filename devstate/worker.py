@@ -72,6 +72,12 @@ def worker_main(index: int, conn: Connection, arena_name: str, arena_size: int,
     except (BrokenPipeError, EOFError):
         raise SystemExit(1) from None  # the coordinator went away first: nothing to report
     finally:
+        # A cancelled Save or Load can leave reference cycles (tasks, frames) that hold
+        # views of the arena's slots: collect them, so the arena unmaps without a
+        # foreign view.
+        worker = None
+        gc.unfreeze()
+        gc.collect()
         arena.close()
 
 
@@ -218,8 +224,8 @@ class Worker:
                 return len(self._results)
             case m.Results():
                 return self._results
-            case m.SnapshotRecords():
-                return self._snapshot_records()
+            case m.SnapshotRecords(limit=limit):
+                return self._snapshot_records(limit)
             case m.RestoreRecords():
                 return self._restore_records()
             case m.Resume():
@@ -252,9 +258,9 @@ class Worker:
             self._executor = ThreadPoolExecutor(threads, thread_name_prefix="vcpu")
         return self._executor
 
-    def _snapshot_records(self) -> int:
+    def _snapshot_records(self, limit: int | None) -> tuple[int, int]:
         self._release_snapshot()
-        records = [d for d in self._devices.values() if isinstance(d, RecordDevice)]
+        records = [d for d in self._devices.values() if isinstance(d, RecordDevice)][:limit]
         for _ in records:
             slot = self._slots.acquire_nowait(RECORD_CLASS)
             if slot is None:
@@ -266,10 +272,11 @@ class Worker:
         for n, device in enumerate(records):
             slot = self._snapshot[n][0]
             self._snapshot[n] = (slot, device.get(slot.view))
-        return time.perf_counter_ns() - start
+        return time.perf_counter_ns() - start, len(records)
 
     def _restore_records(self) -> int:
-        records = [d for d in self._devices.values() if isinstance(d, RecordDevice)]
+        records = [d for d in self._devices.values()
+                   if isinstance(d, RecordDevice)][:len(self._snapshot)]
         start = time.perf_counter_ns()
         for device, (slot, length) in zip(records, self._snapshot, strict=True):
             device.put(slot.view[:length])

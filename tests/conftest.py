@@ -78,6 +78,12 @@ def run() -> Callable[[Coroutine[Any, Any, Any]], Any]:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # The cost model's history of this host: the suite's runs learn into a file of their
+    # own (inherited by every devstate process it starts), never into the user's cache.
+    import tempfile
+
+    os.environ["DEVSTATE_COSTS"] = os.path.join(
+        tempfile.mkdtemp(prefix="devstate-costs-"), "costs.json")
     # Make sure nothing left by an earlier interrupted run confuses the leak check.
     from devstate.arena import sweep_stale_segments
 

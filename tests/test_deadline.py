@@ -1,0 +1,131 @@
+"""The downtime limit: the cost model's estimate and its critical path, learning from runs,
+no switchover when the limit cannot be met, and finishing or aborting past it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from devstate.cli import kvm_usable
+from devstate.cost import CostHistory, HostCosts, estimate, refine
+from devstate.errors import DowntimeLimitUnmet, DowntimeOverrun
+from devstate.local import destination
+from devstate.settings import Overrun, Settings
+from devstate.source import SourceVM
+from devstate.spec import parse_spec
+from devstate.transport import parse_uri
+
+HUGE = parse_spec({"seed": 2, "vcpus": {"count": 4},
+                   "devices": [{"name": "gpu", "size": "96MiB", "write_bandwidth": "128MiB/s",
+                                "firmware_latency_ms": 100}]})
+
+
+def test_one_devices_own_path_is_the_critical_path() -> None:
+    made = estimate(HUGE, 2, HostCosts())
+    # 96 MiB at 128 MiB/s is 750 ms, plus 100 ms of firmware, plus the fixed cost.
+    assert made.critical.kind == "device" and "vfio/gpu alone" in made.critical.what
+    assert made.expected_ms == pytest.approx(850 + HostCosts().fixed_ms)
+    assert "vfio/gpu alone" in made.explain()
+
+
+def test_many_records_make_the_host_critical() -> None:
+    spec = parse_spec({"vcpus": {"count": 1024, "get_us": 200, "put_us": 200}})
+    made = estimate(spec, 2, HostCosts(cores=2, record_overhead_us=0))
+    assert made.critical.kind == "host"
+    assert made.expected_ms == pytest.approx(1024 * 400 / 1e3 / 2 + HostCosts().fixed_ms)
+
+
+def test_refine_fits_the_host_weights_to_earlier_runs() -> None:
+    """Runs that took 1.5x their copies and 2x their records teach exactly that."""
+    host = HostCosts()
+    for size, count in ((64, 0), (0, 1024), (128, 768), (32, 512), (256, 256)):
+        spec = parse_spec({"vcpus": {"count": count},
+                           "devices": [{"name": "d", "size": f"{size}MiB",
+                                        "read_bandwidth": "64GiB/s",
+                                        "write_bandwidth": "64GiB/s"}] if size else []})
+        made = estimate(spec, 2, host)
+        copies, records, sessions, firmware = made.host_parts
+        actual = host.fixed_ms + 1.5 * copies + 2.0 * records + sessions + firmware
+        host = refine(host, made, actual)
+    assert host.weights[0] == pytest.approx(1.5, rel=0.02)
+    assert host.weights[1] == pytest.approx(2.0, rel=0.02)
+
+
+def test_a_disturbed_run_teaches_nothing() -> None:
+    made = estimate(HUGE, 2, HostCosts())
+    assert refine(HostCosts(), made, made.expected_ms * 10) == HostCosts()
+
+
+def test_history_survives_a_round_trip_and_a_corrupt_file(tmp_path: Path) -> None:
+    history = CostHistory(tmp_path / "costs.json")
+    learned = HostCosts(weights=(1.2, 0.9, 1.1), runs=((1.0, 2.0, 3.0, 0.0, 7.0),),
+                        scale={"device": 1.1})
+    history.save(learned)
+    loaded = history.load()
+    assert (loaded.weights, loaded.runs, loaded.scale) == (learned.weights, learned.runs,
+                                                           learned.scale)
+    history.path.write_text("{not json")
+    assert history.load().weights == HostCosts().weights
+
+
+def test_unmeetable_limit_never_stops_the_vm(run) -> None:
+    async def scenario() -> tuple[DowntimeLimitUnmet, bool, bool, list[str]]:
+        seen: list[str] = []
+        async with SourceVM(HUGE, Settings(downtime_limit_ms=300)) as source:
+            before = await source.digests()
+            with pytest.raises(DowntimeLimitUnmet) as info:
+                await source.migrate(parse_uri("unix:/nonexistent/never.sock"),
+                                     on_status=seen.append)
+            return info.value, source.running, await source.digests() == before, seen
+
+    error, running, unchanged, seen = run(scenario())
+    assert running and unchanged
+    assert "vfio/gpu alone" in error.critical_path and "no switchover" in str(error)
+    assert seen == ["setup", "active", "failed"]
+
+
+async def _past_the_limit(overrun: Overrun) -> dict[str, Any]:
+    settings = Settings(downtime_limit_ms=250, force_switchover=True, overrun=overrun)
+    seen: list[str] = []
+    async with SourceVM(HUGE, settings) as source, destination(HUGE, Settings()) as dest:
+        before = await source.digests()
+        try:
+            report = await source.migrate(dest.address, compare_digests=True,
+                                          on_status=seen.append)
+        except DowntimeOverrun as exc:
+            return {"error": exc, "running": source.running, "seen": seen,
+                    "unchanged": await source.digests() == before}
+        return {"report": report, "seen": seen}
+
+
+def test_abort_past_the_limit_resumes_the_source_unchanged(run) -> None:
+    outcome = run(_past_the_limit(Overrun.ABORT))
+    assert "passed the downtime limit of 250 ms" in str(outcome["error"])
+    assert "vfio/gpu alone" in str(outcome["error"])
+    assert outcome["running"] and outcome["unchanged"]
+    assert outcome["seen"] == ["setup", "active", "device", "cancelling", "cancelled"]
+
+
+def test_finish_past_the_limit_reports_the_overrun_and_its_cause(run) -> None:
+    outcome = run(_past_the_limit(Overrun.FINISH))
+    report = outcome["report"]
+    assert report.verified and report.overrun_ms > 0
+    assert "vfio/gpu alone" in report.critical_path
+    assert outcome["seen"] == ["setup", "active", "device", "completed"]
+
+
+@pytest.mark.skipif(not kvm_usable()[0], reason=f"needs KVM: {kvm_usable()[1]}")
+def test_kvm_record_costs_are_probed_without_changing_the_vcpus(run) -> None:
+    spec = parse_spec({"seed": 5, "vcpus": {"count": 64, "backend": "kvm"}})
+
+    async def scenario() -> tuple[tuple[float, float], bool]:
+        async with SourceVM(spec, Settings()) as source:
+            before = await source.digests()
+            costs = await source.probe_records()
+            return costs, await source.digests() == before
+
+    (get_us, put_us), unchanged = run(scenario())
+    assert unchanged
+    assert 5 < get_us < 5000 and 5 < put_us < 20000
