@@ -82,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
                               "overrun, or abort (the source resumes unchanged)")
     migrate.add_argument("--force-switchover", action="store_true",
                          help="switch over even when the limit is expected to be missed")
+    migrate.add_argument("--precopy", action="store_true",
+                         help="stream devices that support it while the VM runs; switch "
+                              "over when the expected downtime meets --downtime-limit")
     migrate.add_argument("--spec-order", action="store_true",
                          help="baseline: devices in spec order, dealt round-robin, instead "
                               "of the plan (longest work first)")
@@ -304,7 +307,8 @@ async def _migrate(args: argparse.Namespace) -> int:
                         routing=Routing(args.routing), max_bandwidth=args.max_bandwidth,
                         downtime_limit_ms=args.downtime_limit,
                         overrun=Overrun(args.on_overrun),
-                        force_switchover=args.force_switchover, spec_order=args.spec_order)
+                        force_switchover=args.force_switchover, spec_order=args.spec_order,
+                        precopy=args.precopy)
     tls = _tls_config(args)
     if args.to is None:
         if tls is not None:

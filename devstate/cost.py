@@ -93,28 +93,32 @@ class Estimate:
 
 
 def estimate(spec: MachineSpec, workers: int, host: HostCosts,
-             record_us: tuple[float, float] | None = None) -> Estimate:
+             record_us: tuple[float, float] | None = None,
+             remaining: dict[int, int] | None = None) -> Estimate:
     """Expected stop-and-copy downtime of ``spec`` with ``workers`` per side.
 
     ``record_us`` is the measured (get, put) of one record in µs; None takes the spec's
-    sim-vcpu costs.
+    sim-vcpu costs. ``remaining`` gives, for devices in precopy, the bytes they have left
+    (by device index): only those are left for stop-and-copy.
     """
+    left = remaining or {}
     table = spec.devices()
     records = [d for d in table if d.vfio is None]
     streams = [d for d in table if d.vfio is not None]
     get_us, put_us = record_us if record_us is not None else (spec.vcpus.get_us,
                                                               spec.vcpus.put_us)
     terms: list[Term] = []
+    size = {d.index: left.get(d.index, d.vfio.size) for d in streams if d.vfio is not None}
     for d in streams:
         v = d.vfio
         assert v is not None
         rate = min(v.read_bandwidth, v.write_bandwidth)
-        terms.append(Term("device", f"{d.id} alone: {v.size / 2**20:.0f} MiB at "
+        terms.append(Term("device", f"{d.id} alone: {size[d.index] / 2**20:.0f} MiB at "
                                     f"{rate / 2**20:.0f} MiB/s + {v.firmware_latency_ms:.0f} "
                                     "ms firmware",
-                          (v.size / rate * 1e3 + v.firmware_latency_ms)
+                          (size[d.index] / rate * 1e3 + v.firmware_latency_ms)
                           * host.scale.get("device", 1.0)))
-    stream_bytes = sum(d.vfio.size for d in streams if d.vfio is not None)
+    stream_bytes = sum(size.values())
     copy_ms = stream_bytes / host.copy_bytes_per_s * 1e3
     record_ms = len(records) * (get_us + put_us + host.record_overhead_us) / 1e3 / host.cores
     sessions_ms = -(-len(streams) // workers) * host.stream_overhead_ms

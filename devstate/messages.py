@@ -65,6 +65,17 @@ class Save:
     gen: int
     record_threads: int = 1
     max_bandwidth: float | None = None  # bytes/s over all channels, None: unlimited
+    precopy: bool = False  # stream precopy devices while running, until SwitchOver
+
+
+@dataclass(frozen=True, slots=True)
+class SwitchOver:
+    """Source, during a precopy Save: the VM stops now; save everything that is left."""
+
+
+@dataclass(frozen=True, slots=True)
+class PrecopyRemaining:
+    """Source, during a precopy Save: bytes each precopy device still has to produce."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,11 +19,17 @@ it holds out of order only ever waits for packets queued, hence sent, before it.
 Concurrent mode drives every stream device in its own task and the record devices in one
 more task that yields to the loop every few records, so one device waiting on its data fd
 never holds up another. Sequential mode saves one device after another, as VMMs do today.
+
+Precopy (a ``switchover`` event given): while the VM still runs, every device that supports
+it streams its initial and dirty bytes (VFIO PRE_COPY) as ordinary CHUNKs, and everything
+else waits; when the coordinator switches over, the same sessions go on into stop-and-copy
+(the stream's sequence numbers and digest continue) and the rest is saved.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -44,6 +50,8 @@ HDR = wire.PACKET_HEADER_BYTES
 # putting at once) and stream devices get served, for one loop pass per 16 records; in
 # single-vm mode a batch is what the get threads share.
 RECORD_BATCH = 16
+# How often a precopy stream with nothing to read looks again for dirtied state.
+PRECOPY_POLL_S = 0.02
 
 
 class PacketSender:
@@ -132,9 +140,15 @@ class Saver:
         self._peers_done: set[int] = set()
         self._no_more_sends = asyncio.Event()
         self._fault: asyncio.Future[None] | None = None
+        self._in_precopy: set[int] = set()
 
-    async def run(self, order: Sequence[int], concurrent: bool) -> list[ResultRow]:
-        """Save every device in ``order``; return their results once all bytes are sent."""
+    async def run(self, order: Sequence[int], concurrent: bool,
+                  switchover: asyncio.Event | None = None) -> list[ResultRow]:
+        """Save every device in ``order``; return their results once all bytes are sent.
+
+        With ``switchover``, precopy first: only devices that support it stream until the
+        event is set (the VM stops), then everything is saved.
+        """
         missing = set(self._routes.channels_of(self.worker)) - set(self._senders)
         if missing:
             raise RuntimeError(f"worker {self.worker} has no data channel "
@@ -156,7 +170,10 @@ class Saver:
                                    if isinstance(self._devices[i], RecordDevice)]
                         streams = [i for i in order
                                    if isinstance(self._devices[i], StreamDevice)]
-                        jobs = [tg.create_task(self._save_stream(i)) for i in streams]
+                        jobs = [tg.create_task(self._save_stream(i, switchover))
+                                for i in streams]
+                        if switchover is not None:
+                            await switchover.wait()
                         if records:
                             results.extend(await self._save_records(records))
                         results.extend([await job for job in jobs])
@@ -279,15 +296,20 @@ class Saver:
         length = device.get(slot.view[HDR:])
         return length, start, time.monotonic_ns()
 
-    async def _save_stream(self, index: int) -> ResultRow:
+    async def _save_stream(self, index: int,
+                           switchover: asyncio.Event | None = None) -> ResultRow:
         device = self._devices[index]
         assert isinstance(device, StreamDevice)
+        digest = wire.StateDigest()
+        hop = _Hop()
+        seq = total = 0
+        if switchover is not None:
+            if device.supports_precopy:
+                seq, total = await self._precopy(index, device, switchover, digest, hop)
+            await switchover.wait()
         start = time.monotonic_ns()
         await device.save_begin()
-        digest = wire.StateDigest()
-        seq = total = 0
         at_end = False
-        hop = _Hop()
         while not at_end:
             slot = await self._slots.acquire(self._chunk_class)
             capacity = slot.size - HDR
@@ -314,6 +336,55 @@ class Saver:
         await self._emit_in_order(hop, index, seq, slot, len(end))
         await device.save_end()
         return index, device.id, total, seq, start, time.monotonic_ns(), self.worker
+
+    async def _precopy(self, index: int, device: StreamDevice, switchover: asyncio.Event,
+                       digest: wire.StateDigest, hop: _Hop) -> tuple[int, int]:
+        """Stream ``device``'s precopy bytes until ``switchover``; return (packets, bytes)."""
+        await device.precopy_begin()
+        self._in_precopy.add(index)
+        seq = total = 0
+        switched = asyncio.ensure_future(switchover.wait())
+        try:
+            while not switchover.is_set():
+                slot = await self._slots.acquire(self._chunk_class)
+                filled, capacity = 0, slot.size - HDR
+                while filled < capacity and not switchover.is_set():
+                    reading = asyncio.ensure_future(
+                        device.precopy_read(slot.view[HDR + filled:HDR + capacity]))
+                    await asyncio.wait({reading, switched}, return_when=asyncio.FIRST_COMPLETED)
+                    if not reading.done():
+                        reading.cancel()  # switched over: stop-and-copy reads the rest
+                        await asyncio.gather(reading, return_exceptions=True)
+                        break
+                    try:
+                        filled += reading.result()
+                    except OSError as exc:
+                        if exc.errno != errno.ENOMSG:
+                            raise
+                        if filled:
+                            break  # ship what there is; more comes as state is dirtied
+                        await asyncio.wait({switched}, timeout=PRECOPY_POLL_S)
+                if not filled:
+                    self._slots.release(slot)
+                    continue
+                payload = slot.view[HDR:HDR + filled]
+                digest.add(wire.pack_packet_header(slot.view, wire.PacketKind.CHUNK, index,
+                                                   seq, payload))
+                await self._emit_in_order(hop, index, seq, slot, HDR + filled)
+                seq += 1
+                total += filled
+        finally:
+            switched.cancel()
+            self._in_precopy.discard(index)
+        return seq, total
+
+    async def precopy_remaining(self) -> dict[int, int]:
+        """Bytes each device in precopy still has to produce while running, by index
+        (devices whose precopy has not begun yet are not in it)."""
+        devices = {i: self._devices[i] for i in self._in_precopy}
+        counts = await asyncio.gather(*(d.precopy_remaining()  # type: ignore[attr-defined]
+                                        for d in devices.values()))
+        return dict(zip(devices, counts, strict=True))
 
     async def _emit_in_order(self, hop: _Hop, index: int, seq: int, slot: Slot,
                              length: int) -> None:

@@ -48,6 +48,9 @@ class Settings:
     together (:mod:`devstate.bandwidth`); None: unlimited.
     ``spec_order`` replaces the plan (longest work first, streams before records) with
     the baseline it must beat: devices in table order, dealt round-robin.
+    ``precopy`` streams the devices that support it while the VM runs, and switches over
+    once the expected downtime meets the limit (or, without one, once each is down to one
+    chunk), within ``precopy_timeout_s``.
     ``downtime_limit_ms`` (QEMU's downtime-limit): no switchover while the cost model
     expects more (:mod:`devstate.cost`), unless ``force_switchover``; during stop-and-copy,
     passing it either finishes and reports the overrun or aborts (``overrun``).
@@ -66,6 +69,8 @@ class Settings:
     window_slots: int = 4
     max_bandwidth: float | None = None
     spec_order: bool = False
+    precopy: bool = False
+    precopy_timeout_s: float = 10.0
     downtime_limit_ms: float | None = None
     overrun: Overrun = Overrun.FINISH
     force_switchover: bool = False

@@ -57,6 +57,8 @@ RESUMED_TIMEOUT_S = 30.0
 # Records per worker the cost model's probe gets and puts back: enough for a stable mean,
 # few enough to fit the record slots and take milliseconds.
 PROBE_RECORDS = 64
+# How often precopy looks at what is left to send, against the limit.
+CONVERGE_POLL_S = 0.05
 # How long a failed save waits for the destination's own account of the failure.
 PEER_REASON_WAIT_S = 1.0
 
@@ -67,6 +69,8 @@ class SourceVM(Machine):
     incoming = False
     side = "source"
     last_estimate: Estimate | None = None  # of the last migrate(), made before its stop
+    _record_us: tuple[float, float] | None = None  # probed kvm record costs
+    _ready_ns = 0  # when the last migration's READY arrived
 
     async def migrate(self, address: channels.Address, *, tls: channels.TlsConfig | None = None,
                       compare_digests: bool = False, costs: HostCosts | None = None,
@@ -86,11 +90,14 @@ class SourceVM(Machine):
         """
         status = on_status or (lambda _: None)
         status("setup")
-        before = await self.digests() if compare_digests else {}
+        costs = costs or HostCosts()
         status("active")
-        made = self.last_estimate = await self.estimate(costs or HostCosts())
+        made = self.last_estimate = await self.estimate(costs)
         limit = self.settings.downtime_limit_ms
-        if limit is not None and made.expected_ms > limit and not self.settings.force_switchover:
+        precopy = self.settings.precopy and any(
+            d.vfio is not None and d.vfio.precopy for d in self.spec.devices())
+        if (limit is not None and made.expected_ms > limit and not precopy
+                and not self.settings.force_switchover):
             status("failed")
             raise DowntimeLimitUnmet(limit, made.expected_ms, made.explain())
         migration_id = uuid.uuid4()
@@ -104,21 +111,42 @@ class SourceVM(Machine):
                                   f"{exc}") from exc
         committed = False
         try:
-            t0 = await self._setup(sock, address, tls, migration_id, compare_digests)
-            self.running = False
-            status("device")
-            with no_gc_pauses():
-                await self._within_limit(self._stop_and_copy(sock), t0, made)
-                await channels.send_control(sock, wire.ControlType.COMMIT, {})
-                committed = True
-                async with asyncio.timeout(RESUMED_TIMEOUT_S):
-                    await channels.expect_control(sock, wire.ControlType.RESUMED)
-                t1 = time.monotonic_ns()
+            await self._setup(sock, address, tls, migration_id, compare_digests)
+            gen = self.next_gen()
+            saving = asyncio.ensure_future(self.pool.call_all({
+                w: m.Save(self.plan.devices_of(w), self.settings.concurrent, routes, gen,
+                          self.settings.record_threads, self.settings.max_bandwidth, precopy)
+                for w in range(self.plan.workers)}))
+            loading = asyncio.ensure_future(
+                channels.expect_control(sock, wire.ControlType.LOADED))
+            try:
+                if precopy:
+                    made = self.last_estimate = await self._converge(saving, costs)
+                t0 = time.monotonic_ns()
+                self.running = False
+                status("device")
+                with no_gc_pauses():
+                    if precopy:
+                        await self.pool.call_all({w: m.SwitchOver()
+                                                  for w in range(self.plan.workers)})
+                    await self._within_limit(self._alongside_peer(saving, loading), t0, made)
+                    await channels.send_control(sock, wire.ControlType.COMMIT, {})
+                    committed = True
+                    async with asyncio.timeout(RESUMED_TIMEOUT_S):
+                        await channels.expect_control(sock, wire.ControlType.RESUMED)
+                    t1 = time.monotonic_ns()
+            finally:
+                for task in (saving, loading):
+                    task.cancel()
+                await asyncio.gather(saving, loading, return_exceptions=True)
             async with asyncio.timeout(RESUMED_TIMEOUT_S):
                 report = await channels.expect_control(sock, wire.ControlType.REPORT)
             saved = m.unpack_results(await self.pool.call_all(
                 {w: m.Results() for w in range(self.plan.workers)}))
-            result = self._report(t0, t1, saved, report, before, made)
+            # Stopped for good, the source's state is final (precopy devices kept running,
+            # and changing, until the stop): compare its digests with the destination's now.
+            ours = await self.digests() if compare_digests else {}
+            result = self._report(t0, t1, saved, report, ours, made)
             status("completed")
             return result
         except BaseException as exc:
@@ -134,19 +162,23 @@ class SourceVM(Machine):
             if aborting:
                 status("cancelled")
                 raise
+            if isinstance(exc, DowntimeLimitUnmet):
+                raise  # precopy did not converge: recovered, the VM never stopped
             if not isinstance(exc, DevstateError | OSError | TimeoutError):
                 raise  # cancelled or interrupted: recovered, and the interruption goes on
             raise MigrationFailed(f"migration failed, source resumed: {exc}") from exc
         finally:
             sock.close()
 
-    async def estimate(self, costs: HostCosts) -> Estimate:
-        """The expected downtime, with record costs probed on the workers where the spec
-        cannot know them (real KVM vCPUs). Runs before the stop, the VM still running."""
-        record_us = None
-        if self.spec.vcpus.backend is Backend.KVM and self.spec.vcpus.count:
-            record_us = await self.probe_records()
-        return estimate(self.spec, self.plan.workers, costs, record_us)
+    async def estimate(self, costs: HostCosts,
+                       remaining: dict[int, int] | None = None) -> Estimate:
+        """The expected downtime, with record costs probed on the workers (once) where the
+        spec cannot know them (real KVM vCPUs), and for precopy devices the bytes they still
+        have to send (``remaining``). Runs before the stop, the VM still running."""
+        if self._record_us is None and self.spec.vcpus.backend is Backend.KVM \
+                and self.spec.vcpus.count:
+            self._record_us = await self.probe_records()
+        return estimate(self.spec, self.plan.workers, costs, self._record_us, remaining)
 
     async def probe_records(self, sample: int = PROBE_RECORDS) -> tuple[float, float]:
         """Get up to ``sample`` record devices per worker into the arena and put them back,
@@ -190,8 +222,8 @@ class SourceVM(Machine):
 
     async def _setup(self, sock: Any, address: channels.Address,
                      tls: channels.TlsConfig | None, migration_id: uuid.UUID,
-                     compare_digests: bool) -> int:
-        """Handshake and open data channels; return t0, taken as the VM stops."""
+                     compare_digests: bool) -> None:
+        """Handshake and open data channels, until the destination is READY."""
         routes = self.routes
         n = routes.channels
         await channels.send_control(sock, wire.ControlType.HELLO, {
@@ -205,16 +237,40 @@ class SourceVM(Machine):
                 for k in routes.channels_of(w)), tls)
             for w in range(self.plan.workers)}),
             channels.expect_control(sock, wire.ControlType.READY))
-        return time.monotonic_ns()
+        self._ready_ns = time.monotonic_ns()
 
-    async def _stop_and_copy(self, sock: Any) -> None:
-        """Save on every worker while waiting for LOADED; the first failure wins."""
-        routes, gen = self.routes, self.next_gen()
-        await self._alongside_peer(self.pool.call_all({
-            w: m.Save(self.plan.devices_of(w), self.settings.concurrent, routes, gen,
-                      self.settings.record_threads, self.settings.max_bandwidth)
-            for w in range(self.plan.workers)}),
-            channels.expect_control(sock, wire.ControlType.LOADED))
+    async def _converge(self, saving: asyncio.Future[Any], costs: HostCosts) -> Estimate:
+        """Precopy until the expected downtime meets the limit (without a limit: until every
+        precopy device is down to one chunk); return the estimate to switch over on.
+
+        Past ``settings.precopy_timeout_s`` it switches over anyway if the policy says so
+        (``force_switchover``, or no limit), else raises :class:`DowntimeLimitUnmet`.
+        """
+        limit = self.settings.downtime_limit_ms
+        started = time.monotonic()
+        while True:
+            if saving.done():
+                saving.result()  # a failed precopy: its error
+                raise MigrationFailed("the save ended before the switchover")
+            replies = await self.pool.call_all({w: m.PrecopyRemaining()
+                                                for w in range(self.plan.workers)})
+            # A device whose precopy has not begun yet has all of its state to send.
+            remaining = {d.index: d.vfio.size for d in self.spec.devices()
+                         if d.vfio is not None and d.vfio.precopy}
+            remaining.update({i: n for reply in replies.values() for i, n in reply.items()})
+            made = await self.estimate(costs, remaining)
+            converged = (made.expected_ms <= limit if limit is not None
+                         else all(n <= self.settings.chunk_bytes for n in remaining.values()))
+            if converged:
+                return made
+            waited = time.monotonic() - started
+            if waited >= self.settings.precopy_timeout_s:
+                if limit is None or self.settings.force_switchover:
+                    return made
+                raise DowntimeLimitUnmet(limit, made.expected_ms, f"{made.explain()} (after "
+                                         f"{waited:.1f} s of precopy, still "
+                                         f"{sum(remaining.values()) / 2**20:.0f} MiB to send)")
+            await asyncio.wait({saving}, timeout=CONVERGE_POLL_S)
 
     async def _alongside_peer(self, work: Awaitable[Any], reply: Awaitable[T]) -> T:
         """Await the workers' ``work`` and the destination's ``reply`` together; the first
@@ -261,18 +317,18 @@ class SourceVM(Machine):
         return lost[min(lost)] if lost else None
 
     def _report(self, t0: int, t1: int, saved: list[m.DeviceResult], report: dict[str, Any],
-                before: dict[str, str], made: Estimate) -> MigrationReport:
+                ours: dict[str, str], made: Estimate) -> MigrationReport:
         dest = {r["id"]: r for r in wire.field(report, "devices", list)}
         after = wire.field(report, "digests", dict)
         # The destination's clock is its own (another host, perhaps): its times count from
-        # when it sent READY, which is t0 here less one main-channel latency.
-        shift = t0 - wire.field(report, "ready_ns", int)
+        # when it sent READY, which is when READY arrived here less one channel latency.
+        shift = self._ready_ns - wire.field(report, "ready_ns", int)
         rows = []
         for r in sorted(saved, key=lambda r: r.index):
             d = dest.get(r.id)
             if d is None:
                 raise DevstateError(f"destination did not report {r.id}")
-            verified = bool(before) and before.get(r.id) == after.get(r.id)
+            verified = bool(ours) and ours.get(r.id) == after.get(r.id)
             rows.append(DeviceReport(
                 id=r.id, bytes=r.bytes, source_worker=r.worker, dest_worker=d["worker"],
                 save_start_ms=(r.start_ns - t0) / 1e6, save_end_ms=(r.end_ns - t0) / 1e6,
@@ -282,6 +338,6 @@ class SourceVM(Machine):
         mode = ("sequential" if not self.settings.concurrent
                 else "single-vm" if self.settings.single_vm else "concurrent")
         return MigrationReport(mode, self.plan.workers, (t1 - t0) / 1e6, tuple(rows),
-                               digests_compared=bool(before), expected_ms=made.expected_ms,
+                               digests_compared=bool(ours), expected_ms=made.expected_ms,
                                critical_path=made.explain(),
                                limit_ms=self.settings.downtime_limit_ms)

@@ -93,6 +93,7 @@ class VfioSpec:
     write_bandwidth: int = DEFAULT_WRITE_BANDWIDTH
     firmware_latency_ms: float = 0.0
     precopy: bool = False
+    dirty_rate: int = 0  # bytes/s of state the running device rewrites (precopy re-sends)
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +160,8 @@ class MachineSpec:
             "devices": [
                 {"name": d.name, "backend": str(d.backend), "size": d.size,
                  "read_bandwidth": d.read_bandwidth, "write_bandwidth": d.write_bandwidth,
-                 "firmware_latency_ms": d.firmware_latency_ms, "precopy": d.precopy}
+                 "firmware_latency_ms": d.firmware_latency_ms, "precopy": d.precopy,
+                 "dirty_rate": d.dirty_rate}
                 for d in self.vfio
             ],
         }
@@ -239,7 +241,8 @@ def _vcpus(data: Any) -> VcpuSpec:
 
 def _vfio(data: Any, path: str) -> VfioSpec:
     table = _mapping(data, path, {"name", "backend", "size", "read_bandwidth",
-                                  "write_bandwidth", "firmware_latency_ms", "precopy"})
+                                  "write_bandwidth", "firmware_latency_ms", "precopy",
+                                  "dirty_rate"})
     if "name" not in table:
         raise SpecError(f"{path}.name", "is required")
     name = _string(table["name"], f"{path}.name")
@@ -260,8 +263,13 @@ def _vfio(data: Any, path: str) -> VfioSpec:
     precopy = table.get("precopy", False)
     if not isinstance(precopy, bool):
         raise SpecError(f"{path}.precopy", "must be true or false")
+    dirty = _rate(table, "dirty_rate", path, 0) if table.get("dirty_rate", 0) != 0 else 0
+    if dirty and not precopy:
+        raise SpecError(f"{path}.dirty_rate", "only a device with precopy = true dirties "
+                                              "state that migration must re-send")
     return VfioSpec(name=name, size=size, backend=backend, read_bandwidth=rbw,
-                    write_bandwidth=wbw, firmware_latency_ms=latency, precopy=precopy)
+                    write_bandwidth=wbw, firmware_latency_ms=latency, precopy=precopy,
+                    dirty_rate=dirty)
 
 
 def _rate(table: Mapping[str, Any], key: str, path: str, default: int) -> int:

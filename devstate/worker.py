@@ -99,6 +99,8 @@ class Worker:
         self._gens = 0
         self._devices: dict[int, Device] = {}
         self._channels: dict[int, socket.socket] = {}
+        self._saver: Saver | None = None  # the Save in progress (precopy asks it)
+        self._switchover: asyncio.Event | None = None
         self._busy: asyncio.Task[Any] | None = None
         self._results: list[m.ResultRow] = []  # of the last Save or Load
         self._snapshot: list[tuple[Slot, int]] = []  # of the last SnapshotRecords
@@ -195,16 +197,25 @@ class Worker:
                 assert fd is not None
                 self._channels[index] = await channels.adopt_channel(fd, hello, tls)
             case m.Save(order=order, concurrent=concurrent, routes=routes, gen=gen,
-                        record_threads=threads, max_bandwidth=limit):
+                        record_threads=threads, max_bandwidth=limit, precopy=precopy):
                 saver = Saver(self.index, self._devices, self._slots, self._arena,
                               self._channels, self._mesh, routes, gen,
                               record_class=RECORD_CLASS, chunk_class=CHUNK_CLASS,
                               executor=self._record_executor(threads), max_bandwidth=limit)
+                self._saver = saver
+                self._switchover = asyncio.Event() if precopy else None
                 try:
-                    self._results = await saver.run(order, concurrent)
+                    self._results = await saver.run(order, concurrent, self._switchover)
                 finally:
+                    self._saver = self._switchover = None
                     self._drop_channels()
                 return len(self._results)
+            case m.SwitchOver():
+                if self._switchover is None:
+                    raise RuntimeError(f"worker {self.index}: no precopy to switch over from")
+                self._switchover.set()
+            case m.PrecopyRemaining():
+                return await self._saver.precopy_remaining() if self._saver else {}
             case m.PrepareLoad(devices=devices):
                 await asyncio.gather(*(d.load_begin() for i, d in self._devices.items()
                                        if i in devices and isinstance(d, StreamDevice)))

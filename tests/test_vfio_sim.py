@@ -416,6 +416,41 @@ def test_precopy_streams_the_initial_bytes_then_enomsg_then_the_rest(run: Runner
     run(main())
 
 
+def test_dirtied_chunks_are_sent_again_and_the_load_has_the_final_state(run: Runner) -> None:
+    """A device dirtying 64 MiB/s while in PRE_COPY: once its initial bytes are read, the
+    chunks it rewrote come again as dirty bytes, and a load of everything it streamed (the
+    re-sends included, out of order) ends equal to its state at the stop."""
+    async def main() -> None:
+        src = device(size=16 * MiB, precopy=True, dirty_rate=64 * MiB)
+        dst = device(size=16 * MiB, precopy=True, dirty_rate=64 * MiB, incoming=True)
+        async with opened(src, dst):
+            before = await src.digest()
+            await src.precopy_begin()
+            stream = bytearray()
+            buf = memoryview(bytearray(MiB))
+            with contextlib.suppress(OSError):
+                while True:
+                    stream += buf[:await src.precopy_read(buf)]
+            await asyncio.sleep(0.1)  # ~6 MiB rewritten meanwhile
+            info = await src.precopy_info()
+            assert info.dirty_bytes >= 2 * MiB and info.initial_bytes == 0
+            initial = len(stream)
+            with contextlib.suppress(OSError):
+                while True:
+                    stream += buf[:await src.precopy_read(buf)]
+            assert len(stream) - initial >= 2 * MiB  # the re-sends
+            await src.save_begin()
+            while n := await src.save_read(buf):
+                stream += buf[:n]
+            await src.save_end()
+            after = await src.digest()
+            assert after != before  # the running device changed its state
+            await load(dst, bytes(stream))
+            assert await dst.digest() == after
+
+    run(main())
+
+
 def test_refused_transitions_name_the_operation_and_keep_the_state(run: Runner) -> None:
     async def main() -> None:
         dev = device()  # no precopy

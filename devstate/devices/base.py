@@ -74,9 +74,26 @@ class StreamDevice(Device):
 
     shape = Shape.STREAM
 
+    # Devices that can stream while the VM runs (VFIO PRE_COPY) say so and implement the
+    # three precopy methods; save_begin then continues the same session.
+    supports_precopy = False
+
+    async def precopy_begin(self) -> None:
+        """Open a save session while running (VFIO: -> PRE_COPY)."""
+        raise NotImplementedError(f"{self.id} has no precopy")
+
+    async def precopy_read(self, out: memoryview) -> int:
+        """Read precopy bytes; ``OSError(ENOMSG)`` when none are there for now."""
+        raise NotImplementedError(f"{self.id} has no precopy")
+
+    async def precopy_remaining(self) -> int:
+        """Bytes the device still has to produce while running (initial and dirty)."""
+        raise NotImplementedError(f"{self.id} has no precopy")
+
     @abc.abstractmethod
     async def save_begin(self) -> None:
-        """Enter stop-and-copy (VFIO: -> STOP_COPY) and open a new save session."""
+        """Enter stop-and-copy (VFIO: -> STOP_COPY) and open a new save session (after
+        precopy: go on with the same one)."""
 
     @abc.abstractmethod
     async def save_read(self, out: memoryview) -> int:

@@ -205,7 +205,8 @@ class DeviceModel:
         config = self._config
         gc.disable()  # a session streams at GB/s: no collection pauses until it ends
         self._session = (
-            SaveSession(self._state, ours, config.read_bandwidth, precopy=precopy, now=now)
+            SaveSession(self._state, ours, config.read_bandwidth, precopy=precopy, now=now,
+                        dirty_rate=config.dirty_rate)
             if save else ResumeSession(self._state, ours, config.write_bandwidth, now))
         return theirs
 

@@ -74,37 +74,64 @@ class StreamRejected(Exception):
 class SaveSession:
     """A save session: streams the state into the model's end of the data socketpair.
 
-    PRE_COPY streams the header and every chunk (the initial bytes) and then has nothing to
-    send until it is told it is in STOP_COPY; STOP_COPY streams whatever is left and the end
+    PRE_COPY streams the header and every chunk (the initial bytes). Meanwhile the running
+    device rewrites state at ``dirty_rate`` bytes/s: each rewritten chunk gets a new
+    generation, and one already sent is queued to be sent again (the dirty bytes). Once
+    both are sent, PRE_COPY has nothing to send until more is dirtied or it is told it is
+    in STOP_COPY, where the device no longer runs: it streams whatever is left and the end
     record, then shuts its end down so the reader sees read() == 0.
     """
 
     def __init__(self, state: DeviceState, sock: socket.socket, rate: float, *,
-                 precopy: bool, now: float) -> None:
+                 precopy: bool, now: float, dirty_rate: float = 0.0) -> None:
         self.sock = sock
         self._state = state
         self._bucket = TokenBucket(rate, now)
         self._stop_copy = not precopy
         self._pending: list[memoryview] = []
         self._header_queued = False
-        # The initial pass over every chunk. The dirty-rate model (issue 5) will queue
-        # re-sends of chunks dirtied behind this cursor.
+        # The initial pass over every chunk; chunks dirtied behind it wait in _resend.
         self._next_chunk = 0
+        self._resend: dict[int, None] = {}  # insertion-ordered set of chunk indices
+        self._dirty_rate = dirty_rate if precopy else 0.0
+        self._dirty_owed = 0.0
+        self._dirty_at = now
+        self._rng = np.random.default_rng(state.content.seed ^ 0x5EED)
         self._end_queued = False
         self._finished = False
         self._sent = 0
-        self._initial_bytes = (stream_bytes(state.size) - RECORD_KIND.size
-                               - RECORD_BODY[Record.END].size)
         self._digest = InOrderDigest(state.chunk_count)
         self._digest_version = state.version
 
     def enter_stop_copy(self) -> None:
-        """PRE_COPY* -> STOP_COPY: same fd; stream the rest and end it."""
+        """PRE_COPY* -> STOP_COPY: same fd; the device stopped: stream the rest, end it."""
+        self._dirty(time.monotonic())
         self._stop_copy = True
 
     def precopy_info(self) -> PrecopyInfo:
         """Initial and dirty bytes the device has yet to write into the data fd."""
-        return PrecopyInfo(max(0, self._initial_bytes - self._sent), 0)
+        self._dirty(time.monotonic())
+        state = self._state
+        dirty = sum(state.chunk_length(i) for i in self._resend)
+        unsent = max(0, state.size - self._next_chunk * CHUNK_BYTES)
+        return PrecopyInfo(unsent + sum(len(view) for view in self._pending), dirty)
+
+    def _dirty(self, now: float) -> None:
+        """Rewrite the chunks the running device has dirtied since the last look."""
+        if self._stop_copy or not self._dirty_rate:
+            return
+        self._dirty_owed += (now - self._dirty_at) * self._dirty_rate
+        self._dirty_at = now
+        count = int(self._dirty_owed // CHUNK_BYTES)
+        if not count:
+            return
+        self._dirty_owed -= count * CHUNK_BYTES
+        state = self._state
+        for index in self._rng.integers(0, state.chunk_count, count):
+            state.generations[index] += 1
+            if index < self._next_chunk:
+                self._resend[int(index)] = None
+        state.version += 1
 
     def remaining_bytes(self) -> int:
         """Estimated bytes until the end of the stream."""
@@ -112,7 +139,11 @@ class SaveSession:
 
     def interest(self, now: float) -> tuple[int, float | None]:
         """(selector events wanted now, time to look again if paced)."""
+        self._dirty(now)
         if not self._has_more():
+            # Running with nothing to send: look again when the next chunk is dirtied.
+            if self._dirty_rate and not self._finished:
+                return 0, now + CHUNK_BYTES / self._dirty_rate
             return 0, None
         if not self._bucket.allowance(now):
             return 0, self._bucket.ready_at(now)
@@ -148,7 +179,7 @@ class SaveSession:
         if self._finished:
             return False
         return bool(self._pending or not self._header_queued
-                    or self._next_chunk < self._state.chunk_count
+                    or self._next_chunk < self._state.chunk_count or self._resend
                     or (self._stop_copy and not self._end_queued))
 
     def _refill(self) -> bool:
@@ -159,9 +190,13 @@ class SaveSession:
             content = state.content
             self._pending = [pack_record(Record.HEADER, MAGIC, FORMAT_VERSION, content.seed,
                                      state.size, CHUNK_BYTES, content.name_hash)]
-        elif self._next_chunk < state.chunk_count:
-            index = self._next_chunk
-            self._next_chunk += 1
+        elif self._next_chunk < state.chunk_count or self._resend:
+            if self._next_chunk < state.chunk_count:
+                index = self._next_chunk
+                self._next_chunk += 1
+            else:
+                index = next(iter(self._resend))
+            self._resend.pop(index, None)  # sent now at its latest generation
             generation = int(state.generations[index])
             length = state.chunk_length(index)
             self._digest.feed(index, state.content.chunk_hash(index, generation, length))

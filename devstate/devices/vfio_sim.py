@@ -148,7 +148,8 @@ class VfioSimDevice(StreamDevice):
                            read_bandwidth=self._vfio.read_bandwidth,
                            write_bandwidth=self._vfio.write_bandwidth,
                            firmware_latency_ms=self._vfio.firmware_latency_ms, flags=flags,
-                           incoming=self._incoming, owner_pid=os.getpid())
+                           incoming=self._incoming, owner_pid=os.getpid(),
+                           dirty_rate=self._vfio.dirty_rate)
 
     async def _stop_model(self, proc: subprocess.Popen[bytes]) -> None:
         if self._pidfd < 0:  # open failed before it had a pidfd: nothing to wait on but this
@@ -246,6 +247,16 @@ class VfioSimDevice(StreamDevice):
         if reply.errno:
             raise DeviceError(self.id, f"precopy_info: {reply.detail}", reply.errno)
         return PrecopyInfo(reply.initial_bytes, reply.dirty_bytes)
+
+    @property
+    def supports_precopy(self) -> bool:  # type: ignore[override]
+        """Whether the device was made with PRE_COPY (the spec's ``precopy``)."""
+        return self._vfio.precopy
+
+    async def precopy_remaining(self) -> int:
+        """Initial and dirty bytes still to come while running."""
+        info = await self.precopy_info()
+        return info.initial_bytes + info.dirty_bytes
 
     async def precopy_read(self, out: memoryview) -> int:
         """Read precopy bytes into ``out`` (not empty).

@@ -362,6 +362,7 @@ class ModelConfig:
     flags: MigrationFlags
     incoming: bool  # starts blank (all zero bytes), waiting to be loaded
     owner_pid: int  # the process that must outlive the model (PR_SET_PDEATHSIG)
+    dirty_rate: int = 0  # bytes/s of state rewritten while running (PRE_COPY re-sends)
 
     def to_json(self) -> str:
         """The config as one JSON argument."""
