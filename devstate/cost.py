@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from devstate.spec import MachineSpec
+from devstate.spec import DeviceSpec, MachineSpec
 
 # How far one run moves a term's scale toward its observed ratio.
 REFINE_WEIGHT = 0.5
@@ -118,6 +118,7 @@ def estimate(spec: MachineSpec, workers: int, host: HostCosts,
                                     "ms firmware",
                           (size[d.index] / rate * 1e3 + v.firmware_latency_ms)
                           * host.scale.get("device", 1.0)))
+    terms.extend(_chains(table, size, host))
     stream_bytes = sum(size.values())
     copy_ms = stream_bytes / host.copy_bytes_per_s * 1e3
     record_ms = len(records) * (get_us + put_us + host.record_overhead_us) / 1e3 / host.cores
@@ -135,6 +136,35 @@ def estimate(spec: MachineSpec, workers: int, host: HostCosts,
                       copy_ms + record_ms + sessions_ms + last_firmware))
     terms.sort(key=lambda t: -t.ms)
     return Estimate(host.fixed_ms + terms[0].ms, tuple(terms), parts)
+
+
+def _chains(table: tuple[DeviceSpec, ...], size: dict[int, int],
+            host: HostCosts) -> list[Term]:
+    """Dependency chains: a device completes its load (firmware, or a record's put) only
+    after the devices it loads after (spec ``after``), so its own path may start late."""
+    by_id = {d.id: d for d in table}
+    done: dict[str, float] = {}
+
+    def completion(d: DeviceSpec) -> float:
+        if d.id not in done:
+            ready = max((completion(by_id[a]) for a in d.after), default=0.0)
+            own = fw = 0.0
+            if d.vfio is not None:
+                own = size[d.index] / min(d.vfio.read_bandwidth, d.vfio.write_bandwidth) * 1e3
+                fw = d.vfio.firmware_latency_ms
+            done[d.id] = (max(own, ready) + fw) * host.scale.get("device", 1.0)
+        return done[d.id]
+
+    terms = []
+    seen_vcpus = False
+    for d in table:
+        if not d.after or (d.vcpu is not None and seen_vcpus):
+            continue  # every vCPU has the same dependencies: one term for them all
+        seen_vcpus = seen_vcpus or d.vcpu is not None
+        name = "cpu/*" if d.vcpu is not None else d.id
+        chain = max(d.after, key=lambda a: completion(by_id[a]))
+        terms.append(Term("device", f"{name} after {chain}", completion(d)))
+    return terms
 
 
 def refine(host: HostCosts, made: Estimate, actual_ms: float) -> HostCosts:

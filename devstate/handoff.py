@@ -14,6 +14,7 @@ Notes (40 bytes each, many per message; a link keeps message order)::
 * ``RELEASE``  either side: my slot at ``offset`` that you lent me is free again
 * ``DONE``     source: I will send no more SENDs this migration
 * ``DELIVER``  destination: a verified packet of a device you own, in my slot at ``offset``
+* ``LOADED``   destination: ``device``, which others load after, is loaded here
 
 A slot is lent, never given: its lender gets it back by RELEASE, so each worker still only
 ever allocates from its own partition. ``gen`` numbers the Save or Load a note belongs to:
@@ -47,6 +48,7 @@ class Op(enum.IntEnum):
     RELEASE = 3
     DONE = 4
     DELIVER = 5
+    LOADED = 6
 
 
 class Note(NamedTuple):

@@ -89,7 +89,8 @@ class Loader:
                  arena: memoryview, windows: dict[int, Slot],
                  channels: dict[int, socket.socket], mesh: Mesh | None,
                  owner: tuple[int, ...], gen: int, *, record_class: int, chunk_class: int,
-                 executor: Executor | None = None) -> None:
+                 executor: Executor | None = None,
+                 after: tuple[tuple[int, ...], ...] | None = None) -> None:
         self.worker = worker
         self._devices = devices
         self._slots = slots
@@ -111,6 +112,15 @@ class Loader:
         self._max_payload = max([self._max_chunk] + [w.size - HDR for w in windows.values()])
         self._loads: dict[int, _Incoming] = {}
         self._unloaded = 0
+        # Completion order: device i completes its load after every device in after[i]
+        # (spec ``after``), wherever those load; LOADED notes say so across workers.
+        self._after = after or tuple(() for _ in owner)
+        self._is_dependency = [False] * len(owner)
+        for deps in self._after:
+            for dep in deps:
+                self._is_dependency[dep] = True
+        self._loaded: set[int] = set()
+        self._waiting: dict[int, list[asyncio.Future[None]]] = {}
         self._all_loaded = asyncio.Event()
         # offset -> our slot held by its device's owner, and the channel share it counts in
         self._lent: dict[int, tuple[Slot, asyncio.Semaphore | None]] = {}
@@ -305,6 +315,8 @@ class Loader:
                 payload = self._arena[note.offset:note.offset + note.length]
                 self._accept(kind, note.device, note.seq, note.checksum, payload,
                              partial(self._mesh.send, peer, Op.RELEASE, offset=note.offset))
+            elif note.op == Op.LOADED:
+                self._now_loaded(note.device)
             elif note.op == Op.RELEASE:
                 lent = self._lent.pop(note.offset, None)
                 if lent is not None:
@@ -339,15 +351,24 @@ class Loader:
             if not isinstance(device, RecordDevice):
                 raise ProtocolError("packet.flags", f"{device.id} is a stream, got a RECORD")
             state.ended = True
+            if not self._deps_loaded(index):
+                # Its dependencies load elsewhere, later: keep a copy of the record (small,
+                # one per device at most), not a slot a receiver may need to progress.
+                data = memoryview(bytes(payload))
+                if release is not None:
+                    release()
+                assert self._tasks is not None
+                self._tasks.create_task(self._put_when_ready(state, index, data))
+                return state
             if release is not None and self._threaded(index):
-                self._put_record_on_thread(state, payload, release)
+                self._put_record_on_thread(state, index, payload, release)
                 return state
             try:
                 self._put_record(state, payload)
             finally:
                 if release is not None:
                     release()
-            self._loaded_one()
+            self._loaded_one(index)
             return state
         if isinstance(device, RecordDevice):
             raise ProtocolError("packet.flags", f"{device.id} is a record device, got a "
@@ -408,18 +429,51 @@ class Loader:
             assert end is not None
             self._check_end(state, end)
             state.end_ns = time.monotonic_ns()
+            await self._wait_for_deps(state.device.spec.index)  # its data is in; the end waits
             await device.load_end()
             state.done_ns = time.monotonic_ns()
-            self._loaded_one()
+            self._loaded_one(state.device.spec.index)
             state.queue.task_done()
             return
 
-    def _loaded_one(self) -> None:
+    def _loaded_one(self, index: int) -> None:
+        """Device ``index`` (ours) is loaded: count it, and tell whoever waits on it."""
         self._unloaded -= 1
         if not self._unloaded:
             self._all_loaded.set()
+        if self._is_dependency[index]:
+            self._now_loaded(index)
+            if self._mesh is not None:
+                for peer in self._mesh.peers:
+                    self._mesh.send(peer, Op.LOADED, device=index)
 
-    def _put_record_on_thread(self, state: _Incoming, payload: memoryview,
+    def _now_loaded(self, index: int) -> None:
+        self._loaded.add(index)
+        for waiter in self._waiting.pop(index, []):
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _deps_loaded(self, index: int) -> bool:
+        return all(dep in self._loaded for dep in self._after[index])
+
+    async def _wait_for_deps(self, index: int) -> None:
+        """Until every device ``index`` loads after is loaded, here or on another worker."""
+        for dep in self._after[index]:
+            if dep not in self._loaded:
+                waiter = asyncio.get_running_loop().create_future()
+                self._waiting.setdefault(dep, []).append(waiter)
+                await waiter
+
+    async def _put_when_ready(self, state: _Incoming, index: int, data: memoryview) -> None:
+        await self._wait_for_deps(index)
+        if self._threaded(index):
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._put_record,
+                                                             state, data)
+        else:
+            self._put_record(state, data)
+        self._loaded_one(index)
+
+    def _put_record_on_thread(self, state: _Incoming, index: int, payload: memoryview,
                               release: Release) -> None:
         """Single-vm: put on a thread (the ioctls drop the GIL) while receiving goes on."""
         put = asyncio.get_running_loop().run_in_executor(
@@ -433,7 +487,7 @@ class Loader:
             if exc is not None:
                 self._fail(exc)
             else:
-                self._loaded_one()
+                self._loaded_one(index)
 
         put.add_done_callback(done)
         self._puts.append(put)

@@ -52,8 +52,9 @@ def spec_order_plan(spec: MachineSpec, workers: int) -> Plan:
 def make_plan(spec: MachineSpec, workers: int, *, single_vm: bool = False) -> Plan:
     """Assign every device to one of ``workers`` owners, longest estimated work first.
 
-    Streams come first in each worker's order: they carry the long tails (bytes, firmware
-    latency) that records can overlap with. With ``single_vm`` every kvm vCPU goes to
+    Each worker's order puts lower load classes (``priority``) first, then streams before
+    records, longest first: streams carry the long tails (bytes, firmware latency) that
+    records can overlap with. With ``single_vm`` every kvm vCPU goes to
     worker 0, whose one VM holds them all.
     """
     if workers < 1:
@@ -70,8 +71,11 @@ def make_plan(spec: MachineSpec, workers: int, *, single_vm: bool = False) -> Pl
         w = min(range(workers), key=lambda k: (load[k], k))
         owner[device.index] = w
         load[w] += estimate_s(device)
+    # Lower load classes first (what others load after); within a class streams first,
+    # longest first: they carry the long tails (bytes, firmware) records overlap with.
     order = tuple(
         tuple(d.index for d in sorted((d for d in table if owner[d.index] == w),
-                                      key=lambda d: (d.shape is Shape.RECORD, d.index)))
+                                      key=lambda d: (d.priority, d.shape is Shape.RECORD,
+                                                     -estimate_s(d), d.index)))
         for w in range(workers))
     return Plan(workers, tuple(owner), order)

@@ -80,6 +80,8 @@ class VcpuSpec:
     backend: Backend = Backend.SIM_VCPU
     get_us: float = 45.0
     put_us: float = 45.0
+    priority: int = 1  # load class: lower classes are saved and loaded first
+    after: tuple[str, ...] = ()  # device ids every vCPU must load after
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +96,8 @@ class VfioSpec:
     firmware_latency_ms: float = 0.0
     precopy: bool = False
     dirty_rate: int = 0  # bytes/s of state the running device rewrites (precopy re-sends)
+    priority: int = 1  # load class: lower classes are saved and loaded first
+    after: tuple[str, ...] = ()  # device ids this one completes its load after
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +116,8 @@ class DeviceSpec:
     size: int  # bytes of state for a stream; the record size bound for a record
     vcpu: VcpuSpec | None = None
     vfio: VfioSpec | None = None
+    priority: int = 1  # load class (VM-level state 0): lower first
+    after: tuple[str, ...] = ()  # ids of the devices whose loads complete before this one's
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,14 +140,22 @@ class MachineSpec:
 
             for name in VM_DEVICES:
                 table.append(DeviceSpec(len(table), name, Backend.KVM_VM, Shape.RECORD, 1,
-                                        vm_device_bytes(name)))
+                                        vm_device_bytes(name), priority=0))
         for i in range(self.vcpus.count):
             table.append(DeviceSpec(len(table), f"cpu/{i}", self.vcpus.backend, Shape.RECORD, 1,
-                                    record_bytes(self.vcpus.backend), vcpu=self.vcpus))
+                                    record_bytes(self.vcpus.backend), vcpu=self.vcpus,
+                                    priority=self.vcpus.priority, after=self.vcpus.after))
         for dev in self.vfio:
             table.append(DeviceSpec(len(table), f"vfio/{dev.name}", dev.backend, Shape.STREAM,
-                                    1, dev.size, vfio=dev))
+                                    1, dev.size, vfio=dev, priority=dev.priority,
+                                    after=dev.after))
         return tuple(table)
+
+    def dependencies(self) -> tuple[tuple[int, ...], ...]:
+        """For each device of the table, the indices of the devices it loads after."""
+        table = self.devices()
+        index = {d.id: d.index for d in table}
+        return tuple(tuple(index[a] for a in d.after) for d in table)
 
     def handshake_table(self) -> list[list[Any]]:
         """The device table as the handshake carries it: id, shape, backend, version, size.
@@ -156,12 +170,13 @@ class MachineSpec:
             "name": self.name,
             "seed": self.seed,
             "vcpus": {"count": self.vcpus.count, "backend": str(self.vcpus.backend),
-                      "get_us": self.vcpus.get_us, "put_us": self.vcpus.put_us},
+                      "get_us": self.vcpus.get_us, "put_us": self.vcpus.put_us,
+                      "priority": self.vcpus.priority, "after": list(self.vcpus.after)},
             "devices": [
                 {"name": d.name, "backend": str(d.backend), "size": d.size,
                  "read_bandwidth": d.read_bandwidth, "write_bandwidth": d.write_bandwidth,
                  "firmware_latency_ms": d.firmware_latency_ms, "precopy": d.precopy,
-                 "dirty_rate": d.dirty_rate}
+                 "dirty_rate": d.dirty_rate, "priority": d.priority, "after": list(d.after)}
                 for d in self.vfio
             ],
         }
@@ -226,23 +241,67 @@ def parse_spec(data: Any) -> MachineSpec:
         seen[dev.name] = i
     if vcpus.count == 0 and not vfio:
         raise SpecError("", "the machine has no devices: give vcpus.count > 0 or a device")
-    return MachineSpec(name=name, seed=seed, vcpus=vcpus, vfio=vfio)
+    spec = MachineSpec(name=name, seed=seed, vcpus=vcpus, vfio=vfio)
+    _check_dependencies(spec)
+    return spec
+
+
+def _check_dependencies(spec: MachineSpec) -> None:
+    """Every ``after`` names a device of the machine, and no device waits on itself."""
+    table = spec.devices()
+    ids = {d.id for d in table}
+    where = {f"vfio/{d.name}": f"devices[{i}].after" for i, d in enumerate(spec.vfio)}
+    for d in table:
+        path = where.get(d.id, "vcpus.after")
+        for other in d.after:
+            if other not in ids:
+                raise SpecError(path, f"{other!r} is not a device of this machine")
+            if other == d.id or (d.vcpu is not None and other.startswith("cpu/")):
+                raise SpecError(path, f"{d.id} cannot load after {other}: itself or a vCPU")
+    # Cycles: a depth-first walk over the stream devices' edges (vCPUs share one list,
+    # which cannot name a vCPU, so any cycle runs through VFIO devices).
+    edges = {d.id: d.after for d in table if d.vfio is not None}
+    state: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        if state.get(node) == 2:
+            return
+        if state.get(node) == 1:
+            loop = " -> ".join(trail[trail.index(node):] + [node])
+            raise SpecError(where.get(node, "vcpus.after"), f"dependency cycle: {loop}")
+        state[node] = 1
+        for nxt in edges.get(node, ()):
+            visit(nxt, [*trail, node])
+        state[node] = 2
+
+    for node in edges:
+        visit(node, [])
 
 
 def _vcpus(data: Any) -> VcpuSpec:
-    table = _mapping(data, "vcpus", {"count", "backend", "get_us", "put_us"})
+    table = _mapping(data, "vcpus", {"count", "backend", "get_us", "put_us", "priority",
+                                     "after"})
     count = _integer(table.get("count", 0), "vcpus.count", low=0, high=MAX_VCPUS)
     backend = _backend(table.get("backend", Backend.SIM_VCPU), "vcpus.backend",
                        {Backend.SIM_VCPU, Backend.KVM})
     get_us = _number(table.get("get_us", 45.0), "vcpus.get_us", low=0.0, high=100_000.0)
     put_us = _number(table.get("put_us", 45.0), "vcpus.put_us", low=0.0, high=100_000.0)
-    return VcpuSpec(count=count, backend=backend, get_us=get_us, put_us=put_us)
+    priority = _integer(table.get("priority", 1), "vcpus.priority", low=0, high=9)
+    after = _ids(table.get("after", []), "vcpus.after")
+    return VcpuSpec(count=count, backend=backend, get_us=get_us, put_us=put_us,
+                    priority=priority, after=after)
+
+
+def _ids(value: Any, path: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise SpecError(path, "must be a list of device ids such as 'vfio/nic0'")
+    return tuple(value)
 
 
 def _vfio(data: Any, path: str) -> VfioSpec:
     table = _mapping(data, path, {"name", "backend", "size", "read_bandwidth",
                                   "write_bandwidth", "firmware_latency_ms", "precopy",
-                                  "dirty_rate"})
+                                  "dirty_rate", "priority", "after"})
     if "name" not in table:
         raise SpecError(f"{path}.name", "is required")
     name = _string(table["name"], f"{path}.name")
@@ -269,7 +328,10 @@ def _vfio(data: Any, path: str) -> VfioSpec:
                                               "state that migration must re-send")
     return VfioSpec(name=name, size=size, backend=backend, read_bandwidth=rbw,
                     write_bandwidth=wbw, firmware_latency_ms=latency, precopy=precopy,
-                    dirty_rate=dirty)
+                    dirty_rate=dirty,
+                    priority=_integer(table.get("priority", 1), f"{path}.priority", low=0,
+                                      high=9),
+                    after=_ids(table.get("after", []), f"{path}.after"))
 
 
 def _rate(table: Mapping[str, Any], key: str, path: str, default: int) -> int:

@@ -225,7 +225,8 @@ class Worker:
                 loader = Loader(self.index, self._devices, self._slots, self._arena, windows,
                                 self._channels, self._mesh, owner, gen,
                                 record_class=RECORD_CLASS, chunk_class=CHUNK_CLASS,
-                                executor=self._record_executor(threads))
+                                executor=self._record_executor(threads),
+                                after=self._spec.dependencies())
                 try:
                     self._results = await loader.run(devices, concurrent)
                 finally:

@@ -181,3 +181,50 @@ def test_precopy_that_cannot_converge_fails_without_stopping_the_vm(run) -> None
     assert outcome["running"]
     assert "vfio/nic alone" in error.critical_path and "of precopy" in error.critical_path
     assert outcome["seen"] == ["setup", "active", "failed"]
+
+
+DEPENDENT: dict[str, Any] = {"seed": 3, "vcpus": {"count": 32, "after": ["vfio/b"]},
+             "devices": [{"name": "a", "size": "8MiB", "firmware_latency_ms": 20,
+                          "after": ["vfio/b"]},
+                         {"name": "b", "size": "8MiB", "firmware_latency_ms": 300,
+                          "priority": 0}]}
+
+
+def test_dependencies_are_validated() -> None:
+    from devstate.errors import SpecError
+
+    cases = [({"after": ["vfio/nope"]}, "devices[0].after", "not a device"),
+             ({"after": ["vfio/a"]}, "devices[0].after", "itself"),
+             ({"after": ["vfio/b"]}, "devices", "dependency cycle")]
+    for extra, field, words in cases:
+        devices = [{"name": "a", "size": "1MiB", **extra},
+                   {"name": "b", "size": "1MiB", "after": ["vfio/a"]}]
+        if words != "dependency cycle":
+            devices[1].pop("after")
+        with pytest.raises(SpecError) as info:
+            parse_spec({"devices": devices})
+        assert info.value.path.startswith(field) and words in str(info.value)
+    with pytest.raises(SpecError, match="vCPU"):
+        parse_spec({"vcpus": {"count": 2, "after": ["cpu/1"]}})
+
+
+def test_the_estimate_follows_dependency_chains() -> None:
+    made = estimate(parse_spec(DEPENDENT), 2, HostCosts())
+    # vfio/a's 20 ms of firmware start only once vfio/b's 300 ms are done.
+    assert made.critical.what == "vfio/a after vfio/b"
+    assert made.critical.ms == pytest.approx(8 / 512 * 1e3 + 300 + 20)
+
+
+def test_devices_complete_their_loads_after_what_they_depend_on(run) -> None:
+    """vfio/a and every vCPU load after vfio/b (300 ms of firmware), on whichever
+    destination worker each lands: across workers the LOADED notes order them."""
+    spec = parse_spec(DEPENDENT)
+    for workers in (2, 3):
+        report = run(_migrate_with(spec, Settings(workers=workers)))["report"]
+        rows = {d.id: d for d in report.devices}
+        b = rows["vfio/b"]
+        assert report.verified
+        assert rows["vfio/a"].load_done_ms >= b.load_done_ms + 20
+        cpus = [d for d in report.devices if d.id.startswith("cpu/")]
+        assert min(d.load_done_ms for d in cpus) >= b.load_done_ms
+        assert {d.dest_worker for d in cpus} != {b.dest_worker}  # some wait across workers
