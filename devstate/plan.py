@@ -1,15 +1,17 @@
 """Which worker owns which device, and in what order each worker saves its devices.
 
-This version balances estimated work over workers with a greedy longest-first assignment
-(LPT), the simplest list schedule that keeps the largest devices apart. The deadline-aware
-planner (cost model, critical path, priority classes) replaces the estimate, not the
-interface: a :class:`Plan` maps devices to owners and gives each owner an order.
+Owners: a greedy longest-first assignment (LPT) balances each worker's own work (the
+copies of stream bytes, record gets and puts; :func:`work_s`), the simplest list schedule
+that keeps the largest devices apart. Order: lower load classes first, then streams, the
+longest own path (:func:`path_s`: rates and firmware) first. What the plan will cost is
+:mod:`devstate.cost`'s to say. :func:`spec_order_plan` is the baseline it must beat.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from devstate.cost import HostCosts
 from devstate.spec import Backend, DeviceSpec, MachineSpec, Shape
 
 
@@ -26,15 +28,26 @@ class Plan:
         return self.order[worker]
 
 
-def estimate_s(device: DeviceSpec) -> float:
-    """Seconds of stop-and-copy work for one device, from its spec alone."""
+def work_s(device: DeviceSpec) -> float:
+    """Seconds of a worker's own work for one device (what balancing owners balances).
+
+    A stream costs its owner the copies of its bytes (at the host's calibrated copy rate);
+    its device rates and firmware are waiting, not work, and belong to :func:`path_s`.
+    """
     if device.vfio is None and device.vcpu is None:
         return 0.0  # VM-level state: a few ioctls
     if device.vcpu is not None:
         return (device.vcpu.get_us + device.vcpu.put_us) * 1e-6
     assert device.vfio is not None
+    return device.vfio.size / HostCosts().copy_bytes_per_s
+
+
+def path_s(device: DeviceSpec) -> float:
+    """Seconds of a device's own path: its state at its slower rate, then its firmware."""
+    if device.vfio is None:
+        return work_s(device)
     v = device.vfio
-    return v.size / v.read_bandwidth + v.size / v.write_bandwidth + v.firmware_latency_ms / 1e3
+    return v.size / min(v.read_bandwidth, v.write_bandwidth) + v.firmware_latency_ms / 1e3
 
 
 def spec_order_plan(spec: MachineSpec, workers: int) -> Plan:
@@ -67,15 +80,15 @@ def make_plan(spec: MachineSpec, workers: int, *, single_vm: bool = False) -> Pl
     to_worker_0 = {Backend.KVM_VM, Backend.KVM} if single_vm else {Backend.KVM_VM}
     pinned = [d for d in table if d.backend in to_worker_0]
     # Stable sort: equal estimates keep table order, so both sides compute the same plan.
-    for device in sorted((d for d in table if d not in pinned), key=lambda d: -estimate_s(d)):
+    for device in sorted((d for d in table if d not in pinned), key=lambda d: -work_s(d)):
         w = min(range(workers), key=lambda k: (load[k], k))
         owner[device.index] = w
-        load[w] += estimate_s(device)
+        load[w] += work_s(device)
     # Lower load classes first (what others load after); within a class streams first,
     # longest first: they carry the long tails (bytes, firmware) records overlap with.
     order = tuple(
         tuple(d.index for d in sorted((d for d in table if owner[d.index] == w),
                                       key=lambda d: (d.priority, d.shape is Shape.RECORD,
-                                                     -estimate_s(d), d.index)))
+                                                     -path_s(d), d.index)))
         for w in range(workers))
     return Plan(workers, tuple(owner), order)
