@@ -249,7 +249,7 @@ async def _refusing_late_connections(listener: channels.Listener) -> AsyncIterat
 
 def _result_rows(results: list[m.DeviceResult]) -> list[dict[str, Any]]:
     return [{"id": r.id, "index": r.index, "bytes": r.bytes, "worker": r.worker,
-             "start_ns": r.start_ns, "done_ns": r.done_ns}
+             "start_ns": r.start_ns, "end_ns": r.end_ns, "done_ns": r.done_ns}
             for r in results]
 
 

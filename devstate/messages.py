@@ -175,6 +175,7 @@ class DeviceResult:
     end_ns: int
     worker: int
     done_ns: int = 0  # destination: when the device finished loading (firmware included)
+    channel: int = -1  # source: the data channel it rode (-1: spread over all of them)
 
 
 # Workers record results as plain tuples in DeviceResult's field order: on the critical

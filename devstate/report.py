@@ -9,7 +9,14 @@ from typing import Any
 
 @dataclass(frozen=True, slots=True)
 class DeviceReport:
-    """One device of a finished migration. Times are ms from the source's stop (t0)."""
+    """One device of a finished migration: its timeline, the workers and the channel.
+
+    Times are ms from the source's stop (t0; precopy loads start before it): get from
+    ``save_start`` to ``save_end`` (the last byte read and sent); transfer and put from
+    ``load_start`` (first packet accepted) to ``load_end`` (last byte written; a record's
+    put); complete at ``load_done`` (firmware and dependencies included). ``channel`` is
+    the data channel it rode, -1 when spread over all of them.
+    """
 
     id: str
     bytes: int
@@ -20,6 +27,8 @@ class DeviceReport:
     load_start_ms: float
     load_done_ms: float
     verified: bool
+    load_end_ms: float = 0.0
+    channel: int = -1
 
     @property
     def save_ms(self) -> float:

@@ -22,6 +22,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+# The channel a report gives a stream that rode every channel (spread routing).
+SPREAD = -1
+
 
 class Routing(enum.Enum):
     """How a device's packets are spread over the data channels."""

@@ -43,7 +43,7 @@ from devstate.devices.base import Device, RecordDevice, StreamDevice
 from devstate.errors import ChannelError, ProtocolError
 from devstate.handoff import Mesh, Note, Op
 from devstate.messages import ResultRow
-from devstate.route import Routes
+from devstate.route import SPREAD, Routes, Routing
 
 HDR = wire.PACKET_HEADER_BYTES
 # Records per batch: after each, the sender ships what is ready (so the destination starts
@@ -275,11 +275,11 @@ class Saver:
                 # One packet is the whole record; its checksum is its digest: no END follows.
                 wire.pack_packet_header(slot.view, wire.PacketKind.RECORD, index, 0, payload)
                 # Records need no order among themselves: none waits for a QUEUED.
-                self._emit(index, 0, slot, HDR + length,
-                           self._routes.record_channel(self.worker, self._records_routed))
+                channel = self._routes.record_channel(self.worker, self._records_routed)
+                self._emit(index, 0, slot, HDR + length, channel)
                 self._records_routed += 1
                 results.append((index, self._devices[index].id, length, 1, start_ns, end_ns,
-                                self.worker))
+                                self.worker, 0, channel))
             await asyncio.sleep(0)  # let the senders ship the batch and streams progress
         return results
 
@@ -335,7 +335,8 @@ class Saver:
         wire.pack_packet_header(end, wire.PacketKind.END, index, seq, end[HDR:])
         await self._emit_in_order(hop, index, seq, slot, len(end))
         await device.save_end()
-        return index, device.id, total, seq, start, time.monotonic_ns(), self.worker
+        channel = hop.channel if self._routes.routing is Routing.AFFINITY else SPREAD
+        return index, device.id, total, seq, start, time.monotonic_ns(), self.worker, 0, channel
 
     async def _precopy(self, index: int, device: StreamDevice, switchover: asyncio.Event,
                        digest: wire.StateDigest, hop: _Hop) -> tuple[int, int]:

@@ -333,8 +333,9 @@ class SourceVM(Machine):
                 id=r.id, bytes=r.bytes, source_worker=r.worker, dest_worker=d["worker"],
                 save_start_ms=(r.start_ns - t0) / 1e6, save_end_ms=(r.end_ns - t0) / 1e6,
                 load_start_ms=(d["start_ns"] + shift - t0) / 1e6,
+                load_end_ms=(d["end_ns"] + shift - t0) / 1e6,
                 load_done_ms=(d["done_ns"] + shift - t0) / 1e6,
-                verified=verified))
+                verified=verified, channel=r.channel))
         mode = ("sequential" if not self.settings.concurrent
                 else "single-vm" if self.settings.single_vm else "concurrent")
         return MigrationReport(mode, self.plan.workers, (t1 - t0) / 1e6, tuple(rows),

@@ -73,3 +73,19 @@ def test_bandwidth_limit_holds_over_all_channels(run) -> None:
     moved = sum(d.bytes for d in report.devices)
     bursts = 2 * (1 << 20)
     assert report.downtime_ms / 1e3 >= (moved - bursts) / limit
+
+
+def test_reports_give_each_device_its_channel_and_timeline(run) -> None:
+    spec = _machine({"name": "big", "size": "8MiB"}, vcpus=8)
+    for routing, stream_channel in ((Routing.AFFINITY, None), (Routing.SPREAD, -1)):
+        report = run(migrate_locally(spec, Settings(workers=2, channels=2, routing=routing)))
+        rows = {d.id: d for d in report.devices}
+        big = rows["vfio/big"]
+        if stream_channel is None:  # its home channel: its source worker's
+            assert big.channel == big.source_worker
+        else:
+            assert big.channel == stream_channel
+        assert {rows[f"cpu/{i}"].channel for i in range(8)} <= {0, 1}
+        for d in report.devices:  # get, transfer and put, complete: in that order
+            assert d.save_start_ms <= d.save_end_ms
+            assert d.load_start_ms <= d.load_end_ms <= d.load_done_ms
