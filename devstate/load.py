@@ -139,12 +139,14 @@ class Loader:
         if not self._unloaded:
             self._all_loaded.set()
         self._fault = asyncio.get_running_loop().create_future()
-        if self._mesh is not None:
-            self._mesh.serve(self._gen, self._on_note)
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tasks = tg
                 watch = tg.create_task(_raise_when_set(self._fault))
+                # Only now: notes that came early are replayed at once, and a stream's
+                # first packet starts a task in this group.
+                if self._mesh is not None:
+                    self._mesh.serve(self._gen, self._on_note)
                 await asyncio.gather(*(tg.create_task(self._receive(k, sock))
                                        for k, sock in self._channels.items()))
                 await self._all_loaded.wait()

@@ -79,11 +79,18 @@ def make_plan(spec: MachineSpec, workers: int, *, single_vm: bool = False) -> Pl
     # order), so it loads before that VM's vCPUs.
     to_worker_0 = {Backend.KVM_VM, Backend.KVM} if single_vm else {Backend.KVM_VM}
     pinned = [d for d in table if d.backend in to_worker_0]
-    # Stable sort: equal estimates keep table order, so both sides compute the same plan.
-    for device in sorted((d for d in table if d not in pinned), key=lambda d: -work_s(d)):
+    # Streams: longest work first to the least loaded worker. Stable sort: equal estimates
+    # keep table order, so both sides compute the same plan.
+    free = [d for d in table if d not in pinned]
+    for device in sorted((d for d in free if d.vfio is not None), key=lambda d: -work_s(d)):
         w = min(range(workers), key=lambda k: (load[k], k))
         owner[device.index] = w
         load[w] += work_s(device)
+    # Records: dealt evenly. Each is tiny next to a stream, but each costs its worker's
+    # loop a get or put, and a worker's records run one after another: an even split
+    # halves that serial time, where filling the lighter worker would load it all there.
+    for n, device in enumerate(d for d in free if d.vfio is None):
+        owner[device.index] = n % workers
     # Lower load classes first (what others load after); within a class streams first,
     # longest first: they carry the long tails (bytes, firmware) records overlap with.
     order = tuple(
