@@ -222,6 +222,7 @@ class SlotPool:
     """
 
     def __init__(self, classes: list[list[Slot]]) -> None:
+        self._all = [tuple(slots) for slots in classes]
         self._free: list[deque[Slot]] = [deque(slots) for slots in classes]
         self._waiters: list[deque[asyncio.Future[None]]] = [deque() for _ in classes]
         self.sizes = tuple(slots[0].size if slots else 0 for slots in classes)
@@ -249,6 +250,17 @@ class SlotPool:
             finally:
                 if fut in self._waiters[klass]:
                     self._waiters[klass].remove(fut)
+
+    def reclaim(self, klass: int) -> None:
+        """Every slot of a class is free again (the caller knows none is in use)."""
+        free = self._free[klass]
+        free.clear()
+        free.extend(self._all[klass])
+        waiters = self._waiters[klass]
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
 
     def release(self, slot: Slot) -> None:
         """Give a slot back; wakes one waiter of its class."""

@@ -209,6 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``devstate`` console script."""
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command == "migrate" and args.sequential and args.precopy:
+        parser.error("--precopy streams devices while others wait; --sequential saves one "
+                     "device after another: they cannot go together")
     if args.command == "migrate" and args.sequential and (args.workers or 1) > 1:
         parser.error("--sequential saves and loads one device after another in one worker; "
                      "it cannot take --workers above 1")

@@ -152,7 +152,7 @@ def _chains(table: tuple[DeviceSpec, ...], size: dict[int, int],
             if d.vfio is not None:
                 own = size[d.index] / min(d.vfio.read_bandwidth, d.vfio.write_bandwidth) * 1e3
                 fw = d.vfio.firmware_latency_ms
-            done[d.id] = (max(own, ready) + fw) * host.scale.get("device", 1.0)
+            done[d.id] = max(own, ready) + fw
         return done[d.id]
 
     terms = []
@@ -163,7 +163,8 @@ def _chains(table: tuple[DeviceSpec, ...], size: dict[int, int],
         seen_vcpus = seen_vcpus or d.vcpu is not None
         name = "cpu/*" if d.vcpu is not None else d.id
         chain = max(d.after, key=lambda a: completion(by_id[a]))
-        terms.append(Term("device", f"{name} after {chain}", completion(d)))
+        terms.append(Term("device", f"{name} after {chain}",
+                          completion(d) * host.scale.get("device", 1.0)))
     return terms
 
 

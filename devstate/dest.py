@@ -131,6 +131,12 @@ class IncomingVM(Machine):
             raise ProtocolError("control.channels", f"source has {n} data channels, this "
                                 f"destination takes at most {most} ({self.plan.workers} "
                                 f"workers x {self.settings.window_slots} receive windows)")
+        share = self.settings.chunk_slots // -(-n // self.plan.workers)
+        if share < 1:
+            raise ProtocolError("control.channels", f"{n} data channels over "
+                                f"{self.plan.workers} workers need at least "
+                                f"{-(-n // self.plan.workers)} chunk slots per worker, this "
+                                f"destination has {self.settings.chunk_slots}")
         routing = wire.field(body, "routing", str)
         if routing not in {r.value for r in Routing}:
             raise ProtocolError("control.routing", f"{routing!r} is not a routing")

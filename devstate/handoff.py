@@ -91,10 +91,6 @@ class Mesh:
         """Adopt this worker's end of the link to ``peer`` (an fd passed by the coordinator)."""
         sock = socket.socket(fileno=fd)
         sock.setblocking(False)
-        old = self._links.pop(peer, None)
-        if old is not None:
-            self._unwatch(old)
-            old.close()
         self._links[peer] = sock
         self._out[peer] = []
         asyncio.get_running_loop().add_reader(sock.fileno(), self._on_readable, peer)
@@ -113,9 +109,15 @@ class Mesh:
         self._handler = None
 
     def send(self, peer: int, op: Op, *, kind: int = 0, channel: int = 0, device: int = 0,
-             seq: int = 0, length: int = 0, offset: int = 0, checksum: int = 0) -> None:
-        """Queue a note to ``peer``; notes queued in one loop pass leave in one message."""
-        self._out[peer].append(_NOTE.pack(op, kind, self._gen, channel, 0, device, seq, length,
+             seq: int = 0, length: int = 0, offset: int = 0, checksum: int = 0,
+             gen: int | None = None) -> None:
+        """Queue a note to ``peer``; notes queued in one loop pass leave in one message.
+
+        ``gen`` is the operation the note belongs to (default: the one being served): a
+        reply that goes out late, after its operation ended, must not count in the next.
+        """
+        stamp = self._gen if gen is None else gen & 0xFFFF
+        self._out[peer].append(_NOTE.pack(op, kind, stamp, channel, 0, device, seq, length,
                                           0, offset, checksum))
         if not self._flush_scheduled:
             self._flush_scheduled = True

@@ -103,7 +103,6 @@ class Loader:
         self._record_class = record_class
         self._chunk_class = chunk_class
         self._executor = executor
-        self._puts: list[asyncio.Future[None]] = []  # single-vm puts in flight
         self._max_chunk = slots.sizes[chunk_class] - HDR
         share = slots.counts[chunk_class] // max(1, len(channels))
         if channels and share < 1:
@@ -149,8 +148,7 @@ class Loader:
                     self._mesh.serve(self._gen, self._on_note)
                 await asyncio.gather(*(tg.create_task(self._receive(k, sock))
                                        for k, sock in self._channels.items()))
-                await self._all_loaded.wait()
-                await asyncio.gather(*self._puts)
+                await self._all_loaded.wait()  # single-vm puts included: see their done()
                 await self._all_back.wait()
                 watch.cancel()
         finally:
@@ -260,8 +258,7 @@ class Loader:
             return
         state = self._accept(header.kind, header.device, header.seq, header.checksum,
                              payload, partial(self._give_back, slot, share))
-        if not self._concurrent and state.queue is not None:
-            await state.queue.join()
+        await self._settled(state, header.device)
 
     async def _small_packet(self, header: wire.PacketHeader, payload: memoryview) -> None:
         """Handle a RECORD or END packet that sits in a receive window."""
@@ -282,7 +279,12 @@ class Loader:
             release = partial(self._give_back, slot)
         state = self._accept(header.kind, header.device, header.seq, header.checksum,
                              payload, release)
-        if not self._concurrent and state.queue is not None:
+        await self._settled(state, header.device)
+
+    async def _settled(self, state: _Incoming, index: int) -> None:
+        """Sequential mode: a packet is handled to completion before the next is read,
+        unless its device waits on another, which may come later on this channel."""
+        if not self._concurrent and state.queue is not None and self._deps_loaded(index):
             await state.queue.join()
 
     def _threaded(self, index: int) -> bool:
@@ -316,7 +318,8 @@ class Loader:
                 kind = wire.PacketKind(note.kind)
                 payload = self._arena[note.offset:note.offset + note.length]
                 self._accept(kind, note.device, note.seq, note.checksum, payload,
-                             partial(self._mesh.send, peer, Op.RELEASE, offset=note.offset))
+                             partial(self._mesh.send, peer, Op.RELEASE, offset=note.offset,
+                                     gen=note.gen))
             elif note.op == Op.LOADED:
                 self._now_loaded(note.device)
             elif note.op == Op.RELEASE:
@@ -492,7 +495,6 @@ class Loader:
                 self._loaded_one(index)
 
         put.add_done_callback(done)
-        self._puts.append(put)
 
     def _put_record(self, state: _Incoming, payload: memoryview) -> None:
         """Put one record. Runs in: the loop, or a single-vm put thread."""

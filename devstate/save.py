@@ -158,11 +158,11 @@ class Saver:
         peers = self._mesh.peers if self._mesh is not None else ()
         if not peers:
             self._no_more_sends.set()
-        if self._mesh is not None:
-            self._mesh.serve(self._gen, self._on_note)
         try:
             async with asyncio.TaskGroup() as tg:
                 watch = tg.create_task(_raise_when_set(self._fault))
+                if self._mesh is not None:  # early notes are replayed now, into this run
+                    self._mesh.serve(self._gen, self._on_note)
                 sending = [tg.create_task(s.run()) for s in self._senders.values()]
                 try:
                     if concurrent:
@@ -203,11 +203,12 @@ class Saver:
             self._lent.clear()
         return results
 
-    def _emit(self, index: int, seq: int, slot: Slot, length: int,
-              channel: int) -> asyncio.Future[None] | None:
+    def _emit(self, index: int, seq: int, slot: Slot, length: int, channel: int, *,
+              ordered: bool = True) -> asyncio.Future[None] | None:
         """Queue the packet in ``slot[:length]`` on ``channel``.
 
-        Returns, for a channel of another worker, the future of that worker's QUEUED.
+        Returns, for an ``ordered`` packet (a stream's) on a channel of another worker, the
+        future of that worker's QUEUED.
         """
         owner = self._routes.channel_owner(channel)
         if owner == self.worker:
@@ -216,14 +217,22 @@ class Saver:
         assert self._mesh is not None
         self._lent[slot.offset] = slot
         self._all_back.clear()
-        queued = asyncio.get_running_loop().create_future()
-        self._queued[index, seq] = queued
         self._mesh.send(owner, Op.SEND, channel=channel, device=index, seq=seq,
                         length=length, offset=slot.offset)
+        if not ordered:
+            return None
+        queued = asyncio.get_running_loop().create_future()
+        self._queued[index, seq] = queued
         return queued
 
     def _on_note(self, peer: int, note: Note | None) -> None:
         """A note from another source worker (see :mod:`devstate.handoff`)."""
+        try:
+            self._take_note(peer, note)
+        except Exception as exc:  # noqa: BLE001 - any failure here fails the save
+            self._fail(exc)
+
+    def _take_note(self, peer: int, note: Note | None) -> None:
         assert self._mesh is not None and self._fault is not None
         if note is None:
             self._fail(ChannelError(f"worker {peer} closed its link during the save"))
@@ -234,7 +243,8 @@ class Saver:
                                          f"{note.channel}, not one of worker {self.worker}'s"))
                 return
             sender.queue(self._arena[note.offset:note.offset + note.length],
-                         partial(self._mesh.send, peer, Op.RELEASE, offset=note.offset))
+                         partial(self._mesh.send, peer, Op.RELEASE, offset=note.offset,
+                                 gen=note.gen))
             self._mesh.send(peer, Op.QUEUED, device=note.device, seq=note.seq)
         elif note.op == Op.QUEUED:
             queued = self._queued.pop((note.device, note.seq), None)
@@ -276,7 +286,7 @@ class Saver:
                 wire.pack_packet_header(slot.view, wire.PacketKind.RECORD, index, 0, payload)
                 # Records need no order among themselves: none waits for a QUEUED.
                 channel = self._routes.record_channel(self.worker, self._records_routed)
-                self._emit(index, 0, slot, HDR + length, channel)
+                self._emit(index, 0, slot, HDR + length, channel, ordered=False)
                 self._records_routed += 1
                 results.append((index, self._devices[index].id, length, 1, start_ns, end_ns,
                                 self.worker, 0, channel))

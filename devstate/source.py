@@ -94,7 +94,7 @@ class SourceVM(Machine):
         status("active")
         made = self.last_estimate = await self.estimate(costs)
         limit = self.settings.downtime_limit_ms
-        precopy = self.settings.precopy and any(
+        precopy = self.settings.precopy and self.settings.concurrent and any(
             d.vfio is not None and d.vfio.precopy for d in self.spec.devices())
         if (limit is not None and made.expected_ms > limit and not precopy
                 and not self.settings.force_switchover):

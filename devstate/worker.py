@@ -96,7 +96,6 @@ class Worker:
             arena.prefault(0, layout.total_bytes)
         self._arena = arena.view(0, layout.total_bytes)
         self._mesh: Mesh | None = None
-        self._gens = 0
         self._devices: dict[int, Device] = {}
         self._channels: dict[int, socket.socket] = {}
         self._saver: Saver | None = None  # the Save in progress (precopy asks it)
@@ -209,6 +208,7 @@ class Worker:
                 finally:
                     self._saver = self._switchover = None
                     self._drop_channels()
+                    self._reclaim_slots()
                 return len(self._results)
             case m.SwitchOver():
                 if self._switchover is None:
@@ -233,6 +233,7 @@ class Worker:
                     for window in windows.values():
                         self._slots.release(window)
                     self._drop_channels()
+                    self._reclaim_slots()
                 return len(self._results)
             case m.Results():
                 return self._results
@@ -328,6 +329,17 @@ class Worker:
                                    f"{self._slots.counts[WINDOW_CLASS]} receive windows")
             windows[index] = window
         return windows
+
+    def _reclaim_slots(self) -> None:
+        """After a Save or Load, every record and chunk slot is free again.
+
+        A failed or cancelled run can end with slots held by tasks it cancelled; the pool
+        lives as long as the worker (a source recovers and migrates again), so nothing of
+        one run may shrink it for the next.
+        """
+        if not self._snapshot:  # a probe's snapshot holds record slots across runs
+            self._slots.reclaim(RECORD_CLASS)
+        self._slots.reclaim(CHUNK_CLASS)
 
     def _drop_channels(self) -> None:
         """Close this worker's data channels: each serves one migration."""

@@ -104,3 +104,22 @@ def test_sweep_removes_only_dead_owners_segments() -> None:
         removed = sweep_stale_segments()
         assert "devstate-999999999-deadbeef" in removed
         assert live.name in shm_segments()
+
+
+def test_reclaim_frees_every_slot_of_a_class_and_wakes_waiters() -> None:
+    """What a cancelled run left held comes back whole for the next run."""
+    layout = Layout(1, (SlotClass(4096, 3), SlotClass(4096, 1)))
+    with Arena.create(layout.total_bytes) as arena:
+        pool = arena.slot_pool(layout, 0)
+
+        async def scenario() -> int:
+            held = [pool.acquire_nowait(0) for _ in range(3)]
+            assert pool.available(0) == 0 and all(held)
+            waiting = asyncio.ensure_future(pool.acquire(0))
+            await asyncio.sleep(0)
+            pool.reclaim(0)
+            await asyncio.wait_for(waiting, 1)  # a waiter is woken, and gets a slot
+            return pool.available(0)
+
+        assert asyncio.run(scenario()) == 2
+        assert pool.available(1) == 1  # other classes are untouched

@@ -66,6 +66,8 @@ def test_bad_input_is_a_clear_error(tmp_path: Path) -> None:
     assert usage.returncode == 2 and "must be at least 1" in usage.stderr
     both = devstate("migrate", "--spec", str(bad), "--workers", "2", "--sequential")
     assert both.returncode == 2 and "cannot take --workers above 1" in both.stderr
+    precopy = devstate("migrate", "--spec", str(bad), "--sequential", "--precopy")
+    assert precopy.returncode == 2 and "cannot go together" in precopy.stderr
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

@@ -208,3 +208,27 @@ def test_stray_duplicate_and_late_connections_are_refused_and_logged(
     assert "refused a data channel: migration id" in log
     assert "channel 1 is already connected" in log
     assert "refused a late connection" in log
+
+
+def test_a_source_migrates_again_after_a_transfer_failed(run, no_fd_or_thread_leaks) -> None:
+    """A channel cut mid-transfer fails the first migration; the same source (its pool,
+    arena and slots reused) then migrates to a fresh destination, verified: nothing the
+    failed run held is missing from the next."""
+    async def scenario() -> Any:
+        settings = Settings(workers=2, channels=4, routing=Routing.SPREAD, chunk_slots=4)
+        async with SourceVM(SPEC, settings) as source:
+            for attempt in range(2):
+                async with destination(SPEC, Settings(workers=2),
+                                       incoming="tcp:127.0.0.1:0") as dest:
+                    if attempt == 0:
+                        upstream = (dest.address.host, dest.address.port)
+                        async with faulty_proxy(upstream, {(wire.ChannelKind.DATA, 1):
+                                                           Fault.CUT}, 2 << 20) as proxy:
+                            with pytest.raises(MigrationFailed):
+                                await source.migrate(parse_uri(proxy.uri))
+                    else:
+                        return await source.migrate(dest.address, compare_digests=True)
+        return None
+
+    report = run(scenario())
+    assert report.verified

@@ -135,7 +135,8 @@ class SaveSession:
 
     def remaining_bytes(self) -> int:
         """Estimated bytes until the end of the stream."""
-        return stream_bytes(self._state.size) - self._sent
+        # Dirty re-sends can make a stream longer than a clean one: never below zero.
+        return max(0, stream_bytes(self._state.size) - self._sent)
 
     def interest(self, now: float) -> tuple[int, float | None]:
         """(selector events wanted now, time to look again if paced)."""
