@@ -191,3 +191,10 @@ class Mesh:
             sock.close()
         self._links.clear()
         self._out.clear()
+
+
+async def raise_when_set(fault: asyncio.Future[None]) -> None:
+    """Turn a failure a note handler noticed into a task failure (ending the run's
+    TaskGroup): handlers are callbacks, with no task of their own to raise in."""
+    await fault
+

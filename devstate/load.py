@@ -43,9 +43,9 @@ from functools import partial
 
 from devstate import fdio, wire
 from devstate.arena import Slot, SlotPool
-from devstate.devices.base import Device, RecordDevice, StreamDevice
+from devstate.devices.base import Device, RecordDevice, StreamDevice, on_thread
 from devstate.errors import ChannelError, IntegrityError, ProtocolError
-from devstate.handoff import Mesh, Note, Op
+from devstate.handoff import Mesh, Note, Op, raise_when_set
 from devstate.messages import ResultRow
 
 HDR = wire.PACKET_HEADER_BYTES
@@ -141,7 +141,7 @@ class Loader:
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tasks = tg
-                watch = tg.create_task(_raise_when_set(self._fault))
+                watch = tg.create_task(raise_when_set(self._fault))
                 # Only now: notes that came early are replayed at once, and a stream's
                 # first packet starts a task in this group.
                 if self._mesh is not None:
@@ -288,10 +288,7 @@ class Loader:
             await state.queue.join()
 
     def _threaded(self, index: int) -> bool:
-        """Whether this device's record is put on a single-vm thread."""
-        device = self._devices.get(index)
-        return (self._executor is not None and isinstance(device, RecordDevice)
-                and device.releases_gil)
+        return on_thread(self._devices.get(index), self._executor)
 
     def _give_back(self, slot: Slot, share: asyncio.Semaphore | None = None) -> None:
         """A slot is free again (and back in its channel's share, if it counts in one)."""
@@ -515,8 +512,3 @@ class Loader:
                                  f"{state.bytes} B in {state.packets}")
         if end.digest != state.digest.digest():
             raise IntegrityError("end.digest", f"{state.device.id}: state digest mismatch")
-
-
-async def _raise_when_set(fault: asyncio.Future[None]) -> None:
-    """Turn a failure noticed in a callback into a task failure (ending the TaskGroup)."""
-    await fault

@@ -53,8 +53,9 @@ class JoinMesh:
 
 @dataclass(frozen=True, slots=True)
 class Save:
-    """Source: stop, get and send these devices in this order, on the channels ``routes``
-    gives (operation number ``gen`` tags the handoffs between workers).
+    """Source: get and send these devices in this order, on the channels ``routes`` gives
+    (operation number ``gen`` tags the handoffs between workers). With ``precopy``,
+    devices that support it stream while the VM runs, the rest wait for SwitchOver.
 
     ``record_threads`` > 1 gets kvm vCPUs on that many threads (single-vm mode).
     """

@@ -57,14 +57,9 @@ class Routes:
         """The home channel of the devices a source worker owns."""
         return owner % self.channels
 
-    def stream_channel(self, owner: int, seq: int) -> int:
-        """The channel of a stream's packet ``seq`` (its END included)."""
+    def channel(self, owner: int, n: int) -> int:
+        """The channel of source worker ``owner``'s packet ``n``: a stream's packet ``seq``
+        (its END included), or its ``n``-th record."""
         if self.routing is Routing.SPREAD:
-            return (self.home(owner) + seq) % self.channels
-        return self.home(owner)
-
-    def record_channel(self, owner: int, ordinal: int) -> int:
-        """The channel of a worker's ``ordinal``-th record."""
-        if self.routing is Routing.SPREAD:
-            return (self.home(owner) + ordinal) % self.channels
+            return (self.home(owner) + n) % self.channels
         return self.home(owner)

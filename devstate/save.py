@@ -39,9 +39,9 @@ from functools import partial
 from devstate import fdio, wire
 from devstate.arena import Slot, SlotPool
 from devstate.bandwidth import Pacer
-from devstate.devices.base import Device, RecordDevice, StreamDevice
+from devstate.devices.base import Device, RecordDevice, StreamDevice, on_thread
 from devstate.errors import ChannelError, ProtocolError
-from devstate.handoff import Mesh, Note, Op
+from devstate.handoff import Mesh, Note, Op, raise_when_set
 from devstate.messages import ResultRow
 from devstate.route import SPREAD, Routes, Routing
 
@@ -160,7 +160,7 @@ class Saver:
             self._no_more_sends.set()
         try:
             async with asyncio.TaskGroup() as tg:
-                watch = tg.create_task(_raise_when_set(self._fault))
+                watch = tg.create_task(raise_when_set(self._fault))
                 if self._mesh is not None:  # early notes are replayed now, into this run
                     self._mesh.serve(self._gen, self._on_note)
                 sending = [tg.create_task(s.run()) for s in self._senders.values()]
@@ -277,7 +277,8 @@ class Saver:
             # Single-vm: gets that drop the GIL start on the worker's threads, the rest run
             # here meanwhile; then the threads' results are collected in order.
             pending = [loop.run_in_executor(self._executor, self._get_record, i, slot)
-                       if self._on_thread(i) else self._get_record(i, slot)
+                       if on_thread(self._devices[i], self._executor)
+                       else self._get_record(i, slot)
                        for i, slot in zip(batch, slots, strict=True)]
             timed = [await p if isinstance(p, asyncio.Future) else p for p in pending]
             for index, slot, (length, start_ns, end_ns) in zip(batch, slots, timed, strict=True):
@@ -285,18 +286,13 @@ class Saver:
                 # One packet is the whole record; its checksum is its digest: no END follows.
                 wire.pack_packet_header(slot.view, wire.PacketKind.RECORD, index, 0, payload)
                 # Records need no order among themselves: none waits for a QUEUED.
-                channel = self._routes.record_channel(self.worker, self._records_routed)
+                channel = self._routes.channel(self.worker, self._records_routed)
                 self._emit(index, 0, slot, HDR + length, channel, ordered=False)
                 self._records_routed += 1
                 results.append((index, self._devices[index].id, length, 1, start_ns, end_ns,
                                 self.worker, 0, channel))
             await asyncio.sleep(0)  # let the senders ship the batch and streams progress
         return results
-
-    def _on_thread(self, index: int) -> bool:
-        device = self._devices[index]
-        return (self._executor is not None and isinstance(device, RecordDevice)
-                and device.releases_gil)
 
     def _get_record(self, index: int, slot: Slot) -> tuple[int, int, int]:
         """Get one record into its slot. Runs in: the loop, or a single-vm get thread."""
@@ -400,7 +396,7 @@ class Saver:
     async def _emit_in_order(self, hop: _Hop, index: int, seq: int, slot: Slot,
                              length: int) -> None:
         """Emit a stream packet once the one before it is queued, if it changes channel."""
-        channel = self._routes.stream_channel(self.worker, seq)
+        channel = self._routes.channel(self.worker, seq)
         if hop.queued is not None and channel != hop.channel:
             await hop.queued
         hop.channel = channel
@@ -415,11 +411,6 @@ class _Hop:
     def __init__(self) -> None:
         self.channel = -1
         self.queued: asyncio.Future[None] | None = None
-
-
-async def _raise_when_set(fault: asyncio.Future[None]) -> None:
-    """Turn a failure noticed in a callback into a task failure (ending the TaskGroup)."""
-    await fault
 
 
 def _runs_of_same_shape(order: Sequence[int], devices: dict[int, Device]) -> list[list[int]]:

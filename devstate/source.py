@@ -4,10 +4,13 @@ Runs in: the source coordinator process, on uvloop.
 
 Sequence of one migration (main channel messages in capitals)::
 
-    setup   connect main channel, HELLO (id, device table, channels, mode) -> destination
+    setup   estimate the downtime (devstate.cost); over the limit: stop here, VM running
+            connect main channel, HELLO (id, device table, channels, mode) -> destination
             every worker connects the data channels it owns      (all before the stop)
             <- READY (destination validated, devices in RESUMING, channels adopted)
-    t0      stop: every worker gets its devices in parallel and streams them
+    active  Save starts; with precopy, devices that support it stream while the VM runs
+            until the re-estimate meets the limit (or fail, VM running, past the bound)
+    t0      stop (SwitchOver): every worker gets its devices in parallel and streams them
             <- LOADED (every device put and its digest verified)
             COMMIT -> (from here the source will not resume: the destination will)
             <- RESUMED, received at t1: downtime = t1 - t0, both on this host's clock (an

@@ -1,4 +1,4 @@
-"""A pool worker process: owns devices, a data channel and a partition of the arena.
+"""A pool worker process: owns devices, its data channels and a partition of the arena.
 
 Runs in: a worker process started by :class:`devstate.pool.WorkerPool` (forkserver, never
 fork from the threaded coordinator). Life of a worker::

@@ -22,10 +22,10 @@ def test_routes_give_every_channel_one_owner_per_side() -> None:
     assert [routes.channel_owner(k) for k in range(5)] == [0, 1, 0, 1, 0]
     assert routes.channels_of(0) == (0, 2, 4) and routes.channels_of(1) == (1, 3)
     # A stream of worker 1 starts on its home channel and then takes every channel in turn.
-    assert [routes.stream_channel(1, seq) for seq in range(6)] == [1, 2, 3, 4, 0, 1]
+    assert [routes.channel(1, seq) for seq in range(6)] == [1, 2, 3, 4, 0, 1]
     affinity = Routes(channels=2, workers=3)
     assert affinity.channels_of(2) == ()  # fewer channels than workers: worker 2 hands off
-    assert {affinity.stream_channel(2, seq) for seq in range(4)} == {0}
+    assert {affinity.channel(2, seq) for seq in range(4)} == {0}
 
 
 @pytest.mark.parametrize(("source", "dest", "channels", "routing"), [

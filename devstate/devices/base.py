@@ -122,3 +122,11 @@ class StreamDevice(Device):
     @abc.abstractmethod
     async def reset(self) -> None:
         """Discard whatever a failed or cancelled session left and return to running."""
+
+
+def on_thread(device: Device | None, executor: object | None) -> bool:
+    """Whether ``device``'s get or put runs on a single-vm thread: it is a record whose
+    calls drop the GIL, and the worker has threads for them."""
+    return (executor is not None and isinstance(device, RecordDevice)
+            and device.releases_gil)
+
