@@ -1,8 +1,9 @@
 """Which worker owns which device, and in what order each worker saves its devices.
 
-Owners: streams go most bytes first (the copies their owner makes) to the least loaded
-worker (LPT), the simplest list schedule that keeps the largest devices apart; records are
-dealt evenly. Order in each worker: lower load classes first, VM-level state before the
+Owners: streams go longest own path first (:func:`path_s`: state at the slower rate, then
+firmware) to the worker whose paths end soonest (LPT), the simplest list schedule that
+puts the critical path first and keeps the longest devices apart; records are dealt
+evenly. Order in each worker: lower load classes first, VM-level state before the
 vCPUs of its VM, what others load ``after`` before them, then streams, the longest own
 path (:func:`path_s`: rates and firmware) first. What the plan will cost is
 :mod:`devstate.cost`'s to say. :func:`spec_order_plan` is the baseline it must beat.
@@ -70,18 +71,18 @@ def make_plan(spec: MachineSpec, workers: int, *, single_vm: bool = False) -> Pl
     if workers < 1:
         raise ValueError("a plan needs at least one worker")
     table = spec.devices()
-    load = [0] * workers
+    load = [0.0] * workers
     owner = [0] * len(table)
     # VM-level state belongs to one VM: worker 0's (it goes first in that worker's order,
     # so it loads before the VM's vCPUs).
     to_worker_0 = {Backend.KVM_VM, Backend.KVM} if single_vm else {Backend.KVM_VM}
     pinned = [d for d in table if d.backend in to_worker_0]
-    # Streams: the most bytes (the owner's copies) first, to the least loaded worker.
+    # Streams: the longest own path first, to the worker whose paths end soonest.
     free = [d for d in table if d not in pinned]
-    for device in sorted((d for d in free if d.vfio is not None), key=lambda d: -d.size):
+    for device in sorted((d for d in free if d.vfio is not None), key=lambda d: -path_s(d)):
         w = min(range(workers), key=lambda k: (load[k], k))
         owner[device.index] = w
-        load[w] += device.size
+        load[w] += path_s(device)
     # Records: dealt evenly. Each is tiny next to a stream, but each costs its worker's
     # loop a get or put, and a worker's records run one after another: an even split
     # halves that serial time, where filling the lighter worker would load it all there.
