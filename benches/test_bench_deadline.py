@@ -6,7 +6,7 @@ Scenarios (``benches/scenarios/``): vCPU-heavy (1024 vCPUs), one huge VFIO devic
 default machine: 512 vCPUs and four devices of 32-512 MiB); plus a limit that cannot be met.
 
 The cost model is first calibrated the way a host running devstate calibrates it: by
-earlier runs on the same machine (each scenario twice, refining the host's constants);
+earlier runs on the same machine (each scenario three times, refining the host's constants);
 then each scenario is measured ``ROUNDS`` times with the constants fixed, and the median
 downtime compared with the estimate made before each stop. With benchmarks enabled every
 scenario must land within ±15% of its estimate, and the plan must beat spec order on the
@@ -34,7 +34,7 @@ from devstate.spec import MachineSpec, load_spec
 SCENARIOS = Path(__file__).resolve().parent / "scenarios"
 NAMES = ["vcpu-heavy", "one-huge-vfio", "many-small", "mixed"]
 ROUNDS = 5
-CALIBRATION_PASSES = 2
+CALIBRATION_PASSES = 3
 TOLERANCE = 0.15
 
 
