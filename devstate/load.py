@@ -28,7 +28,9 @@ before the device counts as loaded. Any failure raises, which cancels every task
 
 Concurrent mode gives each stream device its own task (chunks queue to it in order), so one
 device's slow writes or firmware latency never block another. Sequential mode handles each
-packet to completion before reading the next, as VMMs do today.
+packet of its own channels to completion before reading the next, as VMMs do today (a
+device that waits on a dependency, or a packet handed over by another worker, is the
+exception: waiting there could block what it waits for).
 """
 
 from __future__ import annotations

@@ -329,10 +329,7 @@ class Saver:
             if filled == 0:
                 self._slots.release(slot)
                 continue
-            payload = slot.view[HDR:HDR + filled]
-            digest.add(wire.pack_packet_header(slot.view, wire.PacketKind.CHUNK, index, seq,
-                                               payload))
-            await self._emit_in_order(hop, index, seq, slot, HDR + filled)
+            await self._ship_chunk(hop, digest, index, seq, slot, filled)
             seq += 1
             total += filled
         slot = await self._slots.acquire(self._record_class)
@@ -374,10 +371,7 @@ class Saver:
                 if not filled:
                     self._slots.release(slot)
                     continue
-                payload = slot.view[HDR:HDR + filled]
-                digest.add(wire.pack_packet_header(slot.view, wire.PacketKind.CHUNK, index,
-                                                   seq, payload))
-                await self._emit_in_order(hop, index, seq, slot, HDR + filled)
+                await self._ship_chunk(hop, digest, index, seq, slot, filled)
                 seq += 1
                 total += filled
         finally:
@@ -392,6 +386,15 @@ class Saver:
         counts = await asyncio.gather(*(d.precopy_remaining()  # type: ignore[attr-defined]
                                         for d in devices.values()))
         return dict(zip(devices, counts, strict=True))
+
+    async def _ship_chunk(self, hop: _Hop, digest: wire.StateDigest, index: int, seq: int,
+                          slot: Slot, filled: int) -> None:
+        """Make the ``filled`` bytes after the slot's header CHUNK ``seq`` of device
+        ``index``, add its checksum to the device's digest, and emit it in order."""
+        payload = slot.view[HDR:HDR + filled]
+        digest.add(wire.pack_packet_header(slot.view, wire.PacketKind.CHUNK, index, seq,
+                                           payload))
+        await self._emit_in_order(hop, index, seq, slot, HDR + filled)
 
     async def _emit_in_order(self, hop: _Hop, index: int, seq: int, slot: Slot,
                              length: int) -> None:
