@@ -15,9 +15,11 @@ plaintext one only routes, the encrypted one authenticates.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from devstate import fdio, transport, wire
@@ -41,38 +43,41 @@ def _server_name(address: Address, tls: TlsConfig) -> str:
     return tls.hostname or address.host or "localhost"
 
 
+@contextlib.contextmanager
+def _closed_on_failure(held: list[Channel], what: str) -> Iterator[None]:
+    """Close ``held[0]`` (a socket, or the TLS socket that took it over) if the body fails;
+    socket errors become :class:`ChannelError` prefixed with ``what``."""
+    try:
+        yield
+    except (OSError, ConnectionError) as exc:
+        held[0].close()
+        raise ChannelError(f"{what}: {exc}") from exc
+    except BaseException:
+        held[0].close()
+        raise
+
+
 async def open_channel(address: Address, hello_bytes: bytes, tls: TlsConfig | None) -> Channel:
     """Source: connect a channel and send its hello (again inside TLS, with ``tls``)."""
-    sock = await transport.connect(address)
-    try:
-        await fdio.send_all(sock, [hello_bytes])
-    except OSError as exc:
-        sock.close()
-        raise ChannelError(f"{address}: sending the hello: {exc}") from exc
-    channel: Channel = sock
-    try:
+    held: list[Channel] = [await transport.connect(address)]
+    with _closed_on_failure(held, str(address)):
+        await fdio.send_all(held[0], [hello_bytes])
         if tls is not None:
-            channel = await transport.tls_client(sock, tls, _server_name(address, tls))
-            await fdio.send_all(channel, [hello_bytes])
+            held[0] = await transport.tls_client(held[0], tls, _server_name(address, tls))
+            await fdio.send_all(held[0], [hello_bytes])
         # The destination echoes the hello once the channel is adopted: a refused, stray
         # or broken channel shows here, at setup, not as a stall later.
         echo = bytearray(len(hello_bytes))
-        async with asyncio.timeout(ECHO_TIMEOUT_S):
-            if not await fdio.recv_exactly(channel, memoryview(echo)):
-                raise ChannelError(f"{address}: closed by the destination before adopting "
-                                   "the channel")
+        try:
+            async with asyncio.timeout(ECHO_TIMEOUT_S):
+                if not await fdio.recv_exactly(held[0], memoryview(echo)):
+                    raise ChannelError(f"{address}: closed by the destination before "
+                                       "adopting the channel")
+        except TimeoutError:
+            raise ChannelError(f"{address}: not adopted within {ECHO_TIMEOUT_S:.0f} s") from None
         if echo != hello_bytes:
             raise ProtocolError("hello", "the destination echoed another hello")
-    except TimeoutError:
-        channel.close()
-        raise ChannelError(f"{address}: not adopted within {ECHO_TIMEOUT_S:.0f} s") from None
-    except (OSError, ConnectionError) as exc:
-        channel.close()
-        raise ChannelError(f"{address}: {exc}") from exc
-    except BaseException:
-        channel.close()
-        raise
-    return channel
+    return held[0]
 
 
 async def secure_accepted(sock: socket.socket, hello_bytes: bytes,
@@ -80,22 +85,16 @@ async def secure_accepted(sock: socket.socket, hello_bytes: bytes,
     """Destination: adopt an accepted channel whose plaintext hello was ``hello_bytes``:
     with ``tls``, run the handshake and check the hello sent again inside it; then echo the
     hello, which tells the source the channel is ours."""
-    channel: Channel = sock
-    try:
+    held: list[Channel] = [sock]
+    with _closed_on_failure(held, "adopting a channel"):
         if tls is not None:
-            channel = await transport.tls_server(sock, tls)
-            inner = await read_hello(channel)
+            held[0] = await transport.tls_server(sock, tls)
+            inner = await read_hello(held[0])
             if wire.pack_hello(inner) != hello_bytes:
                 raise ProtocolError("hello", f"channel {inner.index}: the hello inside TLS "
                                              "differs from the one that routed it")
-        await fdio.send_all(channel, [hello_bytes])
-    except OSError as exc:
-        channel.close()
-        raise ChannelError(f"echoing the hello: {exc}") from exc
-    except BaseException:
-        channel.close()
-        raise
-    return channel
+        await fdio.send_all(held[0], [hello_bytes])
+    return held[0]
 
 
 async def adopt_channel(fd: int, hello_bytes: bytes, tls: TlsConfig | None) -> Channel:

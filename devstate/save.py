@@ -348,6 +348,7 @@ class Saver:
         self._in_precopy.add(index)
         seq = total = 0
         switched = asyncio.ensure_future(switchover.wait())
+        reading: asyncio.Future[int] | None = None
         try:
             while not switchover.is_set():
                 slot = await self._slots.acquire(self._chunk_class)
@@ -376,6 +377,8 @@ class Saver:
                 total += filled
         finally:
             switched.cancel()
+            if reading is not None and not reading.done():  # a cancelled save: stop reading
+                reading.cancel()
             self._in_precopy.discard(index)
         return seq, total
 
