@@ -86,8 +86,8 @@ def _parser() -> argparse.ArgumentParser:
                          help="stream devices that support it while the VM runs; switch "
                               "over when the expected downtime meets --downtime-limit")
     migrate.add_argument("--spec-order", action="store_true",
-                         help="baseline: devices in spec order, dealt round-robin, instead "
-                              "of the plan (longest work first)")
+                         help="baseline: devices in spec order, dealt round-robin, streams "
+                              "moving in table order, instead of the plan (longest first)")
     _tls_arguments(migrate, server=False)
     migrate.add_argument("--json", action="store_true", help="print the report as JSON")
 

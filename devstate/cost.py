@@ -7,10 +7,11 @@ Unlike QEMU's estimate, which counts only RAM, the downtime here is the slowest 
 * each **device's own path**: its state at the slower of its read and write rates, plus
   its firmware load (``size / min(read, write) + firmware``): no amount of concurrency
   makes one device faster than that;
-* the **host's work**: every stream byte crosses both sides' copies (``copy_bytes_per_s``,
-  calibrated for this host), every record costs its get, its put and the runtime's
-  per-record work on the cores both sides share, every stream device costs its session
-  round trips on its owner, and the device that finishes last still loads its firmware;
+* the **host's work**: stream bytes cross both sides' copies (``copy_bytes_per_s``,
+  calibrated for this host) in the plan's transfer order, so a stream's firmware starts
+  once the bytes before and of it have crossed: the latest such end counts; every record
+  costs its get, its put and the runtime's per-record work on the cores both sides share,
+  and every stream device costs its session round trips on its owner;
 
 plus a fixed cost (stop, dispatch, the LOADED/COMMIT/RESUMED round trips). The largest
 term is the **critical path**: the estimate names it, so a limit that cannot be met says
@@ -35,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from devstate.plan import Plan
 from devstate.spec import DeviceSpec, MachineSpec
 
 # How far one run moves a term's scale toward its observed ratio.
@@ -92,10 +94,11 @@ class Estimate:
         return "; ".join(f"{t.what}: {t.ms:.0f} ms" for t in self.terms[:limit])
 
 
-def estimate(spec: MachineSpec, workers: int, host: HostCosts,
+def estimate(spec: MachineSpec, plan: Plan, host: HostCosts,
              record_us: tuple[float, float] | None = None,
              remaining: dict[int, int] | None = None) -> Estimate:
-    """Expected stop-and-copy downtime of ``spec`` with ``workers`` per side.
+    """Expected stop-and-copy downtime of ``spec`` moved by ``plan`` (its workers per side,
+    its transfer order).
 
     ``record_us`` is the measured (get, put) of one record in µs; None takes the spec's
     sim-vcpu costs. ``remaining`` gives, for devices in precopy, the bytes they have left
@@ -118,30 +121,41 @@ def estimate(spec: MachineSpec, workers: int, host: HostCosts,
                                     "ms firmware",
                           (size[d.index] / rate * 1e3 + v.firmware_latency_ms)
                           * host.scale.get("device", 1.0)))
-    terms.extend(_chains(table, size, host))
-    stream_bytes = sum(size.values())
-    copy_ms = stream_bytes / host.copy_bytes_per_s * 1e3
-    record_ms = len(records) * (get_us + put_us + host.record_overhead_us) / 1e3 / host.cores
-    sessions_ms = -(-len(streams) // workers) * host.stream_overhead_ms
-    last_firmware = min((d.vfio.firmware_latency_ms for d in streams if d.vfio), default=0.0)
-    parts = (copy_ms, record_ms, sessions_ms, last_firmware)
     w_copy, w_records, w_sessions = host.weights
+    # Streams move in the plan's order (devstate.admission): each one's last byte crosses
+    # once the bytes of those before it have, then its firmware runs; the latest of those
+    # ends the streams' share of the host term (Jackson's bound for one shared resource).
+    arrival, moved = {}, 0
+    for index in plan.transfer:
+        moved += size[index]
+        arrival[index] = moved / host.copy_bytes_per_s * 1e3
+    firmware = {d.index: d.vfio.firmware_latency_ms for d in streams if d.vfio is not None}
+    last = max(arrival, key=lambda i: (arrival[i] * w_copy + firmware[i], i), default=None)
+    terms.extend(_chains(table, size, {i: ms * w_copy for i, ms in arrival.items()}, host))
+    copy_ms = arrival[last] if last is not None else 0.0
+    last_firmware = firmware[last] if last is not None else 0.0
+    record_ms = len(records) * (get_us + put_us + host.record_overhead_us) / 1e3 / host.cores
+    sessions_ms = -(-len(streams) // plan.workers) * host.stream_overhead_ms
+    parts = (copy_ms, record_ms, sessions_ms, last_firmware)
     copy_ms, record_ms, sessions_ms = copy_ms * w_copy, record_ms * w_records, \
         sessions_ms * w_sessions
-    terms.append(Term("host", f"host: {stream_bytes / 2**20:.0f} MiB of streams "
-                              f"({copy_ms:.0f} ms), {len(records)} records "
-                              f"({record_ms:.0f} ms on {host.cores} cores), {len(streams)} "
-                              f"stream sessions ({sessions_ms:.0f} ms), last firmware "
-                              f"{last_firmware:.0f} ms",
+    said = [f"{len(records)} records ({record_ms:.0f} ms on {host.cores} cores)"]
+    if last is not None:
+        said[:0] = [f"{moved / 2**20:.0f} MiB of streams, through {table[last].id} "
+                    f"({copy_ms:.0f} ms)"]
+        said += [f"{len(streams)} stream sessions ({sessions_ms:.0f} ms)",
+                 f"then its firmware {last_firmware:.0f} ms"]
+    terms.append(Term("host", "host: " + ", ".join(said),
                       copy_ms + record_ms + sessions_ms + last_firmware))
     terms.sort(key=lambda t: -t.ms)
     return Estimate(host.fixed_ms + terms[0].ms, tuple(terms), parts)
 
 
-def _chains(table: tuple[DeviceSpec, ...], size: dict[int, int],
+def _chains(table: tuple[DeviceSpec, ...], size: dict[int, int], arrival: dict[int, float],
             host: HostCosts) -> list[Term]:
     """Dependency chains: a device completes its load (firmware, or a record's put) only
-    after the devices it loads after (spec ``after``), so its own path may start late."""
+    after the devices it loads after (spec ``after``), so its own path may start late; a
+    stream's own path ends no sooner than its turn in the transfer (``arrival``, ms)."""
     by_id = {d.id: d for d in table}
     done: dict[str, float] = {}
 
@@ -150,7 +164,8 @@ def _chains(table: tuple[DeviceSpec, ...], size: dict[int, int],
             ready = max((completion(by_id[a]) for a in d.after), default=0.0)
             own = fw = 0.0
             if d.vfio is not None:
-                own = size[d.index] / min(d.vfio.read_bandwidth, d.vfio.write_bandwidth) * 1e3
+                own = max(size[d.index] / min(d.vfio.read_bandwidth, d.vfio.write_bandwidth)
+                          * 1e3, arrival.get(d.index, 0.0))
                 fw = d.vfio.firmware_latency_ms
             done[d.id] = max(own, ready) + fw
         return done[d.id]

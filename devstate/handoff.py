@@ -13,6 +13,7 @@ Notes (40 bytes each, many per message; a link keeps message order)::
 * ``QUEUED``   source: the SEND of (device, seq) is in its channel's queue
 * ``RELEASE``  either side: my slot at ``offset`` that you lent me is free again
 * ``DONE``     source: I will send no more SENDs this migration
+* ``SENT``     source: ``device``'s stream read its last byte (:mod:`devstate.admission`)
 * ``DELIVER``  destination: a verified packet of a device you own, in my slot at ``offset``
 * ``LOADED``   destination: ``device``, which others load after, is loaded here
 
@@ -49,6 +50,7 @@ class Op(enum.IntEnum):
     DONE = 4
     DELIVER = 5
     LOADED = 6
+    SENT = 7
 
 
 class Note(NamedTuple):
@@ -123,10 +125,10 @@ class Mesh:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
-    def broadcast(self, op: Op) -> None:
-        """Queue the same bare note to every peer."""
+    def broadcast(self, op: Op, *, device: int = 0) -> None:
+        """Queue the same note (an op, and the device it is about) to every peer."""
         for peer in self._links:
-            self.send(peer, op)
+            self.send(peer, op, device=device)
 
     def _flush(self) -> None:
         self._flush_scheduled = False

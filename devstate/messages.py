@@ -67,6 +67,7 @@ class Save:
     record_threads: int = 1
     max_bandwidth: float | None = None  # bytes/s over all channels, None: unlimited
     precopy: bool = False  # stream precopy devices while running, until SwitchOver
+    transfer: Any = None  # admission.TransferOrder for stop-and-copy; None: all at once
 
 
 @dataclass(frozen=True, slots=True)

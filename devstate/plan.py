@@ -1,5 +1,9 @@
 """Which worker owns which device, and in what order each worker saves its devices.
 
+Transfer: stop-and-copy admits streams to the host's bandwidth (:mod:`devstate.admission`)
+longest tail first (:func:`tail_s`: what must still happen after a stream's last byte, its
+firmware and what loads after it), so the longest firmware overlaps the others' bytes.
+
 Owners: streams go longest own path first (:func:`path_s`: state at the slower rate, then
 firmware) to the worker whose paths end soonest (LPT), the simplest list schedule that
 puts the critical path first and keeps the longest devices apart; records are dealt
@@ -23,6 +27,7 @@ class Plan:
     workers: int
     owner: tuple[int, ...]            # owner[device index] = worker
     order: tuple[tuple[int, ...], ...]  # order[worker] = device indices, in save order
+    transfer: tuple[int, ...] = ()      # stream device indices, in the order they move
 
     def devices_of(self, worker: int) -> tuple[int, ...]:
         """The devices a worker owns, in its save order."""
@@ -36,6 +41,28 @@ def path_s(device: DeviceSpec) -> float:
         return 0.0
     v = device.vfio
     return v.size / min(v.read_bandwidth, v.write_bandwidth) + v.firmware_latency_ms / 1e3
+
+
+def tail_s(spec: MachineSpec, workers: int) -> dict[int, float]:
+    """Seconds of work after each stream's last byte arrives, by device index: its
+    firmware, then the longest of what loads after it (a stream's own tail, or the puts of
+    the records that wait for it, spread over ``workers``)."""
+    table = spec.devices()
+    dependents: dict[str, list[DeviceSpec]] = {}
+    for d in table:
+        for a in d.after:
+            dependents.setdefault(a, []).append(d)
+    tails: dict[str, float] = {}
+
+    def of(d: DeviceSpec) -> float:
+        if d.id not in tails:
+            after = dependents.get(d.id, [])
+            puts = sum(1 for e in after if e.vfio is None) * spec.vcpus.put_us / 1e6 / workers
+            tails[d.id] = (d.vfio.firmware_latency_ms / 1e3 if d.vfio is not None else 0.0) \
+                + max([puts, *(of(e) for e in after if e.vfio is not None)])
+        return tails[d.id]
+
+    return {d.index: of(d) for d in table if d.vfio is not None}
 
 
 def _depths(table: tuple[DeviceSpec, ...]) -> list[int]:
@@ -60,7 +87,7 @@ def spec_order_plan(spec: MachineSpec, workers: int) -> Plan:
     kvm_vm = {d.index for d in table if d.backend is Backend.KVM_VM}
     owner = tuple(0 if d.index in kvm_vm else d.index % workers for d in table)
     order = tuple(tuple(d.index for d in table if owner[d.index] == w) for w in range(workers))
-    return Plan(workers, owner, order)
+    return Plan(workers, owner, order, tuple(d.index for d in table if d.vfio is not None))
 
 
 def make_plan(spec: MachineSpec, workers: int, *, single_vm: bool = False) -> Plan:
@@ -97,4 +124,6 @@ def make_plan(spec: MachineSpec, workers: int, *, single_vm: bool = False) -> Pl
                                                      depth[d.index], d.shape is Shape.RECORD,
                                                      -path_s(d), d.index)))
         for w in range(workers))
-    return Plan(workers, tuple(owner), order)
+    tail = tail_s(spec, workers)
+    transfer = tuple(sorted(tail, key=lambda i: (-tail[i], -path_s(table[i]), i)))
+    return Plan(workers, tuple(owner), order, transfer)

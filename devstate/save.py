@@ -18,7 +18,9 @@ it holds out of order only ever waits for packets queued, hence sent, before it.
 
 Concurrent mode drives every stream device in its own task and the record devices in one
 more task that yields to the loop every few records, so one device waiting on its data fd
-never holds up another. Sequential mode saves one device after another, as VMMs do today.
+never holds up another; a stream's reads wait for its turn in the plan's transfer order
+(:mod:`devstate.admission`), which every worker follows. Sequential mode saves one device
+after another, as VMMs do today.
 
 Precopy (a ``switchover`` event given): while the VM still runs, every device that supports
 it streams its initial and dirty bytes (VFIO PRE_COPY) as ordinary CHUNKs, and everything
@@ -37,6 +39,7 @@ from concurrent.futures import Executor
 from functools import partial
 
 from devstate import fdio, wire
+from devstate.admission import Admission, TransferOrder
 from devstate.arena import Slot, SlotPool
 from devstate.bandwidth import Pacer
 from devstate.devices.base import Device, RecordDevice, StreamDevice, on_thread
@@ -118,7 +121,8 @@ class Saver:
     def __init__(self, worker: int, devices: dict[int, Device], slots: SlotPool,
                  arena: memoryview, channels: dict[int, socket.socket], mesh: Mesh | None,
                  routes: Routes, gen: int, *, record_class: int, chunk_class: int,
-                 executor: Executor | None = None, max_bandwidth: float | None = None) -> None:
+                 executor: Executor | None = None, max_bandwidth: float | None = None,
+                 transfer: TransferOrder | None = None) -> None:
         self.worker = worker
         self._devices = devices
         self._slots = slots
@@ -133,6 +137,7 @@ class Saver:
             k: PacketSender(sock, Pacer.for_channel(max_bandwidth, routes.channels))
             for k, sock in channels.items()}
         self._records_routed = 0
+        self._admission = Admission(transfer or TransferOrder())
         self._lent: dict[int, Slot] = {}  # offset -> our slot, queued on a peer's channel
         self._all_back = asyncio.Event()
         self._all_back.set()
@@ -256,6 +261,8 @@ class Saver:
                 self._slots.release(slot)
             if not self._lent:
                 self._all_back.set()
+        elif note.op == Op.SENT:
+            self._admission.finished(note.device)
         elif note.op == Op.DONE:
             self._peers_done.add(peer)
             if len(self._peers_done) == len(self._mesh.peers):
@@ -315,6 +322,9 @@ class Saver:
             await switchover.wait()
         start = time.monotonic_ns()
         await device.save_begin()
+        # The session is open (the device may start to stop its state meanwhile); its bytes
+        # wait for their turn.
+        await self._admission.turn(index)
         at_end = False
         while not at_end:
             slot = await self._slots.acquire(self._chunk_class)
@@ -332,6 +342,9 @@ class Saver:
             await self._ship_chunk(hop, digest, index, seq, slot, filled)
             seq += 1
             total += filled
+        self._admission.finished(index)
+        if self._mesh is not None:
+            self._mesh.broadcast(Op.SENT, device=index)
         slot = await self._slots.acquire(self._record_class)
         end = slot.view[:HDR + wire.END_PAYLOAD_BYTES]
         end[HDR:] = wire.pack_end(digest.digest(), total, seq)

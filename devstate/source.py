@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import time
 import uuid
@@ -36,6 +37,7 @@ from typing import Any, TypeVar
 
 from devstate import channels, wire
 from devstate import messages as m
+from devstate.admission import TransferOrder
 from devstate.cost import Estimate, HostCosts, estimate
 from devstate.errors import (
     DevstateError,
@@ -118,7 +120,8 @@ class SourceVM(Machine):
             gen = self.next_gen()
             saving = asyncio.ensure_future(self.pool.call_all({
                 w: m.Save(self.plan.devices_of(w), self.settings.concurrent, routes, gen,
-                          self.settings.record_threads, self.settings.max_bandwidth, precopy)
+                          self.settings.record_threads, self.settings.max_bandwidth, precopy,
+                          self._transfer_order(costs))
                 for w in range(self.plan.workers)}))
             loading = asyncio.ensure_future(
                 channels.expect_control(sock, wire.ControlType.LOADED))
@@ -173,6 +176,15 @@ class SourceVM(Machine):
         finally:
             sock.close()
 
+    def _transfer_order(self, costs: HostCosts) -> TransferOrder:
+        """The plan's transfer order, each stream at its slower rate, within what the host
+        copies (or the link carries, when capped)."""
+        table = self.spec.devices()
+        streams = tuple((i, float(min(v.read_bandwidth, v.write_bandwidth)))
+                        for i in self.plan.transfer if (v := table[i].vfio) is not None)
+        return TransferOrder(streams, min(costs.copy_bytes_per_s,
+                                          self.settings.max_bandwidth or math.inf))
+
     async def estimate(self, costs: HostCosts,
                        remaining: dict[int, int] | None = None) -> Estimate:
         """The expected downtime, with record costs probed on the workers (once) where the
@@ -181,7 +193,7 @@ class SourceVM(Machine):
         if self._record_us is None and self.spec.vcpus.backend is Backend.KVM \
                 and self.spec.vcpus.count:
             self._record_us = await self.probe_records()
-        return estimate(self.spec, self.plan.workers, costs, self._record_us, remaining)
+        return estimate(self.spec, self.plan, costs, self._record_us, remaining)
 
     async def probe_records(self, sample: int = PROBE_RECORDS) -> tuple[float, float]:
         """Get up to ``sample`` record devices per worker into the arena and put them back,

@@ -196,11 +196,13 @@ class Worker:
                 assert fd is not None
                 self._channels[index] = await channels.adopt_channel(fd, hello, tls)
             case m.Save(order=order, concurrent=concurrent, routes=routes, gen=gen,
-                        record_threads=threads, max_bandwidth=limit, precopy=precopy):
+                        record_threads=threads, max_bandwidth=limit, precopy=precopy,
+                        transfer=transfer):
                 saver = Saver(self.index, self._devices, self._slots, self._arena,
                               self._channels, self._mesh, routes, gen,
                               record_class=RECORD_CLASS, chunk_class=CHUNK_CLASS,
-                              executor=self._record_executor(threads), max_bandwidth=limit)
+                              executor=self._record_executor(threads), max_bandwidth=limit,
+                              transfer=transfer if concurrent else None)
                 self._saver = saver
                 self._switchover = asyncio.Event() if precopy else None
                 try:

@@ -12,6 +12,7 @@ from devstate.cli import kvm_usable
 from devstate.cost import CostHistory, HostCosts, estimate, refine
 from devstate.errors import DowntimeLimitUnmet, DowntimeOverrun
 from devstate.local import destination
+from devstate.plan import make_plan
 from devstate.settings import Overrun, Settings
 from devstate.source import SourceVM
 from devstate.spec import parse_spec
@@ -23,7 +24,7 @@ HUGE = parse_spec({"seed": 2, "vcpus": {"count": 4},
 
 
 def test_one_devices_own_path_is_the_critical_path() -> None:
-    made = estimate(HUGE, 2, HostCosts())
+    made = estimate(HUGE, make_plan(HUGE, 2), HostCosts())
     # 96 MiB at 128 MiB/s is 750 ms, plus 100 ms of firmware, plus the fixed cost.
     assert made.critical.kind == "device" and "vfio/gpu alone" in made.critical.what
     assert made.expected_ms == pytest.approx(850 + HostCosts().fixed_ms)
@@ -32,7 +33,7 @@ def test_one_devices_own_path_is_the_critical_path() -> None:
 
 def test_many_records_make_the_host_critical() -> None:
     spec = parse_spec({"vcpus": {"count": 1024, "get_us": 200, "put_us": 200}})
-    made = estimate(spec, 2, HostCosts(cores=2, record_overhead_us=0))
+    made = estimate(spec, make_plan(spec, 2), HostCosts(cores=2, record_overhead_us=0))
     assert made.critical.kind == "host"
     assert made.expected_ms == pytest.approx(1024 * 400 / 1e3 / 2 + HostCosts().fixed_ms)
 
@@ -45,7 +46,7 @@ def test_refine_fits_the_host_weights_to_earlier_runs() -> None:
                            "devices": [{"name": "d", "size": f"{size}MiB",
                                         "read_bandwidth": "64GiB/s",
                                         "write_bandwidth": "64GiB/s"}] if size else []})
-        made = estimate(spec, 2, host)
+        made = estimate(spec, make_plan(spec, 2), host)
         copies, records, sessions, firmware = made.host_parts
         actual = host.fixed_ms + 1.5 * copies + 2.0 * records + sessions + firmware
         host = refine(host, made, actual)
@@ -54,7 +55,7 @@ def test_refine_fits_the_host_weights_to_earlier_runs() -> None:
 
 
 def test_a_disturbed_run_teaches_nothing() -> None:
-    made = estimate(HUGE, 2, HostCosts())
+    made = estimate(HUGE, make_plan(HUGE, 2), HostCosts())
     assert refine(HostCosts(), made, made.expected_ms * 10) == HostCosts()
 
 
@@ -209,7 +210,8 @@ def test_dependencies_are_validated() -> None:
 
 
 def test_the_estimate_follows_dependency_chains() -> None:
-    made = estimate(parse_spec(DEPENDENT), 2, HostCosts())
+    spec = parse_spec(DEPENDENT)
+    made = estimate(spec, make_plan(spec, 2), HostCosts())
     # vfio/a's 20 ms of firmware start only once vfio/b's 300 ms are done.
     assert made.critical.what == "vfio/a after vfio/b"
     assert made.critical.ms == pytest.approx(8 / 512 * 1e3 + 300 + 20)
