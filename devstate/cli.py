@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -16,9 +17,10 @@ from typing import Any
 
 import uvloop
 
-from devstate.cost import CostHistory, refine
+from devstate.cost import CostHistory
 from devstate.errors import DevstateError
 from devstate.lifecycle import end_with_parent
+from devstate.progress import MigrationProgress, following, wanted
 from devstate.report import MigrationReport, format_table
 from devstate.route import Routing
 from devstate.settings import Overrun, Settings
@@ -91,11 +93,23 @@ def _parser() -> argparse.ArgumentParser:
     _tls_arguments(migrate, server=False)
     migrate.add_argument("--json", action="store_true", help="print the report as JSON")
 
-    vm = sub.add_parser("vm", help="host a machine's devices as a migration destination")
+    report = sub.add_parser("report", help="draw the timeline of a finished migration from "
+                                           "its JSON report (migrate --json, demo --json)")
+    report.add_argument("file", metavar="FILE.json", help="the report")
+    report.add_argument("--png", metavar="OUT.png", required=True,
+                        help="where to write the picture")
+    report.add_argument("--title", default=None, help="a title above the panels")
+
+    vm = sub.add_parser("vm", help="host a machine's devices: a migration destination, or "
+                                   "with --qmp a VM a migration controller drives")
     vm.add_argument("--spec", required=True, help="machine spec (TOML or JSON)")
-    vm.add_argument("--incoming", required=True, metavar="URI",
+    vm.add_argument("--qmp", metavar="unix:PATH",
+                    help="serve QMP on this Unix socket (mode 0600): a controller written "
+                         "for QEMU drives the VM; without --incoming it runs as a source")
+    vm.add_argument("--incoming", metavar="URI",
                     help="where to listen for the migration: unix:PATH or tcp:HOST:PORT "
-                         "(port 0: any free port; the 'ready' line names it)")
+                         "(port 0: any free port; the 'ready' line names it); with --qmp "
+                         "also 'defer' (wait for migrate-incoming)")
     vm.add_argument("--workers", type=_positive, default=default_workers(),
                     help="workers (default: usable CPUs; need not equal the source's)")
     vm.add_argument("--chunk-size", type=_chunk_size, default=Settings().chunk_bytes,
@@ -212,11 +226,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "migrate" and args.sequential and args.precopy:
         parser.error("--precopy streams devices while others wait; --sequential saves one "
                      "device after another: they cannot go together")
+    if args.command == "vm" and args.qmp is None and args.incoming in (None, "defer"):
+        parser.error("devstate vm needs --incoming URI, or --qmp unix:PATH (with "
+                     "--incoming defer, a URI, or neither for a source)")
+    if args.command == "vm" and args.qmp is not None and not args.qmp.startswith("unix:"):
+        parser.error("--qmp takes unix:PATH")
     if args.command == "migrate" and args.sequential and (args.workers or 1) > 1:
         parser.error("--sequential saves and loads one device after another in one worker; "
                      "it cannot take --workers above 1")
     logging.basicConfig(level=logging.WARNING, format="devstate: %(name)s: %(message)s")
-    command = {"demo": _demo, "migrate": _migrate, "vm": _vm}[args.command]
+    command = {"demo": _demo, "migrate": _migrate, "vm": _vm, "report": _report}[args.command]
     try:
         return uvloop.run(_stoppable(command(args)))
     except DevstateError as exc:
@@ -243,6 +262,13 @@ async def _stoppable(main: Coroutine[Any, Any, int]) -> int:
         loop.remove_signal_handler(signal.SIGTERM)
 
 
+def _progress(args: argparse.Namespace, settings: Settings) -> MigrationProgress | None:
+    """A live display of the migration, when a person is watching (see devstate.progress)."""
+    if not wanted(getattr(args, "json", False)):
+        return None
+    return MigrationProgress(settings.downtime_limit_ms)
+
+
 def _status(args: argparse.Namespace, text: str) -> None:
     # Progress on long work, for a person at a terminal; silent for --json or a pipe.
     if not getattr(args, "json", False) and sys.stderr.isatty():
@@ -256,7 +282,8 @@ async def _run_mode(args: argparse.Namespace, spec: MachineSpec,
     mode = "concurrent" if settings.concurrent else "sequential"
     _status(args, f"migrating {spec.name} ({len(spec.devices())} devices), {mode}, "
                   f"{settings.workers} worker(s) per side ...")
-    report = await migrate_locally(spec, settings, history=CostHistory())
+    report = await migrate_locally(spec, settings, history=CostHistory(),
+                                   progress=_progress(args, settings))
     _status(args, f"{mode}: downtime {report.downtime_ms:.1f} ms")
     return report
 
@@ -324,13 +351,15 @@ async def _migrate(args: argparse.Namespace) -> int:
     address = parse_uri(args.to)
     history = CostHistory()
     costs = history.load()
+    progress = _progress(args, settings)
     async with SourceVM(spec, settings) as source:
         _status(args, f"migrating {spec.name} to {address} over {settings.data_channels} "
                       f"channel(s){' with TLS' if tls else ''} ...")
-        report = await source.migrate(address, tls=tls, compare_digests=True, costs=costs,
-                                      on_status=lambda text: _status(args, text))
+        async with following(source, progress) if progress else contextlib.nullcontext():
+            report = await source.migrate(address, tls=tls, compare_digests=True, costs=costs,
+                                          on_status=progress.status if progress else None)
     if source.last_estimate is not None:
-        history.save(refine(costs, source.last_estimate, report.downtime_ms))
+        history.save_run(costs, source.last_estimate, report.downtime_ms)
     return _print(args, [report])
 
 
@@ -350,6 +379,14 @@ def _print(args: argparse.Namespace, reports: list[MigrationReport],
     return 0 if all(r.verified for r in reports) else 2
 
 
+async def _report(args: argparse.Namespace) -> int:
+    from devstate.timeline import draw_timeline, load_reports
+
+    draw_timeline(load_reports(args.file), args.png, title=args.title)
+    print(f"devstate: timeline of {args.file} written to {args.png}", file=sys.stderr)
+    return 0
+
+
 async def _vm(args: argparse.Namespace) -> int:
     from devstate.channels import Listener, parse_uri
     from devstate.dest import IncomingVM
@@ -359,9 +396,11 @@ async def _vm(args: argparse.Namespace) -> int:
         end_with_parent(args.parent, signal.SIGTERM)
     spec = load_spec(args.spec)
     tls = _tls_config(args)
-    listener = Listener(parse_uri(args.incoming))
     settings = Settings(workers=args.workers, cpus=args.cpus, chunk_bytes=args.chunk_size,
                         single_vm=args.single_vm, spec_order=args.spec_order)
+    if args.qmp is not None:
+        return await _vm_qmp(args, spec, settings, tls)
+    listener = Listener(parse_uri(args.incoming))
     async with IncomingVM(spec, settings) as vm:
         listener.open()
         try:
@@ -374,4 +413,29 @@ async def _vm(args: argparse.Namespace) -> int:
                 await asyncio.Event().wait()  # the VM runs until the process is stopped
         finally:
             listener.close()
+    return 0
+
+
+async def _vm_qmp(args: argparse.Namespace, spec: MachineSpec, settings: Settings,
+                  tls: TlsConfig | None) -> int:
+    """``devstate vm --qmp``: the VM runs until a controller says ``quit`` (or SIGTERM)."""
+    from devstate.controller import Controller
+    from devstate.qmp_server import QmpServer
+
+    path = args.qmp.removeprefix("unix:")
+    server: QmpServer | None = None
+
+    def emit(event: str, data: dict[str, Any]) -> None:
+        if server is not None:
+            server.emit(event, data)
+
+    async with Controller(spec, settings, incoming=args.incoming, emit=emit,
+                          tls=tls) as controller:
+        server = QmpServer(controller.commands())
+        async with server:
+            await server.start(path)
+            print(f"qmp unix:{path}", flush=True)
+            if controller.ready is not None:
+                print(f"ready {controller.ready}", flush=True)
+            await controller.quitting.wait()
     return 0

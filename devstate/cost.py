@@ -45,6 +45,9 @@ REFINE_WEIGHT = 0.5
 LEARNABLE = (0.25, 4.0)
 # Host-critical runs kept for the fit: recent enough to follow the host, enough to fit.
 KEPT_RUNS = 24
+# The cost model's terms, as stored runs record them (2: streams in transfer order; runs of
+# sequential mode not learned from).
+MODEL = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +70,7 @@ class HostCosts:
 class Term:
     """One lower bound on the downtime: which resource or device, and what it takes."""
 
-    kind: str   # "device" (one device's own path) or "host" (the shared work)
+    kind: str   # "device" (one device's own path), "host" (the shared work), "sequential"
     what: str   # for a person: the device or resource and the arithmetic
     ms: float
 
@@ -96,9 +99,10 @@ class Estimate:
 
 def estimate(spec: MachineSpec, plan: Plan, host: HostCosts,
              record_us: tuple[float, float] | None = None,
-             remaining: dict[int, int] | None = None) -> Estimate:
+             remaining: dict[int, int] | None = None, *,
+             sequential: bool = False) -> Estimate:
     """Expected stop-and-copy downtime of ``spec`` moved by ``plan`` (its workers per side,
-    its transfer order).
+    its transfer order); ``sequential``: one device after another, as VMMs do today.
 
     ``record_us`` is the measured (get, put) of one record in µs; None takes the spec's
     sim-vcpu costs. ``remaining`` gives, for devices in precopy, the bytes they have left
@@ -110,6 +114,9 @@ def estimate(spec: MachineSpec, plan: Plan, host: HostCosts,
     streams = [d for d in table if d.vfio is not None]
     get_us, put_us = record_us if record_us is not None else (spec.vcpus.get_us,
                                                               spec.vcpus.put_us)
+    if sequential:
+        return _sequential(table, host, get_us + put_us, {
+            d.index: left.get(d.index, d.vfio.size) for d in streams if d.vfio is not None})
     terms: list[Term] = []
     size = {d.index: left.get(d.index, d.vfio.size) for d in streams if d.vfio is not None}
     for d in streams:
@@ -151,6 +158,25 @@ def estimate(spec: MachineSpec, plan: Plan, host: HostCosts,
     return Estimate(host.fixed_ms + terms[0].ms, tuple(terms), parts)
 
 
+def _sequential(table: tuple[DeviceSpec, ...], host: HostCosts, record_us: float,
+                size: dict[int, int]) -> Estimate:
+    """One device after another: the sum of every stream's bytes (at its slower rate, or
+    the host's copy rate if slower) and firmware, every record's get and put, and every
+    stream's session. The sum is the critical path: nothing overlaps."""
+    streams_ms = 0.0
+    for d in table:
+        if d.vfio is not None:
+            rate = min(d.vfio.read_bandwidth, d.vfio.write_bandwidth, host.copy_bytes_per_s)
+            streams_ms += size[d.index] / rate * 1e3 + d.vfio.firmware_latency_ms \
+                + host.stream_overhead_ms
+    records = sum(1 for d in table if d.vfio is None)
+    records_ms = records * (record_us + host.record_overhead_us) / 1e3
+    term = Term("sequential", f"one device after another: {len(size)} streams with their "
+                        f"firmware ({streams_ms:.0f} ms), {records} records "
+                        f"({records_ms:.0f} ms)", streams_ms + records_ms)
+    return Estimate(host.fixed_ms + term.ms, (term,))
+
+
 def _chains(table: tuple[DeviceSpec, ...], size: dict[int, int], arrival: dict[int, float],
             host: HostCosts) -> list[Term]:
     """Dependency chains: a device completes its load (firmware, or a record's put) only
@@ -186,8 +212,9 @@ def _chains(table: tuple[DeviceSpec, ...], size: dict[int, int], arrival: dict[i
 def refine(host: HostCosts, made: Estimate, actual_ms: float) -> HostCosts:
     """``host`` after a run that took ``actual_ms`` where ``made`` expected otherwise."""
     ratio = (actual_ms - host.fixed_ms) / max(1e-6, made.expected_ms - host.fixed_ms)
-    if not LEARNABLE[0] <= ratio <= LEARNABLE[1]:
-        return host  # a run that far off was disturbed: learn nothing from it
+    if not LEARNABLE[0] <= ratio <= LEARNABLE[1] or made.critical.kind == "sequential":
+        # A run that far off was disturbed; a sequential run's sum has no weights to fit.
+        return host
     if made.critical.kind == "device":
         old = host.scale.get("device", 1.0)
         return replace(host, scale={**host.scale,
@@ -219,12 +246,14 @@ def _fit(runs: tuple[tuple[float, ...], ...],
 class CostHistory:
     """This host's refined constants, kept between runs in a small JSON file.
 
-    The file is ``$DEVSTATE_COSTS`` or ``~/.cache/devstate/costs-<host>.json``; it is only
-    ever a cache: a missing or unreadable one means the defaults.
+    The file is ``$DEVSTATE_COSTS`` or ``~/.cache/devstate/costs-v<MODEL>-<host>.json``; it
+    is only ever a cache: a missing or unreadable one means the defaults. ``MODEL`` changes
+    when the terms do, so runs fitted to other terms are not mixed in.
     """
 
     def __init__(self, path: Path | None = None) -> None:
-        default = Path.home() / ".cache" / "devstate" / f"costs-{socket.gethostname()}.json"
+        default = (Path.home() / ".cache" / "devstate"
+                   / f"costs-v{MODEL}-{socket.gethostname()}.json")
         self.path = path or Path(os.environ.get("DEVSTATE_COSTS", default))
 
     def load(self) -> HostCosts:
@@ -237,6 +266,10 @@ class CostHistory:
             return replace(HostCosts(**data), cores=cores)
         except (OSError, ValueError, TypeError, KeyError):
             return HostCosts(cores=cores)
+
+    def save_run(self, host: HostCosts, made: Estimate, actual_ms: float) -> None:
+        """Learn from one run (:func:`refine`) and store what was learned."""
+        self.save(refine(host, made, actual_ms))
 
     def save(self, host: HostCosts) -> None:
         """Store ``host``; a cache that cannot be written is not an error of the run."""

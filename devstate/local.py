@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from devstate import channels
-from devstate.cost import CostHistory, refine
+from devstate.cost import CostHistory
 from devstate.errors import DevstateError
+from devstate.progress import MigrationProgress, following
 from devstate.report import MigrationReport
 from devstate.settings import Settings
 from devstate.source import SourceVM
@@ -130,21 +131,25 @@ async def _reap(proc: asyncio.subprocess.Process) -> None:
 async def migrate_locally(spec: MachineSpec, settings: Settings, *,
                           dest_settings: Settings | None = None,
                           compare_digests: bool = True,
-                          history: CostHistory | None = None) -> MigrationReport:
+                          history: CostHistory | None = None,
+                          progress: MigrationProgress | None = None) -> MigrationReport:
     """Start both sides, migrate once, and return the report (both sides shut down after).
 
     The destination runs with ``dest_settings`` (default: the source's). With ``history``
-    the cost model starts from this host's stored constants and learns from the run.
+    the cost model starts from this host's stored constants and learns from the run; with
+    ``progress`` a live display follows the migration.
     """
     source = SourceVM(spec, settings)
     costs = history.load() if history else None
     try:
         async with destination(spec, dest_settings or settings) as dest:
             await source.start()
-            report = await source.migrate(dest.address, compare_digests=compare_digests,
-                                          costs=costs)
+            async with following(source, progress) if progress else contextlib.nullcontext():
+                report = await source.migrate(
+                    dest.address, compare_digests=compare_digests, costs=costs,
+                    on_status=progress.status if progress else None)
     finally:
         await source.close()
     if history and costs and source.last_estimate:
-        history.save(refine(costs, source.last_estimate, report.downtime_ms))
+        history.save_run(costs, source.last_estimate, report.downtime_ms)
     return report

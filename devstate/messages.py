@@ -81,6 +81,11 @@ class PrecopyRemaining:
 
 
 @dataclass(frozen=True, slots=True)
+class Progress:
+    """Source: the Save in progress so far, as (devices done, state bytes read)."""
+
+
+@dataclass(frozen=True, slots=True)
 class PrepareLoad:
     """Destination, before the source stops: open a load session on each stream device."""
 
@@ -101,6 +106,11 @@ class Load:
     owner: tuple[int, ...]
     gen: int
     record_threads: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """Stop every owned device (the VM pauses on this side, outside any migration)."""
 
 
 @dataclass(frozen=True, slots=True)

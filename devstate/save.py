@@ -138,6 +138,10 @@ class Saver:
             for k, sock in channels.items()}
         self._records_routed = 0
         self._admission = Admission(transfer or TransferOrder())
+        # What a progress display shows (messages.Progress): devices whose last byte was
+        # read, and state bytes read so far (precopy's included).
+        self.devices_done = 0
+        self.bytes_read = 0
         self._lent: dict[int, Slot] = {}  # offset -> our slot, queued on a peer's channel
         self._all_back = asyncio.Event()
         self._all_back.set()
@@ -296,6 +300,8 @@ class Saver:
                 channel = self._routes.channel(self.worker, self._records_routed)
                 self._emit(index, 0, slot, HDR + length, channel, ordered=False)
                 self._records_routed += 1
+                self.devices_done += 1
+                self.bytes_read += length
                 results.append((index, self._devices[index].id, length, 1, start_ns, end_ns,
                                 self.worker, 0, channel))
             await asyncio.sleep(0)  # let the senders ship the batch and streams progress
@@ -343,6 +349,7 @@ class Saver:
             seq += 1
             total += filled
         self._admission.finished(index)
+        self.devices_done += 1
         if self._mesh is not None:
             self._mesh.broadcast(Op.SENT, device=index)
         slot = await self._slots.acquire(self._record_class)
@@ -410,6 +417,7 @@ class Saver:
         payload = slot.view[HDR:HDR + filled]
         digest.add(wire.pack_packet_header(slot.view, wire.PacketKind.CHUNK, index, seq,
                                            payload))
+        self.bytes_read += filled
         await self._emit_in_order(hop, index, seq, slot, HDR + filled)
 
     async def _emit_in_order(self, hop: _Hop, index: int, seq: int, slot: Slot,

@@ -33,6 +33,7 @@ import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from devstate import channels, wire
@@ -66,6 +67,17 @@ PROBE_RECORDS = 64
 CONVERGE_POLL_S = 0.05
 # How long a failed save waits for the destination's own account of the failure.
 PEER_REASON_WAIT_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class SaveProgress:
+    """How far the save of a migration is: devices whose last byte was read, and state
+    bytes read (precopy's re-sent dirty bytes included, so it may pass ``stream_bytes``)."""
+
+    devices_done: int
+    devices: int
+    bytes_read: int
+    stream_bytes: int
 
 
 class SourceVM(Machine):
@@ -176,6 +188,14 @@ class SourceVM(Machine):
         finally:
             sock.close()
 
+    async def progress(self) -> SaveProgress:
+        """The save so far, from every worker (cheap: one small round trip each); usable
+        while :meth:`migrate` runs, and after it, for the last migration."""
+        replies = await self.pool.call_all({w: m.Progress() for w in range(self.plan.workers)})
+        return SaveProgress(sum(done for done, _ in replies.values()), len(self.spec.devices()),
+                            sum(read for _, read in replies.values()),
+                            sum(v.size for v in self.spec.vfio))
+
     def _transfer_order(self, costs: HostCosts) -> TransferOrder:
         """The plan's transfer order, each stream at its slower rate, within what the host
         copies (or the link carries, when capped)."""
@@ -193,7 +213,8 @@ class SourceVM(Machine):
         if self._record_us is None and self.spec.vcpus.backend is Backend.KVM \
                 and self.spec.vcpus.count:
             self._record_us = await self.probe_records()
-        return estimate(self.spec, self.plan, costs, self._record_us, remaining)
+        return estimate(self.spec, self.plan, costs, self._record_us, remaining,
+                        sequential=not self.settings.concurrent)
 
     async def probe_records(self, sample: int = PROBE_RECORDS) -> tuple[float, float]:
         """Get up to ``sample`` record devices per worker into the arena and put them back,

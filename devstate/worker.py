@@ -11,7 +11,7 @@ fork from the threaded coordinator). Life of a worker::
       ConnectChannels / AdoptChannel -> its data channels (none, one or several)
       PrepareLoad, then Save / Load -> save.Saver / load.Loader over its channels, which
                      close after; the reply is a count, the per-device rows wait for Results
-      Resume / Discard / Digests / Cancel / SnapshotRecords / RestoreRecords
+      Pause / Resume / Discard / Digests / Cancel / SnapshotRecords / RestoreRecords
     Shutdown, or EOF on its pipe (the coordinator died) -> close devices, exit
 
 Errors in a request are replied with the exception's type, text and traceback; the worker
@@ -99,6 +99,7 @@ class Worker:
         self._devices: dict[int, Device] = {}
         self._channels: dict[int, socket.socket] = {}
         self._saver: Saver | None = None  # the Save in progress (precopy asks it)
+        self._saved = (0, 0)  # the last Save's progress, once it ended
         self._switchover: asyncio.Event | None = None
         self._busy: asyncio.Task[Any] | None = None
         self._results: list[m.ResultRow] = []  # of the last Save or Load
@@ -208,6 +209,7 @@ class Worker:
                 try:
                     self._results = await saver.run(order, concurrent, self._switchover)
                 finally:
+                    self._saved = saver.devices_done, saver.bytes_read
                     self._saver = self._switchover = None
                     self._drop_channels()
                     self._reclaim_slots()
@@ -218,6 +220,9 @@ class Worker:
                 self._switchover.set()
             case m.PrecopyRemaining():
                 return await self._saver.precopy_remaining() if self._saver else {}
+            case m.Progress():
+                saver = self._saver
+                return (saver.devices_done, saver.bytes_read) if saver else self._saved
             case m.PrepareLoad(devices=devices):
                 await asyncio.gather(*(d.load_begin() for i, d in self._devices.items()
                                        if i in devices and isinstance(d, StreamDevice)))
@@ -245,13 +250,9 @@ class Worker:
                 return self._restore_records()
             case m.Resume():
                 self._drop_channels()  # a source recovering: channels of a failed setup
-                # Streams resume concurrently (each is a round trip to its model); records
-                # one after another: a task per vCPU would cost more than its resume.
-                streams = [d for d in self._devices.values() if isinstance(d, StreamDevice)]
-                for device in self._devices.values():
-                    if not isinstance(device, StreamDevice):
-                        await device.resume()
-                await asyncio.gather(*(d.resume() for d in streams))
+                await self._each_device("resume")
+            case m.Pause():
+                await self._each_device("stop")
             case m.Discard():
                 self._drop_channels()
                 await asyncio.gather(*(d.reset() for d in self._devices.values()
@@ -303,6 +304,16 @@ class Worker:
         for slot, _ in self._snapshot:
             self._slots.release(slot)
         self._snapshot.clear()
+
+    async def _each_device(self, step: str) -> None:
+        """Call ``step`` (``stop`` or ``resume``) on every owned device. Streams go
+        concurrently (each is a round trip to its model); records one after another: a
+        task per vCPU would cost more than its step."""
+        streams = [d for d in self._devices.values() if isinstance(d, StreamDevice)]
+        for device in self._devices.values():
+            if not isinstance(device, StreamDevice):
+                await getattr(device, step)()
+        await asyncio.gather(*(getattr(d, step)() for d in streams))
 
     async def _open_devices(self, devices: tuple[int, ...], incoming: bool) -> None:
         for i in devices:

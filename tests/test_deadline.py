@@ -230,3 +230,17 @@ def test_devices_complete_their_loads_after_what_they_depend_on(run) -> None:
         cpus = [d for d in report.devices if d.id.startswith("cpu/")]
         assert min(d.load_done_ms for d in cpus) >= b.load_done_ms
         assert {d.dest_worker for d in cpus} != {b.dest_worker}  # some wait across workers
+
+
+def test_a_sequential_estimate_is_the_sum_and_teaches_nothing() -> None:
+    spec = parse_spec({"vcpus": {"count": 100, "get_us": 10, "put_us": 10},
+                       "devices": [{"name": n, "size": "64MiB", "read_bandwidth": "64GiB/s",
+                                    "write_bandwidth": "128MiB/s", "firmware_latency_ms": 50}
+                                   for n in ("a", "b")]})
+    host = HostCosts(record_overhead_us=0)
+    made = estimate(spec, make_plan(spec, 1), host, sequential=True)
+    # Each stream: 500 ms of bytes, 50 ms of firmware, its session; 100 records of 20 µs.
+    assert made.expected_ms == pytest.approx(
+        host.fixed_ms + 2 * (500 + 50 + host.stream_overhead_ms) + 2.0)
+    assert made.critical.kind == "sequential"
+    assert refine(host, made, made.expected_ms * 1.5) == host
