@@ -1,0 +1,109 @@
+"""One pool for every device against a private thread and channel per device.
+
+The design question of the seed thread (shared/seed/): devstate's pool of workers shared by
+all devices (2 workers a side, concurrent), or what the thread first proposed and QEMU 10
+does for VFIO without multifd's shared channels: a thread and a channel of its own per VFIO
+device, the vCPUs in the main stream on the main thread (benches/per_device_threads.py).
+The machine is mixed (benches/scenarios/pool-vs-threads.toml): 256 sim vCPUs and four
+vfio-sim devices of 16-64 MiB with 50-200 ms of firmware latency.
+
+Downtime has the same end points in both: from the source's stop (t0) to the destination's
+RESUMED received back on the source (every device loaded, completed and resumed), on the
+source's clock. The baseline also reports LOADED's arrival, one round trip and a resume
+earlier. Both verify every device's ``digest()`` on both sides, off the critical path.
+
+Run: ``python -m pytest benches/test_bench_pool_vs_threads.py --benchmark-only``: one
+warm-up round, then ROUNDS rounds, each migrating the machine both ways, first one way then
+the other in turn (ABBA), so drift on this shared 2-core host hits both alike. extra_info
+holds the medians, ``threads_over_pool`` (> 1: the pool's downtime is shorter) and each
+variant's CPU seconds per migration; who wins is reported, never asserted. Quick mode
+(``--benchmark-disable``) runs one round. Every mode asserts both variants verified.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import pytest
+import uvloop
+
+from benches import per_device_threads
+from devstate.local import migrate_locally
+from devstate.settings import Settings
+from devstate.spec import load_spec
+
+SPEC = load_spec(Path(__file__).resolve().parent / "scenarios" / "pool-vs-threads.toml")
+DEVICES = len(SPEC.devices())
+# A round is two migrations of ~1.5-3 s each, process starts included: six rounds and the
+# warm-up stay within ~90 s on two cores; an even count makes each variant first as often.
+ROUNDS = 6
+
+
+def _tree_cpu_s() -> float:
+    """CPU seconds used so far by this process and its descendants: the live ones, and
+    the exited ones through what their parents reaped (children_user/children_system)."""
+    me = psutil.Process()
+    total = 0.0
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            continue  # exited meanwhile: its parent's children_* count it
+        total += times.user + times.system + times.children_user + times.children_system
+    return total
+
+
+def _pool() -> float:
+    """devstate: a worker pool a side, one migration; its downtime in ms."""
+    report = uvloop.run(migrate_locally(SPEC, Settings()))
+    assert report.verified and len(report.devices) == DEVICES, \
+        f"pool: not every device verified: {[d.id for d in report.devices if not d.verified]}"
+    return report.downtime_ms
+
+
+def _threads(loaded: list[float]) -> Callable[[], float]:
+    def migrate() -> float:
+        """The baseline: a thread and a channel per device; its downtime in ms."""
+        report = per_device_threads.migrate(SPEC)
+        assert report.verified and report.devices == DEVICES, \
+            f"threads: {report.checked} of {DEVICES} devices compared, differing: " \
+            f"{list(report.mismatched)}"
+        loaded.append(report.loaded_ms)
+        return report.downtime_ms
+    return migrate
+
+
+@pytest.mark.benchmark(group="pool-vs-threads")
+def test_pool_vs_threads(benchmark, results) -> None:
+    loaded: list[float] = []
+    variants = [("pool", _pool), ("threads", _threads(loaded))]
+    downtimes: dict[str, list[float]] = {name: [] for name, _ in variants}
+    cpu_s: dict[str, list[float]] = {name: [] for name, _ in variants}
+
+    def both() -> None:
+        in_turn = variants if len(downtimes["pool"]) % 2 == 0 else variants[::-1]
+        for name, migrate in in_turn:
+            before = _tree_cpu_s()
+            downtimes[name].append(migrate())
+            cpu_s[name].append(_tree_cpu_s() - before)
+
+    warmup = 0 if benchmark.disabled else 1
+    benchmark.pedantic(both, rounds=1 if benchmark.disabled else ROUNDS, iterations=1,
+                       warmup_rounds=warmup)
+    for seen in (*downtimes.values(), *cpu_s.values(), loaded):
+        del seen[:warmup]  # cold caches and first process starts: not a round
+    pool, threads = (statistics.median(downtimes[n]) for n in ("pool", "threads"))
+    benchmark.extra_info.update(
+        pool_downtime_ms=round(pool, 1), threads_downtime_ms=round(threads, 1),
+        threads_over_pool=round(threads / pool, 3),
+        faster="pool" if pool < threads else "threads",
+        threads_loaded_ms=round(statistics.median(loaded), 1),
+        pool_downtimes_ms=[round(d, 1) for d in downtimes["pool"]],
+        threads_downtimes_ms=[round(d, 1) for d in downtimes["threads"]],
+        # Whole runs, both sides and every child: process starts and teardown included.
+        pool_cpu_s=round(statistics.median(cpu_s["pool"]), 2),
+        threads_cpu_s=round(statistics.median(cpu_s["threads"]), 2))
+    results.setdefault("pool-vs-threads", {}).update(pool=pool, threads=threads)
