@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from devstate import fdio, transport, wire
-from devstate.errors import ChannelError, ProtocolError
+from devstate.errors import ChannelError, PeerFailed, ProtocolError
 from devstate.transport import Address, Listener, TlsConfig, parse_uri
 
 __all__ = ["Address", "Channel", "Listener", "TlsConfig", "parse_uri", "open_channel",
@@ -151,7 +151,8 @@ async def expect_control(sock: socket.socket, *kinds: wire.ControlType) -> dict[
     """Receive one control message of one of ``kinds``; FAILED from the peer raises."""
     kind, body = await recv_control(sock)
     if kind is wire.ControlType.FAILED:
-        raise ChannelError(f"peer failed: {body.get('reason', '(no reason given)')}")
+        raise PeerFailed(str(body.get("reason", "(no reason given)")),
+                         not_running=body.get("running") is False)
     if kind not in kinds:
         raise ProtocolError("control.type", f"got {kind.name}, expected "
                                             f"{' or '.join(k.name for k in kinds)}")

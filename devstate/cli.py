@@ -125,6 +125,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="exit after one incoming migration instead of running the VM")
     vm.add_argument("--parent", type=int, default=None, metavar="PID",
                     help=argparse.SUPPRESS)  # started by a local migration: end with it
+    vm.add_argument("--fault", default=None, type=_fault,
+                    help=argparse.SUPPRESS)  # tests: arm a fault (devstate.faults)
     return parser
 
 
@@ -181,6 +183,16 @@ def _milliseconds(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError("must be above 0")
     return value
+
+
+def _fault(text: str) -> str:
+    from devstate.faults import Armed
+
+    try:
+        Armed.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _positive(text: str) -> int:
@@ -397,7 +409,8 @@ async def _vm(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     tls = _tls_config(args)
     settings = Settings(workers=args.workers, cpus=args.cpus, chunk_bytes=args.chunk_size,
-                        single_vm=args.single_vm, spec_order=args.spec_order)
+                        single_vm=args.single_vm, spec_order=args.spec_order,
+                        fault=args.fault)
     if args.qmp is not None:
         return await _vm_qmp(args, spec, settings, tls)
     listener = Listener(parse_uri(args.incoming))

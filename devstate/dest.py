@@ -96,9 +96,13 @@ class IncomingVM(Machine):
             with no_gc_pauses():
                 await self.pool.call_all({w: m.Resume() for w in range(self.plan.workers)})
         except DevstateError as exc:
-            # Committed, but not running: neither side runs the VM; say so, loudly.
+            # Committed, but not running: put every device that did resume back to blank,
+            # then tell the source that nothing runs here, so that it resumes its own (the
+            # source still holds the whole state: it let go of nothing before RESUMED).
+            failed = DevstateError(f"resume after commit failed: {describe(exc)}")
+            await self._discard(main, failed, committed=True)
             main.close()
-            return IncomingResult(False, f"resume after commit failed: {describe(exc)}")
+            return IncomingResult(False, f"{failed}; the source was told to resume")
         self.running = True
         try:
             await channels.send_control(main, wire.ControlType.RESUMED, {})
@@ -224,15 +228,32 @@ class IncomingVM(Machine):
                 task.cancel()
             await asyncio.gather(working, watching, return_exceptions=True)
 
-    async def _discard(self, main: socket.socket, cause: BaseException) -> None:
+    async def _discard(self, main: socket.socket, cause: BaseException, *,
+                       committed: bool = False) -> None:
+        """Tell the source the migration failed and put every device back to blank. After
+        COMMIT the devices are stopped first and the message says nothing runs here: only
+        then may the source resume."""
         log.warning("incoming migration failed: %s", describe(cause))
-        with contextlib.suppress(Exception):
-            await channels.send_control(main, wire.ControlType.FAILED, {"reason": describe(cause)})
+        if not committed:
+            await self._tell_failed(main, cause, {})
         alive = [w for w in range(self.plan.workers) if w not in self.pool.lost()]
         with contextlib.suppress(DevstateError):
             await self.pool.call_all({w: m.Cancel() for w in alive})
+        if committed:  # some devices may have resumed: stop them before the reset
+            with contextlib.suppress(DevstateError):
+                await self.pool.call_all({w: m.Pause() for w in alive})
         with contextlib.suppress(DevstateError):
             await self.pool.call_all({w: m.Discard() for w in alive})
+        self.running = False
+        if committed:
+            await self._tell_failed(main, cause, {"running": False})
+
+    @staticmethod
+    async def _tell_failed(main: socket.socket, cause: BaseException,
+                           extra: dict[str, Any]) -> None:
+        with contextlib.suppress(Exception):  # the source may be gone: nothing to tell
+            await channels.send_control(main, wire.ControlType.FAILED,
+                                        {"reason": describe(cause), **extra})
 
 
 @contextlib.asynccontextmanager

@@ -88,6 +88,15 @@ class ChannelError(DevstateError):
     """Raised when a channel cannot be opened, or closes or breaks during a migration."""
 
 
+class PeerFailed(ChannelError):
+    """The peer said the migration failed (a FAILED message); ``not_running`` when it also
+    said it runs none of the VM's devices, so this side may resume them."""
+
+    def __init__(self, reason: str, *, not_running: bool = False) -> None:
+        super().__init__(f"peer failed: {reason}")
+        self.not_running = not_running
+
+
 class MigrationFailed(DevstateError):
     """Raised by the source when a migration failed and the VM resumed on the source."""
 

@@ -47,6 +47,7 @@ from devstate import fdio, wire
 from devstate.arena import Slot, SlotPool
 from devstate.devices.base import Device, RecordDevice, StreamDevice, on_thread
 from devstate.errors import ChannelError, IntegrityError, ProtocolError
+from devstate.faults import injector
 from devstate.handoff import Mesh, Note, Op, raise_when_set
 from devstate.messages import ResultRow
 
@@ -425,6 +426,8 @@ class Loader:
                 try:
                     await device.load_write(payload)
                     state.bytes += len(payload)
+                    injector.strike("put", model_pid=getattr(device, "pid", None),
+                                    channels=self._channels.values())
                 finally:
                     if release is not None:
                         release()
@@ -434,6 +437,7 @@ class Loader:
             self._check_end(state, end)
             state.end_ns = time.monotonic_ns()
             await self._wait_for_deps(state.device.spec.index)  # its data is in; the end waits
+            injector.strike("complete", model_pid=getattr(device, "pid", None))
             await device.load_end()
             state.done_ns = time.monotonic_ns()
             self._loaded_one(state.device.spec.index)

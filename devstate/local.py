@@ -34,12 +34,14 @@ DEST_READY_TIMEOUT_S = 60.0
 DEST_EXIT_TIMEOUT_S = 10.0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Destination:
-    """A running destination process and the address it listens on."""
+    """A running destination process, the address it listens on, and once it has exited
+    its exit code (0: it took the migration and ran the VM; 1: the migration failed)."""
 
     address: channels.Address
     pid: int
+    returncode: int | None = None
 
 
 @contextlib.asynccontextmanager
@@ -63,6 +65,7 @@ async def destination(spec: MachineSpec, settings: Settings, *, incoming: str | 
                 "--chunk-size", str(settings.chunk_bytes),
                 *(["--single-vm"] if settings.single_vm else []),
                 *(["--spec-order"] if settings.spec_order else []),
+                *(["--fault", settings.fault] if settings.fault else []),
                 *(tls_arguments(tls, server=True) if tls else []),
                 "--parent", str(os.getpid())]
         # A session of its own: Ctrl-C at the terminal reaches only the source, which then
@@ -72,9 +75,10 @@ async def destination(spec: MachineSpec, settings: Settings, *, incoming: str | 
             env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
         try:
             address = await _wait_ready(proc)
-            yield Destination(address, proc.pid)
+            dest = Destination(address, proc.pid)
+            yield dest
             async with asyncio.timeout(DEST_EXIT_TIMEOUT_S):
-                await proc.wait()
+                dest.returncode = await proc.wait()
         finally:
             await _reap(proc)
 

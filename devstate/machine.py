@@ -35,6 +35,9 @@ class Machine(AsyncLifecycle):
     async def start(self) -> None:
         """Start the pool, link its workers to each other, open every device on its owner."""
         await self.pool.start()
+        if self.settings.fault is not None:
+            await self.pool.call_all({w: m.ArmFault(self.settings.fault)
+                                      for w in range(self.plan.workers)})
         await self._link_workers()
         await self.pool.call_all({w: m.OpenDevices(self.plan.devices_of(w), self.incoming)
                                   for w in range(self.plan.workers)})

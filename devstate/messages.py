@@ -19,6 +19,14 @@ class OpenDevices:
 
 
 @dataclass(frozen=True, slots=True)
+class ArmFault:
+    """Arm ``fault`` (``POINT:FAULT[:SKIP]``, :mod:`devstate.faults`) in this worker; None
+    disarms. Tests only."""
+
+    fault: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class ConnectChannels:
     """Source: connect these data channels to the destination at ``address``.
 

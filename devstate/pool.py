@@ -242,6 +242,11 @@ class WorkerPool(AsyncLifecycle):
             with contextlib.suppress(OSError, ValueError):
                 loop.remove_reader(self._procs[i].sentinel)
             conn.close()
+        for proc in self._procs:
+            # Its sentinel and Popen go now, not whenever the last reference to a lost
+            # worker's error (which names the process) is collected.
+            with contextlib.suppress(ValueError):  # still running after kill(): keep it
+                proc.close()
         for pending in self._pending:
             for fut in pending.values():
                 if not fut.done():

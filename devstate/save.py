@@ -44,6 +44,7 @@ from devstate.arena import Slot, SlotPool
 from devstate.bandwidth import Pacer
 from devstate.devices.base import Device, RecordDevice, StreamDevice, on_thread
 from devstate.errors import ChannelError, ProtocolError
+from devstate.faults import Fault, cut, injector, spoil
 from devstate.handoff import Mesh, Note, Op, raise_when_set
 from devstate.messages import ResultRow
 from devstate.route import SPREAD, Routes, Routing
@@ -64,7 +65,7 @@ class PacketSender:
     """
 
     def __init__(self, sock: socket.socket, pacer: Pacer | None = None) -> None:
-        self._sock = sock
+        self.sock = sock  # public: a fault cuts it
         self._pacer = pacer
         self._queue: list[tuple[memoryview | bytes, Callable[[], None] | None]] = []
         self._wakeup = asyncio.Event()
@@ -92,8 +93,15 @@ class PacketSender:
                 # covers one, so the rate holds without cutting packets.
                 take = 1 if self._pacer is not None else fdio.IOV_MAX
                 batch, self._queue = self._queue[:take], self._queue[take:]
+                packets = [data for data, _ in batch]
+                fault = injector.strike("send", channels=(self.sock,))
+                if fault is not None:
+                    first = spoil(fault, memoryview(packets[0]))
+                    packets = [first] if fault is Fault.TRUNCATE else [first, *packets[1:]]
                 try:
-                    await fdio.send_all(self._sock, [data for data, _ in batch])
+                    await fdio.send_all(self.sock, packets)
+                    if fault is Fault.TRUNCATE:
+                        cut(self.sock)
                 finally:
                     for _, release in batch:
                         if release is not None:
@@ -102,7 +110,7 @@ class PacketSender:
                     await self._pacer.spend(sum(len(data) for data, _ in batch))
             fin = memoryview(bytearray(HDR))
             wire.pack_packet_header(fin, wire.PacketKind.FIN, 0, self.packets, b"")
-            await fdio.send_all(self._sock, [fin])
+            await fdio.send_all(self.sock, [fin])
         finally:
             for _, release in self._queue:  # a failed send: hand every slot back
                 if release is not None:
@@ -211,6 +219,10 @@ class Saver:
                 self._slots.release(slot)
             self._lent.clear()
         return results
+
+    def _senders_sockets(self) -> list[socket.socket]:
+        """This worker's data channels (a fault cuts them)."""
+        return [sender.sock for sender in self._senders.values()]
 
     def _emit(self, index: int, seq: int, slot: Slot, length: int, channel: int, *,
               ordered: bool = True) -> asyncio.Future[None] | None:
@@ -345,6 +357,8 @@ class Saver:
             if filled == 0:
                 self._slots.release(slot)
                 continue
+            injector.strike("get", model_pid=getattr(device, "pid", None),
+                            channels=self._senders_sockets())
             await self._ship_chunk(hop, digest, index, seq, slot, filled)
             seq += 1
             total += filled
@@ -395,6 +409,8 @@ class Saver:
                 await self._ship_chunk(hop, digest, index, seq, slot, filled)
                 seq += 1
                 total += filled
+                injector.strike("precopy", model_pid=getattr(device, "pid", None),
+                                channels=self._senders_sockets())
         finally:
             switched.cancel()
             if reading is not None and not reading.done():  # a cancelled save: stop reading

@@ -74,6 +74,7 @@ class Settings:
     downtime_limit_ms: float | None = None
     overrun: Overrun = Overrun.FINISH
     force_switchover: bool = False
+    fault: str | None = None  # tests: a fault for every worker to arm (devstate.faults)
 
     @property
     def data_channels(self) -> int:

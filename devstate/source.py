@@ -20,7 +20,9 @@ Sequence of one migration (main channel messages in capitals)::
 Any failure before COMMIT cancels the workers, tells the destination to discard (ABORT),
 resumes every device here and raises :class:`MigrationFailed` naming the cause. A failure
 after COMMIT leaves the source stopped with its state intact (the destination may be
-running): resuming would risk two running copies.
+running): resuming would risk two running copies; unless the destination says FAILED with
+``running: false`` (its resume failed and it stopped and reset every device), when the
+source resumes: exactly one side runs the VM.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from devstate.errors import (
     DowntimeLimitUnmet,
     DowntimeOverrun,
     MigrationFailed,
-    WorkerLost,
+    PeerFailed,
     describe,
 )
 from devstate.lifecycle import no_gc_pauses
@@ -139,7 +141,11 @@ class SourceVM(Machine):
                 channels.expect_control(sock, wire.ControlType.LOADED))
             try:
                 if precopy:
-                    made = self.last_estimate = await self._converge(saving, costs)
+                    try:
+                        made = self.last_estimate = await self._converge(saving, costs)
+                    except DevstateError as exc:
+                        await _peer_reason_first(loading, exc)
+                        raise
                 t0 = time.monotonic_ns()
                 self.running = False
                 status("device")
@@ -170,13 +176,16 @@ class SourceVM(Machine):
         except BaseException as exc:
             aborting = isinstance(exc, DowntimeOverrun)
             status("cancelling" if aborting else "failed")
-            if committed:
+            # After COMMIT the destination may run the VM: stay stopped, state intact, unless
+            # it said it runs none of it (its resume failed and it stopped what had started).
+            if committed and not (isinstance(exc, PeerFailed) and exc.not_running):
                 raise MigrationFailed(f"failed after commit ({exc}); the destination may be "
                                       "running: the source stays stopped with its state") from exc
-            lost = await self._recover(sock, exc)
-            if lost is not None:  # the root cause of whatever followed
-                raise MigrationFailed(f"migration failed: {lost}; the other workers' devices "
-                                      "resumed, its own are gone") from lost
+            broken = await self._recover(sock, exc)
+            if broken is not None:  # the root cause of whatever followed
+                raise MigrationFailed(f"migration failed: {broken}; the VM cannot run on "
+                                      "either side: the other devices resumed here, these "
+                                      "are gone") from broken
             if aborting:
                 status("cancelled")
                 raise
@@ -320,10 +329,8 @@ class SourceVM(Machine):
         try:
             done, _ = await asyncio.wait({working, replying},
                                          return_when=asyncio.FIRST_EXCEPTION)
-            if working in done and working.exception() is not None and not replying.done():
-                await asyncio.wait({replying}, timeout=PEER_REASON_WAIT_S)
-                if replying.done() and replying.exception() is not None:
-                    raise replying.exception() from working.exception()  # type: ignore[misc]
+            if working in done and working.exception() is not None:
+                await _peer_reason_first(replying, working.exception())  # type: ignore[arg-type]
             for task in done:
                 task.result()  # raises the first failure
             await working
@@ -333,24 +340,29 @@ class SourceVM(Machine):
                 task.cancel()
             await asyncio.gather(working, replying, return_exceptions=True)
 
-    async def _recover(self, sock: Any, cause: BaseException) -> WorkerLost | None:
+    async def _recover(self, sock: Any, cause: BaseException) -> DevstateError | None:
         """Undo a failed migration: abort the destination, cancel workers, resume devices.
 
-        Returns the first lost worker's error, if a worker died (then its devices are gone
-        and the VM cannot run).
+        Returns what keeps the VM from running here, if anything: a lost worker (its
+        devices died with it) or a device that would not resume (its model died).
         """
         log.warning("migration failed (%s): resuming on the source", describe(cause))
         with contextlib.suppress(Exception):
             await channels.send_control(sock, wire.ControlType.ABORT, {"reason": describe(cause)})
+        broken: DevstateError | None = None
         for command in (m.Cancel(), m.Resume()):
             alive = [w for w in range(self.plan.workers) if w not in self.pool.lost()]
             try:
                 await self.pool.call_all({w: command for w in alive})
             except DevstateError as exc:  # keep recovering the others; say what failed
                 log.warning("while recovering (%s): %s", type(command).__name__, exc)
+                if isinstance(command, m.Resume):
+                    broken = exc
         lost = self.pool.lost()
-        self.running = not lost
-        return lost[min(lost)] if lost else None
+        if lost:
+            broken = lost[min(lost)]
+        self.running = broken is None
+        return broken
 
     def _report(self, t0: int, t1: int, saved: list[m.DeviceResult], report: dict[str, Any],
                 ours: dict[str, str], made: Estimate) -> MigrationReport:
@@ -378,3 +390,12 @@ class SourceVM(Machine):
                                digests_compared=bool(ours), expected_ms=made.expected_ms,
                                critical_path=made.explain(),
                                limit_ms=self.settings.downtime_limit_ms)
+
+
+async def _peer_reason_first(reply: asyncio.Future[Any], ours: BaseException) -> None:
+    """Raise the destination's own account of a failure (``reply`` failing within
+    PEER_REASON_WAIT_S) in place of ``ours``, its echo on this side; else return."""
+    if not reply.done():
+        await asyncio.wait({reply}, timeout=PEER_REASON_WAIT_S)
+    if reply.done() and not reply.cancelled() and reply.exception() is not None:
+        raise reply.exception() from ours  # type: ignore[misc]

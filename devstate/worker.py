@@ -42,6 +42,7 @@ from devstate import messages as m
 from devstate.arena import Arena, Layout, Slot
 from devstate.devices import Device, RecordDevice, StreamDevice, make_device
 from devstate.errors import ChannelError, DeviceError
+from devstate.faults import injector
 from devstate.handoff import Mesh
 from devstate.lifecycle import no_gc_pauses
 from devstate.load import Loader
@@ -185,6 +186,8 @@ class Worker:
                 if self._mesh is None:
                     self._mesh = Mesh(self.index)
                 self._mesh.join(peer, fd)
+            case m.ArmFault(fault=fault):
+                injector.arm(fault)
             case m.ConnectChannels(address=address, hellos=hellos, tls=tls):
                 self._drop_channels()
                 for index, hello in hellos:
@@ -193,9 +196,11 @@ class Worker:
                             address, hello, tls)
                     except ChannelError as exc:
                         raise ChannelError(f"data channel {index}: {exc}") from exc
+                injector.strike("setup", channels=self._channels.values())
             case m.AdoptChannel(index=index, hello=hello, tls=tls):
                 assert fd is not None
                 self._channels[index] = await channels.adopt_channel(fd, hello, tls)
+                injector.strike("setup", channels=self._channels.values())
             case m.Save(order=order, concurrent=concurrent, routes=routes, gen=gen,
                         record_threads=threads, max_bandwidth=limit, precopy=precopy,
                         transfer=transfer):
@@ -250,6 +255,7 @@ class Worker:
                 return self._restore_records()
             case m.Resume():
                 self._drop_channels()  # a source recovering: channels of a failed setup
+                injector.strike("resume")
                 await self._each_device("resume")
             case m.Pause():
                 await self._each_device("stop")

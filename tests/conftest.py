@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
-from collections.abc import Callable, Coroutine
+import threading
+from collections.abc import Callable, Coroutine, Iterator
+from multiprocessing import forkserver, resource_tracker
 from typing import Any
 
 import psutil
@@ -12,6 +15,9 @@ import pytest
 import uvloop
 
 from devstate.arena import PREFIX, SHM_DIR
+from devstate.settings import Settings
+from devstate.source import SourceVM
+from devstate.spec import parse_spec
 
 
 def shm_segments() -> set[str]:
@@ -89,3 +95,39 @@ def pytest_configure(config: pytest.Config) -> None:
 
     sweep_stale_segments()
     asyncio.set_event_loop_policy(None)
+
+
+def _fds() -> dict[str, str]:
+    fds = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            fds[fd] = os.readlink(f"/proc/self/fd/{fd}")
+        except FileNotFoundError:
+            pass  # the listing's own fd, closed by now
+    return fds
+
+
+@pytest.fixture(scope="session")
+def warm_process_machinery() -> None:
+    """Start what lives for the whole session before counting: multiprocessing's forkserver
+    and resource tracker, and the pipe the first pool start leaves for later ones."""
+    forkserver.ensure_running()
+    resource_tracker.ensure_running()
+
+    async def start_a_pool() -> None:
+        async with SourceVM(parse_spec({"vcpus": {"count": 1}}), Settings(workers=1)):
+            pass
+
+    uvloop.run(start_a_pool())
+
+
+@pytest.fixture
+def no_fd_or_thread_leaks(warm_process_machinery: None) -> Iterator[None]:
+    """The test process ends with the fds and threads it started with."""
+    gc.collect()
+    fds, threads = _fds(), threading.active_count()
+    yield
+    gc.collect()
+    left = {fd: what for fd, what in _fds().items() if fds.get(fd) != what}
+    assert not left, f"file descriptors left open: {left}"
+    assert threading.active_count() <= threads, [t.name for t in threading.enumerate()]

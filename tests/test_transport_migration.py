@@ -5,17 +5,11 @@ VM that keeps running with its state unchanged."""
 
 from __future__ import annotations
 
-import gc
-import os
-import threading
-from collections.abc import Iterator
-from multiprocessing import forkserver, resource_tracker
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
-import uvloop
 
 from devstate import wire
 from devstate.errors import MigrationFailed
@@ -36,42 +30,6 @@ SPEC = parse_spec({"seed": 3, "vcpus": {"count": 32},
 @pytest.fixture
 def pki(tmp_path: Path) -> Pki:
     return make_pki(tmp_path)
-
-
-def _fds() -> dict[str, str]:
-    fds = {}
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            fds[fd] = os.readlink(f"/proc/self/fd/{fd}")
-        except FileNotFoundError:
-            pass  # the listing's own fd, closed by now
-    return fds
-
-
-@pytest.fixture(scope="module")
-def warm_process_machinery() -> None:
-    """Start what lives for the whole session before counting: multiprocessing's forkserver
-    and resource tracker, and the pipe the first pool start leaves for later ones."""
-    forkserver.ensure_running()
-    resource_tracker.ensure_running()
-
-    async def start_a_pool() -> None:
-        async with SourceVM(parse_spec({"vcpus": {"count": 1}}), Settings(workers=1)):
-            pass
-
-    uvloop.run(start_a_pool())
-
-
-@pytest.fixture
-def no_fd_or_thread_leaks(warm_process_machinery: None) -> Iterator[None]:
-    """The test process ends with the fds and threads it started with."""
-    gc.collect()
-    fds, threads = _fds(), threading.active_count()
-    yield
-    gc.collect()
-    left = {fd: what for fd, what in _fds().items() if fds.get(fd) != what}
-    assert not left, f"file descriptors left open: {left}"
-    assert threading.active_count() <= threads, [t.name for t in threading.enumerate()]
 
 
 async def _migrate(uri: str | None, routing: Routing, tls: Pki | None) -> Any:
