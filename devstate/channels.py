@@ -72,7 +72,8 @@ async def open_channel(address: Address, hello_bytes: bytes, tls: TlsConfig | No
             async with asyncio.timeout(ECHO_TIMEOUT_S):
                 if not await fdio.recv_exactly(held[0], memoryview(echo)):
                     raise ChannelError(f"{address}: closed by the destination before "
-                                       "adopting the channel")
+                                       "adopting the channel (its log says why: a TLS "
+                                       "mismatch, another migration, a duplicate)")
         except TimeoutError:
             raise ChannelError(f"{address}: not adopted within {ECHO_TIMEOUT_S:.0f} s") from None
         if echo != hello_bytes:
@@ -87,6 +88,12 @@ async def secure_accepted(sock: socket.socket, hello_bytes: bytes,
     hello, which tells the source the channel is ours."""
     held: list[Channel] = [sock]
     with _closed_on_failure(held, "adopting a channel"):
+        offered = wire.decode_hello(hello_bytes).tls
+        if offered != (tls is not None):  # refused at once, not after a handshake timeout
+            raise ProtocolError("hello.flags", "this destination requires TLS; the source "
+                                               "offered plaintext" if tls is not None else
+                                "the source asked for TLS; this destination has no "
+                                "certificate (--tls-cert)")
         if tls is not None:
             held[0] = await transport.tls_server(sock, tls)
             inner = await read_hello(held[0])
@@ -118,10 +125,10 @@ async def read_hello(sock: socket.socket) -> wire.Hello:
     return wire.decode_hello(buf)
 
 
-def hello(kind: wire.ChannelKind, index: int, channels: int,
-          migration_id: uuid.UUID) -> bytes:
-    """The bytes of a hello."""
-    return wire.pack_hello(wire.Hello(kind, index, channels, migration_id))
+def hello(kind: wire.ChannelKind, index: int, channels: int, migration_id: uuid.UUID, *,
+          tls: bool = False) -> bytes:
+    """The bytes of a hello (``tls``: the channel runs TLS after it)."""
+    return wire.pack_hello(wire.Hello(kind, index, channels, migration_id, tls))
 
 
 async def send_control(sock: socket.socket, kind: wire.ControlType, body: dict[str, Any]) -> None:

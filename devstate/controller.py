@@ -17,8 +17,11 @@ status ends, ``migrate_cancel``. What QEMU's names mean here:
   estimate allows it); anything else is refused, saying so.
 
 The migration runs in a task of its own, never in a client's: a client that goes away
-mid-migration does not disturb it. A VM runs as a source (seeded state, ``running``) or,
-started ``--incoming``, as a destination (``inmigrate`` until its migration completes).
+mid-migration does not disturb it. A VM starts as a source (seeded state, ``running``) or,
+started ``--incoming``, as a destination (``inmigrate`` until its migration completes); a
+VM that arrived by migration can migrate out again, and one that migrated out (devstate's
+extension: QEMU's would have to restart) can take ``migrate-incoming`` to receive it back,
+so two processes can pass a VM back and forth.
 """
 
 from __future__ import annotations
@@ -108,6 +111,13 @@ class Migration:
         return info
 
 
+class Vm(SourceVM, IncomingVM):
+    """A machine that migrates either way: out like a SourceVM, in like an IncomingVM.
+    ``incoming`` (set before :meth:`start`) opens its devices blank, to be loaded."""
+
+    side = "vm"
+
+
 class Controller:
     """One machine, its migration state, and the QMP commands over both.
 
@@ -124,19 +134,20 @@ class Controller:
         self._emit = emit
         self._tls = tls
         self._history = history or CostHistory()
-        self._vm: SourceVM | IncomingVM | None = None
+        self._vm: Vm | None = None
         self.state = RunState.INMIGRATE if incoming is not None else RunState.RUNNING
         self.migration: Migration | None = None
         self._task: asyncio.Task[None] | None = None
         self._cancelling = False
+        self._outgoing = False  # the migration in self.migration leaves this VM
         self._capabilities = {"events": False, "multifd": True, "return-path": True,
                               "switchover-ack": False}
         self.quitting = asyncio.Event()
         self.ready: str | None = None  # where an incoming migration is listened for
 
     async def __aenter__(self) -> Controller:
-        vm = IncomingVM(self.spec, self.settings) if self._incoming is not None \
-            else SourceVM(self.spec, self.settings)
+        vm = Vm(self.spec, self.settings)
+        vm.incoming = self._incoming is not None
         await vm.start()
         self._vm = vm
         if self._incoming not in (None, "defer"):
@@ -211,31 +222,34 @@ class Controller:
             raise QmpError("GenericError", "devstate supports neither postcopy resume nor "
                                            "block migration")
         vm = self._machine()
-        if not isinstance(vm, SourceVM):
-            raise QmpError("GenericError", "this VM is a migration destination (started with "
-                                           "--incoming); it cannot migrate out")
         if self._active():
             raise QmpError("GenericError", "There's a migration process in progress")
         if self.state is RunState.POSTMIGRATE:
             raise QmpError("GenericError", "the VM already migrated out")
+        if self.state is RunState.INMIGRATE:
+            raise QmpError("GenericError", "the VM is waiting for an incoming migration: it "
+                                           "has nothing to migrate out yet")
         address = _parse(args["uri"])
         self.migration = Migration()
         self._cancelling = False
+        self._outgoing = True
         self._task = asyncio.get_running_loop().create_task(self._run_outgoing(vm, address))
 
     async def _migrate_incoming(self, args: dict[str, Any]) -> None:
-        if self._incoming != "defer":
-            raise QmpError("GenericError", "The incoming migration needs the VM started with "
-                                           "--incoming defer")
-        if self.ready is not None or self.state is not RunState.INMIGRATE:
+        if self._active() or self.ready is not None:
             raise QmpError("GenericError", "The incoming migration has already been started")
+        waiting = self.state is RunState.INMIGRATE and self._incoming == "defer"
+        if not waiting and self.state is not RunState.POSTMIGRATE:
+            raise QmpError("GenericError", "The incoming migration needs the VM started with "
+                                           "--incoming defer, or migrated out")
         self._listen(args["uri"], exit_on_error=args.get("exit-on-error", True))
+        self._set_state(RunState.INMIGRATE)  # listening: its task starts after this returns
 
     async def _query_migrate(self, _: dict[str, Any]) -> dict[str, Any]:
         if self.migration is None:
             return {}
         vm = self._vm
-        if isinstance(vm, SourceVM) and vm.last_estimate is not None:
+        if self._outgoing and vm is not None and vm.last_estimate is not None:
             self.migration.expected_ms = vm.last_estimate.expected_ms
             self.migration.critical_path = vm.last_estimate.explain()
         return self.migration.info()
@@ -244,7 +258,7 @@ class Controller:
         # Like QEMU: succeeds with nothing to cancel.
         if self._task is None or self._task.done() or self._cancelling:
             return
-        if not isinstance(self._vm, SourceVM):
+        if not self._outgoing:
             raise QmpError("GenericError", "cancel the migration on its source")
         self._cancelling = True
         self._migration_status("cancelling")
@@ -318,7 +332,7 @@ class Controller:
 
     # -- migrations ----------------------------------------------------------------------
 
-    async def _run_outgoing(self, vm: SourceVM, address: Any) -> None:
+    async def _run_outgoing(self, vm: Vm, address: Any) -> None:
         migration = self.migration
         assert migration is not None
         costs = self._history.load()
@@ -352,7 +366,7 @@ class Controller:
             return  # said by _run_outgoing, once the outcome is known
         self._migration_status(status)
 
-    def _after_failure(self, vm: SourceVM, status: str, why: str) -> None:
+    def _after_failure(self, vm: Vm, status: str, why: str) -> None:
         migration = self.migration
         assert migration is not None
         migration.error = why
@@ -371,13 +385,14 @@ class Controller:
             raise QmpError("GenericError", f"cannot listen on {uri}: {describe(exc)}") from exc
         self.ready = str(listener.address)
         self.migration = Migration(listening=self.ready)
+        self._outgoing = False
         self._task = asyncio.get_running_loop().create_task(
             self._run_incoming(listener, exit_on_error))
 
     async def _run_incoming(self, listener: Listener, exit_on_error: bool) -> None:
         migration = self.migration
         vm = self._vm
-        assert migration is not None and isinstance(vm, IncomingVM)
+        assert migration is not None and vm is not None
         try:
             self._migration_status("active")
             migration.setup_done = time.monotonic()
@@ -403,7 +418,7 @@ class Controller:
     def _workers(self) -> int:
         return self._machine().plan.workers
 
-    def _machine(self) -> SourceVM | IncomingVM:
+    def _machine(self) -> Vm:
         if self._vm is None:
             raise QmpError("GenericError", "the VM is not started")
         return self._vm

@@ -123,7 +123,8 @@ class SourceVM(Machine):
         routes = self.routes
         try:
             sock = await channels.open_channel(address, channels.hello(
-                wire.ChannelKind.MAIN, 0, routes.channels, migration_id), tls)
+                wire.ChannelKind.MAIN, 0, routes.channels, migration_id,
+                tls=tls is not None), tls)
         except DevstateError as exc:
             status("failed")
             raise MigrationFailed(f"migration failed, source still running: main channel: "
@@ -278,7 +279,8 @@ class SourceVM(Machine):
             "chunk_bytes": self.settings.chunk_bytes})
         await self._alongside_peer(self.pool.call_all({
             w: m.ConnectChannels(address, tuple(
-                (k, channels.hello(wire.ChannelKind.DATA, k, n, migration_id))
+                (k, channels.hello(wire.ChannelKind.DATA, k, n, migration_id,
+                                   tls=tls is not None))
                 for k in routes.channels_of(w)), tls)
             for w in range(self.plan.workers)}),
             channels.expect_control(sock, wire.ControlType.READY))

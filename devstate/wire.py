@@ -51,6 +51,7 @@ VERSION = 1
 
 PACKET_MAGIC = 0x50545344  # b"DSTP"
 HELLO_MAGIC = 0x48545344   # b"DSTH"
+HELLO_TLS = 0x1            # hello flag: TLS follows the plaintext hello
 CONTROL_MAGIC = 0x43545344  # b"DSTC"
 
 _PACKET = struct.Struct("<IHHIIIIQ")
@@ -129,6 +130,7 @@ class Hello:
     index: int
     channels: int
     migration_id: uuid.UUID
+    tls: bool = False  # the source runs TLS next: a destination can refuse a mismatch at once
 
 
 def _header_seed(header: memoryview | bytes) -> int:
@@ -216,15 +218,15 @@ def decode_end(payload: memoryview | bytes) -> EndOfState:
 
 def pack_hello(hello: Hello) -> bytes:
     """Encode a channel hello."""
-    return _HELLO.pack(HELLO_MAGIC, VERSION, hello.kind, hello.index, hello.channels, 0,
-                       hello.migration_id.bytes)
+    return _HELLO.pack(HELLO_MAGIC, VERSION, hello.kind, hello.index, hello.channels,
+                       HELLO_TLS if hello.tls else 0, hello.migration_id.bytes)
 
 
 def decode_hello(data: memoryview | bytes, *, max_channels: int = 1024) -> Hello:
     """Decode a channel hello, rejecting anything out of range."""
     if len(data) != HELLO_BYTES:
         raise ProtocolError("hello", f"{len(data)} bytes, need {HELLO_BYTES}")
-    magic, version, kind, index, channels, reserved, mid = _HELLO.unpack(data)
+    magic, version, kind, index, channels, flags, mid = _HELLO.unpack(data)
     if magic != HELLO_MAGIC:
         raise ProtocolError("hello.magic", f"{magic:#010x} is not {HELLO_MAGIC:#010x}")
     if version != VERSION:
@@ -237,9 +239,10 @@ def decode_hello(data: memoryview | bytes, *, max_channels: int = 1024) -> Hello
         raise ProtocolError("hello.index", f"{index} is not below {channels}")
     if kind == ChannelKind.MAIN and index != 0:
         raise ProtocolError("hello.index", f"the main channel is index 0, got {index}")
-    if reserved != 0:
-        raise ProtocolError("hello.reserved", f"must be 0, got {reserved:#x}")
-    return Hello(ChannelKind(kind), index, channels, uuid.UUID(bytes=mid))
+    if flags & ~HELLO_TLS:
+        raise ProtocolError("hello.flags", f"unknown flags {flags & ~HELLO_TLS:#x}")
+    return Hello(ChannelKind(kind), index, channels, uuid.UUID(bytes=mid),
+                 bool(flags & HELLO_TLS))
 
 
 def pack_control(kind: ControlType, body: dict[str, Any]) -> bytes:

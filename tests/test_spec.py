@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from devstate.errors import SpecError
 from devstate.spec import Backend, Shape, load_spec, parse_quantity, parse_spec
@@ -104,3 +106,28 @@ def test_unreadable_or_malformed_files(tmp_path) -> None:
     bad.write_text("[vcpus\ncount = 1")
     with pytest.raises(SpecError, match="not valid TOML"):
         load_spec(bad)
+
+
+SPEC_KEYS = ["name", "seed", "vcpus", "devices", "count", "backend", "size",
+             "read_bandwidth", "write_bandwidth", "firmware_latency_ms", "precopy",
+             "dirty_rate", "priority", "after", "get_us", "put_us"]
+SPEC_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12)
+    | st.sampled_from(["32MiB", "1GiB/s", "-1", "1e30", "vfio-sim", "kvm", "sim-vcpu",
+                       "vfio/d0", "cpu/0", "0B"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.sampled_from(SPEC_KEYS) | st.text(max_size=5), inner, max_size=5),
+    max_leaves=20)
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=SPEC_VALUES)
+def test_any_spec_data_gives_a_machine_or_a_spec_error(data: object) -> None:
+    """A spec is parsed from untrusted files and handshakes: anything either parses into
+    a machine within bounds or raises SpecError naming a field, never anything else."""
+    try:
+        spec = parse_spec(data)  # type: ignore[arg-type]
+    except SpecError as exc:
+        assert exc.path is not None
+        return
+    assert spec.vcpus.count <= 1024 and all(v.size <= 64 << 30 for v in spec.vfio)

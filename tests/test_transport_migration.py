@@ -144,6 +144,27 @@ def test_destination_refuses_a_source_without_a_client_certificate(
     assert running
 
 
+def test_a_destination_that_requires_tls_refuses_plain_tcp(
+        run, pki, no_fd_or_thread_leaks, capfd) -> None:
+    """A source that speaks plaintext to a TLS destination gets no channel: the destination
+    refuses at the hello (no handshake timeout), says why, and the source resumes
+    unchanged."""
+    async def scenario() -> tuple[str, bool, bool, int | None]:
+        async with SourceVM(SPEC, Settings(workers=2)) as source, destination(
+                SPEC, Settings(workers=2), incoming="tcp:127.0.0.1:0",
+                tls=pki.server) as dest:
+            before = await source.digests()
+            with pytest.raises(MigrationFailed) as info:
+                await source.migrate(dest.address)
+            unchanged = await source.digests() == before
+        return str(info.value), source.running, unchanged, dest.returncode
+
+    error, running, unchanged, dest_code = run(scenario())
+    assert "main channel" in error and "closed by the destination" in error
+    assert running and unchanged and dest_code != 0
+    assert "requires TLS; the source offered plaintext" in capfd.readouterr().err
+
+
 def test_stray_duplicate_and_late_connections_are_refused_and_logged(
         no_fd_or_thread_leaks, run, capfd) -> None:
     """Bytes that are no hello, another migration's hello, a second data channel 1 and a

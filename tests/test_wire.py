@@ -132,9 +132,9 @@ def test_arbitrary_hello_bytes_raise_only_protocol_error(raw: bytes) -> None:
 @given(data=st.data())
 def test_corrupted_hello_fields_are_rejected(data: st.DataObject) -> None:
     good = bytearray(wire.pack_hello(wire.Hello(wire.ChannelKind.DATA, 2, 4, uuid.uuid4())))
-    # magic, version, kind, index (2 -> >= channels), channels (0), reserved
+    # magic, version, kind, index (2 -> >= channels), channels (0), an unknown flag
     pos, value = data.draw(st.sampled_from([(0, 0x00), (4, 0x09), (6, 0x05), (8, 0x07),
-                                            (10, 0x00), (12, 0x01)]))
+                                            (10, 0x00), (12, 0x02)]))
     good[pos] = value
     if pos == 10:
         good[11] = 0
