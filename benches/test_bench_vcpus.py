@@ -183,7 +183,11 @@ class OneProcess:
     def __init__(self, count: int, backend: Backend = Backend.KVM) -> None:
         self.vcpus = VcpuShare(machine(count, backend), range(count))
         self.pool = ThreadPoolExecutor(WORKERS)
-        self.seeded = self.digests()
+        try:
+            self.seeded = self.digests()
+        except BaseException:  # a half-built variant must not outlive the failure
+            self.close()
+            raise
 
     def get(self, indices: Iterable[int]) -> None:
         self.vcpus.get(indices)
@@ -289,13 +293,16 @@ class Sharded:
         self.loop = uvloop.new_event_loop()
         self.machine = SourceVM(machine(count, backend),
                                 Settings(workers=WORKERS, record_slots=count))
-        self.loop.run_until_complete(self.machine.start())
-        self.seeded = self.digests()
+        try:
+            self.loop.run_until_complete(self.machine.start())
+            self.seeded = self.digests()
+        except BaseException:  # a half-built variant must not outlive the failure
+            self.close()
+            raise
 
     def call(self, command: object) -> None:
-        pool = self.machine.pool
-        with no_gc_pauses():  # as in a migration's stop-and-copy
-            self.loop.run_until_complete(pool.call_all({w: command for w in range(pool.size)}))
+        pool = self.machine.pool  # timed_rounds runs every round without GC pauses
+        self.loop.run_until_complete(pool.call_all({w: command for w in range(pool.size)}))
 
     def get(self) -> None:
         self.call(m.SnapshotRecords())

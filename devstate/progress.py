@@ -7,7 +7,9 @@ the migration's status, devices saved and state bytes read on the source (the de
 loads them behind), and once the VM has stopped the
 time since the stop against the downtime limit (or the estimate, without a limit). The
 display is ``rich``'s: it knows terminal widths and cleans up after itself; off a terminal,
-or with ``--json``, nothing is drawn at all (:func:`wanted`).
+or with ``--json``, nothing is drawn at all (:func:`wanted`). Drawing costs one small
+request per worker every ``REFRESH_S``, during the stop too: a person watching accepts
+that; benchmarks and controllers (``--json``, no terminal) never pay it.
 """
 
 from __future__ import annotations

@@ -48,6 +48,8 @@ MAX_QUEUED_REQUESTS = 8
 # never waited on, so a client that does not read them must not grow memory for ever.
 MAX_WRITE_BUFFER_BYTES = 4 << 20
 LISTEN_BACKLOG = 16
+# How long close() lets sessions flush what was written before dropping it.
+CLOSE_FLUSH_TIMEOUT_S = 2.0
 
 
 
@@ -378,8 +380,15 @@ class QmpServer:
             session.finish()
         await asyncio.gather(*(s.dispatching for s in sessions if s.dispatching is not None),
                              return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
+        try:
+            # A client that stopped reading would hold its flush (and, on newer asyncio,
+            # wait_closed) for ever: past the bound, its output is dropped.
+            async with asyncio.timeout(CLOSE_FLUSH_TIMEOUT_S):
+                if self._server is not None:
+                    await self._server.wait_closed()
+        except TimeoutError:
+            for session in sessions:
+                session.abort()
         self._unlink_socket()
 
     async def __aenter__(self) -> QmpServer:

@@ -144,6 +144,7 @@ class Saver:
         self._senders = {
             k: PacketSender(sock, Pacer.for_channel(max_bandwidth, routes.channels))
             for k, sock in channels.items()}
+        self._sockets = [sender.sock for sender in self._senders.values()]  # a fault cuts
         self._records_routed = 0
         self._admission = Admission(transfer or TransferOrder())
         # What a progress display shows (messages.Progress): devices whose last byte was
@@ -219,10 +220,6 @@ class Saver:
                 self._slots.release(slot)
             self._lent.clear()
         return results
-
-    def _senders_sockets(self) -> list[socket.socket]:
-        """This worker's data channels (a fault cuts them)."""
-        return [sender.sock for sender in self._senders.values()]
 
     def _emit(self, index: int, seq: int, slot: Slot, length: int, channel: int, *,
               ordered: bool = True) -> asyncio.Future[None] | None:
@@ -358,7 +355,7 @@ class Saver:
                 self._slots.release(slot)
                 continue
             injector.strike("get", model_pid=getattr(device, "pid", None),
-                            channels=self._senders_sockets())
+                            channels=self._sockets)
             await self._ship_chunk(hop, digest, index, seq, slot, filled)
             seq += 1
             total += filled
@@ -410,7 +407,7 @@ class Saver:
                 seq += 1
                 total += filled
                 injector.strike("precopy", model_pid=getattr(device, "pid", None),
-                                channels=self._senders_sockets())
+                                channels=self._sockets)
         finally:
             switched.cancel()
             if reading is not None and not reading.done():  # a cancelled save: stop reading

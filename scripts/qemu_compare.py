@@ -143,6 +143,9 @@ async def qemu_process(command: list[str], qmp_path: Path, cpus: Sequence[int],
 
 async def _connect(qmp: Any, path: Path, proc: asyncio.subprocess.Process, log: Path) -> None:
     """Connect once QEMU's socket is there; a QEMU that exits first raises its error."""
+    from qemu.qmp import QMPError
+
+    last: BaseException | None = None
     try:
         async with asyncio.timeout(QMP_READY_TIMEOUT_S):
             while True:
@@ -153,11 +156,12 @@ async def _connect(qmp: Any, path: Path, proc: asyncio.subprocess.Process, log: 
                     try:
                         await qmp.connect(str(path))
                         return
-                    except Exception:  # not accepting yet: try again
-                        pass
+                    except (QMPError, OSError) as exc:  # not accepting yet: try again
+                        last = exc
                 await asyncio.sleep(0.05)
     except TimeoutError:
-        raise QemuError(f"QEMU ({log.stem}): QMP socket {path} did not answer within "
+        raise QemuError(f"QEMU ({log.stem}): QMP socket {path} did not answer (last: "
+                        f"{last!r}) within "
                         f"{QMP_READY_TIMEOUT_S:.0f} s: {_tail(log)}") from None
 
 
@@ -275,6 +279,8 @@ def one_round(qemu: str, rnd: int, vcpus: int, args: argparse.Namespace,
 
     A count beyond QEMU's ``-smp`` maximum runs devstate alone, with a ``note`` saying so.
     """
+    from qemu.qmp import QMPError
+
     from devstate.errors import DevstateError
 
     row: dict[str, Any] = {"round": rnd, "vcpus": vcpus, "devstate_backend": args.backend,
@@ -288,11 +294,11 @@ def one_round(qemu: str, rnd: int, vcpus: int, args: argparse.Namespace,
                 result = asyncio.run(migrate_qemu(qemu, vcpus, args, sides, Path(tmp)))
                 row.update({f"qemu_{k}": round(v, 3) if isinstance(v, float) else v
                             for k, v in asdict(result).items()})
-            except QemuError as exc:
+            except (QemuError, QMPError, OSError) as exc:  # a failed row, not the run
                 errors.append(f"qemu: {exc}")
     try:
         row.update(migrate_devstate(vcpus, args.backend, args.workers, sides))
-    except DevstateError as exc:
+    except (DevstateError, OSError, TimeoutError) as exc:
         errors.append(f"devstate: {exc}")
     row["error"] = "; ".join(errors)
     return row

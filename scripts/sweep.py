@@ -135,7 +135,7 @@ def run_point(point: Point, spec: MachineSpec, sides: SideCpus, costs: Path) -> 
     try:
         report = uvloop.run(migrate_locally(spec, source, dest_settings=dest,
                                             history=CostHistory(costs)))
-    except DevstateError as exc:
+    except (DevstateError, OSError, TimeoutError) as exc:  # a failed point, not the run
         return {"verified": False, "wall_s": round(time.perf_counter() - start, 3),
                 "error": f"{type(exc).__name__}: {exc}"}
     return {"downtime_ms": round(report.downtime_ms, 3),
