@@ -122,7 +122,7 @@ def estimate(spec: MachineSpec, plan: Plan, host: HostCosts,
     for d in streams:
         v = d.vfio
         assert v is not None
-        rate = min(v.read_bandwidth, v.write_bandwidth)
+        rate = v.rate
         terms.append(Term("device", f"{d.id} alone: {size[d.index] / 2**20:.0f} MiB at "
                                     f"{rate / 2**20:.0f} MiB/s + {v.firmware_latency_ms:.0f} "
                                     "ms firmware",
@@ -166,7 +166,7 @@ def _sequential(table: tuple[DeviceSpec, ...], host: HostCosts, record_us: float
     streams_ms = 0.0
     for d in table:
         if d.vfio is not None:
-            rate = min(d.vfio.read_bandwidth, d.vfio.write_bandwidth, host.copy_bytes_per_s)
+            rate = min(d.vfio.rate, host.copy_bytes_per_s)
             streams_ms += size[d.index] / rate * 1e3 + d.vfio.firmware_latency_ms \
                 + host.stream_overhead_ms
     records = sum(1 for d in table if d.vfio is None)
@@ -190,8 +190,7 @@ def _chains(table: tuple[DeviceSpec, ...], size: dict[int, int], arrival: dict[i
             ready = max((completion(by_id[a]) for a in d.after), default=0.0)
             own = fw = 0.0
             if d.vfio is not None:
-                own = max(size[d.index] / min(d.vfio.read_bandwidth, d.vfio.write_bandwidth)
-                          * 1e3, arrival.get(d.index, 0.0))
+                own = max(size[d.index] / d.vfio.rate * 1e3, arrival.get(d.index, 0.0))
                 fw = d.vfio.firmware_latency_ms
             done[d.id] = max(own, ready) + fw
         return done[d.id]

@@ -10,7 +10,7 @@ Unarmed, a point costs one comparison.
 Points, by the step of a migration they belong to::
 
     setup     source: data channels connected   destination: a data channel adopted
-    precopy   source: a precopy chunk shipped while the VM runs
+    precopy   source: a precopy chunk read while the VM runs, about to be shipped
     get       source: a stream's first bytes read from its device after the stop
     send      source: a packet about to go out on a data channel
     put       destination: a stream's bytes written to its device

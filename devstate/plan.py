@@ -40,7 +40,7 @@ def path_s(device: DeviceSpec) -> float:
     if device.vfio is None:
         return 0.0
     v = device.vfio
-    return v.size / min(v.read_bandwidth, v.write_bandwidth) + v.firmware_latency_ms / 1e3
+    return v.size / v.rate + v.firmware_latency_ms / 1e3
 
 
 def tail_s(spec: MachineSpec, workers: int) -> dict[int, float]:

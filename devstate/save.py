@@ -354,9 +354,7 @@ class Saver:
             if filled == 0:
                 self._slots.release(slot)
                 continue
-            injector.strike("get", model_pid=getattr(device, "pid", None),
-                            channels=self._sockets)
-            await self._ship_chunk(hop, digest, index, seq, slot, filled)
+            await self._ship_chunk(hop, digest, index, seq, slot, filled, step="get")
             seq += 1
             total += filled
         self._admission.finished(index)
@@ -403,11 +401,9 @@ class Saver:
                 if not filled:
                     self._slots.release(slot)
                     continue
-                await self._ship_chunk(hop, digest, index, seq, slot, filled)
+                await self._ship_chunk(hop, digest, index, seq, slot, filled, step="precopy")
                 seq += 1
                 total += filled
-                injector.strike("precopy", model_pid=getattr(device, "pid", None),
-                                channels=self._sockets)
         finally:
             switched.cancel()
             if reading is not None and not reading.done():  # a cancelled save: stop reading
@@ -424,9 +420,12 @@ class Saver:
         return dict(zip(devices, counts, strict=True))
 
     async def _ship_chunk(self, hop: _Hop, digest: wire.StateDigest, index: int, seq: int,
-                          slot: Slot, filled: int) -> None:
+                          slot: Slot, filled: int, *, step: str) -> None:
         """Make the ``filled`` bytes after the slot's header CHUNK ``seq`` of device
-        ``index``, add its checksum to the device's digest, and emit it in order."""
+        ``index``, add its checksum to the device's digest, and emit it in order. ``step``
+        (``precopy`` or ``get``) names where a fault may strike (devstate.faults)."""
+        injector.strike(step, model_pid=getattr(self._devices[index], "pid", None),
+                        channels=self._sockets)
         payload = slot.view[HDR:HDR + filled]
         digest.add(wire.pack_packet_header(slot.view, wire.PacketKind.CHUNK, index, seq,
                                            payload))

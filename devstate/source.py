@@ -210,7 +210,7 @@ class SourceVM(Machine):
         """The plan's transfer order, each stream at its slower rate, within what the host
         copies (or the link carries, when capped)."""
         table = self.spec.devices()
-        streams = tuple((i, float(min(v.read_bandwidth, v.write_bandwidth)))
+        streams = tuple((i, float(v.rate))
                         for i in self.plan.transfer if (v := table[i].vfio) is not None)
         return TransferOrder(streams, min(costs.copy_bytes_per_s,
                                           self.settings.max_bandwidth or math.inf))

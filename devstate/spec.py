@@ -99,6 +99,11 @@ class VfioSpec:
     priority: int = 1  # load class: lower classes are saved and loaded first
     after: tuple[str, ...] = ()  # device ids this one completes its load after
 
+    @property
+    def rate(self) -> int:
+        """Bytes/s its state moves at: the slower of reading it out and writing it in."""
+        return min(self.read_bandwidth, self.write_bandwidth)
+
 
 @dataclass(frozen=True, slots=True)
 class DeviceSpec:
