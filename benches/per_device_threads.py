@@ -11,7 +11,7 @@ device gets a thread of its own running its own uvloop (the vfio-sim client is a
 a Unix stream socket of its own; the vCPUs travel, as in QEMU, in the main migration
 stream, got and put by the main thread. No pool, no arena, no per-packet checksum, no
 recovery (a failure closes both sides): plain bytes behind a length. Socket I/O uses
-devstate's own primitives (:mod:`devstate.fdio`) and buffer sizes, so the two runtimes
+devstate's own primitives (:mod:`devstate.net.fdio`) and buffer sizes, so the two runtimes
 differ in design, not in how a syscall is made::
 
     source process                                         destination process
@@ -28,7 +28,7 @@ Sequence (main channel messages in capitals)::
             <- LOADED (every vCPU put, every device's load_end returned: firmware paid)
             COMMIT -> the destination resumes its devices
             <- RESUMED, received at t1: downtime = t1 - t0 on the source's clock, the same
-               end points as devstate's (devstate.source); LOADED's arrival is kept too
+               end points as devstate's (devstate.migration.source); LOADED's arrival is kept too
     after   DIGESTS -> (every device's digest() here); <- REPORT (the ids that differ)
 
 Frames: on a device channel ``length u32 | bytes``, a length of 0 ending the device's
@@ -58,11 +58,11 @@ from typing import Any
 
 import uvloop
 
-from devstate import fdio
+from devstate.config.spec import Backend, MachineSpec, parse_spec
 from devstate.devices import RecordDevice, StreamDevice, make_device
 from devstate.errors import DevstateError, describe
 from devstate.lifecycle import no_gc_pauses
-from devstate.spec import Backend, MachineSpec, parse_spec
+from devstate.net import fdio
 
 # The same stream packet size as devstate's default (Settings.chunk_bytes).
 CHUNK_BYTES = 1 << 20

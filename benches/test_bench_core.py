@@ -13,12 +13,12 @@ import pytest
 import uvloop
 
 from benches.conftest import median_s
-from devstate import messages as m
-from devstate.arena import Arena
-from devstate.local import migrate_locally
-from devstate.pool import WorkerPool
-from devstate.settings import Settings
-from devstate.spec import parse_spec
+from devstate.arena.slots import Arena
+from devstate.config.params import Settings
+from devstate.config.spec import parse_spec
+from devstate.migration.local import migrate_locally
+from devstate.worker import jobs as m
+from devstate.worker.pool import WorkerPool
 
 COPY_BYTES = 64 << 20
 

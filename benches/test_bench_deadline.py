@@ -24,12 +24,12 @@ import pytest
 import uvloop
 
 from benches.conftest import median_s
-from devstate.cost import Estimate, HostCosts, refine
+from devstate.config.params import Settings
+from devstate.config.spec import MachineSpec, load_spec
 from devstate.errors import DowntimeLimitUnmet
-from devstate.local import destination
-from devstate.settings import Settings
-from devstate.source import SourceVM
-from devstate.spec import MachineSpec, load_spec
+from devstate.migration.local import destination
+from devstate.migration.source import SourceVM
+from devstate.planning.cost import Estimate, HostCosts, refine
 
 SCENARIOS = Path(__file__).resolve().parent / "scenarios"
 NAMES = ["vcpu-heavy", "one-huge-vfio", "many-small", "mixed"]
@@ -116,7 +116,7 @@ def test_unmeetable_limit_never_switches_over() -> None:
     spec = _spec("one-huge-vfio")
 
     async def scenario() -> tuple[DowntimeLimitUnmet, bool]:
-        from devstate.transport import parse_uri
+        from devstate.net.transport import parse_uri
 
         async with SourceVM(spec, Settings(downtime_limit_ms=500)) as source:
             with pytest.raises(DowntimeLimitUnmet) as info:

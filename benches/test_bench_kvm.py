@@ -16,8 +16,8 @@ import pytest
 import uvloop
 
 from devstate.cli import kvm_usable
-from devstate.settings import Settings
-from devstate.spec import parse_spec
+from devstate.config.params import Settings
+from devstate.config.spec import parse_spec
 
 USABLE, WHY = kvm_usable()
 pytestmark = pytest.mark.skipif(not USABLE, reason=f"needs KVM: {WHY}")
@@ -37,7 +37,7 @@ MODES = {
 def test_migrate_kvm_vcpus(benchmark, results, count: int, mode: str) -> None:
     """Save+load between two processes: the downtime of each variant (both sides share
     this host's two cores, so this is not a per-side figure of test_bench_vcpus.py)."""
-    from devstate.local import migrate_locally
+    from devstate.migration.local import migrate_locally
 
     benchmark.group = f"kvm-migrate-{count}"
     spec = parse_spec({"seed": 7, "vcpus": {"count": count, "backend": "kvm"}})

@@ -33,9 +33,9 @@ import pytest
 import uvloop
 
 from benches import per_device_threads
-from devstate.local import migrate_locally
-from devstate.settings import Settings
-from devstate.spec import load_spec
+from devstate.config.params import Settings
+from devstate.config.spec import load_spec
+from devstate.migration.local import migrate_locally
 
 SPEC = load_spec(Path(__file__).resolve().parent / "scenarios" / "pool-vs-threads.toml")
 DEVICES = len(SPEC.devices())

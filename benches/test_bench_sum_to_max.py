@@ -23,9 +23,9 @@ import pytest
 import uvloop
 
 from benches.conftest import median_s
-from devstate.local import migrate_locally
-from devstate.settings import Settings
-from devstate.spec import MachineSpec, parse_spec
+from devstate.config.params import Settings
+from devstate.config.spec import MachineSpec, parse_spec
+from devstate.migration.local import migrate_locally
 
 COUNTS = (1, 2, 4, 8)
 

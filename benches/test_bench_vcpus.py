@@ -10,7 +10,7 @@ Both sides of a migration on one 2-core host would share its cores, so one side 
 measured alone. A round *gets* every vCPU into memory, then *puts* every vCPU back from
 it, with
 
-* ``devstate-pool``: devstate's pool (:class:`devstate.source.SourceVM`, 2 workers); each
+* ``devstate-pool``: devstate's pool (:class:`devstate.migration.source.SourceVM`, 2 workers); each
   worker owns its share of the vCPUs (kvm: in a VM of its own) and gets into, and puts
   from, its arena slots (``SnapshotRecords`` / ``RestoreRecords``): no byte crosses a pipe;
 * ``sequential``: one process, one thread (what a one-thread VMM does);
@@ -23,7 +23,7 @@ it, with
 Every variant calls devstate's own device objects (``RecordDevice.get``/``put``, what a
 pool worker calls), so each does the same per-vCPU work and the variants differ only in
 where it runs and how the state moves. A kvm put loads, reads back and compares field by
-field (:meth:`devstate.devices.kvm_vcpu.KvmVcpuDevice.put`), and fails on a difference.
+field (:meth:`devstate.devices.kvm.device.KvmVcpuDevice.put`), and fails on a difference.
 A sim-vcpu put loads and checks the record's layout, but does not read back: the pool
 runs exactly that, and a readback in the other variants alone would cost them a second
 45 us per vCPU. Instead, after the timed rounds, each variant's vCPUs are read back and
@@ -70,12 +70,12 @@ import pytest
 import uvloop
 
 from benches.conftest import median_s
-from devstate import messages as m
+from devstate.config.params import Settings
+from devstate.config.spec import Backend, DeviceSpec, MachineSpec, parse_spec
 from devstate.devices import Device, RecordDevice, make_device, record_bytes
 from devstate.lifecycle import no_gc_pauses
-from devstate.settings import Settings
-from devstate.source import SourceVM
-from devstate.spec import Backend, DeviceSpec, MachineSpec, parse_spec
+from devstate.migration.source import SourceVM
+from devstate.worker import jobs as m
 
 COUNTS = (128, 512, 1024)
 # Threads, executor workers and pool workers alike: one per core of the 2-core host.
@@ -140,7 +140,7 @@ class VcpuShare:
     their records, back to back.
 
     Runs in: the process that built it, the only one that may touch its vCPUs. A kvm vCPU
-    lives in its process's one KVM VM (:func:`devstate.devices.kvm_vcpu.shard`), so a
+    lives in its process's one KVM VM (:func:`devstate.devices.kvm.device.shard`), so a
     process holds one share at a time.
     """
 

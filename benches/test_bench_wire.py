@@ -2,8 +2,8 @@
 socket sending the same bytes.
 
 * ``checksum``: xxh3-64 over 64 MiB in 1 MiB payloads (what every packet costs each side,
-  :func:`devstate.wire.pack_packet_header` / :func:`~devstate.wire.verify_payload`) against
-  a plain memory copy of the same bytes.
+  :func:`devstate.protocol.wire.pack_packet_header` /
+  :func:`~devstate.protocol.wire.verify_payload`) against a plain memory copy of the same bytes.
 * ``channel``: 256 MiB from this process to a receiver process over a Unix stream socket,
   ``raw`` (``sendall`` of 1 MiB pieces, the receiver ``recv_into`` a buffer) against
   ``packets`` (each 1 MiB payload behind its 32-byte header with its checksum, sent with
@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from benches.conftest import median_s
-from devstate import wire
+from devstate.protocol import wire
 
 PAYLOAD = 1 << 20
 CHECKSUM_BYTES = 64 << 20

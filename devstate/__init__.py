@@ -10,7 +10,7 @@ Data flow (one migration, both sides on uvloop; see ARCHITECTURE.md)::
           get -> arena slot -> data channel i  ------->    recv_into arena slot -> put
         vfio-sim model processes (one per device)         vfio-sim model processes
 
-Public API: specs (:mod:`devstate.spec`), the two sides (:class:`SourceVM`,
+Public API: specs (:mod:`devstate.config.spec`), the two sides (:class:`SourceVM`,
 :class:`IncomingVM`), a one-host migration (:func:`migrate_locally`), and the errors.
 """
 
@@ -25,10 +25,10 @@ _EXPORTS = {
     "IntegrityError": "devstate.errors", "MigrationFailed": "devstate.errors",
     "ProtocolError": "devstate.errors", "SpecError": "devstate.errors",
     "WorkerFailed": "devstate.errors", "WorkerLost": "devstate.errors",
-    "Settings": "devstate.settings", "MachineSpec": "devstate.spec",
-    "load_spec": "devstate.spec", "parse_spec": "devstate.spec",
-    "SourceVM": "devstate.source", "IncomingVM": "devstate.dest",
-    "migrate_locally": "devstate.local",
+    "Settings": "devstate.config.params", "MachineSpec": "devstate.config.spec",
+    "load_spec": "devstate.config.spec", "parse_spec": "devstate.config.spec",
+    "SourceVM": "devstate.migration.source", "IncomingVM": "devstate.migration.destination",
+    "migrate_locally": "devstate.migration.local",
 }
 __all__ = sorted(_EXPORTS)
 

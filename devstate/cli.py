@@ -17,15 +17,15 @@ from typing import Any
 
 import uvloop
 
-from devstate.cost import CostHistory
+from devstate.config.params import Overrun, Settings
+from devstate.config.spec import Backend, MachineSpec, load_spec
 from devstate.errors import DevstateError
 from devstate.lifecycle import end_with_parent
-from devstate.progress import MigrationProgress, following, wanted
-from devstate.report import MigrationReport, format_table
-from devstate.route import Routing
-from devstate.settings import Overrun, Settings
-from devstate.spec import Backend, MachineSpec, load_spec
-from devstate.transport import TlsConfig
+from devstate.net.route import Routing
+from devstate.net.transport import TlsConfig
+from devstate.planning.cost import CostHistory
+from devstate.report.migration import MigrationReport, format_table
+from devstate.report.progress import MigrationProgress, following, wanted
 
 DEFAULT_MACHINE = "default.toml"
 
@@ -37,7 +37,7 @@ def default_workers() -> int:
 
 def load_default_machine() -> MachineSpec:
     """The built-in default machine of ``devstate demo``."""
-    with resources.as_file(resources.files("devstate.machines") / DEFAULT_MACHINE) as path:
+    with resources.as_file(resources.files("devstate.config.machines") / DEFAULT_MACHINE) as path:
         return load_spec(path)
 
 
@@ -126,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     vm.add_argument("--parent", type=int, default=None, metavar="PID",
                     help=argparse.SUPPRESS)  # started by a local migration: end with it
     vm.add_argument("--fault", default=None, type=_fault,
-                    help=argparse.SUPPRESS)  # tests: arm a fault (devstate.faults)
+                    help=argparse.SUPPRESS)  # tests: arm a fault (devstate.worker.faults)
     return parser
 
 
@@ -163,8 +163,8 @@ def _tls_config(args: argparse.Namespace) -> TlsConfig | None:
 
 
 def _rate(text: str) -> float:
+    from devstate.config.spec import parse_quantity
     from devstate.errors import SpecError
-    from devstate.spec import parse_quantity
 
     try:
         rate = parse_quantity(text, "--max-bandwidth")
@@ -186,7 +186,7 @@ def _milliseconds(text: str) -> float:
 
 
 def _fault(text: str) -> str:
-    from devstate.faults import Armed
+    from devstate.worker.faults import Armed
 
     try:
         Armed.parse(text)
@@ -206,8 +206,8 @@ def _positive(text: str) -> int:
 
 
 def _chunk_size(text: str) -> int:
+    from devstate.config.spec import parse_quantity
     from devstate.errors import SpecError
-    from devstate.spec import parse_quantity
 
     try:
         size = parse_quantity(text, "--chunk-size")
@@ -275,7 +275,7 @@ async def _stoppable(main: Coroutine[Any, Any, int]) -> int:
 
 
 def _progress(args: argparse.Namespace, settings: Settings) -> MigrationProgress | None:
-    """A live display of the migration, when a person is watching (see devstate.progress)."""
+    """A live display of the migration, when a person is watching (see devstate.report.progress)."""
     if not wanted(getattr(args, "json", False)):
         return None
     return MigrationProgress(settings.downtime_limit_ms)
@@ -289,7 +289,7 @@ def _status(args: argparse.Namespace, text: str) -> None:
 
 async def _run_mode(args: argparse.Namespace, spec: MachineSpec,
                     settings: Settings) -> MigrationReport:
-    from devstate.local import migrate_locally
+    from devstate.migration.local import migrate_locally
 
     mode = "concurrent" if settings.concurrent else "sequential"
     _status(args, f"migrating {spec.name} ({len(spec.devices())} devices), {mode}, "
@@ -308,7 +308,7 @@ def kvm_usable() -> tuple[bool, str]:
         return False, f"/dev/kvm cannot be opened: {exc.strerror}"
     os.close(fd)
     try:
-        from devstate.devices.kvm_vcpu import host_record_bytes
+        from devstate.devices.kvm.device import host_record_bytes
 
         host_record_bytes()  # creates and probes a VM: the whole path a worker takes
     except DevstateError as exc:
@@ -357,8 +357,8 @@ async def _migrate(args: argparse.Namespace) -> int:
             raise DevstateError("TLS needs --to: a destination started here uses a Unix "
                                 "socket of its own")
         return _print(args, [await _run_mode(args, spec, settings)])
-    from devstate.channels import parse_uri
-    from devstate.source import SourceVM
+    from devstate.migration.source import SourceVM
+    from devstate.net.channels import parse_uri
 
     address = parse_uri(args.to)
     history = CostHistory()
@@ -392,7 +392,7 @@ def _print(args: argparse.Namespace, reports: list[MigrationReport],
 
 
 async def _report(args: argparse.Namespace) -> int:
-    from devstate.timeline import draw_timeline, load_reports
+    from devstate.report.timeline import draw_timeline, load_reports
 
     draw_timeline(load_reports(args.file), args.png, title=args.title)
     print(f"devstate: timeline of {args.file} written to {args.png}", file=sys.stderr)
@@ -400,8 +400,8 @@ async def _report(args: argparse.Namespace) -> int:
 
 
 async def _vm(args: argparse.Namespace) -> int:
-    from devstate.channels import Listener, parse_uri
-    from devstate.dest import IncomingVM
+    from devstate.migration.destination import IncomingVM
+    from devstate.net.channels import Listener, parse_uri
 
     if args.parent is not None:
         # A destination started by a local migration: SIGTERM (clean unwind) if it dies.
@@ -432,8 +432,8 @@ async def _vm(args: argparse.Namespace) -> int:
 async def _vm_qmp(args: argparse.Namespace, spec: MachineSpec, settings: Settings,
                   tls: TlsConfig | None) -> int:
     """``devstate vm --qmp``: the VM runs until a controller says ``quit`` (or SIGTERM)."""
-    from devstate.controller import Controller
-    from devstate.qmp_server import QmpServer
+    from devstate.qmp.controller import Controller
+    from devstate.qmp.server import QmpServer
 
     path = args.qmp.removeprefix("unix:")
     server: QmpServer | None = None

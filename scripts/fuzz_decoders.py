@@ -24,10 +24,10 @@ import atheris
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 with atheris.instrument_imports():
-    from devstate import wire
+    from devstate.config.spec import parse_spec
     from devstate.errors import ProtocolError, SpecError
-    from devstate.json_stream import JsonStream
-    from devstate.spec import parse_spec
+    from devstate.protocol import wire
+    from devstate.qmp.json_stream import JsonStream
 
 
 def packet(data: bytes) -> None:

@@ -18,8 +18,8 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from benches.test_bench_vcpus import OneProcess, Sharded, _without_gc  # noqa: E402
-from devstate import messages as m  # noqa: E402
 from devstate.cli import kvm_usable  # noqa: E402
+from devstate.worker import jobs as m  # noqa: E402
 
 
 def timed(fn) -> float:

@@ -261,8 +261,8 @@ def migrate_devstate(vcpus: int, backend: str, workers: int,
     import uvloop
     from sweep import Point, pinned_settings
 
-    from devstate.local import migrate_locally
-    from devstate.spec import parse_spec
+    from devstate.config.spec import parse_spec
+    from devstate.migration.local import migrate_locally
 
     spec = parse_spec({"name": f"qemu-compare-{vcpus}", "seed": 7,
                        "vcpus": {"count": vcpus, "backend": backend}})

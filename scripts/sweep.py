@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Downtime over a grid of workers x vCPUs x devices, each point a real local migration.
 
-Every point runs :func:`devstate.local.migrate_locally`: a destination process on this
+Every point runs :func:`devstate.migration.local.migrate_locally`: a destination process on this
 host, both pools started, the VM stopped, its state moved over Unix sockets and verified.
 Each (vCPUs, devices) pair also gets the sequential baseline (one worker, one device after
 another), and rounds are interleaved (every point once, then again) so that a noisy shared
@@ -51,9 +51,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from hostinfo import SideCpus, host_info, side_cpus  # noqa: E402
 
+from devstate.config.params import Settings  # noqa: E402
+from devstate.config.spec import MachineSpec, SpecError, parse_quantity, parse_spec  # noqa: E402
 from devstate.errors import DevstateError  # noqa: E402
-from devstate.settings import Settings  # noqa: E402
-from devstate.spec import MachineSpec, SpecError, parse_quantity, parse_spec  # noqa: E402
 
 COLUMNS = ("round", "vcpus", "devices", "device_bytes", "firmware_ms", "backend", "mode",
            "workers", "source_cpus", "dest_cpus", "oversubscribed", "downtime_ms",
@@ -113,7 +113,7 @@ def pinned_settings(point: Point, sides: SideCpus) -> tuple[Settings, Settings]:
     that those are exactly the second half, so a change there cannot quietly put both
     sides on the same CPUs.
     """
-    from devstate.local import dest_cpus
+    from devstate.migration.local import dest_cpus
 
     source = Settings(workers=point.workers, concurrent=point.concurrent, cpus=sides.source)
     dest = Settings(workers=point.workers, concurrent=point.concurrent, cpus=sides.dest)
@@ -127,8 +127,8 @@ def run_point(point: Point, spec: MachineSpec, sides: SideCpus, costs: Path) -> 
     """Migrate once; the CSV row's measured fields (``error`` set if it failed)."""
     import uvloop
 
-    from devstate.cost import CostHistory
-    from devstate.local import migrate_locally
+    from devstate.migration.local import migrate_locally
+    from devstate.planning.cost import CostHistory
 
     source, dest = pinned_settings(point, sides)
     start = time.perf_counter()
@@ -146,7 +146,7 @@ def run_point(point: Point, spec: MachineSpec, sides: SideCpus, costs: Path) -> 
 
 def seed_costs(out: Path) -> Path:
     """A private copy of this host's cost constants for the sweep to read and refine."""
-    from devstate.cost import CostHistory
+    from devstate.planning.cost import CostHistory
 
     private = out / "costs.json"
     host = CostHistory().path
@@ -365,7 +365,7 @@ def _positive(text: str) -> int:
 
 
 def _vcpus(text: str) -> int:
-    from devstate.spec import MAX_VCPUS
+    from devstate.config.spec import MAX_VCPUS
 
     value = _positive(text)
     if value > MAX_VCPUS:

@@ -14,10 +14,10 @@ import psutil
 import pytest
 import uvloop
 
-from devstate.arena import PREFIX, SHM_DIR
-from devstate.settings import Settings
-from devstate.source import SourceVM
-from devstate.spec import parse_spec
+from devstate.arena.slots import PREFIX, SHM_DIR
+from devstate.config.params import Settings
+from devstate.config.spec import parse_spec
+from devstate.migration.source import SourceVM
 
 
 def shm_segments() -> set[str]:
@@ -91,7 +91,7 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["DEVSTATE_COSTS"] = os.path.join(
         tempfile.mkdtemp(prefix="devstate-costs-"), "costs.json")
     # Make sure nothing left by an earlier interrupted run confuses the leak check.
-    from devstate.arena import sweep_stale_segments
+    from devstate.arena.slots import sweep_stale_segments
 
     sweep_stale_segments()
     asyncio.set_event_loop_policy(None)

@@ -17,8 +17,8 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from devstate import wire
 from devstate.errors import ProtocolError
+from devstate.protocol import wire
 
 
 class Fault(enum.Enum):

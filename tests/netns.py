@@ -47,7 +47,7 @@ from typing import Any
 
 import pytest
 
-from devstate.arena import pid_alive
+from devstate.arena.slots import pid_alive
 
 PREFIX = "dsnet-"
 # Where `ip netns add` pins a namespace; a name there is a namespace `ip netns list` shows.

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import trustme
 
-from devstate.transport import TlsConfig
+from devstate.net.transport import TlsConfig
 
 
 @dataclass(frozen=True)

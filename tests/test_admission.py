@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from devstate.admission import Admission, TransferOrder
-from devstate.cost import HostCosts, estimate
-from devstate.local import destination
-from devstate.plan import make_plan, spec_order_plan, tail_s
-from devstate.settings import Settings
-from devstate.source import SourceVM
-from devstate.spec import parse_spec
+from devstate.config.params import Settings
+from devstate.config.spec import parse_spec
+from devstate.migration.local import destination
+from devstate.migration.source import SourceVM
+from devstate.planning.admission import Admission, TransferOrder
+from devstate.planning.cost import HostCosts, estimate
+from devstate.planning.plan import make_plan, spec_order_plan, tail_s
 
 # Listed short tail first (as a VMM's bus order might have it): a small device with 10 ms
 # of firmware, then a big one with 300 ms, and vCPUs that load after the small one.

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from devstate.arena import Arena, Layout, SlotClass, sweep_stale_segments
+from devstate.arena.slots import Arena, Layout, SlotClass, sweep_stale_segments
 from devstate.errors import ArenaError
 from tests.conftest import shm_segments
 

@@ -102,7 +102,7 @@ def _wait_for_both_sides(pid: int, timeout_s: float = 60.0) -> None:
         for child in psutil.Process(pid).children(recursive=True):
             with contextlib.suppress(psutil.Error):
                 cmd = " ".join(child.cmdline())
-                if " vm " in cmd and any("vfio_model" in " ".join(c.cmdline())
+                if " vm " in cmd and any("vfio.model" in " ".join(c.cmdline())
                                          for c in child.children(recursive=True)):
                     return
         time.sleep(0.05)
@@ -176,7 +176,7 @@ def test_demo_falls_back_to_sim_vcpu_where_dev_kvm_cannot_be_opened() -> None:
     # interpreter's own files may be readable by root only.
     probe = ("import argparse, os\n"
              "from devstate import cli\n"
-             "from devstate.devices import kvm_vcpu\n"
+             "from devstate.devices.kvm import device\n"
              "cli.load_default_machine()\n"
              "os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
              "spec, why = cli._demo_machine(argparse.Namespace(spec=None))\n"

@@ -9,14 +9,14 @@ from typing import Any
 import pytest
 
 from devstate.cli import kvm_usable
-from devstate.cost import CostHistory, HostCosts, estimate, refine
+from devstate.config.params import Overrun, Settings
+from devstate.config.spec import parse_spec
 from devstate.errors import DowntimeLimitUnmet, DowntimeOverrun
-from devstate.local import destination
-from devstate.plan import make_plan
-from devstate.settings import Overrun, Settings
-from devstate.source import SourceVM
-from devstate.spec import parse_spec
-from devstate.transport import parse_uri
+from devstate.migration.local import destination
+from devstate.migration.source import SourceVM
+from devstate.net.transport import parse_uri
+from devstate.planning.cost import CostHistory, HostCosts, estimate, refine
+from devstate.planning.plan import make_plan
 
 HUGE = parse_spec({"seed": 2, "vcpus": {"count": 4},
                    "devices": [{"name": "gpu", "size": "96MiB", "write_bandwidth": "128MiB/s",

@@ -1,6 +1,6 @@
 """The fault matrix: every step of a migration, every fault, and who runs the VM after.
 
-Each cell arms one fault (devstate.faults) on one side; it strikes when that side's code
+Each cell arms one fault (devstate.worker.faults) on one side; it strikes when that side's code
 reaches the step, never after a sleep. A cell checks that:
 
 * exactly one side runs the VM, or none when the fault destroyed state the VM needs (a
@@ -14,7 +14,7 @@ reaches the step, never after a sleep. A cell checks that:
 
 Bounds: a cell fails if its migration has not ended within ``CELL_TIMEOUT_S``; a lost
 worker is found by its sentinel at once, a closed or cut channel by EOF or EPIPE, and the
-destination exits within ``devstate.local.DEST_EXIT_TIMEOUT_S`` of the end.
+destination exits within ``devstate.migration.local.DEST_EXIT_TIMEOUT_S`` of the end.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ from typing import Any
 
 import pytest
 
+from devstate.config.params import Overrun, Settings
+from devstate.config.spec import MachineSpec, parse_spec
 from devstate.errors import DowntimeOverrun, MigrationFailed
-from devstate.local import destination
-from devstate.settings import Overrun, Settings
-from devstate.source import SourceVM
-from devstate.spec import MachineSpec, parse_spec
+from devstate.migration.local import destination
+from devstate.migration.source import SourceVM
 
 CELL_TIMEOUT_S = 60.0
 
@@ -47,7 +47,7 @@ class Cell:
     """One fault at one step, and what must follow."""
 
     side: str        # where the fault is armed: "source" or "dest"
-    fault: str       # devstate.faults point:fault[:skip]
+    fault: str       # devstate.worker.faults point:fault[:skip]
     runs: str        # who runs the VM after: SOURCE or NEITHER
     says: str        # words the error must contain
     precopy: bool = False

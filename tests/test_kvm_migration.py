@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 
 from devstate.cli import kvm_usable
-from devstate.local import migrate_locally
-from devstate.route import Routing
-from devstate.settings import Settings
-from devstate.spec import parse_spec
-from devstate.transport import parse_uri
+from devstate.config.params import Settings
+from devstate.config.spec import parse_spec
+from devstate.migration.local import migrate_locally
+from devstate.net.route import Routing
+from devstate.net.transport import parse_uri
 from tests.faulty_proxy import Proxy, faulty_proxy
 
 USABLE, WHY = kvm_usable()
@@ -58,8 +58,8 @@ def test_vm_level_state_loads_before_the_vcpus_of_its_vm(run) -> None:
 
 
 def test_distinct_seeded_vcpus_give_distinct_digests(run) -> None:
-    from devstate.local import destination
-    from devstate.source import SourceVM
+    from devstate.migration.local import destination
+    from devstate.migration.source import SourceVM
 
     spec = parse_spec({"seed": 4, "vcpus": {"count": 8, "backend": "kvm"}})
 
@@ -110,8 +110,8 @@ def test_256_kvm_vcpus_migrate_to_a_destination_of_another_worker_count(
                          ids=["to-sharded-2-workers", "to-single-vm-2-workers"])
 def test_single_vm_spread_routing_sends_worker_0s_vcpus_on_every_channel(
         run, dest_single_vm: bool) -> None:
-    from devstate.local import destination
-    from devstate.source import SourceVM
+    from devstate.migration.local import destination
+    from devstate.migration.source import SourceVM
 
     count = 128
     spec = parse_spec({"seed": 8, "vcpus": {"count": count, "backend": "kvm"}})

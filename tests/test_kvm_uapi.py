@@ -1,4 +1,4 @@
-"""devstate.kvm.uapi against the kernel headers themselves, and against the reference table.
+"""devstate.devices.kvm.uapi against the kernel headers themselves, and against the reference table.
 
 A small C program, generated from the Python definitions and compiled with gcc against
 ``<linux/kvm.h>``, prints what the C compiler says: every struct's size and top-level field
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from devstate.kvm import uapi
-from devstate.kvm.uapi import Cap, Ioctl
+from devstate.devices.kvm import uapi
+from devstate.devices.kvm.uapi import Cap, Ioctl
 
 HEADERS = (Path("/usr/include/linux/kvm.h"), Path("/usr/include/x86_64-linux-gnu/asm/kvm.h"))
 

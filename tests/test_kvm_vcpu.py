@@ -1,4 +1,4 @@
-"""Real KVM vCPUs (devstate.kvm): state round trips between two VMs, KVM's order of the
+"""Real KVM vCPUs (devstate.devices.kvm): state round trips between two VMs, KVM's order of the
 get and set ioctls, the owner rule, sparse vCPU ids, and what a get and a put cost.
 
 Tests that need ``/dev/kvm`` skip with the reason when it is missing or cannot be opened;
@@ -20,10 +20,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from devstate.errors import DeviceError
-from devstate.kvm import uapi
-from devstate.kvm.uapi import Ioctl, IoctlArg, ioctl_name
-from devstate.kvm.vcpu import (
+from devstate.devices.kvm import uapi
+from devstate.devices.kvm.uapi import Ioctl, IoctlArg, ioctl_name
+from devstate.devices.kvm.vcpu import (
     RESTORE_ORDER,
     SAVE_ORDER,
     TOLERANCES,
@@ -35,7 +34,8 @@ from devstate.kvm.vcpu import (
     record_bytes,
     section_fields,
 )
-from devstate.kvm.vm import VM_SAVE_ORDER, KvmVm, VmSection
+from devstate.devices.kvm.vm import VM_SAVE_ORDER, KvmVm, VmSection
+from devstate.errors import DeviceError
 
 SEED = 20260521
 
@@ -255,7 +255,7 @@ def test_real_vcpu_gets_cpuid_first_and_follows_both_orders() -> None:
 
 _CHILD = """
 import sys
-from devstate.kvm import uapi
+from devstate.devices.kvm import uapi
 vcpu_fd, vm_fd = int(sys.argv[1]), int(sys.argv[2])
 for fd, request, arg in ((vcpu_fd, uapi.Ioctl.KVM_GET_REGS, uapi.kvm_regs()),
                          (vm_fd, uapi.Ioctl.KVM_CREATE_VCPU, 1)):

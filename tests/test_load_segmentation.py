@@ -17,11 +17,11 @@ import uvloop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from devstate import wire
-from devstate.arena import Arena, Layout, SlotClass
+from devstate.arena.slots import Arena, Layout, SlotClass
+from devstate.config.spec import Backend, DeviceSpec, Shape
 from devstate.devices.base import RecordDevice, StreamDevice
-from devstate.load import Loader
-from devstate.spec import Backend, DeviceSpec, Shape
+from devstate.protocol import wire
+from devstate.worker.load import Loader
 
 HDR = wire.PACKET_HEADER_BYTES
 CHUNK = 4096

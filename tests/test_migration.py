@@ -12,11 +12,11 @@ import psutil
 import pytest
 
 from devstate.cli import load_default_machine
+from devstate.config.params import Settings
+from devstate.config.spec import MachineSpec, parse_spec
 from devstate.errors import MigrationFailed, WorkerLost
-from devstate.local import destination, migrate_locally
-from devstate.settings import Settings
-from devstate.source import SourceVM
-from devstate.spec import MachineSpec, parse_spec
+from devstate.migration.local import destination, migrate_locally
+from devstate.migration.source import SourceVM
 
 
 def _vfio(*devices: dict[str, Any], vcpus: int = 0, seed: int = 5) -> MachineSpec:
@@ -108,7 +108,7 @@ def test_device_model_killed_mid_load_fails_and_source_resumes(run) -> None:
 
     def kill_dest_model(_: SourceVM, dest_pid: int) -> int:
         models = [p for p in psutil.Process(dest_pid).children(recursive=True)
-                  if "vfio_model" in " ".join(p.cmdline()) and "big" in " ".join(p.cmdline())]
+                  if "vfio.model" in " ".join(p.cmdline()) and "big" in " ".join(p.cmdline())]
         assert len(models) == 1, [p.cmdline() for p in models]
         models[0].kill()
         return models[0].pid

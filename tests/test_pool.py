@@ -10,12 +10,12 @@ import time
 import psutil
 import pytest
 
-from devstate import messages as m
+from devstate.config.params import Settings
+from devstate.config.spec import parse_spec
 from devstate.errors import WorkerFailed, WorkerLost
-from devstate.pool import WorkerPool, usable_cpus
-from devstate.route import Routes
-from devstate.settings import Settings
-from devstate.spec import parse_spec
+from devstate.net.route import Routes
+from devstate.worker import jobs as m
+from devstate.worker.pool import WorkerPool, usable_cpus
 from tests.conftest import shm_segments
 
 SPEC = parse_spec({"vcpus": {"count": 8}})

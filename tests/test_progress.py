@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from devstate.progress import MigrationProgress
-from devstate.source import SaveProgress
+from devstate.migration.source import SaveProgress
+from devstate.report.progress import MigrationProgress
 
 SPEC = {"seed": 3, "vcpus": {"count": 64},
         "devices": [{"name": "nic", "size": "32MiB", "write_bandwidth": "64MiB/s"}]}

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from qemu.qmp import EventListener, ExecuteError, QMPClient
 
 from devstate.cli import load_default_machine
-from devstate.spec import parse_spec
+from devstate.config.spec import parse_spec
 
 VM_START_TIMEOUT_S = 60.0
 MIGRATION_TIMEOUT_S = 120.0

@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from devstate.local import migrate_locally
-from devstate.route import Routes, Routing
-from devstate.settings import CHUNK_CLASS, Settings
-from devstate.spec import MachineSpec, parse_spec
+from devstate.config.params import CHUNK_CLASS, Settings
+from devstate.config.spec import MachineSpec, parse_spec
+from devstate.migration.local import migrate_locally
+from devstate.net.route import Routes, Routing
 
 
 def _machine(*devices: dict[str, Any], vcpus: int = 16) -> MachineSpec:

@@ -104,7 +104,7 @@ def test_sides_split_the_usable_cpus_in_halves(usable: list[int], source: list[i
 
 
 def test_the_destination_really_gets_the_second_half() -> None:
-    from devstate.local import dest_cpus
+    from devstate.migration.local import dest_cpus
 
     sides = hostinfo.side_cpus(list(range(64)))
     source, dest = sweep.pinned_settings(sweep.Point(512, 2, 8, True), sides)

@@ -22,8 +22,8 @@ from typing import Any
 import psutil
 import pytest
 
-from devstate.arena import PREFIX, SHM_DIR
-from devstate.spec import parse_spec
+from devstate.arena.slots import PREFIX, SHM_DIR
+from devstate.config.spec import parse_spec
 from tests.test_qmp_migration import _write_spec, client, vm_process
 
 MIGRATIONS = 200

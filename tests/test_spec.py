@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from devstate.config.spec import Backend, Shape, load_spec, parse_quantity, parse_spec
 from devstate.errors import SpecError
-from devstate.spec import Backend, Shape, load_spec, parse_quantity, parse_spec
 
 
 def _machine(**devices: object) -> dict[str, object]:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from devstate.errors import DevstateError
-from devstate.timeline import _figure, draw_timeline, load_reports
+from devstate.report.timeline import _figure, draw_timeline, load_reports
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -151,15 +151,15 @@ def test_unwritable_output_raises(tmp_path: Path) -> None:
 
 
 def test_import_does_not_load_matplotlib() -> None:
-    code = "import sys, devstate.timeline; assert 'matplotlib' not in sys.modules"
+    code = "import sys, devstate.report.timeline; assert 'matplotlib' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_draws_a_real_migration(tmp_path: Path, run: Any) -> None:
-    from devstate.local import destination
-    from devstate.settings import Settings
-    from devstate.source import SourceVM
-    from devstate.spec import parse_spec
+    from devstate.config.params import Settings
+    from devstate.config.spec import parse_spec
+    from devstate.migration.local import destination
+    from devstate.migration.source import SourceVM
 
     spec = parse_spec({"seed": 1, "vcpus": {"count": 16},
                        "devices": [{"name": "nic", "size": "4MiB"}]})

@@ -25,9 +25,9 @@ import pytest
 import trustme
 import uvloop
 
-from devstate import fdio
 from devstate.errors import ChannelError, DevstateError
-from devstate.transport import (
+from devstate.net import fdio
+from devstate.net.transport import (
     Address,
     Listener,
     TlsConfig,

@@ -11,14 +11,14 @@ from typing import Any
 import psutil
 import pytest
 
-from devstate import wire
+from devstate.config.params import Settings
+from devstate.config.spec import parse_spec
 from devstate.errors import MigrationFailed
-from devstate.local import destination
-from devstate.route import Routing
-from devstate.settings import Settings
-from devstate.source import SourceVM
-from devstate.spec import parse_spec
-from devstate.transport import TlsConfig, parse_uri
+from devstate.migration.local import destination
+from devstate.migration.source import SourceVM
+from devstate.net.route import Routing
+from devstate.net.transport import TlsConfig, parse_uri
+from devstate.protocol import wire
 from tests.faulty_proxy import Fault, faulty_proxy
 from tests.pki import Pki, make_pki
 

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from devstate.config.spec import parse_spec
 from devstate.devices.vcpu_sim import (
     RECORD_BYTES,
     RESTORE_ORDER,
@@ -16,7 +17,6 @@ from devstate.devices.vcpu_sim import (
     SimVcpu,
 )
 from devstate.errors import DeviceError
-from devstate.spec import parse_spec
 
 
 def _vcpus(n: int = 4, **costs: float) -> list:

@@ -23,11 +23,11 @@ import psutil
 import pytest
 import uvloop
 
-from devstate.devices.vfio_sim import VfioSimDevice
-from devstate.devices.vfio_state import CHUNK_BYTES, digest_of, stream_bytes
-from devstate.devices.vfio_uapi import PrecopyInfo, VfioState
+from devstate.config.spec import Backend, DeviceSpec, Shape, VfioSpec
+from devstate.devices.vfio.sim import VfioSimDevice
+from devstate.devices.vfio.state import CHUNK_BYTES, digest_of, stream_bytes
+from devstate.devices.vfio.uapi import PrecopyInfo, VfioState
 from devstate.errors import DeviceError
-from devstate.spec import Backend, DeviceSpec, Shape, VfioSpec
 from tests.conftest import our_children
 
 MiB = 1 << 20
@@ -522,8 +522,8 @@ def test_open_and_close_are_idempotent(run: Runner) -> None:
 
 OWNER_SCRIPT = """
 import asyncio, sys, {loop}
-from devstate.devices.vfio_sim import VfioSimDevice
-from devstate.spec import Backend, DeviceSpec, Shape, VfioSpec
+from devstate.devices.vfio.sim import VfioSimDevice
+from devstate.config.spec import Backend, DeviceSpec, Shape, VfioSpec
 
 async def main():
     vfio = VfioSpec(name="nic0", size=1 << 20)

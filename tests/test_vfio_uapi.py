@@ -1,4 +1,4 @@
-"""The VFIO migration v2 state machine (devstate.devices.vfio_uapi), checked exhaustively.
+"""The VFIO migration v2 state machine (devstate.devices.vfio.uapi), checked exhaustively.
 
 The oracle is the kernel's own algorithm, transcribed: ``vfio_from_fsm_table`` walked with
 ``state_flags_table`` skips (drivers/vfio/vfio_main.c, vfio_mig_get_next_state()), with the
@@ -13,7 +13,7 @@ import itertools
 
 import pytest
 
-from devstate.devices.vfio_uapi import (
+from devstate.devices.vfio.uapi import (
     ARCS,
     SAVING_GROUP,
     InvalidTransition,

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from devstate import wire
 from devstate.errors import IntegrityError, ProtocolError
+from devstate.protocol import wire
 
 HDR = wire.PACKET_HEADER_BYTES
 MAX = 1 << 20

@@ -6,8 +6,8 @@ device type is one new module plus one line here.
 
 from __future__ import annotations
 
+from devstate.config.spec import Backend, DeviceSpec
 from devstate.devices.base import Device, RecordDevice, StreamDevice
-from devstate.spec import Backend, DeviceSpec
 
 
 def record_bytes(backend: Backend) -> int:
@@ -17,7 +17,7 @@ def record_bytes(backend: Backend) -> int:
 
         return RECORD_BYTES
     if backend is Backend.KVM:
-        from devstate.devices.kvm_vcpu import host_record_bytes
+        from devstate.devices.kvm.device import host_record_bytes
 
         return host_record_bytes()
     return 0
@@ -34,15 +34,15 @@ def make_device(spec: DeviceSpec, machine_seed: int, *, incoming: bool) -> Devic
 
         return SimVcpu(spec, machine_seed, incoming=incoming)
     if spec.backend is Backend.KVM:
-        from devstate.devices.kvm_vcpu import KvmVcpuDevice
+        from devstate.devices.kvm.device import KvmVcpuDevice
 
         return KvmVcpuDevice(spec, machine_seed, incoming=incoming)
     if spec.backend is Backend.KVM_VM:
-        from devstate.devices.kvm_vcpu import KvmVmPartDevice
+        from devstate.devices.kvm.device import KvmVmPartDevice
 
         return KvmVmPartDevice(spec, machine_seed, incoming=incoming)
     if spec.backend is Backend.VFIO_SIM:
-        from devstate.devices.vfio_sim import VfioSimDevice
+        from devstate.devices.vfio.sim import VfioSimDevice
 
         return VfioSimDevice(spec, machine_seed, incoming=incoming)
     raise AssertionError(f"no device class for backend {spec.backend}")

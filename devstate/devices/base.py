@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import abc
 
-from devstate.spec import DeviceSpec, Shape
+from devstate.config.spec import DeviceSpec, Shape
 
 # xxh3_128 digests are 16 bytes.
 DIGEST_BYTES = 16

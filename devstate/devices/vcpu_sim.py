@@ -28,15 +28,15 @@ import time
 import numpy as np
 import xxhash
 
+from devstate.config.spec import DeviceSpec
 from devstate.devices.base import RecordDevice
-from devstate.errors import DeviceError
 
 # One record layout and one ordering for simulated and real vCPUs: the KVM backend's,
 # with its reasons (sim-vcpu uses SREGS, never SREGS2).
-from devstate.kvm.vcpu import HEADER as _HEADER
-from devstate.kvm.vcpu import RESTORE_ORDER, SAVE_ORDER, Section
-from devstate.kvm.vcpu import SECTION as _SECTION
-from devstate.spec import DeviceSpec
+from devstate.devices.kvm.vcpu import HEADER as _HEADER
+from devstate.devices.kvm.vcpu import RESTORE_ORDER, SAVE_ORDER, Section
+from devstate.devices.kvm.vcpu import SECTION as _SECTION
+from devstate.errors import DeviceError
 
 MAGIC = 0x55504356  # b"VCPU" little-endian
 VERSION = 1

@@ -1,0 +1,390 @@
+"""Machine specs: which devices a machine has, parsed from TOML or JSON and validated.
+
+A spec names the vCPUs (count and backend) and the VFIO-style devices (name, state size,
+bandwidths, firmware load latency, precopy support). Every validation error is a
+:class:`~devstate.errors.SpecError` whose message names the field and the reason, e.g.
+``devices[2].size: must be > 0``.
+
+Example (TOML)::
+
+    name = "example"
+    seed = 7
+    [vcpus]
+    count = 512
+    backend = "sim-vcpu"
+    [[devices]]
+    name = "nic0"
+    backend = "vfio-sim"
+    size = "64MiB"
+    read_bandwidth = "2GiB/s"
+    write_bandwidth = "1GiB/s"
+    firmware_latency_ms = 120
+    precopy = true
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from devstate.errors import SpecError
+
+# The largest machine KVM here accepts (KVM_CAP_MAX_VCPUS); a spec beyond it is a typo.
+MAX_VCPUS = 1024
+# Device state sizes are u64 on the VFIO uAPI; 64 GiB bounds what a test machine can stream.
+MAX_DEVICE_BYTES = 64 << 30
+# Default device state rates. The only published per-device figures (QEMU's multifd
+# device-state series: 4 ConnectX-7 VFs, ~100 MiB of state each, ~475 ms per VF when
+# loaded one after another, of which ~8 ms is the 100 GbE transfer) put a VF's state read
+# plus load at a few hundred MB/s each way: 1 GiB/s out and 512 MiB/s in is generous.
+DEFAULT_READ_BANDWIDTH = 1 << 30
+DEFAULT_WRITE_BANDWIDTH = 512 << 20
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "kib": 1 << 10,
+    "m": 1000**2, "mb": 1000**2, "mib": 1 << 20,
+    "g": 1000**3, "gb": 1000**3, "gib": 1 << 30,
+}
+_QUANTITY = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,47}$")
+
+
+class Backend(enum.StrEnum):
+    """Where a device's state really lives."""
+
+    SIM_VCPU = "sim-vcpu"
+    KVM = "kvm"
+    KVM_VM = "kvm-vm"  # the VM-level state that comes with kvm vCPUs (not for spec files)
+    VFIO_SIM = "vfio-sim"
+
+
+class Shape(enum.StrEnum):
+    """Record devices are produced and consumed whole; streams are opaque and ordered."""
+
+    RECORD = "record"
+    STREAM = "stream"
+
+
+@dataclass(frozen=True, slots=True)
+class VcpuSpec:
+    """The machine's vCPUs: how many, which backend, and the per-vCPU costs of ``sim-vcpu``."""
+
+    count: int
+    backend: Backend = Backend.SIM_VCPU
+    get_us: float = 45.0
+    put_us: float = 45.0
+    priority: int = 1  # load class: lower classes are saved and loaded first
+    after: tuple[str, ...] = ()  # device ids every vCPU must load after
+
+
+@dataclass(frozen=True, slots=True)
+class VfioSpec:
+    """One VFIO-style device: its opaque state size, bandwidths and firmware load latency."""
+
+    name: str
+    size: int
+    backend: Backend = Backend.VFIO_SIM
+    read_bandwidth: int = DEFAULT_READ_BANDWIDTH
+    write_bandwidth: int = DEFAULT_WRITE_BANDWIDTH
+    firmware_latency_ms: float = 0.0
+    precopy: bool = False
+    dirty_rate: int = 0  # bytes/s of state the running device rewrites (precopy re-sends)
+    priority: int = 1  # load class: lower classes are saved and loaded first
+    after: tuple[str, ...] = ()  # device ids this one completes its load after
+
+    @property
+    def rate(self) -> int:
+        """Bytes/s its state moves at: the slower of reading it out and writing it in."""
+        return min(self.read_bandwidth, self.write_bandwidth)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSpec:
+    """A device of the machine as the runtime sees it: a stable id, index and shape.
+
+    ``index`` is the device's position in the machine's device table; packets name devices
+    by it, and the handshake checks both sides hold the same table.
+    """
+
+    index: int
+    id: str
+    backend: Backend
+    shape: Shape
+    version: int
+    size: int  # bytes of state for a stream; the record size bound for a record
+    vcpu: VcpuSpec | None = None
+    vfio: VfioSpec | None = None
+    priority: int = 1  # load class (VM-level state 0): lower first
+    after: tuple[str, ...] = ()  # ids of the devices whose loads complete before this one's
+
+
+@dataclass(frozen=True, slots=True)
+class MachineSpec:
+    """A whole machine: vCPUs plus VFIO devices, and a seed that makes its state distinct."""
+
+    name: str
+    seed: int
+    vcpus: VcpuSpec
+    vfio: tuple[VfioSpec, ...]
+
+    def devices(self) -> tuple[DeviceSpec, ...]:
+        """The device table in canonical order: VM-level devices (with kvm vCPUs), then
+        ``cpu/0..n-1``, then VFIO devices in spec order."""
+        from devstate.devices import record_bytes  # local: devices import spec
+
+        table: list[DeviceSpec] = []
+        if self.vcpus.backend is Backend.KVM and self.vcpus.count:
+            from devstate.devices.kvm.device import VM_DEVICES, vm_device_bytes
+
+            for name in VM_DEVICES:
+                table.append(DeviceSpec(len(table), name, Backend.KVM_VM, Shape.RECORD, 1,
+                                        vm_device_bytes(name), priority=0))
+        for i in range(self.vcpus.count):
+            table.append(DeviceSpec(len(table), f"cpu/{i}", self.vcpus.backend, Shape.RECORD, 1,
+                                    record_bytes(self.vcpus.backend), vcpu=self.vcpus,
+                                    priority=self.vcpus.priority, after=self.vcpus.after))
+        for dev in self.vfio:
+            table.append(DeviceSpec(len(table), f"vfio/{dev.name}", dev.backend, Shape.STREAM,
+                                    1, dev.size, vfio=dev, priority=dev.priority,
+                                    after=dev.after))
+        return tuple(table)
+
+    def dependencies(self) -> tuple[tuple[int, ...], ...]:
+        """For each device of the table, the indices of the devices it loads after."""
+        table = self.devices()
+        index = {d.id: d.index for d in table}
+        return tuple(tuple(index[a] for a in d.after) for d in table)
+
+    def handshake_table(self) -> list[list[Any]]:
+        """The device table as the handshake carries it: id, shape, backend, version, size.
+
+        Two sides can migrate between each other exactly when their tables are equal.
+        """
+        return [[d.id, str(d.shape), str(d.backend), d.version, d.size] for d in self.devices()]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain-data form that :func:`parse_spec` reads back to an equal spec."""
+        return {
+            "name": self.name,
+            "seed": self.seed,
+            "vcpus": {"count": self.vcpus.count, "backend": str(self.vcpus.backend),
+                      "get_us": self.vcpus.get_us, "put_us": self.vcpus.put_us,
+                      "priority": self.vcpus.priority, "after": list(self.vcpus.after)},
+            "devices": [
+                {"name": d.name, "backend": str(d.backend), "size": d.size,
+                 "read_bandwidth": d.read_bandwidth, "write_bandwidth": d.write_bandwidth,
+                 "firmware_latency_ms": d.firmware_latency_ms, "precopy": d.precopy,
+                 "dirty_rate": d.dirty_rate, "priority": d.priority, "after": list(d.after)}
+                for d in self.vfio
+            ],
+        }
+
+
+def parse_quantity(value: Any, path: str, *, per_second: bool = False) -> int:
+    """Parse a byte count (``64MiB``, ``1.5GB``, ``4096``) or a rate (``2GiB/s``)."""
+    if isinstance(value, bool):
+        raise SpecError(path, "must be a number or a string such as '64MiB'")
+    if isinstance(value, int | float):
+        number = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        if per_second:
+            if not text.lower().endswith("/s"):
+                raise SpecError(path, f"{value!r} is not a rate: write it as e.g. '2GiB/s'")
+            text = text[:-2]
+        match = _QUANTITY.match(text)
+        if match is None or match.group(2).lower() not in _UNITS:
+            raise SpecError(path, f"{value!r} is not a quantity: use e.g. '64MiB' or 1048576")
+        number = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    else:
+        raise SpecError(path, "must be a number or a string such as '64MiB'")
+    if number != number or number <= 0:
+        raise SpecError(path, "must be > 0")
+    return int(number)
+
+
+def load_spec(path: str | Path) -> MachineSpec:
+    """Read and validate a machine spec from a ``.toml`` or ``.json`` file."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise SpecError("", f"cannot read spec {p}: {exc.strerror}") from exc
+    try:
+        if p.suffix.lower() == ".json":
+            data = json.loads(raw)
+        else:
+            data = tomllib.loads(raw.decode("utf-8"))
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise SpecError("", f"{p} is not valid {'JSON' if p.suffix == '.json' else 'TOML'}: "
+                            f"{exc}") from exc
+    return parse_spec(data)
+
+
+def parse_spec(data: Any) -> MachineSpec:
+    """Validate plain data (from TOML or JSON) into a :class:`MachineSpec`."""
+    top = _mapping(data, "", {"name", "seed", "vcpus", "devices"})
+    name = _string(top.get("name", "machine"), "name")
+    seed = _integer(top.get("seed", 1), "seed", low=0, high=2**63 - 1)
+    vcpus = _vcpus(top.get("vcpus", {"count": 0}))
+    raw_devices = top.get("devices", [])
+    if not isinstance(raw_devices, list):
+        raise SpecError("devices", "must be a list of tables")
+    vfio = tuple(_vfio(d, f"devices[{i}]") for i, d in enumerate(raw_devices))
+    seen: dict[str, int] = {}
+    for i, dev in enumerate(vfio):
+        if dev.name in seen:
+            raise SpecError(f"devices[{i}].name",
+                            f"{dev.name!r} is already the name of devices[{seen[dev.name]}]")
+        seen[dev.name] = i
+    if vcpus.count == 0 and not vfio:
+        raise SpecError("", "the machine has no devices: give vcpus.count > 0 or a device")
+    spec = MachineSpec(name=name, seed=seed, vcpus=vcpus, vfio=vfio)
+    _check_dependencies(spec)
+    return spec
+
+
+def _check_dependencies(spec: MachineSpec) -> None:
+    """Every ``after`` names a device of the machine, and no device waits on itself."""
+    table = spec.devices()
+    ids = {d.id for d in table}
+    where = {f"vfio/{d.name}": f"devices[{i}].after" for i, d in enumerate(spec.vfio)}
+    for d in table:
+        path = where.get(d.id, "vcpus.after")
+        for other in d.after:
+            if other not in ids:
+                raise SpecError(path, f"{other!r} is not a device of this machine")
+            if other == d.id or (d.vcpu is not None and other.startswith("cpu/")):
+                raise SpecError(path, f"{d.id} cannot load after {other}: itself or a vCPU")
+    # Cycles: a depth-first walk over the stream devices' edges (vCPUs share one list,
+    # which cannot name a vCPU, so any cycle runs through VFIO devices).
+    edges = {d.id: d.after for d in table if d.vfio is not None}
+    state: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        if state.get(node) == 2:
+            return
+        if state.get(node) == 1:
+            loop = " -> ".join(trail[trail.index(node):] + [node])
+            raise SpecError(where.get(node, "vcpus.after"), f"dependency cycle: {loop}")
+        state[node] = 1
+        for nxt in edges.get(node, ()):
+            visit(nxt, [*trail, node])
+        state[node] = 2
+
+    for node in edges:
+        visit(node, [])
+
+
+def _vcpus(data: Any) -> VcpuSpec:
+    table = _mapping(data, "vcpus", {"count", "backend", "get_us", "put_us", "priority",
+                                     "after"})
+    count = _integer(table.get("count", 0), "vcpus.count", low=0, high=MAX_VCPUS)
+    backend = _backend(table.get("backend", Backend.SIM_VCPU), "vcpus.backend",
+                       {Backend.SIM_VCPU, Backend.KVM})
+    get_us = _number(table.get("get_us", 45.0), "vcpus.get_us", low=0.0, high=100_000.0)
+    put_us = _number(table.get("put_us", 45.0), "vcpus.put_us", low=0.0, high=100_000.0)
+    priority = _integer(table.get("priority", 1), "vcpus.priority", low=0, high=9)
+    after = _ids(table.get("after", []), "vcpus.after")
+    return VcpuSpec(count=count, backend=backend, get_us=get_us, put_us=put_us,
+                    priority=priority, after=after)
+
+
+def _ids(value: Any, path: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise SpecError(path, "must be a list of device ids such as 'vfio/nic0'")
+    return tuple(value)
+
+
+def _vfio(data: Any, path: str) -> VfioSpec:
+    table = _mapping(data, path, {"name", "backend", "size", "read_bandwidth",
+                                  "write_bandwidth", "firmware_latency_ms", "precopy",
+                                  "dirty_rate", "priority", "after"})
+    if "name" not in table:
+        raise SpecError(f"{path}.name", "is required")
+    name = _string(table["name"], f"{path}.name")
+    if not _NAME.match(name):
+        raise SpecError(f"{path}.name", f"{name!r} must be 1-48 of a-z 0-9 _ . - "
+                                        "starting with a letter or digit")
+    backend = _backend(table.get("backend", Backend.VFIO_SIM), f"{path}.backend",
+                       {Backend.VFIO_SIM})
+    if "size" not in table:
+        raise SpecError(f"{path}.size", "is required")
+    size = parse_quantity(table["size"], f"{path}.size")
+    if size > MAX_DEVICE_BYTES:
+        raise SpecError(f"{path}.size", f"must be <= {MAX_DEVICE_BYTES >> 30} GiB")
+    rbw = _rate(table, "read_bandwidth", path, DEFAULT_READ_BANDWIDTH)
+    wbw = _rate(table, "write_bandwidth", path, DEFAULT_WRITE_BANDWIDTH)
+    latency = _number(table.get("firmware_latency_ms", 0.0), f"{path}.firmware_latency_ms",
+                      low=0.0, high=600_000.0)
+    precopy = table.get("precopy", False)
+    if not isinstance(precopy, bool):
+        raise SpecError(f"{path}.precopy", "must be true or false")
+    dirty = _rate(table, "dirty_rate", path, 0) if table.get("dirty_rate", 0) != 0 else 0
+    if dirty and not precopy:
+        raise SpecError(f"{path}.dirty_rate", "only a device with precopy = true dirties "
+                                              "state that migration must re-send")
+    return VfioSpec(name=name, size=size, backend=backend, read_bandwidth=rbw,
+                    write_bandwidth=wbw, firmware_latency_ms=latency, precopy=precopy,
+                    dirty_rate=dirty,
+                    priority=_integer(table.get("priority", 1), f"{path}.priority", low=0,
+                                      high=9),
+                    after=_ids(table.get("after", []), f"{path}.after"))
+
+
+def _rate(table: Mapping[str, Any], key: str, path: str, default: int) -> int:
+    value = table.get(key, default)
+    return parse_quantity(value, f"{path}.{key}", per_second=isinstance(value, str))
+
+
+def _mapping(data: Any, path: str, keys: set[str]) -> Mapping[str, Any]:
+    if not isinstance(data, Mapping):
+        raise SpecError(path, "must be a table (object)")
+    for key in data:
+        if key not in keys:
+            where = f"{path}.{key}" if path else str(key)
+            raise SpecError(where, f"unknown field (expected one of {', '.join(sorted(keys))})")
+    return data
+
+
+def _string(value: Any, path: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise SpecError(path, "must be a non-empty string")
+    return value
+
+
+def _integer(value: Any, path: str, *, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(path, "must be an integer")
+    if value < low:
+        raise SpecError(path, f"must be >= {low}")
+    if value > high:
+        raise SpecError(path, f"must be <= {high}")
+    return value
+
+
+def _number(value: Any, path: str, *, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise SpecError(path, "must be a number")
+    if not low <= value <= high:
+        raise SpecError(path, f"must be between {low:g} and {high:g}")
+    return float(value)
+
+
+def _backend(value: Any, path: str, allowed: set[Backend]) -> Backend:
+    try:
+        backend = Backend(value)
+    except ValueError:
+        raise SpecError(path, f"unknown backend {value!r} (expected one of "
+                              f"{', '.join(sorted(map(str, allowed)))})") from None
+    if backend not in allowed:
+        raise SpecError(path, f"backend {backend} cannot be used here (expected one of "
+                              f"{', '.join(sorted(map(str, allowed)))})")
+    return backend

@@ -1,0 +1,180 @@
+"""``kvm``: real vCPUs in KVM, sharded: each worker owns one KVM VM holding its vCPUs.
+
+With them come the VM-level devices (``vm/pit``, ``vm/clock``, ``vm/irqchip``: the PIT,
+kvmclock, and the PICs and IOAPIC), owned by worker 0 and loaded before its vCPUs; in the
+sharded model the machine's VM-level state is that of worker 0's VM.
+
+Runs in: the worker that owns the vCPUs. A KVM VM answers only the process that created
+it (any other gets EIO: the owner rule), so every worker creates its own VM, the
+*shard*, on the first vCPU it opens, and ``cpu/17`` is vCPU id 17 in whichever shard owns
+it, on either side, whatever the two sides' worker counts.
+
+A put is verified where it happens: the destination reads the vCPU back and compares it
+field by field with the record it loaded (:meth:`devstate.devices.kvm.vcpu.KvmVcpu.compare`);
+any difference not covered by a listed tolerance fails the put. The device digest is the
+record's stable digest (tolerated fields zeroed), so both sides can be compared after.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import xxhash
+
+from devstate.config.spec import DeviceSpec
+from devstate.devices.base import RecordDevice
+from devstate.devices.kvm.vcpu import KvmVcpu
+from devstate.devices.kvm.vm import VM_SAVE_ORDER, VOLATILE_FIELDS, KvmVm, VmSection, vm_state_bytes
+from devstate.errors import DeviceError
+
+# The VM-level devices and the parts of the VM state each one carries, in restore order
+# (Firecracker's: PIT, clock, irqchips); all load before any vCPU of the VM.
+VM_DEVICES: dict[str, tuple[VmSection, ...]] = {
+    "vm/pit": (VmSection.PIT2,),
+    "vm/clock": (VmSection.CLOCK,),
+    "vm/irqchip": (VmSection.PIC_MASTER, VmSection.PIC_SLAVE, VmSection.IOAPIC),
+}
+assert tuple(s for parts in VM_DEVICES.values() for s in parts) == VM_SAVE_ORDER
+# kvmclock may only move forward between a set and the readback, and not by much.
+CLOCK_TOLERANCE_NS = 10 * 10**9
+
+
+def vm_device_bytes(device_id: str) -> int:
+    """The record size of a VM-level device."""
+    return vm_state_bytes(VM_DEVICES[device_id])
+
+_shard: KvmVm | None = None
+
+
+def shard() -> KvmVm:
+    """This process's KVM VM, created on first use (irqchip and PIT before any vCPU)."""
+    global _shard
+    if _shard is None:
+        _shard = KvmVm(name="kvm-shard")
+    return _shard
+
+
+def release_vcpu(vcpu_id: int) -> None:
+    """Close a vCPU of this process's VM, and the VM with its last vCPU."""
+    global _shard
+    if _shard is None:
+        return
+    _shard.close_vcpu(vcpu_id)
+    if not _shard.vcpus:
+        _shard.close()
+        _shard = None
+
+
+@functools.cache
+def host_record_bytes() -> int:
+    """The size of a vCPU record on this host (XSAVE size and usable MSRs vary by host).
+
+    Probed once per process with a VM of its own; both sides of a migration on one host
+    agree, and the handshake refuses two hosts that do not.
+    """
+    with KvmVm(name="kvm-probe") as vm:
+        return vm.layout.record_bytes
+
+
+class KvmVcpuDevice(RecordDevice):
+    """One real vCPU, in its owner worker's KVM VM."""
+
+    releases_gil = True  # its gets and puts are ioctls through ctypes
+
+    def __init__(self, spec: DeviceSpec, machine_seed: int, *, incoming: bool = False) -> None:
+        super().__init__(spec, machine_seed)
+        self.vcpu_id = int(spec.id.split("/", 1)[1])
+        self._incoming = incoming
+        self._vcpu: KvmVcpu | None = None
+        self._scratch = bytearray()
+
+    async def open(self) -> None:
+        """Create the vCPU in this worker's VM; a source vCPU gets its seeded state."""
+        if self._vcpu is not None:
+            return
+        vm = shard()
+        self._vcpu = vm.create_vcpu(self.vcpu_id)
+        self._scratch = bytearray(vm.layout.record_bytes)
+        if not self._incoming:
+            self._vcpu.seed_state(self.machine_seed)
+
+    async def close(self) -> None:
+        """Close the vCPU fd, and the VM with its last vCPU."""
+        if self._vcpu is not None:
+            self._vcpu = None
+            release_vcpu(self.vcpu_id)
+
+    def _opened(self) -> KvmVcpu:
+        if self._vcpu is None:
+            raise DeviceError(self.id, "the vCPU is not open")
+        return self._vcpu
+
+    async def digest(self) -> bytes:
+        """The stable digest of the vCPU's current state."""
+        vcpu = self._opened()
+        vcpu.get(memoryview(self._scratch))
+        return vcpu.stable_digest(self._scratch)
+
+    def get(self, out: memoryview) -> int:
+        """Read the vCPU from KVM into ``out`` (the VM is stopped)."""
+        return self._opened().get(out)
+
+    def put(self, data: memoryview) -> None:
+        """Load a record into KVM, read it back, and fail on any unexplained difference."""
+        vcpu = self._opened()
+        vcpu.put(data)
+        vcpu.get(memoryview(self._scratch))
+        unexplained = [d for d in vcpu.compare(data, memoryview(self._scratch))
+                       if not d.explained]
+        if unexplained:
+            shown = "; ".join(str(d) for d in unexplained[:3])
+            raise DeviceError(self.id, f"put: the readback differs in {len(unexplained)} "
+                                       f"field(s): {shown}")
+
+
+class KvmVmPartDevice(RecordDevice):
+    """A part of the VM-level state of this worker's KVM VM (PIT, clock or irqchips)."""
+
+    def __init__(self, spec: DeviceSpec, machine_seed: int, *, incoming: bool = False) -> None:
+        super().__init__(spec, machine_seed)
+        self._sections = VM_DEVICES[spec.id]
+
+    async def open(self) -> None:
+        """Make sure this worker's VM exists (its irqchip and PIT come with it)."""
+        shard()
+
+    def get(self, out: memoryview) -> int:
+        """Read this part of the VM state into ``out``."""
+        record = shard().get_state(self._sections)
+        out[:len(record)] = record
+        return len(record)
+
+    def put(self, data: memoryview) -> None:
+        """Load this part, read it back, and fail unless only volatile fields moved."""
+        vm = shard()
+        vm.put_state(data, self._sections)
+        readback = vm.get_state(self._sections)
+        if self._stable(readback) != self._stable(data):
+            raise DeviceError(self.id, "put: the readback differs outside the fields the "
+                                       "kernel changes (count_load_time, clock)")
+        if VmSection.CLOCK in self._sections:
+            saved, now = (self._clock(vm, r) for r in (data, readback))
+            if not 0 <= now - saved <= CLOCK_TOLERANCE_NS:
+                raise DeviceError(self.id, f"put: kvmclock read back {now - saved} ns from "
+                                           "the saved value")
+
+    async def digest(self) -> bytes:
+        """Digest of this part with its volatile fields zeroed."""
+        return self._stable(shard().get_state(self._sections))
+
+    def _stable(self, record: bytes | memoryview) -> bytes:
+        copy = bytearray(record)
+        sections = shard().parse_state(copy, self._sections)
+        for section, offset, size in VOLATILE_FIELDS:
+            if section in sections:
+                sections[section][offset:offset + size] = bytes(size)
+        return xxhash.xxh3_128_digest(copy)
+
+    def _clock(self, vm: KvmVm, record: bytes | memoryview) -> int:
+        return int.from_bytes(vm.parse_state(record, self._sections)[VmSection.CLOCK][:8],
+                              "little")

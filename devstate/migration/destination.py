@@ -1,0 +1,303 @@
+"""The destination side: a machine whose devices wait, blank, for an incoming migration.
+
+Runs in: the destination coordinator process (``devstate vm --incoming``), on uvloop.
+
+Sequence (main channel messages in capitals; see source.py for the other side)::
+
+    accept main channel; its hello, then HELLO: the device table must equal ours; the
+        channel count may differ from our worker count (channel k goes to worker k % D)
+    accept the data channels (hello: migration id, index); pass each fd to its worker,
+        which (over TLS) runs the handshake and reads the hello again inside it;
+        connections with another migration id, a duplicate index, or no hello are
+        refused and logged, and the migration goes on
+    every stream device opens its load session (VFIO STOP -> RESUMING); Load dispatched
+    READY ->
+    ... workers receive into the arena, put, verify each END digest ...
+    LOADED -> (how many devices were loaded and verified)
+    <- COMMIT: resume every device; RESUMED ->
+    REPORT -> (per-device results, and digests if asked: off the critical path)
+    <- ABORT, a closed main channel, or any failure before COMMIT: every device discards
+       its load (FAILED -> with the reason, if the source is still there)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from devstate.errors import ChannelError, DevstateError, ProtocolError, WorkerFailed, describe
+from devstate.lifecycle import no_gc_pauses
+from devstate.migration.machine import Machine
+from devstate.net import channels
+from devstate.net.route import Routes, Routing
+from devstate.protocol import wire
+from devstate.worker import jobs as m
+
+log = logging.getLogger("devstate.migration.destination")
+T = TypeVar("T")
+
+# The source connects its data channels right after HELLO; seconds are generous.
+CHANNELS_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingResult:
+    """How an incoming migration ended on the destination."""
+
+    completed: bool
+    reason: str = ""
+
+
+class IncomingVM(Machine):
+    """The destination machine: a worker pool whose workers own blank devices."""
+
+    incoming = True
+    side = "dest"
+    _ready_ns = 0  # when READY went out: the origin of the times this side reports
+
+    async def accept_migration(self, listener: channels.Listener,
+                               tls: channels.TlsConfig | None = None) -> IncomingResult:
+        """Take one incoming migration from ``listener`` to completion or failure.
+
+        With ``tls`` every channel runs TLS with our certificate (and requires the source's,
+        if ``tls.verify_client``).
+        """
+        main: channels.Channel = await listener.accept()
+        try:
+            hello = await channels.read_hello(main)
+            if hello.kind is not wire.ChannelKind.MAIN:
+                raise ProtocolError("hello.kind", "the first connection must be the main channel")
+            main = await channels.secure_accepted(main, wire.pack_hello(hello), tls)
+            body = await channels.expect_control(main, wire.ControlType.HELLO)
+            concurrent, send_digests = self._check_hello(body, hello)
+            await self._unless_source_speaks(main, self._adopt_channels(
+                listener, hello.migration_id, hello.channels, tls), "channel setup")
+            async with _refusing_late_connections(listener):
+                await self.pool.call_all({w: m.PrepareLoad(self.plan.devices_of(w))
+                                          for w in range(self.plan.workers)})
+                with no_gc_pauses():  # the source has stopped: no collection pauses until
+                    loaded = await self._load(main, concurrent)  # the resume
+                    await channels.send_control(main, wire.ControlType.LOADED,
+                                                {"devices": loaded})
+                    await channels.expect_control(main, wire.ControlType.COMMIT)
+        except BaseException as exc:
+            await self._discard(main, exc)
+            main.close()
+            if isinstance(exc, DevstateError | OSError):
+                return IncomingResult(False, describe(exc))
+            raise
+        try:
+            with no_gc_pauses():
+                await self.pool.call_all({w: m.Resume() for w in range(self.plan.workers)})
+        except DevstateError as exc:
+            # Committed, but not running: put every device that did resume back to blank,
+            # then tell the source that nothing runs here, so that it resumes its own (the
+            # source still holds the whole state: it let go of nothing before RESUMED).
+            failed = DevstateError(f"resume after commit failed: {describe(exc)}")
+            await self._discard(main, failed, committed=True)
+            main.close()
+            return IncomingResult(False, f"{failed}; the source was told to resume")
+        self.running = True
+        try:
+            await channels.send_control(main, wire.ControlType.RESUMED, {})
+            # Off the critical path now: what each device cost, and its digest if asked.
+            results = m.unpack_results(await self.pool.call_all(
+                {w: m.Results() for w in range(self.plan.workers)}))
+            await channels.send_control(main, wire.ControlType.REPORT, {
+                "devices": _result_rows(results), "ready_ns": self._ready_ns,
+                "digests": await self.digests() if send_digests else {}})
+        except (DevstateError, OSError) as exc:
+            # Running here, and the source has committed: a report that cannot be sent
+            # changes nothing; say why.
+            log.warning("after resume: %s", exc)
+        finally:
+            main.close()
+        return IncomingResult(True)
+
+    def _check_hello(self, body: dict[str, Any], hello: wire.Hello) -> tuple[bool, bool]:
+        wire.field(body, "migration_id", str)
+        theirs = wire.field(body, "devices", list)
+        ours = self.spec.handshake_table()
+        if theirs != ours:
+            raise ProtocolError("control.devices", _table_difference(theirs, ours))
+        n = wire.field(body, "channels", int)
+        if hello.channels != n:
+            raise ProtocolError("control.channels", f"HELLO says {n} data channels, the "
+                                                    f"main channel's hello {hello.channels}")
+        most = self.plan.workers * self.settings.window_slots
+        if n > most:
+            raise ProtocolError("control.channels", f"source has {n} data channels, this "
+                                f"destination takes at most {most} ({self.plan.workers} "
+                                f"workers x {self.settings.window_slots} receive windows)")
+        share = self.settings.chunk_slots // -(-n // self.plan.workers)
+        if share < 1:
+            raise ProtocolError("control.channels", f"{n} data channels over "
+                                f"{self.plan.workers} workers need at least "
+                                f"{-(-n // self.plan.workers)} chunk slots per worker, this "
+                                f"destination has {self.settings.chunk_slots}")
+        routing = wire.field(body, "routing", str)
+        if routing not in {r.value for r in Routing}:
+            raise ProtocolError("control.routing", f"{routing!r} is not a routing")
+        chunk = wire.field(body, "chunk_bytes", int)
+        if chunk > self.settings.chunk_bytes:
+            raise ProtocolError("control.chunk_bytes", f"source packets of {chunk} B exceed "
+                                f"the destination's slots of {self.settings.chunk_bytes} B")
+        return wire.field(body, "concurrent", bool), wire.field(body, "digests", bool)
+
+    async def _adopt_channels(self, listener: channels.Listener, migration_id: uuid.UUID,
+                              count: int, tls: channels.TlsConfig | None) -> None:
+        """Accept ``count`` data channels, channel k for worker k % D; refuse and log
+        anything else."""
+        routes = Routes(count, self.plan.workers)
+        adopted: set[int] = set()
+        try:
+            await asyncio.wait_for(self._adopt_each(listener, migration_id, count, tls,
+                                                    routes, adopted), CHANNELS_TIMEOUT_S)
+        except TimeoutError:
+            missing = sorted(set(range(count)) - adopted)
+            raise ChannelError(f"data channel(s) {', '.join(map(str, missing))} did not "
+                               f"connect within {CHANNELS_TIMEOUT_S:.0f} s") from None
+
+    async def _adopt_each(self, listener: channels.Listener, migration_id: uuid.UUID,
+                          count: int, tls: channels.TlsConfig | None, routes: Routes,
+                          adopted: set[int]) -> None:
+        """Accept until every channel is adopted (``adopted`` fills as they are)."""
+        while len(adopted) < count:
+            conn = await listener.accept()
+            try:
+                hello = await channels.read_hello(conn)
+                refusal = _refusal(hello, migration_id, adopted, count)
+                if refusal:
+                    log.warning("refused a data channel: %s", refusal)
+                    continue
+                command = m.AdoptChannel(hello.index, wire.pack_hello(hello), tls)
+                try:
+                    await self.pool.call(routes.channel_owner(hello.index), command,
+                                         fd=conn.fileno())
+                except WorkerFailed as exc:  # its TLS handshake or inner hello failed
+                    log.warning("refused data channel %d: %s", hello.index, exc)
+                    continue
+                adopted.add(hello.index)
+            except (ChannelError, ProtocolError) as exc:
+                log.warning("refused a connection: %s", exc)
+            finally:
+                conn.close()  # the worker holds its own duplicate of an adopted fd
+
+    async def _load(self, main: socket.socket, concurrent: bool) -> int:
+        """Send READY and load; the source aborting or vanishing ends the load.
+
+        Returns how many devices were loaded and verified.
+        """
+        gen = self.next_gen()
+        loading = asyncio.ensure_future(self.pool.call_all({
+            w: m.Load(self.plan.devices_of(w), concurrent, self.plan.owner, gen,
+                      self.settings.record_threads)
+            for w in range(self.plan.workers)}))
+        try:
+            self._ready_ns = time.monotonic_ns()
+            await channels.send_control(main, wire.ControlType.READY, {})
+        except BaseException:
+            loading.cancel()
+            await asyncio.gather(loading, return_exceptions=True)
+            raise
+        results = await self._unless_source_speaks(main, loading, "the load")
+        return sum(results.values())
+
+    async def _unless_source_speaks(self, main: channels.Channel, work: Awaitable[T],
+                                    during: str) -> T:
+        """Await ``work``; the source aborting or vanishing (anything on the main channel)
+        ends it first."""
+        working = asyncio.ensure_future(work)
+        watching = asyncio.ensure_future(channels.recv_control(main))
+        try:
+            done, _ = await asyncio.wait({working, watching},
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if watching in done:
+                kind, body = watching.result()
+                raise ChannelError(f"source sent {kind.name} during {during}: "
+                                   f"{body.get('reason', '')}")
+            return working.result()
+        finally:
+            for task in (working, watching):
+                task.cancel()
+            await asyncio.gather(working, watching, return_exceptions=True)
+
+    async def _discard(self, main: socket.socket, cause: BaseException, *,
+                       committed: bool = False) -> None:
+        """Tell the source the migration failed and put every device back to blank. After
+        COMMIT the devices are stopped first and the message says nothing runs here: only
+        then may the source resume."""
+        log.warning("incoming migration failed: %s", describe(cause))
+        if not committed:
+            await self._tell_failed(main, cause, {})
+        alive = [w for w in range(self.plan.workers) if w not in self.pool.lost()]
+        with contextlib.suppress(DevstateError):
+            await self.pool.call_all({w: m.Cancel() for w in alive})
+        if committed:  # some devices may have resumed: stop them before the reset
+            with contextlib.suppress(DevstateError):
+                await self.pool.call_all({w: m.Pause() for w in alive})
+        with contextlib.suppress(DevstateError):
+            await self.pool.call_all({w: m.Discard() for w in alive})
+        self.running = False
+        if committed:
+            await self._tell_failed(main, cause, {"running": False})
+
+    @staticmethod
+    async def _tell_failed(main: socket.socket, cause: BaseException,
+                           extra: dict[str, Any]) -> None:
+        with contextlib.suppress(Exception):  # the source may be gone: nothing to tell
+            await channels.send_control(main, wire.ControlType.FAILED,
+                                        {"reason": describe(cause), **extra})
+
+
+@contextlib.asynccontextmanager
+async def _refusing_late_connections(listener: channels.Listener) -> AsyncIterator[None]:
+    """While the body runs, every new connection is late: close it and say so."""
+    async def refuse() -> None:
+        while True:
+            conn = await listener.accept()
+            conn.close()
+            log.warning("refused a late connection: every channel of the migration is "
+                        "connected")
+
+    refusing = asyncio.ensure_future(refuse())
+    try:
+        yield
+    finally:
+        refusing.cancel()
+        await asyncio.gather(refusing, return_exceptions=True)
+
+
+def _result_rows(results: list[m.DeviceResult]) -> list[dict[str, Any]]:
+    return [{"id": r.id, "index": r.index, "bytes": r.bytes, "worker": r.worker,
+             "start_ns": r.start_ns, "end_ns": r.end_ns, "done_ns": r.done_ns}
+            for r in results]
+
+
+def _refusal(hello: wire.Hello, migration_id: uuid.UUID, adopted: set[int],
+             count: int) -> str:
+    if hello.kind is not wire.ChannelKind.DATA:
+        return "a second main channel"
+    if hello.migration_id != migration_id:
+        return f"migration id {hello.migration_id} is not {migration_id}"
+    if hello.channels != count:
+        return f"it counts {hello.channels} channels, not {count}"
+    if hello.index in adopted:
+        return f"channel {hello.index} is already connected"
+    return ""
+
+
+def _table_difference(theirs: list[Any], ours: list[Any]) -> str:
+    if len(theirs) != len(ours):
+        return f"source has {len(theirs)} devices, destination {len(ours)}"
+    for i, (a, b) in enumerate(zip(theirs, ours, strict=True)):
+        if a != b:
+            return f"device {i}: source has {a}, destination has {b}"
+    return "device tables differ"

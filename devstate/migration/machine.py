@@ -1,0 +1,73 @@
+"""A machine on one side of a migration: a worker pool whose workers own its devices."""
+
+from __future__ import annotations
+
+import socket
+
+from devstate.config.params import Settings
+from devstate.config.spec import MachineSpec
+from devstate.lifecycle import AsyncLifecycle
+from devstate.planning.plan import Plan, make_plan, spec_order_plan
+from devstate.worker import jobs as m
+from devstate.worker.pool import WorkerPool
+
+
+class Machine(AsyncLifecycle):
+    """The devices of ``spec``, each owned by one worker of a pool (the owner rule).
+
+    Runs in: a coordinator process. ``incoming`` machines open their devices blank, to be
+    loaded by a migration; the others with the machine's seeded state.
+    """
+
+    incoming: bool = False
+    side: str = "machine"
+
+    def __init__(self, spec: MachineSpec, settings: Settings) -> None:
+        self.spec = spec
+        self.settings = settings
+        self.plan: Plan = (spec_order_plan(spec, settings.workers) if settings.spec_order
+                           else make_plan(spec, settings.workers, single_vm=settings.single_vm))
+        self.pool = WorkerPool(spec, settings.layout(spec), name=self.side,
+                               cpus=list(settings.cpus) if settings.cpus else None)
+        self.running = False
+        self._gen = 0
+
+    async def start(self) -> None:
+        """Start the pool, link its workers to each other, open every device on its owner."""
+        await self.pool.start()
+        if self.settings.fault is not None:
+            await self.pool.call_all({w: m.ArmFault(self.settings.fault)
+                                      for w in range(self.plan.workers)})
+        await self._link_workers()
+        await self.pool.call_all({w: m.OpenDevices(self.plan.devices_of(w), self.incoming)
+                                  for w in range(self.plan.workers)})
+        self.running = not self.incoming
+
+    async def _link_workers(self) -> None:
+        """Give every pair of workers a link for handoffs (:mod:`devstate.worker.handoff`)."""
+        n = self.plan.workers
+        for a in range(n):
+            for b in range(a + 1, n):
+                ends = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                try:
+                    await self.pool.call(a, m.JoinMesh(b), fd=ends[0].fileno())
+                    await self.pool.call(b, m.JoinMesh(a), fd=ends[1].fileno())
+                finally:
+                    for end in ends:  # each worker holds its own duplicate now
+                        end.close()
+
+    def next_gen(self) -> int:
+        """A fresh operation number for a Save or Load (tags its handoffs)."""
+        self._gen += 1
+        return self._gen
+
+    async def digests(self) -> dict[str, str]:
+        """Every device's state digest (hex), by device id: for checks, off the critical path."""
+        table = self.spec.devices()
+        replies = await self.pool.call_all({w: m.Digests(self.plan.devices_of(w))
+                                            for w in range(self.plan.workers)})
+        return {table[i].id: h for per_worker in replies.values() for i, h in per_worker.items()}
+
+    async def close(self) -> None:
+        """Stop the pool (its workers close the devices). Idempotent."""
+        await self.pool.close()

@@ -1,0 +1,404 @@
+"""The source side: a running machine whose state migrates out.
+
+Runs in: the source coordinator process, on uvloop.
+
+Sequence of one migration (main channel messages in capitals)::
+
+    setup   estimate the downtime (devstate.planning.cost); over the limit: stop here, VM running
+            connect main channel, HELLO (id, device table, channels, mode) -> destination
+            every worker connects the data channels it owns      (all before the stop)
+            <- READY (destination validated, devices in RESUMING, channels adopted)
+    active  Save starts; with precopy, devices that support it stream while the VM runs
+            until the re-estimate meets the limit (or fail, VM running, past the bound)
+    t0      stop (SwitchOver): every worker gets its devices in parallel and streams them
+            <- LOADED (every device put and its digest verified)
+            COMMIT -> (from here the source will not resume: the destination will)
+            <- RESUMED, received at t1: downtime = t1 - t0, both on this host's clock (an
+               upper bound by one main-channel latency; valid across hosts)
+            <- REPORT: per-device results [and digests, if asked, compared here]
+
+Any failure before COMMIT cancels the workers, tells the destination to discard (ABORT),
+resumes every device here and raises :class:`MigrationFailed` naming the cause. A failure
+after COMMIT leaves the source stopped with its state intact (the destination may be
+running): resuming would risk two running copies; unless the destination says FAILED with
+``running: false`` (its resume failed and it stopped and reset every device), when the
+source resumes: exactly one side runs the VM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from devstate.config.params import Overrun
+from devstate.config.spec import Backend
+from devstate.errors import (
+    DevstateError,
+    DowntimeLimitUnmet,
+    DowntimeOverrun,
+    MigrationFailed,
+    PeerFailed,
+    describe,
+)
+from devstate.lifecycle import no_gc_pauses
+from devstate.migration.machine import Machine
+from devstate.net import channels
+from devstate.net.route import Routes
+from devstate.planning.admission import TransferOrder
+from devstate.planning.cost import Estimate, HostCosts, estimate
+from devstate.protocol import wire
+from devstate.report.migration import DeviceReport, MigrationReport
+from devstate.worker import jobs as m
+
+log = logging.getLogger("devstate.migration.source")
+T = TypeVar("T")
+
+# After COMMIT the destination only resumes its devices: seconds are generous.
+RESUMED_TIMEOUT_S = 30.0
+# Records per worker the cost model's probe gets and puts back: enough for a stable mean,
+# few enough to fit the record slots and take milliseconds.
+PROBE_RECORDS = 64
+# How often precopy looks at what is left to send, against the limit.
+CONVERGE_POLL_S = 0.05
+# How long a failed save waits for the destination's own account of the failure.
+PEER_REASON_WAIT_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class SaveProgress:
+    """How far the save of a migration is: devices whose last byte was read, and state
+    bytes read (precopy's re-sent dirty bytes included, so it may pass ``stream_bytes``)."""
+
+    devices_done: int
+    devices: int
+    bytes_read: int
+    stream_bytes: int
+
+
+class SourceVM(Machine):
+    """The machine on the source: a worker pool whose workers own its devices."""
+
+    incoming = False
+    side = "source"
+    last_estimate: Estimate | None = None  # of the last migrate(), made before its stop
+    _record_us: tuple[float, float] | None = None  # probed kvm record costs
+    _ready_ns = 0  # when the last migration's READY arrived
+
+    async def migrate(self, address: channels.Address, *, tls: channels.TlsConfig | None = None,
+                      compare_digests: bool = False, costs: HostCosts | None = None,
+                      on_status: Callable[[str], None] | None = None) -> MigrationReport:
+        """Migrate the machine to the destination listening at ``address`` (over TLS with
+        ``tls``: the destination's certificate is checked against ``tls.ca``).
+
+        Before the stop, the cost model (``costs``: this host's constants) estimates the
+        downtime; with ``settings.downtime_limit_ms`` an estimate above the limit raises
+        :class:`DowntimeLimitUnmet` and nothing stops, unless ``settings.force_switchover``.
+        A stop-and-copy that passes the limit finishes and reports the overrun, or with
+        ``Overrun.ABORT`` is cancelled (:class:`DowntimeOverrun`; the source resumes).
+
+        ``on_status`` is called with QEMU's status names as the migration moves: ``setup``,
+        ``active`` (estimating, VM running), ``device`` (the VM stopped: stop-and-copy),
+        then ``completed``, ``failed``, or ``cancelling`` and ``cancelled`` on an abort.
+        """
+        status = on_status or (lambda _: None)
+        status("setup")
+        costs = costs or HostCosts()
+        status("active")
+        made = self.last_estimate = await self.estimate(costs)
+        limit = self.settings.downtime_limit_ms
+        precopy = self.settings.precopy and self.settings.concurrent and any(
+            d.vfio is not None and d.vfio.precopy for d in self.spec.devices())
+        if (limit is not None and made.expected_ms > limit and not precopy
+                and not self.settings.force_switchover):
+            status("failed")
+            raise DowntimeLimitUnmet(limit, made.expected_ms, made.explain())
+        migration_id = uuid.uuid4()
+        routes = self.routes
+        try:
+            sock = await channels.open_channel(address, channels.hello(
+                wire.ChannelKind.MAIN, 0, routes.channels, migration_id,
+                tls=tls is not None), tls)
+        except DevstateError as exc:
+            status("failed")
+            raise MigrationFailed(f"migration failed, source still running: main channel: "
+                                  f"{exc}") from exc
+        committed = False
+        try:
+            await self._setup(sock, address, tls, migration_id, compare_digests)
+            gen = self.next_gen()
+            saving = asyncio.ensure_future(self.pool.call_all({
+                w: m.Save(self.plan.devices_of(w), self.settings.concurrent, routes, gen,
+                          self.settings.record_threads, self.settings.max_bandwidth, precopy,
+                          self._transfer_order(costs))
+                for w in range(self.plan.workers)}))
+            loading = asyncio.ensure_future(
+                channels.expect_control(sock, wire.ControlType.LOADED))
+            try:
+                if precopy:
+                    try:
+                        made = self.last_estimate = await self._converge(saving, costs)
+                    except DevstateError as exc:
+                        await _peer_reason_first(loading, exc)
+                        raise
+                t0 = time.monotonic_ns()
+                self.running = False
+                status("device")
+                with no_gc_pauses():
+                    if precopy:
+                        await self.pool.call_all({w: m.SwitchOver()
+                                                  for w in range(self.plan.workers)})
+                    await self._within_limit(self._alongside_peer(saving, loading), t0, made)
+                    await channels.send_control(sock, wire.ControlType.COMMIT, {})
+                    committed = True
+                    async with asyncio.timeout(RESUMED_TIMEOUT_S):
+                        await channels.expect_control(sock, wire.ControlType.RESUMED)
+                    t1 = time.monotonic_ns()
+            finally:
+                for task in (saving, loading):
+                    task.cancel()
+                await asyncio.gather(saving, loading, return_exceptions=True)
+            async with asyncio.timeout(RESUMED_TIMEOUT_S):
+                report = await channels.expect_control(sock, wire.ControlType.REPORT)
+            saved = m.unpack_results(await self.pool.call_all(
+                {w: m.Results() for w in range(self.plan.workers)}))
+            # Stopped for good, the source's state is final (precopy devices kept running,
+            # and changing, until the stop): compare its digests with the destination's now.
+            ours = await self.digests() if compare_digests else {}
+            result = self._report(t0, t1, saved, report, ours, made)
+            status("completed")
+            return result
+        except BaseException as exc:
+            aborting = isinstance(exc, DowntimeOverrun)
+            status("cancelling" if aborting else "failed")
+            # After COMMIT the destination may run the VM: stay stopped, state intact, unless
+            # it said it runs none of it (its resume failed and it stopped what had started).
+            if committed and not (isinstance(exc, PeerFailed) and exc.not_running):
+                raise MigrationFailed(f"failed after commit ({exc}); the destination may be "
+                                      "running: the source stays stopped with its state") from exc
+            broken = await self._recover(sock, exc)
+            if broken is not None:  # the root cause of whatever followed
+                raise MigrationFailed(f"migration failed: {broken}; the VM cannot run on "
+                                      "either side: the other devices resumed here, these "
+                                      "are gone") from broken
+            if aborting:
+                status("cancelled")
+                raise
+            if isinstance(exc, DowntimeLimitUnmet):
+                raise  # precopy did not converge: recovered, the VM never stopped
+            if not isinstance(exc, DevstateError | OSError | TimeoutError):
+                raise  # cancelled or interrupted: recovered, and the interruption goes on
+            raise MigrationFailed(f"migration failed, source resumed: {exc}") from exc
+        finally:
+            sock.close()
+
+    async def progress(self) -> SaveProgress:
+        """The save so far, from every worker (cheap: one small round trip each); usable
+        while :meth:`migrate` runs, and after it, for the last migration."""
+        replies = await self.pool.call_all({w: m.Progress() for w in range(self.plan.workers)})
+        return SaveProgress(sum(done for done, _ in replies.values()), len(self.spec.devices()),
+                            sum(read for _, read in replies.values()),
+                            sum(v.size for v in self.spec.vfio))
+
+    def _transfer_order(self, costs: HostCosts) -> TransferOrder:
+        """The plan's transfer order, each stream at its slower rate, within what the host
+        copies (or the link carries, when capped)."""
+        table = self.spec.devices()
+        streams = tuple((i, float(v.rate))
+                        for i in self.plan.transfer if (v := table[i].vfio) is not None)
+        return TransferOrder(streams, min(costs.copy_bytes_per_s,
+                                          self.settings.max_bandwidth or math.inf))
+
+    async def estimate(self, costs: HostCosts,
+                       remaining: dict[int, int] | None = None) -> Estimate:
+        """The expected downtime, with record costs probed on the workers (once) where the
+        spec cannot know them (real KVM vCPUs), and for precopy devices the bytes they still
+        have to send (``remaining``). Runs before the stop, the VM still running."""
+        if self._record_us is None and self.spec.vcpus.backend is Backend.KVM \
+                and self.spec.vcpus.count:
+            self._record_us = await self.probe_records()
+        return estimate(self.spec, self.plan, costs, self._record_us, remaining,
+                        sequential=not self.settings.concurrent)
+
+    async def probe_records(self, sample: int = PROBE_RECORDS) -> tuple[float, float]:
+        """Get up to ``sample`` record devices per worker into the arena and put them back,
+        on every worker at once; return one record's (get, put) in µs of a core, as the
+        cost model counts them. The state is unchanged: each record is put back exactly as
+        it was got."""
+        gets = await self.pool.call_all({w: m.SnapshotRecords(sample)
+                                         for w in range(self.plan.workers)})
+        puts = await self.pool.call_all({w: m.RestoreRecords()
+                                         for w in range(self.plan.workers)})
+        per_get = [ns / n for ns, n in gets.values() if n]
+        per_put = [puts[w] / gets[w][1] for w in gets if gets[w][1]]
+        if not per_get:
+            return 0.0, 0.0
+        # Measured with every worker busy at once: a record's wall time on one worker,
+        # scaled to core time when workers share fewer cores.
+        share = min(1.0, len(os.sched_getaffinity(0)) / self.plan.workers)
+        return (sum(per_get) / len(per_get) / 1e3 * share,
+                sum(per_put) / len(per_put) / 1e3 * share)
+
+    async def _within_limit(self, work: Awaitable[None], t0: int, made: Estimate) -> None:
+        """Await stop-and-copy; with ``Overrun.ABORT``, cancel it once the limit passes."""
+        limit = self.settings.downtime_limit_ms
+        if limit is None or self.settings.overrun is not Overrun.ABORT:
+            await work
+            return
+        left_s = limit / 1e3 - (time.monotonic_ns() - t0) / 1e9
+        try:
+            async with asyncio.timeout(max(0.0, left_s)):
+                await work
+        except TimeoutError:
+            raise DowntimeOverrun(f"stop-and-copy passed the downtime limit of {limit:.0f} ms "
+                                  f"(expected {made.expected_ms:.0f} ms; critical path: "
+                                  f"{made.explain()}): aborted, the source resumed with its "
+                                  "state unchanged") from None
+
+    @property
+    def routes(self) -> Routes:
+        """This side's channel map: which worker sends on which channel, and how."""
+        return Routes(self.settings.data_channels, self.plan.workers, self.settings.routing)
+
+    async def _setup(self, sock: Any, address: channels.Address,
+                     tls: channels.TlsConfig | None, migration_id: uuid.UUID,
+                     compare_digests: bool) -> None:
+        """Handshake and open data channels, until the destination is READY."""
+        routes = self.routes
+        n = routes.channels
+        await channels.send_control(sock, wire.ControlType.HELLO, {
+            "migration_id": str(migration_id), "devices": self.spec.handshake_table(),
+            "channels": n, "routing": routes.routing.value,
+            "concurrent": self.settings.concurrent, "digests": compare_digests,
+            "chunk_bytes": self.settings.chunk_bytes})
+        await self._alongside_peer(self.pool.call_all({
+            w: m.ConnectChannels(address, tuple(
+                (k, channels.hello(wire.ChannelKind.DATA, k, n, migration_id,
+                                   tls=tls is not None))
+                for k in routes.channels_of(w)), tls)
+            for w in range(self.plan.workers)}),
+            channels.expect_control(sock, wire.ControlType.READY))
+        self._ready_ns = time.monotonic_ns()
+
+    async def _converge(self, saving: asyncio.Future[Any], costs: HostCosts) -> Estimate:
+        """Precopy until the expected downtime meets the limit (without a limit: until every
+        precopy device is down to one chunk); return the estimate to switch over on.
+
+        Past ``settings.precopy_timeout_s`` it switches over anyway if the policy says so
+        (``force_switchover``, or no limit), else raises :class:`DowntimeLimitUnmet`.
+        """
+        limit = self.settings.downtime_limit_ms
+        started = time.monotonic()
+        while True:
+            if saving.done():
+                saving.result()  # a failed precopy: its error
+                raise MigrationFailed("the save ended before the switchover")
+            replies = await self.pool.call_all({w: m.PrecopyRemaining()
+                                                for w in range(self.plan.workers)})
+            # A device whose precopy has not begun yet has all of its state to send.
+            remaining = {d.index: d.vfio.size for d in self.spec.devices()
+                         if d.vfio is not None and d.vfio.precopy}
+            remaining.update({i: n for reply in replies.values() for i, n in reply.items()})
+            made = await self.estimate(costs, remaining)
+            converged = (made.expected_ms <= limit if limit is not None
+                         else all(n <= self.settings.chunk_bytes for n in remaining.values()))
+            if converged:
+                return made
+            waited = time.monotonic() - started
+            if waited >= self.settings.precopy_timeout_s:
+                if limit is None or self.settings.force_switchover:
+                    return made
+                raise DowntimeLimitUnmet(limit, made.expected_ms, f"{made.explain()} (after "
+                                         f"{waited:.1f} s of precopy, still "
+                                         f"{sum(remaining.values()) / 2**20:.0f} MiB to send)")
+            await asyncio.wait({saving}, timeout=CONVERGE_POLL_S)
+
+    async def _alongside_peer(self, work: Awaitable[Any], reply: Awaitable[T]) -> T:
+        """Await the workers' ``work`` and the destination's ``reply`` together; the first
+        failure wins, except that the destination's own account of a failure is preferred.
+
+        Work that fails on a data channel is often the echo of a failure at the destination,
+        which closes its channels and says why on the main channel: give that reason a
+        moment to arrive, as it names the cause.
+        """
+        working, replying = asyncio.ensure_future(work), asyncio.ensure_future(reply)
+        try:
+            done, _ = await asyncio.wait({working, replying},
+                                         return_when=asyncio.FIRST_EXCEPTION)
+            if working in done and working.exception() is not None:
+                await _peer_reason_first(replying, working.exception())  # type: ignore[arg-type]
+            for task in done:
+                task.result()  # raises the first failure
+            await working
+            return await replying
+        finally:
+            for task in (working, replying):
+                task.cancel()
+            await asyncio.gather(working, replying, return_exceptions=True)
+
+    async def _recover(self, sock: Any, cause: BaseException) -> DevstateError | None:
+        """Undo a failed migration: abort the destination, cancel workers, resume devices.
+
+        Returns what keeps the VM from running here, if anything: a lost worker (its
+        devices died with it) or a device that would not resume (its model died).
+        """
+        log.warning("migration failed (%s): resuming on the source", describe(cause))
+        with contextlib.suppress(Exception):
+            await channels.send_control(sock, wire.ControlType.ABORT, {"reason": describe(cause)})
+        broken: DevstateError | None = None
+        for command in (m.Cancel(), m.Resume()):
+            alive = [w for w in range(self.plan.workers) if w not in self.pool.lost()]
+            try:
+                await self.pool.call_all({w: command for w in alive})
+            except DevstateError as exc:  # keep recovering the others; say what failed
+                log.warning("while recovering (%s): %s", type(command).__name__, exc)
+                if isinstance(command, m.Resume):
+                    broken = exc
+        lost = self.pool.lost()
+        if lost:
+            broken = lost[min(lost)]
+        self.running = broken is None
+        return broken
+
+    def _report(self, t0: int, t1: int, saved: list[m.DeviceResult], report: dict[str, Any],
+                ours: dict[str, str], made: Estimate) -> MigrationReport:
+        dest = {r["id"]: r for r in wire.field(report, "devices", list)}
+        after = wire.field(report, "digests", dict)
+        # The destination's clock is its own (another host, perhaps): its times count from
+        # when it sent READY, which is when READY arrived here less one channel latency.
+        shift = self._ready_ns - wire.field(report, "ready_ns", int)
+        rows = []
+        for r in sorted(saved, key=lambda r: r.index):
+            d = dest.get(r.id)
+            if d is None:
+                raise DevstateError(f"destination did not report {r.id}")
+            verified = bool(ours) and ours.get(r.id) == after.get(r.id)
+            rows.append(DeviceReport(
+                id=r.id, bytes=r.bytes, source_worker=r.worker, dest_worker=d["worker"],
+                save_start_ms=(r.start_ns - t0) / 1e6, save_end_ms=(r.end_ns - t0) / 1e6,
+                load_start_ms=(d["start_ns"] + shift - t0) / 1e6,
+                load_end_ms=(d["end_ns"] + shift - t0) / 1e6,
+                load_done_ms=(d["done_ns"] + shift - t0) / 1e6,
+                verified=verified, channel=r.channel))
+        mode = ("sequential" if not self.settings.concurrent
+                else "single-vm" if self.settings.single_vm else "concurrent")
+        return MigrationReport(mode, self.plan.workers, (t1 - t0) / 1e6, tuple(rows),
+                               digests_compared=bool(ours), expected_ms=made.expected_ms,
+                               critical_path=made.explain(),
+                               limit_ms=self.settings.downtime_limit_ms)
+
+
+async def _peer_reason_first(reply: asyncio.Future[Any], ours: BaseException) -> None:
+    """Raise the destination's own account of a failure (``reply`` failing within
+    PEER_REASON_WAIT_S) in place of ``ours``, its echo on this side; else return."""
+    if not reply.done():
+        await asyncio.wait({reply}, timeout=PEER_REASON_WAIT_S)
+    if reply.done() and not reply.cancelled() and reply.exception() is not None:
+        raise reply.exception() from ours  # type: ignore[misc]

@@ -1,0 +1,460 @@
+"""The QMP wire protocol, served on a Unix socket: what a controller (libvirt, qemu.qmp) talks.
+
+Runs in: the controller's event loop (asyncio or uvloop). Only the protocol lives here: the
+greeting, capabilities negotiation, request and argument checking, replies and events. The
+migration commands are handed in as a table of :class:`Command`.
+
+One client connection is one :class:`_Session`, an asyncio Protocol::
+
+    bytes --data_received--> JsonStream --> requests and parse errors, in order
+          --> queue (reading pauses at MAX_QUEUED_REQUESTS)
+          --> dispatch task: check the request, run the handler in a task of its own,
+              await it through asyncio.shield, write the reply
+    QmpServer.emit --> transport.write on every negotiated session (never awaits)
+
+A handler runs in its own task, shielded from the session: when a client goes away its
+dispatch task is cancelled, but the command (a migration, say) runs to completion and only
+its reply is dropped. Commands of one session run one at a time, in order; sessions are
+independent. As in QEMU, end of input means the client is gone: the session closes and
+requests not yet started are dropped.
+
+Framing (JSON texts, concatenated) and its resynchronisation rule: :mod:`devstate.qmp.json_stream`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import stat
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, cast
+
+from devstate.errors import DevstateError
+from devstate.qmp.json_stream import BadInput, JsonStream
+
+log = logging.getLogger("devstate.qmp")
+
+# Requests parsed but not yet executed, per session; past this the session stops reading
+# (QEMU's QMP_REQ_QUEUE_LEN_MAX is 8 too). One read may overshoot by what it held.
+MAX_QUEUED_REQUESTS = 8
+# Bytes waiting in a client's transport beyond which emit() drops the client: events are
+# never waited on, so a client that does not read them must not grow memory for ever.
+MAX_WRITE_BUFFER_BYTES = 4 << 20
+LISTEN_BACKLOG = 16
+# How long close() lets sessions flush what was written before dropping it.
+CLOSE_FLUSH_TIMEOUT_S = 2.0
+
+
+
+
+class QmpError(DevstateError):
+    """Raised by a command handler to answer with a QMP error of that class and text.
+
+    ``error_class`` is a QAPI error class (``GenericError``, ``CommandNotFound``...) and
+    ``desc`` is what the client sees, e.g. ``ExecuteError`` in qemu.qmp.
+    """
+
+    def __init__(self, error_class: str, desc: str) -> None:
+        super().__init__(desc)
+        self.error_class = error_class
+        self.desc = desc
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    """One argument of a command: its name, the JSON type(s) it takes, whether it must be given.
+
+    ``float`` accepts integers as well (both are JSON numbers); ``int`` does not accept
+    booleans.
+    """
+
+    name: str
+    kind: type | tuple[type, ...]
+    required: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A QMP command: ``handler`` gets the checked arguments and returns the ``return`` value.
+
+    A handler returning None answers ``{}``. It raises :class:`QmpError` to answer with an
+    error of its choice; any other :class:`DevstateError` becomes a ``GenericError`` with its
+    text; anything else is logged and answered as an internal error.
+    """
+
+    name: str
+    handler: Callable[[dict[str, Any]], Awaitable[Any]]
+    params: tuple[Param, ...] = ()
+
+
+_NO_ID = object()  # the request had no "id" (None would be an id of JSON null)
+
+_TYPE_NAMES = {str: "string", int: "integer", float: "number", bool: "boolean",
+               dict: "object", list: "array"}
+
+
+def _encode(message: dict[str, Any]) -> bytes:
+    # ASCII with \u escapes: a lone surrogate echoed from an id stays valid JSON.
+    return json.dumps(message, allow_nan=False).encode("ascii") + b"\r\n"
+
+
+def _error(error_class: str, desc: str) -> dict[str, Any]:
+    return {"error": {"class": error_class, "desc": desc}}
+
+
+def _parse_request(request: Any) -> tuple[str, dict[str, Any]]:
+    """The command name and arguments of a request, or QmpError saying what is wrong."""
+    if not isinstance(request, dict):
+        raise QmpError("GenericError", "QMP input must be a JSON object")
+    name = None
+    for key, value in request.items():
+        if key in ("execute", "exec-oob"):  # out-of-band requests run in order like the rest
+            if not isinstance(value, str):
+                raise QmpError("GenericError", f"QMP input member '{key}' must be a string")
+            if name is not None:
+                raise QmpError("GenericError", f"QMP input member '{key}' is unexpected")
+            name = value
+        elif key == "arguments":
+            if not isinstance(value, dict):
+                raise QmpError("GenericError", "QMP input member 'arguments' must be an object")
+        elif key != "id":
+            raise QmpError("GenericError", f"QMP input member '{key}' is unexpected")
+    if name is None:
+        raise QmpError("GenericError", "QMP input lacks member 'execute'")
+    return name, request.get("arguments", {})
+
+
+def _has_kind(value: Any, kind: type | tuple[type, ...]) -> bool:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool):
+        return bool in kinds
+    if isinstance(value, int) and float in kinds:
+        return True
+    return isinstance(value, kinds)
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if float in kinds:  # an integer is a number too: (int, float) reads "number"
+        kinds = tuple(k for k in kinds if k is not int)
+    return " or ".join(_TYPE_NAMES.get(k, k.__name__) for k in kinds)
+
+
+def _check_arguments(command: Command, args: dict[str, Any]) -> dict[str, Any]:
+    """The arguments checked against ``command.params`` (QEMU's order and wording)."""
+    for param in command.params:
+        if param.name not in args:
+            if param.required:
+                raise QmpError("GenericError", f"Parameter '{param.name}' is missing")
+        elif not _has_kind(args[param.name], param.kind):
+            raise QmpError("GenericError", f"Invalid parameter type for '{param.name}', "
+                                           f"expected: {_kind_name(param.kind)}")
+    known = {param.name for param in command.params}
+    for name in args:
+        if name not in known:
+            raise QmpError("GenericError", f"Parameter '{name}' is unexpected")
+    return dict(args)
+
+
+class _Session(asyncio.Protocol):
+    """One client connection: parses its input, runs its commands in order, writes replies.
+
+    Runs in: the server's event loop, as protocol callbacks plus one dispatch task that owns
+    command execution. Events are written by :meth:`QmpServer.emit` directly.
+    """
+
+    def __init__(self, server: QmpServer) -> None:
+        self._server = server
+        self._stream = JsonStream()
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._transport: asyncio.Transport | None = None
+        self.dispatching: asyncio.Task[None] | None = None
+        self.is_negotiated = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A stream transport (uvloop's are not asyncio.Transport subclasses, so no isinstance).
+        self._transport = cast(asyncio.Transport, transport)
+        if self._server._is_closed:  # accepted just before close() stopped listening
+            self._transport.abort()
+            return
+        self._server._sessions.add(self)
+        self.write(self._server._greeting)
+        self.dispatching = asyncio.get_running_loop().create_task(self._dispatch_all())
+
+    def data_received(self, data: bytes) -> None:
+        for item in self._stream.feed(data):
+            self._queue.put_nowait(item)
+        self._pace_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._server._sessions.discard(self)
+        if self.dispatching is not None:
+            self.dispatching.cancel()  # a running command is shielded and carries on
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    def write(self, line: bytes) -> None:
+        """Send one encoded message, unless the connection is already going away."""
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(line)
+
+    def send_event(self, line: bytes) -> None:
+        """Send an event without waiting; drop the client if it lets too much pile up."""
+        self.write(line)
+        if self._transport is None or self._transport.is_closing():
+            return
+        backlog = self._transport.get_write_buffer_size()
+        if backlog > MAX_WRITE_BUFFER_BYTES:
+            log.warning("qmp: dropping a client that does not read its events "
+                        "(%d bytes unsent)", backlog)
+            self.abort()
+
+    def abort(self) -> None:
+        """Close the connection now, discarding unsent output."""
+        if self._transport is not None:
+            self._transport.abort()
+        if self.dispatching is not None:
+            self.dispatching.cancel()
+
+    def finish(self) -> None:
+        """Close the connection once what was written has gone out (a reply to ``quit``
+        reaches its client), running no more of its commands."""
+        if self._transport is not None:
+            self._transport.close()
+        if self.dispatching is not None:
+            self.dispatching.cancel()
+
+    def _pace_reading(self) -> None:
+        # Stop reading while enough requests wait: a client that pipelines faster than its
+        # commands run is held back by its socket buffer instead of our memory.
+        if self._transport is None or self._transport.is_closing():
+            return
+        if self._queue.qsize() >= MAX_QUEUED_REQUESTS:
+            self._transport.pause_reading()
+        elif not self._transport.is_reading():
+            self._transport.resume_reading()
+
+    async def _dispatch_all(self) -> None:
+        while True:
+            # Wait for the client to read what we wrote before running more of its commands;
+            # nothing awaits between a command's end and its reply, so no event gets ahead
+            # of the reply that completes negotiation.
+            await self._writable.wait()
+            item = await self._queue.get()
+            self._pace_reading()
+            self.write(await self._answer(item))
+
+    async def _answer(self, request: Any) -> bytes:
+        if isinstance(request, BadInput):
+            return _encode(_error("GenericError", request.desc))
+        request_id = request.get("id", _NO_ID) if isinstance(request, dict) else _NO_ID
+        try:
+            name, args = _parse_request(request)
+            command = self._server._lookup(name, self.is_negotiated)
+            payload = await self._run(command, _check_arguments(command, args))
+        except QmpError as exc:
+            payload = _error(exc.error_class, exc.desc)
+        else:
+            if name == "qmp_capabilities" and "return" in payload:
+                self.is_negotiated = True
+        return _encode_reply(payload, request_id)
+
+    async def _run(self, command: Command, args: dict[str, Any]) -> dict[str, Any]:
+        task = asyncio.get_running_loop().create_task(self._server._execute(command, args))
+        self._server._running.add(task)
+        task.add_done_callback(self._server._running.discard)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and current is not None and not current.cancelling():
+                return _error("GenericError", f"command {command.name} was cancelled")
+            raise
+
+
+def _encode_reply(payload: dict[str, Any], request_id: Any) -> bytes:
+    # A handler may return what JSON cannot hold (an object, NaN): that is an internal
+    # error for the client, not a reason to lose the session.
+    message = dict(payload)
+    if request_id is not _NO_ID:
+        message["id"] = request_id
+    try:
+        return _encode(message)
+    except (TypeError, ValueError, RecursionError) as exc:
+        log.error("qmp: cannot encode a reply: %s", exc)
+        return _encode_reply(
+            _error("GenericError", f"internal error: {type(exc).__name__}: {exc}"), request_id)
+
+
+class QmpServer:
+    """A QMP server on a Unix socket serving a table of commands.
+
+    Runs in: the controller's event loop; every method must be called from it. Use as
+    ``async with QmpServer(commands) as qmp: await qmp.start(path)``. ``qmp_capabilities``
+    and ``query-commands`` are supplied unless the table has its own.
+    """
+
+    def __init__(self, commands: Iterable[Command], *, version: tuple[int, int, int] = (10, 0, 0),
+                 package: str = "devstate") -> None:
+        self._commands: dict[str, Command] = {}
+        for command in commands:
+            if command.name in self._commands:
+                raise ValueError(f"QmpServer: command {command.name} is defined twice")
+            self._commands[command.name] = command
+        builtins = (Command("qmp_capabilities", self._qmp_capabilities,
+                            (Param("enable", list, required=False),)),
+                    Command("query-commands", self._query_commands))
+        for builtin in builtins:
+            self._commands.setdefault(builtin.name, builtin)
+        major, minor, micro = version
+        self._greeting = _encode({"QMP": {
+            "version": {"qemu": {"micro": micro, "minor": minor, "major": major},
+                        "package": package},
+            "capabilities": ["oob"]}})
+        self._sessions: set[_Session] = set()
+        self._running: set[asyncio.Task[dict[str, Any]]] = set()  # strong refs to commands
+        self._server: asyncio.AbstractServer | None = None
+        self._path = ""
+        self._socket_id: tuple[int, int] | None = None  # (st_dev, st_ino) of our socket file
+        self._is_closed = False
+
+    @property
+    def sessions(self) -> int:
+        """How many clients are connected now."""
+        return len(self._sessions)
+
+    async def start(self, path: str | os.PathLike[str]) -> None:
+        """Listen on the Unix socket ``path`` (mode 0600), replacing a stale socket file there.
+
+        Raises OSError if the path cannot be bound (it exists and is not a socket, say).
+        """
+        if self._server is not None or self._is_closed:
+            raise RuntimeError("QmpServer.start: the server was already started or closed")
+        self._path = os.fspath(path)
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(os.lstat(self._path).st_mode):
+                os.unlink(self._path)  # left by a process that did not close its server
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(self._path)
+            # bind() created the file with the process umask, but nobody can connect before
+            # listen(), which create_unix_server calls: narrowed here, it is never open to
+            # others. (Changing the umask instead would race with other threads.)
+            os.chmod(self._path, 0o600)
+            info = os.lstat(self._path)
+            self._socket_id = (info.st_dev, info.st_ino)
+            self._server = await asyncio.get_running_loop().create_unix_server(
+                lambda: _Session(self), sock=sock, backlog=LISTEN_BACKLOG)
+        except BaseException:
+            sock.close()
+            self._unlink_socket()
+            raise
+
+    async def close(self) -> None:
+        """Stop listening, end every session (what was written still goes out) and remove the
+        socket file; a no-op if closed.
+
+        Commands still running are not cancelled: they finish and their replies are dropped.
+        """
+        if self._is_closed:
+            return
+        self._is_closed = True
+        if self._server is not None:
+            self._server.close()
+        sessions = list(self._sessions)
+        self._sessions.clear()
+        for session in sessions:
+            session.finish()
+        await asyncio.gather(*(s.dispatching for s in sessions if s.dispatching is not None),
+                             return_exceptions=True)
+        try:
+            # A client that stopped reading would hold its flush (and, on newer asyncio,
+            # wait_closed) for ever: past the bound, its output is dropped.
+            async with asyncio.timeout(CLOSE_FLUSH_TIMEOUT_S):
+                if self._server is not None:
+                    await self._server.wait_closed()
+        except TimeoutError:
+            for session in sessions:
+                session.abort()
+        self._unlink_socket()
+
+    async def __aenter__(self) -> QmpServer:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
+
+    def emit(self, event: str, data: dict[str, Any] | None = None) -> None:
+        """Send an event to every client past negotiation, without waiting for any of them.
+
+        Never raises because of a client; a client that lets more than
+        MAX_WRITE_BUFFER_BYTES pile up unread is dropped.
+        """
+        now_us = time.time_ns() // 1000
+        line = _encode({"event": event, "data": {} if data is None else data,
+                        "timestamp": {"seconds": now_us // 1_000_000,
+                                      "microseconds": now_us % 1_000_000}})
+        for session in list(self._sessions):
+            if session.is_negotiated:
+                session.send_event(line)
+
+    def _lookup(self, name: str, is_negotiated: bool) -> Command:
+        if not is_negotiated and name != "qmp_capabilities":
+            raise QmpError("CommandNotFound",
+                           "Expecting capabilities negotiation with 'qmp_capabilities'")
+        if is_negotiated and name == "qmp_capabilities":
+            raise QmpError("CommandNotFound",
+                           "Capabilities negotiation is already complete, command ignored")
+        try:
+            return self._commands[name]
+        except KeyError:
+            raise QmpError("CommandNotFound", f"The command {name} has not been found") from None
+
+    async def _execute(self, command: Command, args: dict[str, Any]) -> dict[str, Any]:
+        """Run one handler; return its reply payload. Runs in: a task of its own, which a
+        client going away does not cancel."""
+        try:
+            value = await command.handler(args)
+        except QmpError as exc:
+            return _error(exc.error_class, exc.desc)
+        except DevstateError as exc:
+            return _error("GenericError", str(exc))
+        except Exception as exc:
+            log.exception("qmp: command %s failed", command.name)
+            return _error("GenericError", f"internal error: {type(exc).__name__}: {exc}")
+        return {"return": {} if value is None else value}
+
+    async def _qmp_capabilities(self, args: dict[str, Any]) -> None:
+        for index, capability in enumerate(args.get("enable", [])):
+            if not isinstance(capability, str):
+                raise QmpError("GenericError", f"Invalid parameter type for 'enable[{index}]', "
+                                               "expected: string")
+            if capability != "oob":
+                raise QmpError("GenericError", f"Parameter 'enable[{index}]' does not accept "
+                                               f"value '{capability}'")
+
+    async def _query_commands(self, args: dict[str, Any]) -> list[dict[str, str]]:
+        return [{"name": name} for name in self._commands]
+
+    def _unlink_socket(self) -> None:
+        # Only our own socket file: another server may have replaced it since.
+        try:
+            info = os.lstat(self._path)
+        except FileNotFoundError:
+            return
+        if (info.st_dev, info.st_ino) == self._socket_id:
+            os.unlink(self._path)

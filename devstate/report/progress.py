@@ -1,0 +1,94 @@
+"""A live progress display of one migration, for a person at a terminal.
+
+Runs in: the ``devstate migrate`` / ``demo`` process, on its loop, beside the migration.
+
+One line, redrawn ten times a second on standard error (standard output keeps the report):
+the migration's status, devices saved and state bytes read on the source (the destination
+loads them behind), and once the VM has stopped the
+time since the stop against the downtime limit (or the estimate, without a limit). The
+display is ``rich``'s: it knows terminal widths and cleans up after itself; off a terminal,
+or with ``--json``, nothing is drawn at all (:func:`wanted`). Drawing costs one small
+request per worker every ``REFRESH_S``, during the stop too: a person watching accepts
+that; benchmarks and controllers (``--json``, no terminal) never pay it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+from collections.abc import AsyncIterator
+
+from rich.console import Console
+from rich.live import Live
+from rich.text import Text
+
+from devstate.errors import DevstateError
+from devstate.migration.source import SaveProgress, SourceVM
+
+REFRESH_S = 0.1
+
+
+def wanted(json_output: bool) -> bool:
+    """Whether to draw: a person is watching standard error, and no machine reads stdout."""
+    return not json_output and sys.stderr.isatty()
+
+
+class MigrationProgress:
+    """The state the line shows; :meth:`status` is a ``migrate(on_status=...)`` callback."""
+
+    def __init__(self, limit_ms: float | None) -> None:
+        self.limit_ms = limit_ms
+        self.state = "setup"
+        self.stopped_at: float | None = None
+        self.saved: SaveProgress | None = None
+        self.expected_ms: float | None = None
+
+    def status(self, state: str) -> None:
+        """A status change of the migration (QEMU's names)."""
+        self.state = state
+        if state == "device" and self.stopped_at is None:
+            self.stopped_at = time.monotonic()
+
+    def line(self) -> Text:
+        """The line as it stands now."""
+        text = Text(f"{self.state:<10}", style="bold")
+        if self.saved is not None:
+            s = self.saved
+            text.append(f"  saved {s.devices_done}/{s.devices} devices, "
+                        f"{s.bytes_read / 2**20:,.0f}/{s.stream_bytes / 2**20:,.0f} MiB")
+        if self.stopped_at is not None:
+            elapsed = (time.monotonic() - self.stopped_at) * 1e3
+            deadline = self.limit_ms or self.expected_ms
+            over = deadline is not None and elapsed > deadline
+            said = f"  stopped {elapsed:,.0f} ms"
+            if deadline is not None:
+                said += f" of {deadline:,.0f} ms {'limit' if self.limit_ms else 'expected'}"
+            text.append(said, style="red" if over else "green")
+        return text
+
+
+@contextlib.asynccontextmanager
+async def following(source: SourceVM, progress: MigrationProgress,
+                    console: Console | None = None) -> AsyncIterator[None]:
+    """Draw ``progress`` while the body runs, polling ``source`` for its save's progress."""
+    console = console or Console(stderr=True)
+
+    async def poll(live: Live) -> None:
+        while True:
+            if source.last_estimate is not None:
+                progress.expected_ms = source.last_estimate.expected_ms
+            with contextlib.suppress(DevstateError):  # a pool that is going away
+                progress.saved = await source.progress()
+            live.update(progress.line(), refresh=True)
+            await asyncio.sleep(REFRESH_S)
+
+    with Live(progress.line(), console=console, transient=True,
+              auto_refresh=False) as live:
+        task = asyncio.get_running_loop().create_task(poll(live))
+        try:
+            yield
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)

@@ -1,0 +1,522 @@
+"""The destination side of one worker: receive packets into the arena and put its devices.
+
+Runs in: a destination worker process, on its event loop. The worker owns its devices, its
+partition of the arena and its data channels (none, one or several: :mod:`devstate.net.route`).
+
+Receiving: small packets (records, END markers) arrive batched into a channel's receive
+*window*, a slot of the arena, and records of this worker's devices are put straight from
+there (in single-vm mode each is copied to a record slot of its own first, to be put on a
+thread). A stream CHUNK's payload goes to a chunk slot of its own: after a chunk header, the
+receiver reads only up to the next header, so payloads land in their slot by ``recv_into``
+without a copy (a copy happens only for payload bytes that shared one read with small
+packets before them). When no chunk slot is free the receiver stops reading: the channel
+fills and the sender blocks (backpressure, bounded memory). Each channel has its own share
+of the chunk slots: a channel whose slots all hold packets that came early must never
+starve the channel that carries the packet they wait for. Each channel ends with a FIN that
+counts its packets.
+
+Owners: a packet of a device another worker owns is handed to it (:mod:`devstate.worker.handoff`):
+a chunk's slot is lent as it is; a small packet is first copied out of the window into a
+record slot. The owner gives the slot back once the bytes are written to the device.
+
+Order and integrity: every packet's checksum is verified on arrival; the owner accepts each
+device's packets in sequence order, holding any that arrive early (spread routing: the
+packets of one stream come over several channels) in the slots they arrived in, so
+reassembly copies nothing. Records come exactly once; each device's END digest (over its
+packets' checksums, in order: :class:`~devstate.protocol.wire.StateDigest`) and byte count
+must match before the device counts as loaded. Any failure raises, which cancels every task
+of the load.
+
+Concurrent mode gives each stream device its own task (chunks queue to it in order), so one
+device's slow writes or firmware latency never block another. Sequential mode handles each
+packet of its own channels to completion before reading the next, as VMMs do today (a
+device that waits on a dependency, or a packet handed over by another worker, is the
+exception: waiting there could block what it waits for).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from functools import partial
+
+from devstate.arena.slots import Slot, SlotPool
+from devstate.devices.base import Device, RecordDevice, StreamDevice, on_thread
+from devstate.errors import ChannelError, IntegrityError, ProtocolError
+from devstate.net import fdio
+from devstate.protocol import wire
+from devstate.worker.faults import injector
+from devstate.worker.handoff import Mesh, Note, Op, raise_when_set
+from devstate.worker.jobs import ResultRow
+
+HDR = wire.PACKET_HEADER_BYTES
+
+Release = Callable[[], None]
+
+
+@dataclass(slots=True)
+class _Early:
+    """A packet that arrived before its turn, held (in its slot) until the ones before it."""
+
+    kind: wire.PacketKind
+    checksum: int
+    payload: memoryview
+    release: Release | None
+    end: wire.EndOfState | None
+
+
+@dataclass(slots=True)
+class _Incoming:
+    """Progress of one device's load."""
+
+    device: Device
+    next_seq: int = 0
+    bytes: int = 0
+    packets: int = 0
+    start_ns: int = 0
+    end_ns: int = 0
+    done_ns: int = 0
+    ended: bool = False
+    digest: wire.StateDigest = field(default_factory=wire.StateDigest)
+    early: dict[int, _Early] = field(default_factory=dict)
+    queue: asyncio.Queue[tuple[memoryview | None, Release | None,
+                               wire.EndOfState | None]] | None = None
+
+
+class Loader:
+    """Receives one worker's channels and loads the devices it owns."""
+
+    def __init__(self, worker: int, devices: dict[int, Device], slots: SlotPool,
+                 arena: memoryview, windows: dict[int, Slot],
+                 channels: dict[int, socket.socket], mesh: Mesh | None,
+                 owner: tuple[int, ...], gen: int, *, record_class: int, chunk_class: int,
+                 executor: Executor | None = None,
+                 after: tuple[tuple[int, ...], ...] | None = None) -> None:
+        self.worker = worker
+        self._devices = devices
+        self._slots = slots
+        self._arena = arena
+        self._windows = windows
+        self._channels = channels
+        self._mesh = mesh
+        self._owner = owner
+        self._gen = gen
+        self._record_class = record_class
+        self._chunk_class = chunk_class
+        self._executor = executor
+        self._max_chunk = slots.sizes[chunk_class] - HDR
+        share = slots.counts[chunk_class] // max(1, len(channels))
+        if channels and share < 1:
+            raise ValueError(f"{len(channels)} channels need as many chunk slots")
+        self._shares = {k: asyncio.Semaphore(share) for k in channels}
+        self._max_payload = max([self._max_chunk] + [w.size - HDR for w in windows.values()])
+        self._loads: dict[int, _Incoming] = {}
+        self._unloaded = 0
+        # Completion order: device i completes its load after every device in after[i]
+        # (spec ``after``), wherever those load; LOADED notes say so across workers.
+        self._after = after or tuple(() for _ in owner)
+        self._is_dependency = [False] * len(owner)
+        for deps in self._after:
+            for dep in deps:
+                self._is_dependency[dep] = True
+        self._loaded: set[int] = set()
+        self._waiting: dict[int, list[asyncio.Future[None]]] = {}
+        self._all_loaded = asyncio.Event()
+        # offset -> our slot held by its device's owner, and the channel share it counts in
+        self._lent: dict[int, tuple[Slot, asyncio.Semaphore | None]] = {}
+        self._all_back = asyncio.Event()
+        self._all_back.set()
+        self._concurrent = False
+        self._tasks: asyncio.TaskGroup | None = None
+        self._fault: asyncio.Future[None] | None = None
+
+    async def run(self, indices: Iterable[int], concurrent: bool) -> list[ResultRow]:
+        """Load every device in ``indices``; return once each is put and verified, every
+        channel of this worker has ended, and every slot it lent is back."""
+        self._concurrent = concurrent
+        self._loads = {i: _Incoming(self._devices[i]) for i in indices}
+        self._unloaded = len(self._loads)
+        if not self._unloaded:
+            self._all_loaded.set()
+        self._fault = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tasks = tg
+                watch = tg.create_task(raise_when_set(self._fault))
+                # Only now: notes that came early are replayed at once, and a stream's
+                # first packet starts a task in this group.
+                if self._mesh is not None:
+                    self._mesh.serve(self._gen, self._on_note)
+                await asyncio.gather(*(tg.create_task(self._receive(k, sock))
+                                       for k, sock in self._channels.items()))
+                await self._all_loaded.wait()  # single-vm puts included: see their done()
+                await self._all_back.wait()
+                watch.cancel()
+        finally:
+            if self._mesh is not None:
+                self._mesh.stop()
+            self._release_held()
+        return [(i, s.device.id, s.bytes, s.packets, s.start_ns, s.end_ns, self.worker,
+                 s.done_ns) for i, s in self._loads.items()]
+
+    def _release_held(self) -> None:
+        """After a failed load: every slot still lent or held early goes back to its pool."""
+        for state in self._loads.values():
+            for early in state.early.values():
+                if early.release is not None:
+                    early.release()
+            state.early.clear()
+        for lent in self._lent.values():
+            self._give_back(*lent)
+        self._lent.clear()
+
+    async def _receive(self, channel: int, sock: socket.socket) -> None:
+        buf = self._windows[channel].view
+        # A small packet must fit in half the window, so moving a partial one to the front
+        # always makes room for the rest of it.
+        max_small = len(buf) // 2 - HDR
+        start = end = 0
+        packets = 0
+        after_chunk = False
+        while True:
+            while end - start >= HDR:
+                header = wire.decode_packet_header(buf[start:start + HDR],
+                                                   devices=len(self._owner),
+                                                   max_payload=self._max_payload)
+                if header.kind is wire.PacketKind.CHUNK:
+                    if header.length > self._max_chunk:
+                        raise ProtocolError("packet.length", f"a CHUNK of {header.length} B "
+                                            f"exceeds the chunk slots' {self._max_chunk} B")
+                    have = min(end - start - HDR, header.length)
+                    await self._receive_chunk(channel, sock, header, buf[start:start + HDR],
+                                              buf[start + HDR:start + HDR + have])
+                    start += HDR + have
+                    packets += 1
+                    after_chunk = True
+                    continue
+                if header.length > max_small:
+                    raise ProtocolError("packet.length", f"a {header.kind.name} of "
+                                        f"{header.length} B exceeds the limit {max_small}")
+                total = HDR + header.length
+                if end - start < total:
+                    break
+                payload = buf[start + HDR:start + total]
+                wire.verify_payload(buf[start:start + HDR], header, payload)
+                if header.kind is wire.PacketKind.FIN:
+                    if header.seq != packets:
+                        raise IntegrityError("fin.packets", f"channel {channel}: the source "
+                                             f"sent {header.seq} packets, received {packets}")
+                    if end - start > total:
+                        raise ProtocolError("packet.flags", f"channel {channel}: bytes after "
+                                                            "its FIN")
+                    return
+                await self._small_packet(header, payload)
+                packets += 1
+                start += total
+                after_chunk = False
+            if start == end:
+                start = end = 0
+            elif start > len(buf) // 2:
+                buf[:end - start] = buf[start:end]  # a partial small packet: move it forward
+                start, end = 0, end - start
+            # Streaming chunks, read only up to the next header so the payload after it
+            # lands in its own slot; otherwise take as many small packets as fit.
+            limit = start + HDR if after_chunk and end - start < HDR else len(buf)
+            n = await fdio.recv_some(sock, buf[end:limit])
+            if n == 0:
+                raise ChannelError(f"data channel {channel} closed by the source before its "
+                                   f"end ({self._unfinished()} still loading here)")
+            end += n
+
+    def _unfinished(self) -> str:
+        missing = [s.device.id for s in self._loads.values() if not s.done_ns]
+        if not missing:
+            return "nothing"
+        return ", ".join(missing[:4]) + (" ..." if len(missing) > 4 else "")
+
+    async def _receive_chunk(self, channel: int, sock: socket.socket,
+                             header: wire.PacketHeader, header_bytes: memoryview,
+                             head: memoryview) -> None:
+        """Receive a chunk into a slot of its own; ``head`` is what the window already has."""
+        share = self._shares[channel]
+        await share.acquire()
+        slot = await self._slots.acquire(self._chunk_class)
+        try:
+            payload = slot.view[:header.length]
+            payload[:len(head)] = head
+            if len(head) < header.length and not await fdio.recv_exactly(
+                    sock, payload[len(head):]):
+                raise ChannelError(f"data channel {channel} closed inside a chunk of device "
+                                   f"{header.device}")
+            wire.verify_payload(header_bytes, header, payload)
+        except BaseException:
+            self._slots.release(slot)
+            share.release()
+            raise
+        owner = self._owner[header.device]
+        if owner != self.worker:
+            self._lend(owner, header, slot, share)
+            return
+        state = self._accept(header.kind, header.device, header.seq, header.checksum,
+                             payload, partial(self._give_back, slot, share))
+        await self._settled(state, header.device)
+
+    async def _small_packet(self, header: wire.PacketHeader, payload: memoryview) -> None:
+        """Handle a RECORD or END packet that sits in a receive window."""
+        owner = self._owner[header.device]
+        if owner != self.worker:
+            # The window is reused at once: the packet moves to a record slot, lent.
+            slot = await self._slots.acquire(self._record_class)
+            slot.view[:len(payload)] = payload
+            self._lend(owner, header, slot)
+            return
+        release: Release | None = None
+        if header.kind is wire.PacketKind.RECORD and self._threaded(header.device):
+            # Put on a thread while the window is reused: the record moves to a slot of its
+            # own, and the record slots bound how many puts are in flight.
+            slot = await self._slots.acquire(self._record_class)
+            slot.view[:len(payload)] = payload
+            payload = slot.view[:len(payload)]
+            release = partial(self._give_back, slot)
+        state = self._accept(header.kind, header.device, header.seq, header.checksum,
+                             payload, release)
+        await self._settled(state, header.device)
+
+    async def _settled(self, state: _Incoming, index: int) -> None:
+        """Sequential mode: a packet is handled to completion before the next is read,
+        unless its device waits on another, which may come later on this channel."""
+        if not self._concurrent and state.queue is not None and self._deps_loaded(index):
+            await state.queue.join()
+
+    def _threaded(self, index: int) -> bool:
+        return on_thread(self._devices.get(index), self._executor)
+
+    def _give_back(self, slot: Slot, share: asyncio.Semaphore | None = None) -> None:
+        """A slot is free again (and back in its channel's share, if it counts in one)."""
+        self._slots.release(slot)
+        if share is not None:
+            share.release()
+
+    def _lend(self, owner: int, header: wire.PacketHeader, slot: Slot,
+              share: asyncio.Semaphore | None = None) -> None:
+        assert self._mesh is not None
+        self._lent[slot.offset] = (slot, share)
+        self._all_back.clear()
+        self._mesh.send(owner, Op.DELIVER, kind=header.kind, device=header.device,
+                        seq=header.seq, length=header.length, offset=slot.offset,
+                        checksum=header.checksum)
+
+    def _on_note(self, peer: int, note: Note | None) -> None:
+        """A note from another destination worker (see :mod:`devstate.worker.handoff`)."""
+        assert self._mesh is not None
+        try:
+            if note is None:
+                raise ChannelError(f"worker {peer} closed its link during the load")
+            if note.op == Op.DELIVER:
+                kind = wire.PacketKind(note.kind)
+                payload = self._arena[note.offset:note.offset + note.length]
+                self._accept(kind, note.device, note.seq, note.checksum, payload,
+                             partial(self._mesh.send, peer, Op.RELEASE, offset=note.offset,
+                                     gen=note.gen))
+            elif note.op == Op.LOADED:
+                self._now_loaded(note.device)
+            elif note.op == Op.RELEASE:
+                lent = self._lent.pop(note.offset, None)
+                if lent is not None:
+                    self._give_back(*lent)
+                if not self._lent:
+                    self._all_back.set()
+            else:
+                raise ProtocolError("handoff.op", f"worker {peer} sent op {note.op}")
+        except Exception as exc:  # noqa: BLE001 - any failure here fails the load
+            self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        assert self._fault is not None
+        if not self._fault.done():
+            self._fault.set_exception(exc)
+
+    def _accept(self, kind: wire.PacketKind, index: int, seq: int, checksum: int,
+                payload: memoryview, release: Release | None) -> _Incoming:
+        """Take a verified packet of a device this worker owns, in whatever order it came.
+
+        ``release`` gives back the slot holding ``payload``; None: the payload sits in a
+        receive window, valid only until this returns.
+        """
+        state = self._loads.get(index)
+        if state is None:
+            raise ProtocolError("packet.device", f"device {index} is not loaded by worker "
+                                                 f"{self.worker}")
+        if state.ended:
+            raise ProtocolError("packet.seq", f"{state.device.id}: packet after its end")
+        device = state.device
+        if kind is wire.PacketKind.RECORD:
+            if not isinstance(device, RecordDevice):
+                raise ProtocolError("packet.flags", f"{device.id} is a stream, got a RECORD")
+            state.ended = True
+            if not self._deps_loaded(index):
+                # Its dependencies load elsewhere, later: keep a copy of the record (small,
+                # one per device at most), not a slot a receiver may need to progress.
+                data = memoryview(bytes(payload))
+                if release is not None:
+                    release()
+                assert self._tasks is not None
+                self._tasks.create_task(self._put_when_ready(state, index, data))
+                return state
+            if release is not None and self._threaded(index):
+                self._put_record_on_thread(state, index, payload, release)
+                return state
+            try:
+                self._put_record(state, payload)
+            finally:
+                if release is not None:
+                    release()
+            self._loaded_one(index)
+            return state
+        if isinstance(device, RecordDevice):
+            raise ProtocolError("packet.flags", f"{device.id} is a record device, got a "
+                                                f"{kind.name}")
+        if seq < state.next_seq or seq in state.early:
+            raise ProtocolError("packet.seq", f"{device.id}: seq {seq} arrived twice")
+        end = wire.decode_end(payload) if kind is wire.PacketKind.END else None
+        if end is not None and release is not None:
+            release()  # decoded: the slot is free
+            release = None
+        if seq != state.next_seq:
+            assert end is not None or release is not None, "chunks always sit in slots"
+            state.early[seq] = _Early(kind, checksum, payload, release, end)
+            return state
+        self._in_order(state, kind, checksum, payload, release, end)
+        while state.next_seq in state.early and not state.ended:
+            early = state.early.pop(state.next_seq)
+            self._in_order(state, early.kind, early.checksum, early.payload, early.release,
+                           early.end)
+        return state
+
+    def _in_order(self, state: _Incoming, kind: wire.PacketKind, checksum: int,
+                  payload: memoryview, release: Release | None,
+                  end: wire.EndOfState | None) -> None:
+        """The next packet of a stream, in sequence: count it and queue it to its task."""
+        state.next_seq += 1
+        if state.queue is None:
+            assert self._tasks is not None
+            state.queue = asyncio.Queue()
+            self._tasks.create_task(self._drive_stream(state))
+        if end is not None:
+            state.ended = True
+            if state.early:
+                raise ProtocolError("packet.seq", f"{state.device.id}: packets after its END")
+            state.queue.put_nowait((None, None, end))
+            return
+        state.packets += 1
+        state.digest.add(checksum)
+        if not state.start_ns:
+            state.start_ns = time.monotonic_ns()
+        state.queue.put_nowait((payload, release, None))
+
+    async def _drive_stream(self, state: _Incoming) -> None:
+        assert state.queue is not None
+        device = state.device
+        assert isinstance(device, StreamDevice)
+        while True:
+            payload, release, end = await state.queue.get()
+            if payload is not None:
+                try:
+                    await device.load_write(payload)
+                    state.bytes += len(payload)
+                    injector.strike("put", model_pid=getattr(device, "pid", None),
+                                    channels=self._channels.values())
+                finally:
+                    if release is not None:
+                        release()
+                state.queue.task_done()
+                continue
+            assert end is not None
+            self._check_end(state, end)
+            state.end_ns = time.monotonic_ns()
+            await self._wait_for_deps(state.device.spec.index)  # its data is in; the end waits
+            injector.strike("complete", model_pid=getattr(device, "pid", None))
+            await device.load_end()
+            state.done_ns = time.monotonic_ns()
+            self._loaded_one(state.device.spec.index)
+            state.queue.task_done()
+            return
+
+    def _loaded_one(self, index: int) -> None:
+        """Device ``index`` (ours) is loaded: count it, and tell whoever waits on it."""
+        self._unloaded -= 1
+        if not self._unloaded:
+            self._all_loaded.set()
+        if self._is_dependency[index]:
+            self._now_loaded(index)
+            if self._mesh is not None:
+                for peer in self._mesh.peers:
+                    self._mesh.send(peer, Op.LOADED, device=index)
+
+    def _now_loaded(self, index: int) -> None:
+        self._loaded.add(index)
+        for waiter in self._waiting.pop(index, []):
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _deps_loaded(self, index: int) -> bool:
+        return all(dep in self._loaded for dep in self._after[index])
+
+    async def _wait_for_deps(self, index: int) -> None:
+        """Until every device ``index`` loads after is loaded, here or on another worker."""
+        for dep in self._after[index]:
+            if dep not in self._loaded:
+                waiter = asyncio.get_running_loop().create_future()
+                self._waiting.setdefault(dep, []).append(waiter)
+                await waiter
+
+    async def _put_when_ready(self, state: _Incoming, index: int, data: memoryview) -> None:
+        await self._wait_for_deps(index)
+        if self._threaded(index):
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._put_record,
+                                                             state, data)
+        else:
+            self._put_record(state, data)
+        self._loaded_one(index)
+
+    def _put_record_on_thread(self, state: _Incoming, index: int, payload: memoryview,
+                              release: Release) -> None:
+        """Single-vm: put on a thread (the ioctls drop the GIL) while receiving goes on."""
+        put = asyncio.get_running_loop().run_in_executor(
+            self._executor, self._put_record, state, payload)
+
+        def done(fut: asyncio.Future[None]) -> None:  # on the loop, not the thread
+            release()
+            if fut.cancelled():
+                return
+            exc = fut.exception()
+            if exc is not None:
+                self._fail(exc)
+            else:
+                self._loaded_one(index)
+
+        put.add_done_callback(done)
+
+    def _put_record(self, state: _Incoming, payload: memoryview) -> None:
+        """Put one record. Runs in: the loop, or a single-vm put thread."""
+        # A record is its device's whole state in one packet, whose verified checksum is
+        # its digest: it needs no END of its own.
+        device = state.device
+        assert isinstance(device, RecordDevice)
+        state.start_ns = time.monotonic_ns()
+        device.put(payload)
+        state.bytes = len(payload)
+        state.packets = 1
+        state.end_ns = state.done_ns = time.monotonic_ns()
+
+    def _check_end(self, state: _Incoming, end: wire.EndOfState) -> None:
+        if end.total_bytes != state.bytes or end.packets != state.packets:
+            raise IntegrityError("end.bytes", f"{state.device.id}: source sent "
+                                 f"{end.total_bytes} B in {end.packets} packets, received "
+                                 f"{state.bytes} B in {state.packets}")
+        if end.digest != state.digest.digest():
+            raise IntegrityError("end.digest", f"{state.device.id}: state digest mismatch")

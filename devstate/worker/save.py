@@ -1,0 +1,465 @@
+"""The source side of one worker: get its devices into arena slots and send them.
+
+Runs in: a source worker process, on its event loop. The worker owns its devices, its
+partition of the arena (a :class:`~devstate.arena.slots.SlotPool`) and its data channels (none,
+one or several: :mod:`devstate.net.route`).
+
+Each packet is built in place in one slot: the 32-byte header, then the payload the device
+wrote straight into the slot. The route picks the packet's channel. On a channel of this
+worker a :class:`PacketSender` task batches whatever packets are ready into one ``sendmsg``
+and releases their slots as soon as the kernel has the bytes; on another worker's channel
+the slot is lent to that worker (:mod:`devstate.worker.handoff`), which sends it and gives it back.
+Either way the slot count bounds memory and a full channel slows the getters.
+
+A stream's packets reach their channels' queues in sequence order, even across workers: a
+packet bound for another channel than the one before waits until that one is queued. This
+is what keeps the destination's reassembly free of deadlock with bounded slots: a packet
+it holds out of order only ever waits for packets queued, hence sent, before it.
+
+Concurrent mode drives every stream device in its own task and the record devices in one
+more task that yields to the loop every few records, so one device waiting on its data fd
+never holds up another; a stream's reads wait for its turn in the plan's transfer order
+(:mod:`devstate.planning.admission`), which every worker follows. Sequential mode saves one device
+after another, as VMMs do today.
+
+Precopy (a ``switchover`` event given): while the VM still runs, every device that supports
+it streams its initial and dirty bytes (VFIO PRE_COPY) as ordinary CHUNKs, and everything
+else waits; when the coordinator switches over, the same sessions go on into stop-and-copy
+(the stream's sequence numbers and digest continue) and the rest is saved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from functools import partial
+
+from devstate.arena.slots import Slot, SlotPool
+from devstate.devices.base import Device, RecordDevice, StreamDevice, on_thread
+from devstate.errors import ChannelError, ProtocolError
+from devstate.net import fdio
+from devstate.net.bandwidth import Pacer
+from devstate.net.route import SPREAD, Routes, Routing
+from devstate.planning.admission import Admission, TransferOrder
+from devstate.protocol import wire
+from devstate.worker.faults import Fault, cut, injector, spoil
+from devstate.worker.handoff import Mesh, Note, Op, raise_when_set
+from devstate.worker.jobs import ResultRow
+
+HDR = wire.PACKET_HEADER_BYTES
+# Records per batch: after each, the sender ships what is ready (so the destination starts
+# putting at once) and stream devices get served, for one loop pass per 16 records; in
+# single-vm mode a batch is what the get threads share.
+RECORD_BATCH = 16
+# How often a precopy stream with nothing to read looks again for dirtied state.
+PRECOPY_POLL_S = 0.02
+
+
+class PacketSender:
+    """Sends packets on one channel in the order queued, batching, releasing slots after.
+
+    Once closed and drained it ends the channel with a FIN counting the packets before it.
+    """
+
+    def __init__(self, sock: socket.socket, pacer: Pacer | None = None) -> None:
+        self.sock = sock  # public: a fault cuts it
+        self._pacer = pacer
+        self._queue: list[tuple[memoryview | bytes, Callable[[], None] | None]] = []
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self.packets = 0
+
+    def queue(self, data: memoryview | bytes, release: Callable[[], None] | None = None) -> None:
+        """Queue one packet (header and payload contiguous in ``data``); ``release`` is
+        called once the kernel has its bytes (or the send failed)."""
+        self._queue.append((data, release))
+        self.packets += 1
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        """Send until :meth:`close` was called and the queue is empty, then the FIN."""
+        try:
+            while True:
+                if not self._queue:
+                    if self._closing:
+                        break
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                # Paced, a packet at a time (each a chunk at most): the pacer's burst
+                # covers one, so the rate holds without cutting packets.
+                take = 1 if self._pacer is not None else fdio.IOV_MAX
+                batch, self._queue = self._queue[:take], self._queue[take:]
+                packets = [data for data, _ in batch]
+                fault = injector.strike("send", channels=(self.sock,))
+                if fault is not None:
+                    first = spoil(fault, memoryview(packets[0]))
+                    packets = [first] if fault is Fault.TRUNCATE else [first, *packets[1:]]
+                try:
+                    await fdio.send_all(self.sock, packets)
+                    if fault is Fault.TRUNCATE:
+                        cut(self.sock)
+                finally:
+                    for _, release in batch:
+                        if release is not None:
+                            release()
+                if self._pacer is not None:
+                    await self._pacer.spend(sum(len(data) for data, _ in batch))
+            fin = memoryview(bytearray(HDR))
+            wire.pack_packet_header(fin, wire.PacketKind.FIN, 0, self.packets, b"")
+            await fdio.send_all(self.sock, [fin])
+        finally:
+            for _, release in self._queue:  # a failed send: hand every slot back
+                if release is not None:
+                    release()
+            self._queue.clear()
+
+    def close(self) -> None:
+        """No more packets will be queued; :meth:`run` ends once the queue drains."""
+        self._closing = True
+        self._wakeup.set()
+
+
+class Saver:
+    """Gets and sends the devices one worker owns, on whichever channels the route says."""
+
+    def __init__(self, worker: int, devices: dict[int, Device], slots: SlotPool,
+                 arena: memoryview, channels: dict[int, socket.socket], mesh: Mesh | None,
+                 routes: Routes, gen: int, *, record_class: int, chunk_class: int,
+                 executor: Executor | None = None, max_bandwidth: float | None = None,
+                 transfer: TransferOrder | None = None) -> None:
+        self.worker = worker
+        self._devices = devices
+        self._slots = slots
+        self._arena = arena
+        self._mesh = mesh
+        self._routes = routes
+        self._gen = gen
+        self._record_class = record_class
+        self._chunk_class = chunk_class
+        self._executor = executor
+        self._senders = {
+            k: PacketSender(sock, Pacer.for_channel(max_bandwidth, routes.channels))
+            for k, sock in channels.items()}
+        self._sockets = [sender.sock for sender in self._senders.values()]  # a fault cuts
+        self._records_routed = 0
+        self._admission = Admission(transfer or TransferOrder())
+        # What a progress display shows (messages.Progress): devices whose last byte was
+        # read, and state bytes read so far (precopy's included).
+        self.devices_done = 0
+        self.bytes_read = 0
+        self._lent: dict[int, Slot] = {}  # offset -> our slot, queued on a peer's channel
+        self._all_back = asyncio.Event()
+        self._all_back.set()
+        self._queued: dict[tuple[int, int], asyncio.Future[None]] = {}
+        self._peers_done: set[int] = set()
+        self._no_more_sends = asyncio.Event()
+        self._fault: asyncio.Future[None] | None = None
+        self._in_precopy: set[int] = set()
+
+    async def run(self, order: Sequence[int], concurrent: bool,
+                  switchover: asyncio.Event | None = None) -> list[ResultRow]:
+        """Save every device in ``order``; return their results once all bytes are sent.
+
+        With ``switchover``, precopy first: only devices that support it stream until the
+        event is set (the VM stops), then everything is saved.
+        """
+        missing = set(self._routes.channels_of(self.worker)) - set(self._senders)
+        if missing:
+            raise RuntimeError(f"worker {self.worker} has no data channel "
+                               f"{', '.join(map(str, sorted(missing)))}")
+        results: list[ResultRow] = []
+        self._fault = asyncio.get_running_loop().create_future()
+        peers = self._mesh.peers if self._mesh is not None else ()
+        if not peers:
+            self._no_more_sends.set()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                watch = tg.create_task(raise_when_set(self._fault))
+                if self._mesh is not None:  # early notes are replayed now, into this run
+                    self._mesh.serve(self._gen, self._on_note)
+                sending = [tg.create_task(s.run()) for s in self._senders.values()]
+                try:
+                    if concurrent:
+                        records = [i for i in order
+                                   if isinstance(self._devices[i], RecordDevice)]
+                        streams = [i for i in order
+                                   if isinstance(self._devices[i], StreamDevice)]
+                        jobs = [tg.create_task(self._save_stream(i, switchover))
+                                for i in streams]
+                        if switchover is not None:
+                            await switchover.wait()
+                        if records:
+                            results.extend(await self._save_records(records))
+                        results.extend([await job for job in jobs])
+                    else:
+                        for run in _runs_of_same_shape(order, self._devices):
+                            if isinstance(self._devices[run[0]], RecordDevice):
+                                results.extend(await self._save_records(run))
+                            else:
+                                results.append(await self._save_stream(run[0]))
+                    if self._mesh is not None:
+                        self._mesh.broadcast(Op.DONE)
+                    if self._senders:  # peers may still hand packets to our channels
+                        await self._no_more_sends.wait()
+                finally:
+                    for sender in self._senders.values():
+                        sender.close()
+                await asyncio.gather(*sending)
+                await self._all_back.wait()
+                watch.cancel()
+        finally:
+            if self._mesh is not None:
+                self._mesh.stop()
+            # A failed run: every worker's Save is cancelled with this one, so no peer
+            # still reads the slots it was lent.
+            for slot in self._lent.values():
+                self._slots.release(slot)
+            self._lent.clear()
+        return results
+
+    def _emit(self, index: int, seq: int, slot: Slot, length: int, channel: int, *,
+              ordered: bool = True) -> asyncio.Future[None] | None:
+        """Queue the packet in ``slot[:length]`` on ``channel``.
+
+        Returns, for an ``ordered`` packet (a stream's) on a channel of another worker, the
+        future of that worker's QUEUED.
+        """
+        owner = self._routes.channel_owner(channel)
+        if owner == self.worker:
+            self._senders[channel].queue(slot.view[:length], partial(self._slots.release, slot))
+            return None
+        assert self._mesh is not None
+        self._lent[slot.offset] = slot
+        self._all_back.clear()
+        self._mesh.send(owner, Op.SEND, channel=channel, device=index, seq=seq,
+                        length=length, offset=slot.offset)
+        if not ordered:
+            return None
+        queued = asyncio.get_running_loop().create_future()
+        self._queued[index, seq] = queued
+        return queued
+
+    def _on_note(self, peer: int, note: Note | None) -> None:
+        """A note from another source worker (see :mod:`devstate.worker.handoff`)."""
+        try:
+            self._take_note(peer, note)
+        except Exception as exc:  # noqa: BLE001 - any failure here fails the save
+            self._fail(exc)
+
+    def _take_note(self, peer: int, note: Note | None) -> None:
+        assert self._mesh is not None and self._fault is not None
+        if note is None:
+            self._fail(ChannelError(f"worker {peer} closed its link during the save"))
+        elif note.op == Op.SEND:
+            sender = self._senders.get(note.channel)
+            if sender is None:
+                self._fail(ProtocolError("handoff.channel", f"worker {peer} sent on channel "
+                                         f"{note.channel}, not one of worker {self.worker}'s"))
+                return
+            sender.queue(self._arena[note.offset:note.offset + note.length],
+                         partial(self._mesh.send, peer, Op.RELEASE, offset=note.offset,
+                                 gen=note.gen))
+            self._mesh.send(peer, Op.QUEUED, device=note.device, seq=note.seq)
+        elif note.op == Op.QUEUED:
+            queued = self._queued.pop((note.device, note.seq), None)
+            if queued is not None and not queued.done():
+                queued.set_result(None)
+        elif note.op == Op.RELEASE:
+            slot = self._lent.pop(note.offset, None)
+            if slot is not None:
+                self._slots.release(slot)
+            if not self._lent:
+                self._all_back.set()
+        elif note.op == Op.SENT:
+            self._admission.finished(note.device)
+        elif note.op == Op.DONE:
+            self._peers_done.add(peer)
+            if len(self._peers_done) == len(self._mesh.peers):
+                self._no_more_sends.set()
+        else:
+            self._fail(ProtocolError("handoff.op", f"worker {peer} sent op {note.op}"))
+
+    def _fail(self, exc: Exception) -> None:
+        assert self._fault is not None
+        if not self._fault.done():
+            self._fault.set_exception(exc)
+
+    async def _save_records(self, indices: Sequence[int]) -> list[ResultRow]:
+        results = []
+        for start in range(0, len(indices), RECORD_BATCH):
+            batch = indices[start:start + RECORD_BATCH]
+            slots = [await self._slots.acquire(self._record_class) for _ in batch]
+            loop = asyncio.get_running_loop()
+            # Single-vm: gets that drop the GIL start on the worker's threads, the rest run
+            # here meanwhile; then the threads' results are collected in order.
+            pending = [loop.run_in_executor(self._executor, self._get_record, i, slot)
+                       if on_thread(self._devices[i], self._executor)
+                       else self._get_record(i, slot)
+                       for i, slot in zip(batch, slots, strict=True)]
+            timed = [await p if isinstance(p, asyncio.Future) else p for p in pending]
+            for index, slot, (length, start_ns, end_ns) in zip(batch, slots, timed, strict=True):
+                payload = slot.view[HDR:HDR + length]
+                # One packet is the whole record; its checksum is its digest: no END follows.
+                wire.pack_packet_header(slot.view, wire.PacketKind.RECORD, index, 0, payload)
+                # Records need no order among themselves: none waits for a QUEUED.
+                channel = self._routes.channel(self.worker, self._records_routed)
+                self._emit(index, 0, slot, HDR + length, channel, ordered=False)
+                self._records_routed += 1
+                self.devices_done += 1
+                self.bytes_read += length
+                results.append((index, self._devices[index].id, length, 1, start_ns, end_ns,
+                                self.worker, 0, channel))
+            await asyncio.sleep(0)  # let the senders ship the batch and streams progress
+        return results
+
+    def _get_record(self, index: int, slot: Slot) -> tuple[int, int, int]:
+        """Get one record into its slot. Runs in: the loop, or a single-vm get thread."""
+        device = self._devices[index]
+        assert isinstance(device, RecordDevice)
+        start = time.monotonic_ns()
+        length = device.get(slot.view[HDR:])
+        return length, start, time.monotonic_ns()
+
+    async def _save_stream(self, index: int,
+                           switchover: asyncio.Event | None = None) -> ResultRow:
+        device = self._devices[index]
+        assert isinstance(device, StreamDevice)
+        digest = wire.StateDigest()
+        hop = _Hop()
+        seq = total = 0
+        if switchover is not None:
+            if device.supports_precopy:
+                seq, total = await self._precopy(index, device, switchover, digest, hop)
+            await switchover.wait()
+        start = time.monotonic_ns()
+        await device.save_begin()
+        # The session is open (the device may start to stop its state meanwhile); its bytes
+        # wait for their turn.
+        await self._admission.turn(index)
+        at_end = False
+        while not at_end:
+            slot = await self._slots.acquire(self._chunk_class)
+            capacity = slot.size - HDR
+            filled = 0
+            while filled < capacity:
+                n = await device.save_read(slot.view[HDR + filled:HDR + capacity])
+                if n == 0:
+                    at_end = True
+                    break
+                filled += n
+            if filled == 0:
+                self._slots.release(slot)
+                continue
+            await self._ship_chunk(hop, digest, index, seq, slot, filled, step="get")
+            seq += 1
+            total += filled
+        self._admission.finished(index)
+        self.devices_done += 1
+        if self._mesh is not None:
+            self._mesh.broadcast(Op.SENT, device=index)
+        slot = await self._slots.acquire(self._record_class)
+        end = slot.view[:HDR + wire.END_PAYLOAD_BYTES]
+        end[HDR:] = wire.pack_end(digest.digest(), total, seq)
+        wire.pack_packet_header(end, wire.PacketKind.END, index, seq, end[HDR:])
+        await self._emit_in_order(hop, index, seq, slot, len(end))
+        await device.save_end()
+        channel = hop.channel if self._routes.routing is Routing.AFFINITY else SPREAD
+        return index, device.id, total, seq, start, time.monotonic_ns(), self.worker, 0, channel
+
+    async def _precopy(self, index: int, device: StreamDevice, switchover: asyncio.Event,
+                       digest: wire.StateDigest, hop: _Hop) -> tuple[int, int]:
+        """Stream ``device``'s precopy bytes until ``switchover``; return (packets, bytes)."""
+        await device.precopy_begin()
+        self._in_precopy.add(index)
+        seq = total = 0
+        switched = asyncio.ensure_future(switchover.wait())
+        reading: asyncio.Future[int] | None = None
+        try:
+            while not switchover.is_set():
+                slot = await self._slots.acquire(self._chunk_class)
+                filled, capacity = 0, slot.size - HDR
+                while filled < capacity and not switchover.is_set():
+                    reading = asyncio.ensure_future(
+                        device.precopy_read(slot.view[HDR + filled:HDR + capacity]))
+                    await asyncio.wait({reading, switched}, return_when=asyncio.FIRST_COMPLETED)
+                    if not reading.done():
+                        reading.cancel()  # switched over: stop-and-copy reads the rest
+                        await asyncio.gather(reading, return_exceptions=True)
+                        break
+                    try:
+                        filled += reading.result()
+                    except OSError as exc:
+                        if exc.errno != errno.ENOMSG:
+                            raise
+                        if filled:
+                            break  # ship what there is; more comes as state is dirtied
+                        await asyncio.wait({switched}, timeout=PRECOPY_POLL_S)
+                if not filled:
+                    self._slots.release(slot)
+                    continue
+                await self._ship_chunk(hop, digest, index, seq, slot, filled, step="precopy")
+                seq += 1
+                total += filled
+        finally:
+            switched.cancel()
+            if reading is not None and not reading.done():  # a cancelled save: stop reading
+                reading.cancel()
+            self._in_precopy.discard(index)
+        return seq, total
+
+    async def precopy_remaining(self) -> dict[int, int]:
+        """Bytes each device in precopy still has to produce while running, by index
+        (devices whose precopy has not begun yet are not in it)."""
+        devices = {i: self._devices[i] for i in self._in_precopy}
+        counts = await asyncio.gather(*(d.precopy_remaining()  # type: ignore[attr-defined]
+                                        for d in devices.values()))
+        return dict(zip(devices, counts, strict=True))
+
+    async def _ship_chunk(self, hop: _Hop, digest: wire.StateDigest, index: int, seq: int,
+                          slot: Slot, filled: int, *, step: str) -> None:
+        """Make the ``filled`` bytes after the slot's header CHUNK ``seq`` of device
+        ``index``, add its checksum to the device's digest, and emit it in order. ``step``
+        (``precopy`` or ``get``) names where a fault may strike (devstate.worker.faults)."""
+        injector.strike(step, model_pid=getattr(self._devices[index], "pid", None),
+                        channels=self._sockets)
+        payload = slot.view[HDR:HDR + filled]
+        digest.add(wire.pack_packet_header(slot.view, wire.PacketKind.CHUNK, index, seq,
+                                           payload))
+        self.bytes_read += filled
+        await self._emit_in_order(hop, index, seq, slot, HDR + filled)
+
+    async def _emit_in_order(self, hop: _Hop, index: int, seq: int, slot: Slot,
+                             length: int) -> None:
+        """Emit a stream packet once the one before it is queued, if it changes channel."""
+        channel = self._routes.channel(self.worker, seq)
+        if hop.queued is not None and channel != hop.channel:
+            await hop.queued
+        hop.channel = channel
+        hop.queued = self._emit(index, seq, slot, length, channel)
+
+
+class _Hop:
+    """Where a stream's last packet went, and the future of its QUEUED if another worker's."""
+
+    __slots__ = ("channel", "queued")
+
+    def __init__(self) -> None:
+        self.channel = -1
+        self.queued: asyncio.Future[None] | None = None
+
+
+def _runs_of_same_shape(order: Sequence[int], devices: dict[int, Device]) -> list[list[int]]:
+    """Split ``order`` into runs: consecutive records together, each stream on its own."""
+    runs: list[list[int]] = []
+    for i in order:
+        if runs and isinstance(devices[i], RecordDevice) and isinstance(devices[runs[-1][0]],
+                                                                        RecordDevice):
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
