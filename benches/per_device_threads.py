@@ -58,13 +58,13 @@ from typing import Any
 
 import uvloop
 
-from devstate.config.spec import Backend, MachineSpec, parse_spec
-from devstate.devices import RecordDevice, StreamDevice, make_device
+from devstate.config.spec import Backend, MachineConfig, parse_spec
+from devstate.devices import RecordDevice, StreamDevice, device_table, make_device
 from devstate.errors import DevstateError, describe
 from devstate.lifecycle import no_gc_pauses
 from devstate.net import fdio
 
-# The same stream packet size as devstate's default (Settings.chunk_bytes).
+# The same stream packet size as devstate's default (MigrationParams.chunk_bytes).
 CHUNK_BYTES = 1 << 20
 # The destination imports numpy and starts a device model per VFIO device before READY.
 READY_TIMEOUT_S = 60.0
@@ -286,14 +286,14 @@ def record_digests(records: Sequence[RecordDevice]) -> list[bytes]:
 
 # ---------------------------------------------------------------- source
 
-def migrate(spec: MachineSpec) -> BaselineReport:
+def migrate(spec: MachineConfig) -> BaselineReport:
     """Migrate ``spec``'s machine to a fresh destination process; every device verified.
 
     Runs in: the calling thread (the source's main thread). Raises :class:`BaselineError`
     naming the failed step; every thread, socket, device model and the destination are
     gone when it returns or raises.
     """
-    table = spec.devices()
+    table = device_table(spec)
     if any(d.backend not in (Backend.SIM_VCPU, Backend.VFIO_SIM) for d in table):
         raise BaselineError("the baseline migrates sim-vcpu and vfio-sim devices only")
     records = [make_device(d, spec.seed, incoming=False) for d in table
@@ -386,7 +386,7 @@ def _checked(report: BaselineReport, payload: bytes) -> BaselineReport:
 
 
 @contextlib.contextmanager
-def destination(spec: MachineSpec, main: socket.socket,
+def destination(spec: MachineConfig, main: socket.socket,
                 channels: Sequence[socket.socket]) -> Iterator[subprocess.Popen[bytes]]:
     """Start the destination with ``main`` and ``channels`` (closed here once it has them);
     on exit wait for it, and terminate or kill it if it does not end by itself."""
@@ -421,9 +421,9 @@ def _reap(proc: subprocess.Popen[bytes]) -> None:
 
 # ---------------------------------------------------------------- destination
 
-def serve(spec: MachineSpec, main: socket.socket, channels: Sequence[socket.socket]) -> None:
+def serve(spec: MachineConfig, main: socket.socket, channels: Sequence[socket.socket]) -> None:
     """Runs in: the destination process's main thread. Receive, load, resume, compare."""
-    table = spec.devices()
+    table = device_table(spec)
     records = [make_device(d, spec.seed, incoming=True) for d in table
                if d.backend is Backend.SIM_VCPU]
     streams = [d for d in table if d.backend is Backend.VFIO_SIM]

@@ -14,10 +14,12 @@ import uvloop
 
 from benches.conftest import median_s
 from devstate.arena.slots import Arena
-from devstate.config.params import Settings
+from devstate.config.params import MigrationParams, Schedule
 from devstate.config.spec import parse_spec
+from devstate.devices import device_table
 from devstate.migration.local import migrate_locally
 from devstate.worker import jobs as m
+from devstate.worker.layout import arena_layout
 from devstate.worker.pool import WorkerPool
 
 COPY_BYTES = 64 << 20
@@ -81,7 +83,9 @@ def test_dispatch_round_trip(benchmark) -> None:
     calls = 200
 
     async def scenario() -> float:
-        async with WorkerPool(spec, Settings(workers=1).layout(spec), name="bench") as pool:
+        table = device_table(spec)
+        layout = arena_layout(MigrationParams(workers=1), table)
+        async with WorkerPool(table, layout, name="bench") as pool:
             loop = asyncio.get_running_loop()
             start = loop.time()
             for _ in range(calls):
@@ -100,8 +104,8 @@ def _free_vcpus(count: int):
                        "vcpus": {"count": count, "get_us": 0, "put_us": 0}})
 
 
-def _migrate(spec, settings) -> float:
-    report = uvloop.run(migrate_locally(spec, settings, compare_digests=False))
+def _migrate(spec, params) -> float:
+    report = uvloop.run(migrate_locally(spec, params, compare_digests=False))
     return report.downtime_ms
 
 
@@ -113,7 +117,7 @@ def test_per_item_overhead(benchmark, results, count: int) -> None:
     downtimes: list[float] = []
 
     def once() -> None:
-        downtimes.append(_migrate(_free_vcpus(count), Settings(workers=1)))
+        downtimes.append(_migrate(_free_vcpus(count), MigrationParams(workers=1)))
 
     benchmark.pedantic(once, rounds=3, iterations=1)
     downtime = sorted(downtimes)[len(downtimes) // 2]
@@ -125,12 +129,12 @@ def test_per_item_overhead(benchmark, results, count: int) -> None:
 
 
 @pytest.mark.benchmark(group="vcpus-512")
-@pytest.mark.parametrize(("mode", "settings"), [
-    ("sequential", Settings(workers=1, concurrent=False)),
-    ("pool", Settings(workers=2, concurrent=True)),
+@pytest.mark.parametrize(("mode", "params"), [
+    ("sequential", MigrationParams(workers=1, schedule=Schedule.SEQUENTIAL)),
+    ("pool", MigrationParams(workers=2)),
 ])
-def test_save_load_512_sim_vcpus(benchmark, results, mode: str, settings: Settings) -> None:
-    downtime = benchmark.pedantic(_migrate, args=(VCPUS_512, settings), rounds=3, iterations=1)
+def test_save_load_512_sim_vcpus(benchmark, results, mode: str, params: MigrationParams) -> None:
+    downtime = benchmark.pedantic(_migrate, args=(VCPUS_512, params), rounds=3, iterations=1)
     # pedantic returns the last round's value: good enough beside the table's medians
     benchmark.extra_info["downtime_ms"] = round(downtime, 2)
     results.setdefault("vcpus-512", {})[mode] = downtime

@@ -24,8 +24,8 @@ import pytest
 import uvloop
 
 from benches.conftest import median_s
-from devstate.config.params import Settings
-from devstate.config.spec import MachineSpec, load_spec
+from devstate.config.params import MigrationParams
+from devstate.config.spec import MachineConfig, load_spec
 from devstate.errors import DowntimeLimitUnmet
 from devstate.migration.local import destination
 from devstate.migration.source import SourceVM
@@ -38,16 +38,16 @@ CALIBRATION_PASSES = 3
 TOLERANCE = 0.15
 
 
-def _spec(name: str) -> MachineSpec:
+def _spec(name: str) -> MachineConfig:
     return load_spec(SCENARIOS / f"{name}.toml")
 
 
-async def _migrate(spec: MachineSpec, settings: Settings,
+async def _migrate(spec: MachineConfig, params: MigrationParams,
                    costs: HostCosts) -> tuple[Estimate, float]:
     """One migration; the estimate made before its stop, and its measured downtime in ms."""
-    source = SourceVM(spec, settings)
+    source = SourceVM(spec, params)
     try:
-        async with destination(spec, settings) as dest:
+        async with destination(spec, params) as dest:
             await source.start()
             report = await source.migrate(dest.address, costs=costs)
     finally:
@@ -64,7 +64,7 @@ def calibrated(request) -> HostCosts:
     for _ in range(1 if quick else CALIBRATION_PASSES):
         for name in NAMES:
             spec = _spec(name)
-            made, actual = uvloop.run(_migrate(spec, Settings(), costs))
+            made, actual = uvloop.run(_migrate(spec, MigrationParams(), costs))
             costs = refine(costs, made, actual)
     return costs
 
@@ -74,7 +74,8 @@ def calibrated(request) -> HostCosts:
 def test_expected_downtime_within_15_percent(benchmark, results, calibrated, name) -> None:
     spec = _spec(name)
     runs: list[tuple[Estimate, float]] = []
-    benchmark.pedantic(lambda: runs.append(uvloop.run(_migrate(spec, Settings(), calibrated))),
+    benchmark.pedantic(lambda: runs.append(uvloop.run(_migrate(spec, MigrationParams(),
+                                                               calibrated))),
                        rounds=ROUNDS if not benchmark.disabled else 1, iterations=1)
     expected = statistics.median(e.expected_ms for e, _ in runs)
     measured = statistics.median(m for _, m in runs)
@@ -96,9 +97,9 @@ def test_plan_beats_spec_order_on_mixed(benchmark, calibrated) -> None:
     def both() -> None:
         # Interleaved, and each first in turn (ABBA): the host's drift, and whatever a run
         # leaves warm for the next, hit both alike.
-        runs = [(plan, Settings()), (order, Settings(spec_order=True))]
-        for seen, settings in runs if len(plan) % 2 == 0 else reversed(runs):
-            seen.append(uvloop.run(_migrate(spec, settings, calibrated))[1])
+        runs = [(plan, MigrationParams()), (order, MigrationParams(spec_order=True))]
+        for seen, params in runs if len(plan) % 2 == 0 else reversed(runs):
+            seen.append(uvloop.run(_migrate(spec, params, calibrated))[1])
 
     benchmark.pedantic(both, rounds=ROUNDS if not benchmark.disabled else 1, iterations=1)
     ratio = statistics.median(order) / statistics.median(plan)
@@ -118,7 +119,7 @@ def test_unmeetable_limit_never_switches_over() -> None:
     async def scenario() -> tuple[DowntimeLimitUnmet, bool]:
         from devstate.net.transport import parse_uri
 
-        async with SourceVM(spec, Settings(downtime_limit_ms=500)) as source:
+        async with SourceVM(spec, MigrationParams(downtime_limit_ms=500)) as source:
             with pytest.raises(DowntimeLimitUnmet) as info:
                 await source.migrate(parse_uri("unix:/nonexistent/never-contacted.sock"))
             return info.value, source.running

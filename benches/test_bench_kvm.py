@@ -16,7 +16,7 @@ import pytest
 import uvloop
 
 from devstate.cli import kvm_usable
-from devstate.config.params import Settings
+from devstate.config.params import MigrationParams, Schedule
 from devstate.config.spec import parse_spec
 
 USABLE, WHY = kvm_usable()
@@ -26,9 +26,9 @@ THREADS = 2
 
 
 MODES = {
-    "sequential": Settings(workers=1, concurrent=False),
-    "single-vm": Settings(workers=1, single_vm=True),
-    "sharded": Settings(workers=THREADS),
+    "sequential": MigrationParams(workers=1, schedule=Schedule.SEQUENTIAL),
+    "single-vm": MigrationParams(workers=1, single_vm=True),
+    "sharded": MigrationParams(workers=THREADS),
 }
 
 

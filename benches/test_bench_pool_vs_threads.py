@@ -33,12 +33,13 @@ import pytest
 import uvloop
 
 from benches import per_device_threads
-from devstate.config.params import Settings
+from devstate.config.params import MigrationParams
 from devstate.config.spec import load_spec
+from devstate.devices import device_table
 from devstate.migration.local import migrate_locally
 
 SPEC = load_spec(Path(__file__).resolve().parent / "scenarios" / "pool-vs-threads.toml")
-DEVICES = len(SPEC.devices())
+DEVICES = len(device_table(SPEC))
 # A round is two migrations of ~1.5-3 s each, process starts included: six rounds and the
 # warm-up stay within ~90 s on two cores; an even count makes each variant first as often.
 ROUNDS = 6
@@ -46,7 +47,7 @@ ROUNDS = 6
 
 def _pool() -> float:
     """devstate: a worker pool a side, one migration; its downtime in ms."""
-    report = uvloop.run(migrate_locally(SPEC, Settings()))
+    report = uvloop.run(migrate_locally(SPEC, MigrationParams()))
     assert report.verified and len(report.devices) == DEVICES, \
         f"pool: not every device verified: {[d.id for d in report.devices if not d.verified]}"
     return report.downtime_ms

@@ -23,14 +23,14 @@ import pytest
 import uvloop
 
 from benches.conftest import median_s
-from devstate.config.params import Settings
-from devstate.config.spec import MachineSpec, parse_spec
+from devstate.config.params import MigrationParams, Schedule
+from devstate.config.spec import MachineConfig, parse_spec
 from devstate.migration.local import migrate_locally
 
 COUNTS = (1, 2, 4, 8)
 
 
-def _machine(n: int, *, fast: bool = False) -> MachineSpec:
+def _machine(n: int, *, fast: bool = False) -> MachineConfig:
     """N devices of 32 MiB with 250 ms of firmware (GB/s state rates if ``fast``)."""
     rates = {"read_bandwidth": "2GiB/s", "write_bandwidth": "1GiB/s"} if fast else {}
     return parse_spec({"name": f"{n}-nics-32mib", "seed": 4, "devices": [
@@ -41,12 +41,12 @@ def _machine(n: int, *, fast: bool = False) -> MachineSpec:
 ROUNDS = 5
 
 
-def _downtimes(benchmark, spec: MachineSpec, settings: Settings) -> float:
+def _downtimes(benchmark, spec: MachineConfig, params: MigrationParams) -> float:
     """Run the migration ``ROUNDS`` times under the benchmark; the median downtime in ms."""
     downtimes: list[float] = []
 
     def once() -> None:
-        report = uvloop.run(migrate_locally(spec, settings, compare_digests=False))
+        report = uvloop.run(migrate_locally(spec, params, compare_digests=False))
         assert all(d.bytes >= 32 << 20 for d in report.devices)
         downtimes.append(report.downtime_ms)
 
@@ -57,18 +57,18 @@ def _downtimes(benchmark, spec: MachineSpec, settings: Settings) -> float:
     return median
 
 
-SEQUENTIAL = Settings(workers=1, concurrent=False)
-CASES = [(f"{n}-{mode}", _machine(n), settings) for n in COUNTS
-         for mode, settings in (("concurrent", Settings()), ("sequential", SEQUENTIAL))]
-CASES += [(f"fast-{n}-concurrent", _machine(n, fast=True), Settings()) for n in (1, 4)]
+SEQUENTIAL = MigrationParams(workers=1, schedule=Schedule.SEQUENTIAL)
+CASES = [(f"{n}-{mode}", _machine(n), params) for n in COUNTS
+         for mode, params in (("concurrent", MigrationParams()), ("sequential", SEQUENTIAL))]
+CASES += [(f"fast-{n}-concurrent", _machine(n, fast=True), MigrationParams()) for n in (1, 4)]
 
 
 @pytest.mark.benchmark(group="sum-to-max")
-@pytest.mark.parametrize(("name", "spec", "settings"), CASES, ids=[c[0] for c in CASES])
-def test_sum_to_max(benchmark, results, name: str, spec: MachineSpec,
-                    settings: Settings) -> None:
+@pytest.mark.parametrize(("name", "spec", "params"), CASES, ids=[c[0] for c in CASES])
+def test_sum_to_max(benchmark, results, name: str, spec: MachineConfig,
+                    params: MigrationParams) -> None:
     seen = results.setdefault("sum-to-max", {})
-    seen[name] = _downtimes(benchmark, spec, settings)
+    seen[name] = _downtimes(benchmark, spec, params)
     n = len(spec.vfio)
     one = seen.get("fast-1-concurrent" if name.startswith("fast") else "1-concurrent")
     if one is None:

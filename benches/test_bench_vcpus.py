@@ -70,9 +70,9 @@ import pytest
 import uvloop
 
 from benches.conftest import median_s
-from devstate.config.params import Settings
-from devstate.config.spec import Backend, DeviceSpec, MachineSpec, parse_spec
-from devstate.devices import Device, RecordDevice, make_device, record_bytes
+from devstate.config.params import MigrationParams
+from devstate.config.spec import Backend, DeviceSpec, MachineConfig, parse_spec
+from devstate.devices import Device, RecordDevice, device_table, make_device, record_size
 from devstate.lifecycle import no_gc_pauses
 from devstate.migration.source import SourceVM
 from devstate.worker import jobs as m
@@ -102,7 +102,7 @@ def vcpu_backend() -> tuple[Backend, str]:
     return (Backend.KVM if usable else Backend.SIM_VCPU), why
 
 
-def machine(count: int, backend: Backend) -> MachineSpec:
+def machine(count: int, backend: Backend) -> MachineConfig:
     """The benchmarked machine: ``count`` seeded vCPUs and nothing else."""
     return parse_spec({"seed": SEED, "vcpus": {"count": count, "backend": str(backend)}})
 
@@ -144,10 +144,10 @@ class VcpuShare:
     process holds one share at a time.
     """
 
-    def __init__(self, spec: MachineSpec, ids: Iterable[int]) -> None:
-        table = {d.id: d for d in spec.devices()}
+    def __init__(self, spec: MachineConfig, ids: Iterable[int]) -> None:
+        table = {d.id: d for d in device_table(spec)}
         self.devices = [_vcpu(table[f"cpu/{i}"], spec.seed) for i in ids]
-        self.size = record_bytes(spec.vcpus.backend)
+        self.size = record_size(spec.vcpus.backend, "cpu/0")
         self.state = bytearray(self.size * len(self.devices))
         self.records = self.views(self.state)
         asyncio.run(_each(self.devices, "open"))  # kvm: create and seed the vCPUs
@@ -292,7 +292,7 @@ class Sharded:
     def __init__(self, count: int, backend: Backend = Backend.KVM) -> None:
         self.loop = uvloop.new_event_loop()
         self.machine = SourceVM(machine(count, backend),
-                                Settings(workers=WORKERS, record_slots=count))
+                                MigrationParams(workers=WORKERS, record_slots=count))
         try:
             self.loop.run_until_complete(self.machine.start())
             self.seeded = self.digests()

@@ -25,7 +25,7 @@ _EXPORTS = {
     "IntegrityError": "devstate.errors", "MigrationFailed": "devstate.errors",
     "ProtocolError": "devstate.errors", "SpecError": "devstate.errors",
     "WorkerFailed": "devstate.errors", "WorkerLost": "devstate.errors",
-    "Settings": "devstate.config.params", "MachineSpec": "devstate.config.spec",
+    "MigrationParams": "devstate.config.params", "MachineConfig": "devstate.config.spec",
     "load_spec": "devstate.config.spec", "parse_spec": "devstate.config.spec",
     "SourceVM": "devstate.migration.source", "IncomingVM": "devstate.migration.destination",
     "migrate_locally": "devstate.migration.local",

@@ -17,11 +17,11 @@ from typing import Any
 
 import uvloop
 
-from devstate.config.params import Overrun, Settings
-from devstate.config.spec import Backend, MachineSpec, load_spec
-from devstate.errors import DevstateError
+from devstate.config.params import MigrationParams, Overrun, Routing, Schedule
+from devstate.config.spec import Backend, MachineConfig, load_spec
+from devstate.devices import device_table
+from devstate.errors import DevstateError, SpecError
 from devstate.lifecycle import end_with_parent
-from devstate.net.route import Routing
 from devstate.net.transport import TlsConfig
 from devstate.planning.cost import CostHistory
 from devstate.report.migration import MigrationReport, format_table
@@ -35,7 +35,7 @@ def default_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)))
 
 
-def load_default_machine() -> MachineSpec:
+def load_default_machine() -> MachineConfig:
     """The built-in default machine of ``devstate demo``."""
     with resources.as_file(resources.files("devstate.config.machines") / DEFAULT_MACHINE) as path:
         return load_spec(path)
@@ -75,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
                          help="affinity: a device's packets on its owner's channel; spread: "
                               "a stream's packets over every channel")
     migrate.add_argument("--max-bandwidth", type=_rate, default=None, metavar="RATE",
+                         dest="bandwidth_limit",
                          help="bytes per second over all channels together, e.g. 100MiB")
     migrate.add_argument("--downtime-limit", type=_milliseconds, default=None, metavar="MS",
                          help="no switchover while the expected downtime is above this")
@@ -110,10 +111,14 @@ def _parser() -> argparse.ArgumentParser:
                     help="where to listen for the migration: unix:PATH or tcp:HOST:PORT "
                          "(port 0: any free port; the 'ready' line names it); with --qmp "
                          "also 'defer' (wait for migrate-incoming)")
-    vm.add_argument("--workers", type=_positive, default=default_workers(),
+    vm.add_argument("--params", metavar="FILE.json", default=None,
+                    help="every migration parameter as JSON, as a local migration's source "
+                         "writes them for its destination (instead of the flags below)")
+    vm.add_argument("--workers", type=_positive, default=None,
                     help="workers (default: usable CPUs; need not equal the source's)")
-    vm.add_argument("--chunk-size", type=_chunk_size, default=Settings().chunk_bytes,
-                    help="largest stream packet payload, e.g. 1MiB (at least the source's)")
+    vm.add_argument("--chunk-size", type=_chunk_size, default=None,
+                    help="largest stream packet payload, e.g. 1MiB (at least the source's; "
+                         "default 1MiB)")
     vm.add_argument("--cpus", type=_cpu_list, default=None,
                     help="comma-separated CPUs to pin workers to (default: usable CPUs)")
     vm.add_argument("--single-vm", action="store_true",
@@ -148,7 +153,7 @@ def _tls_arguments(parser: argparse.ArgumentParser, *, server: bool) -> None:
 
 
 def _tls_config(args: argparse.Namespace) -> TlsConfig | None:
-    """The TLS settings the flags give, or None; usage errors for incomplete ones."""
+    """The TLS params the flags give, or None; usage errors for incomplete ones."""
     given = [flag for flag in ("tls_cert", "tls_key", "tls_hostname", "tls_verify_client")
              if getattr(args, flag, None)]
     if args.tls_ca is None:
@@ -163,7 +168,7 @@ def _tls_config(args: argparse.Namespace) -> TlsConfig | None:
 
 
 def _rate(text: str) -> float:
-    from devstate.config.spec import parse_quantity
+    from devstate.config.fields import parse_quantity
     from devstate.errors import SpecError
 
     try:
@@ -206,7 +211,7 @@ def _positive(text: str) -> int:
 
 
 def _chunk_size(text: str) -> int:
-    from devstate.config.spec import parse_quantity
+    from devstate.config.fields import parse_quantity
     from devstate.errors import SpecError
 
     try:
@@ -243,6 +248,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "--incoming defer, a URI, or neither for a source)")
     if args.command == "vm" and args.qmp is not None and not args.qmp.startswith("unix:"):
         parser.error("--qmp takes unix:PATH")
+    if args.command == "vm" and args.params is not None and _vm_flags(args):
+        parser.error(f"--params gives every migration parameter: drop "
+                     f"{', '.join(_vm_flags(args))}")
     if args.command == "migrate" and args.sequential and (args.workers or 1) > 1:
         parser.error("--sequential saves and loads one device after another in one worker; "
                      "it cannot take --workers above 1")
@@ -274,11 +282,11 @@ async def _stoppable(main: Coroutine[Any, Any, int]) -> int:
         loop.remove_signal_handler(signal.SIGTERM)
 
 
-def _progress(args: argparse.Namespace, settings: Settings) -> MigrationProgress | None:
+def _progress(args: argparse.Namespace, params: MigrationParams) -> MigrationProgress | None:
     """A live display of the migration, when a person is watching (see devstate.report.progress)."""
     if not wanted(getattr(args, "json", False)):
         return None
-    return MigrationProgress(settings.downtime_limit_ms)
+    return MigrationProgress(params.downtime_limit_ms)
 
 
 def _status(args: argparse.Namespace, text: str) -> None:
@@ -287,15 +295,15 @@ def _status(args: argparse.Namespace, text: str) -> None:
         print(f"devstate: {text}", file=sys.stderr, flush=True)
 
 
-async def _run_mode(args: argparse.Namespace, spec: MachineSpec,
-                    settings: Settings) -> MigrationReport:
+async def _run_mode(args: argparse.Namespace, spec: MachineConfig,
+                    params: MigrationParams) -> MigrationReport:
     from devstate.migration.local import migrate_locally
 
-    mode = "concurrent" if settings.concurrent else "sequential"
-    _status(args, f"migrating {spec.name} ({len(spec.devices())} devices), {mode}, "
-                  f"{settings.workers} worker(s) per side ...")
-    report = await migrate_locally(spec, settings, history=CostHistory(),
-                                   progress=_progress(args, settings))
+    mode = params.schedule
+    _status(args, f"migrating {spec.name} ({len(device_table(spec))} devices), {mode}, "
+                  f"{params.workers} worker(s) per side ...")
+    report = await migrate_locally(spec, params, history=CostHistory(),
+                                   progress=_progress(args, params))
     _status(args, f"{mode}: downtime {report.downtime_ms:.1f} ms")
     return report
 
@@ -316,7 +324,7 @@ def kvm_usable() -> tuple[bool, str]:
     return True, "/dev/kvm opened and a VM with an in-kernel irqchip was set up"
 
 
-def _demo_machine(args: argparse.Namespace) -> tuple[MachineSpec, str]:
+def _demo_machine(args: argparse.Namespace) -> tuple[MachineConfig, str]:
     """The demo's machine: the default one on real KVM vCPUs when KVM works here."""
     if args.spec:
         spec = load_spec(args.spec)
@@ -334,8 +342,8 @@ async def _demo(args: argparse.Namespace) -> int:
     if not args.json:
         print(backend)
     reports = [
-        await _run_mode(args, spec, Settings(workers=1, concurrent=False)),
-        await _run_mode(args, spec, Settings(workers=args.workers, concurrent=True)),
+        await _run_mode(args, spec, MigrationParams(workers=1, schedule=Schedule.SEQUENTIAL)),
+        await _run_mode(args, spec, MigrationParams(workers=args.workers)),
     ]
     return _print(args, reports, extra={"vcpu_backend": str(spec.vcpus.backend),
                                         "vcpu_backend_reason": backend})
@@ -344,9 +352,10 @@ async def _demo(args: argparse.Namespace) -> int:
 async def _migrate(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     workers = args.workers or (1 if args.sequential else default_workers())
-    settings = Settings(workers=workers, concurrent=not args.sequential,
+    schedule = Schedule.SEQUENTIAL if args.sequential else Schedule.CONCURRENT
+    params = MigrationParams(workers=workers, schedule=schedule,
                         single_vm=args.single_vm, channels=args.channels,
-                        routing=Routing(args.routing), max_bandwidth=args.max_bandwidth,
+                        routing=Routing(args.routing), bandwidth_limit=args.bandwidth_limit,
                         downtime_limit_ms=args.downtime_limit,
                         overrun=Overrun(args.on_overrun),
                         force_switchover=args.force_switchover, spec_order=args.spec_order,
@@ -356,16 +365,16 @@ async def _migrate(args: argparse.Namespace) -> int:
         if tls is not None:
             raise DevstateError("TLS needs --to: a destination started here uses a Unix "
                                 "socket of its own")
-        return _print(args, [await _run_mode(args, spec, settings)])
+        return _print(args, [await _run_mode(args, spec, params)])
     from devstate.migration.source import SourceVM
     from devstate.net.channels import parse_uri
 
     address = parse_uri(args.to)
     history = CostHistory()
     costs = history.load()
-    progress = _progress(args, settings)
-    async with SourceVM(spec, settings) as source:
-        _status(args, f"migrating {spec.name} to {address} over {settings.data_channels} "
+    progress = _progress(args, params)
+    async with SourceVM(spec, params) as source:
+        _status(args, f"migrating {spec.name} to {address} over {params.data_channels} "
                       f"channel(s){' with TLS' if tls else ''} ...")
         async with following(source, progress) if progress else contextlib.nullcontext():
             report = await source.migrate(address, tls=tls, compare_digests=True, costs=costs,
@@ -408,13 +417,11 @@ async def _vm(args: argparse.Namespace) -> int:
         end_with_parent(args.parent, signal.SIGTERM)
     spec = load_spec(args.spec)
     tls = _tls_config(args)
-    settings = Settings(workers=args.workers, cpus=args.cpus, chunk_bytes=args.chunk_size,
-                        single_vm=args.single_vm, spec_order=args.spec_order,
-                        fault=args.fault)
+    params = _vm_params(args)
     if args.qmp is not None:
-        return await _vm_qmp(args, spec, settings, tls)
+        return await _vm_qmp(args, spec, params, tls)
     listener = Listener(parse_uri(args.incoming))
-    async with IncomingVM(spec, settings) as vm:
+    async with IncomingVM(spec, params) as vm:
         listener.open()
         try:
             print(f"ready {listener.address}", flush=True)
@@ -429,7 +436,29 @@ async def _vm(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _vm_qmp(args: argparse.Namespace, spec: MachineSpec, settings: Settings,
+def _vm_flags(args: argparse.Namespace) -> list[str]:
+    """The parameter flags given to ``devstate vm``."""
+    given = {"--workers": args.workers, "--chunk-size": args.chunk_size, "--cpus": args.cpus,
+             "--single-vm": args.single_vm or None, "--spec-order": args.spec_order or None,
+             "--fault": args.fault}
+    return [flag for flag, value in given.items() if value is not None]
+
+
+def _vm_params(args: argparse.Namespace) -> MigrationParams:
+    """``devstate vm``'s parameters: the --params file whole, or the flags."""
+    if args.params is not None:
+        try:
+            with open(args.params, encoding="utf-8") as file:
+                return MigrationParams.from_json(json.load(file))
+        except (OSError, ValueError) as exc:
+            raise SpecError("", f"cannot read --params {args.params}: {exc}") from exc
+    return MigrationParams(workers=args.workers or default_workers(), cpus=args.cpus,
+                           chunk_bytes=args.chunk_size or MigrationParams().chunk_bytes,
+                           single_vm=args.single_vm, spec_order=args.spec_order,
+                           fault=args.fault)
+
+
+async def _vm_qmp(args: argparse.Namespace, spec: MachineConfig, params: MigrationParams,
                   tls: TlsConfig | None) -> int:
     """``devstate vm --qmp``: the VM runs until a controller says ``quit`` (or SIGTERM)."""
     from devstate.qmp.controller import Controller
@@ -442,7 +471,7 @@ async def _vm_qmp(args: argparse.Namespace, spec: MachineSpec, settings: Setting
         if server is not None:
             server.emit(event, data)
 
-    async with Controller(spec, settings, incoming=args.incoming, emit=emit,
+    async with Controller(spec, params, incoming=args.incoming, emit=emit,
                           tls=tls) as controller:
         server = QmpServer(controller.commands())
         async with server:

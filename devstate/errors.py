@@ -117,13 +117,13 @@ class DowntimeLimitUnmet(MigrationFailed):
     ``critical_path`` names what sets the downtime (the cost model's largest terms).
     """
 
-    def __init__(self, limit_ms: float, expected_ms: float, critical_path: str) -> None:
-        self.limit_ms = limit_ms
+    def __init__(self, downtime_limit_ms: float, expected_ms: float, critical_path: str) -> None:
+        self.downtime_limit_ms = downtime_limit_ms
         self.expected_ms = expected_ms
         self.critical_path = critical_path
         super().__init__(f"expected downtime {expected_ms:.0f} ms exceeds the limit of "
-                         f"{limit_ms:.0f} ms; no switchover, the VM keeps running. Critical "
-                         f"path: {critical_path}")
+                         f"{downtime_limit_ms:.0f} ms; no switchover, the VM keeps running. "
+                         f"Critical path: {critical_path}")
 
 
 class DowntimeOverrun(MigrationFailed):

@@ -267,7 +267,7 @@ def migrate_devstate(vcpus: int, backend: str, workers: int,
     spec = parse_spec({"name": f"qemu-compare-{vcpus}", "seed": 7,
                        "vcpus": {"count": vcpus, "backend": backend}})
     source, dest = pinned_settings(Point(vcpus, 0, workers, True), sides)
-    report = uvloop.run(migrate_locally(spec, source, dest_settings=dest))
+    report = uvloop.run(migrate_locally(spec, source, dest_params=dest))
     return {"devstate_downtime_ms": round(report.downtime_ms, 3),
             "devstate_expected_ms": round(report.expected_ms, 3),
             "devstate_verified": report.verified}

@@ -9,9 +9,9 @@ host spreads its noise over all points instead of one.
 
 Pinning: the usable CPUs are split in two halves (:func:`hostinfo.side_cpus`), the
 source's workers on the first, the destination's on the second. ``dest_cpus()`` derives
-the destination's CPUs from the settings it is given (the source's reversed, unless
-told), so the destination gets settings of its own whose ``cpus`` are the second half;
-:func:`pinned_settings` checks that. Only workers are pinned: the two coordinators
+the destination's CPUs from the params it is given (the source's reversed, unless
+told), so the destination gets params of its own whose ``cpus`` are the second half;
+:func:`pinned_params` checks that. Only workers are pinned: the two coordinators
 (this process and the destination's) run wherever the scheduler puts them. On a 2-core
 host each side has one core, and more than one worker per side is *oversubscribed*:
 allowed, measured, and flagged in the CSV (``oversubscribed``).
@@ -51,9 +51,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from hostinfo import SideCpus, host_info, side_cpus  # noqa: E402
 
-from devstate.config.params import Settings  # noqa: E402
-from devstate.config.spec import MachineSpec, SpecError, parse_quantity, parse_spec  # noqa: E402
-from devstate.errors import DevstateError  # noqa: E402
+from devstate.config.fields import parse_quantity  # noqa: E402
+from devstate.config.params import MigrationParams, Schedule  # noqa: E402
+from devstate.config.spec import MachineConfig, parse_spec  # noqa: E402
+from devstate.errors import DevstateError, SpecError  # noqa: E402
 
 COLUMNS = ("round", "vcpus", "devices", "device_bytes", "firmware_ms", "backend", "mode",
            "workers", "source_cpus", "dest_cpus", "oversubscribed", "downtime_ms",
@@ -67,20 +68,20 @@ class Point:
     vcpus: int
     devices: int
     workers: int
-    concurrent: bool
+    schedule: Schedule
 
     @property
     def mode(self) -> str:
         """``concurrent``, or ``sequential`` for the baseline."""
-        return "concurrent" if self.concurrent else "sequential"
+        return str(self.schedule)
 
 
 def grid(vcpus: list[int], devices: list[int], workers: list[int]) -> list[Point]:
     """One round's points: per (vCPUs, devices) the sequential baseline, then each count."""
     points = []
     for v, d in itertools.product(vcpus, devices):
-        points.append(Point(v, d, 1, False))
-        points.extend(Point(v, d, w, True) for w in workers)
+        points.append(Point(v, d, 1, Schedule.SEQUENTIAL))
+        points.extend(Point(v, d, w, Schedule.CONCURRENT) for w in workers)
     return points
 
 
@@ -96,7 +97,7 @@ def choose_backend(name: str) -> tuple[str, str]:
     return ("kvm" if usable else "sim-vcpu"), why
 
 
-def machine(point: Point, backend: str, device_bytes: int, firmware_ms: float) -> MachineSpec:
+def machine(point: Point, backend: str, device_bytes: int, firmware_ms: float) -> MachineConfig:
     """The machine of a point: its vCPUs and ``devices`` equal VFIO-style devices."""
     return parse_spec({
         "name": f"sweep-{point.vcpus}v-{point.devices}d", "seed": 7,
@@ -106,34 +107,34 @@ def machine(point: Point, backend: str, device_bytes: int, firmware_ms: float) -
     })
 
 
-def pinned_settings(point: Point, sides: SideCpus) -> tuple[Settings, Settings]:
-    """The source's and the destination's settings, each pinned to its own half.
+def pinned_params(point: Point, sides: SideCpus) -> tuple[MigrationParams, MigrationParams]:
+    """The source's and the destination's params, each pinned to its own half.
 
-    ``migrate_locally`` hands the destination ``dest_cpus(dest_settings)``; this checks
+    ``migrate_locally`` hands the destination ``dest_cpus(dest_params)``; this checks
     that those are exactly the second half, so a change there cannot quietly put both
     sides on the same CPUs.
     """
     from devstate.migration.local import dest_cpus
 
-    source = Settings(workers=point.workers, concurrent=point.concurrent, cpus=sides.source)
-    dest = Settings(workers=point.workers, concurrent=point.concurrent, cpus=sides.dest)
+    source = MigrationParams(workers=point.workers, schedule=point.schedule, cpus=sides.source)
+    dest = MigrationParams(workers=point.workers, schedule=point.schedule, cpus=sides.dest)
     if sorted(dest_cpus(dest)) != sorted(sides.dest):
         raise AssertionError(f"the destination would run on {dest_cpus(dest)}, "
                              f"not on {list(sides.dest)}")
     return source, dest
 
 
-def run_point(point: Point, spec: MachineSpec, sides: SideCpus, costs: Path) -> dict[str, Any]:
+def run_point(point: Point, spec: MachineConfig, sides: SideCpus, costs: Path) -> dict[str, Any]:
     """Migrate once; the CSV row's measured fields (``error`` set if it failed)."""
     import uvloop
 
     from devstate.migration.local import migrate_locally
     from devstate.planning.cost import CostHistory
 
-    source, dest = pinned_settings(point, sides)
+    source, dest = pinned_params(point, sides)
     start = time.perf_counter()
     try:
-        report = uvloop.run(migrate_locally(spec, source, dest_settings=dest,
+        report = uvloop.run(migrate_locally(spec, source, dest_params=dest,
                                             history=CostHistory(costs)))
     except (DevstateError, OSError, TimeoutError) as exc:  # a failed point, not the run
         return {"verified": False, "wall_s": round(time.perf_counter() - start, 3),
@@ -236,7 +237,8 @@ class Progress:
 
 def _label(point: Point) -> str:
     return (f"{point.vcpus} vCPUs, {point.devices} dev, "
-            + (f"{point.workers} workers" if point.concurrent else "sequential"))
+            + (f"{point.workers} workers" if point.schedule is Schedule.CONCURRENT
+               else "sequential"))
 
 
 def medians(rows: list[dict[str, Any]]) -> dict[tuple[int, int, str, int], list[float]]:

@@ -15,7 +15,7 @@ import pytest
 import uvloop
 
 from devstate.arena.slots import PREFIX, SHM_DIR
-from devstate.config.params import Settings
+from devstate.config.params import MigrationParams
 from devstate.config.spec import parse_spec
 from devstate.migration.source import SourceVM
 
@@ -115,7 +115,7 @@ def warm_process_machinery() -> None:
     resource_tracker.ensure_running()
 
     async def start_a_pool() -> None:
-        async with SourceVM(parse_spec({"vcpus": {"count": 1}}), Settings(workers=1)):
+        async with SourceVM(parse_spec({"vcpus": {"count": 1}}), MigrationParams(workers=1)):
             pass
 
     uvloop.run(start_a_pool())

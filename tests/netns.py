@@ -227,7 +227,7 @@ def delay_commands(dev: str = VETH, delay_dev: str = DELAY_DEV) -> list[str]:
 # Namespaces
 
 
-def write_sysctls(ns: str, settings: dict[str, str]) -> None:
+def write_sysctls(ns: str, params: dict[str, str]) -> None:
     """Set ``net.*`` sysctls of namespace ``ns``.
 
     /proc/sys/net shows the namespace of the process that opens it, so the writer must run
@@ -240,7 +240,7 @@ def write_sysctls(ns: str, settings: dict[str, str]) -> None:
         "    with open('/proc/sys/' + key.replace('.', '/'), 'w') as f:\n"
         "        f.write(value)\n"
     )
-    args = [f"{key}={value}" for key, value in settings.items()]
+    args = [f"{key}={value}" for key, value in params.items()]
     run(["ip", "netns", "exec", ns, sys.executable, "-c", code, *args])
 
 

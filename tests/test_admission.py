@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from devstate.config.params import Settings
+from devstate.config.params import MigrationParams
 from devstate.config.spec import parse_spec
+from devstate.devices import device_table
 from devstate.migration.local import destination
 from devstate.migration.source import SourceVM
 from devstate.planning.admission import Admission, TransferOrder
@@ -49,12 +50,13 @@ def test_the_gate_holds_a_stream_while_those_ahead_fill_the_budget(run) -> None:
 
 def test_the_plan_moves_the_longest_tail_first_and_spec_order_its_table() -> None:
     spec = parse_spec(TAILS)
-    by_id = {d.id: d.index for d in spec.devices()}
-    tails = tail_s(spec, 2)
+    by_id = {d.id: d.index for d in device_table(spec)}
+    tails = tail_s(device_table(spec), 2)
     # small: its 10 ms firmware, then 8 vCPU puts (45 µs each) over 2 workers.
     assert tails[by_id["vfio/small"]] == 0.010 + 8 * 45e-6 / 2
-    assert make_plan(spec, 2).transfer == (by_id["vfio/big"], by_id["vfio/small"])
-    assert spec_order_plan(spec, 2).transfer == (by_id["vfio/small"], by_id["vfio/big"])
+    table = device_table(spec)
+    assert make_plan(table, 2).transfer == (by_id["vfio/big"], by_id["vfio/small"])
+    assert spec_order_plan(table, 2).transfer == (by_id["vfio/small"], by_id["vfio/big"])
 
 
 def test_the_estimate_follows_the_transfer_order() -> None:
@@ -62,8 +64,8 @@ def test_the_estimate_follows_the_transfer_order() -> None:
     after both devices' bytes; in the plan's order, after its own."""
     spec = parse_spec(TAILS)
     host = HostCosts(copy_bytes_per_s=56 * 2**20 / 0.2)  # 200 ms for both devices' bytes
-    ordered = estimate(spec, spec_order_plan(spec, 2), host).host_parts
-    planned = estimate(spec, make_plan(spec, 2), host).host_parts
+    ordered = estimate(device_table(spec), spec_order_plan(device_table(spec), 2), host).host_parts
+    planned = estimate(device_table(spec), make_plan(device_table(spec), 2), host).host_parts
     assert ordered[0] == 200.0 and ordered[3] == 300  # through big: 56 MiB, then 300 ms
     assert planned[0] == 48 / 56 * 200 and planned[3] == 300  # through big: its 48 MiB
 
@@ -71,11 +73,11 @@ def test_the_estimate_follows_the_transfer_order() -> None:
 def _ends(spec_order: bool, run) -> dict[str, float]:
     """Each stream's last byte read (ms after the stop), with the host's copy rate set
     below one stream's so that every stream moves alone."""
-    settings = Settings(spec_order=spec_order)
+    params = MigrationParams(spec_order=spec_order)
 
     async def scenario() -> dict[str, float]:
-        async with SourceVM(parse_spec(TAILS), settings) as source, \
-                destination(parse_spec(TAILS), settings) as dest:
+        async with SourceVM(parse_spec(TAILS), params) as source, \
+                destination(parse_spec(TAILS), params) as dest:
             report = await source.migrate(dest.address, compare_digests=True,
                                           costs=HostCosts(copy_bytes_per_s=2**20))
             assert report.verified

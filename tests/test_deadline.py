@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 
 from devstate.cli import kvm_usable
-from devstate.config.params import Overrun, Settings
+from devstate.config.params import MigrationParams, Overrun
 from devstate.config.spec import parse_spec
+from devstate.devices import device_table
 from devstate.errors import DowntimeLimitUnmet, DowntimeOverrun
 from devstate.migration.local import destination
 from devstate.migration.source import SourceVM
@@ -24,7 +25,7 @@ HUGE = parse_spec({"seed": 2, "vcpus": {"count": 4},
 
 
 def test_one_devices_own_path_is_the_critical_path() -> None:
-    made = estimate(HUGE, make_plan(HUGE, 2), HostCosts())
+    made = estimate(device_table(HUGE), make_plan(device_table(HUGE), 2), HostCosts())
     # 96 MiB at 128 MiB/s is 750 ms, plus 100 ms of firmware, plus the fixed cost.
     assert made.critical.kind == "device" and "vfio/gpu alone" in made.critical.what
     assert made.expected_ms == pytest.approx(850 + HostCosts().fixed_ms)
@@ -33,7 +34,8 @@ def test_one_devices_own_path_is_the_critical_path() -> None:
 
 def test_many_records_make_the_host_critical() -> None:
     spec = parse_spec({"vcpus": {"count": 1024, "get_us": 200, "put_us": 200}})
-    made = estimate(spec, make_plan(spec, 2), HostCosts(cores=2, record_overhead_us=0))
+    table = device_table(spec)
+    made = estimate(table, make_plan(table, 2), HostCosts(cores=2, record_overhead_us=0))
     assert made.critical.kind == "host"
     assert made.expected_ms == pytest.approx(1024 * 400 / 1e3 / 2 + HostCosts().fixed_ms)
 
@@ -46,7 +48,7 @@ def test_refine_fits_the_host_weights_to_earlier_runs() -> None:
                            "devices": [{"name": "d", "size": f"{size}MiB",
                                         "read_bandwidth": "64GiB/s",
                                         "write_bandwidth": "64GiB/s"}] if size else []})
-        made = estimate(spec, make_plan(spec, 2), host)
+        made = estimate(device_table(spec), make_plan(device_table(spec), 2), host)
         copies, records, sessions, firmware = made.host_parts
         actual = host.fixed_ms + 1.5 * copies + 2.0 * records + sessions + firmware
         host = refine(host, made, actual)
@@ -55,7 +57,7 @@ def test_refine_fits_the_host_weights_to_earlier_runs() -> None:
 
 
 def test_a_disturbed_run_teaches_nothing() -> None:
-    made = estimate(HUGE, make_plan(HUGE, 2), HostCosts())
+    made = estimate(device_table(HUGE), make_plan(device_table(HUGE), 2), HostCosts())
     assert refine(HostCosts(), made, made.expected_ms * 10) == HostCosts()
 
 
@@ -74,7 +76,7 @@ def test_history_survives_a_round_trip_and_a_corrupt_file(tmp_path: Path) -> Non
 def test_unmeetable_limit_never_stops_the_vm(run) -> None:
     async def scenario() -> tuple[DowntimeLimitUnmet, bool, bool, list[str]]:
         seen: list[str] = []
-        async with SourceVM(HUGE, Settings(downtime_limit_ms=300)) as source:
+        async with SourceVM(HUGE, MigrationParams(downtime_limit_ms=300)) as source:
             before = await source.digests()
             with pytest.raises(DowntimeLimitUnmet) as info:
                 await source.migrate(parse_uri("unix:/nonexistent/never.sock"),
@@ -88,9 +90,9 @@ def test_unmeetable_limit_never_stops_the_vm(run) -> None:
 
 
 async def _past_the_limit(overrun: Overrun) -> dict[str, Any]:
-    settings = Settings(downtime_limit_ms=250, force_switchover=True, overrun=overrun)
+    params = MigrationParams(downtime_limit_ms=250, force_switchover=True, overrun=overrun)
     seen: list[str] = []
-    async with SourceVM(HUGE, settings) as source, destination(HUGE, Settings()) as dest:
+    async with SourceVM(HUGE, params) as source, destination(HUGE, MigrationParams()) as dest:
         before = await source.digests()
         try:
             report = await source.migrate(dest.address, compare_digests=True,
@@ -122,7 +124,7 @@ def test_kvm_record_costs_are_probed_without_changing_the_vcpus(run) -> None:
     spec = parse_spec({"seed": 5, "vcpus": {"count": 64, "backend": "kvm"}})
 
     async def scenario() -> tuple[tuple[float, float], bool]:
-        async with SourceVM(spec, Settings()) as source:
+        async with SourceVM(spec, MigrationParams()) as source:
             before = await source.digests()
             costs = await source.probe_records()
             return costs, await source.digests() == before
@@ -140,9 +142,9 @@ def _precopy_machine(dirty: str | None) -> Any:
     return parse_spec({"seed": 6, "vcpus": {"count": 8}, "devices": [device]})
 
 
-async def _migrate_with(spec: Any, settings: Settings) -> dict[str, Any]:
+async def _migrate_with(spec: Any, params: MigrationParams) -> dict[str, Any]:
     seen: list[str] = []
-    async with SourceVM(spec, settings) as source, destination(spec, Settings()) as dest:
+    async with SourceVM(spec, params) as source, destination(spec, MigrationParams()) as dest:
         try:
             report = await source.migrate(dest.address, compare_digests=True,
                                           on_status=seen.append)
@@ -154,7 +156,7 @@ async def _migrate_with(spec: Any, settings: Settings) -> dict[str, Any]:
 def test_precopy_moves_the_stream_while_the_vm_runs(run) -> None:
     """Without a limit, precopy switches over once the device is down to one chunk: most
     of its bytes were loaded before the stop, and re-sent dirty chunks arrive too."""
-    outcome = run(_migrate_with(_precopy_machine("16MiB/s"), Settings(precopy=True)))
+    outcome = run(_migrate_with(_precopy_machine("16MiB/s"), MigrationParams(precopy=True)))
     report = outcome["report"]
     nic = next(d for d in report.devices if d.id == "vfio/nic")
     assert report.verified  # the destination has the source's state as of the stop
@@ -166,7 +168,7 @@ def test_precopy_moves_the_stream_while_the_vm_runs(run) -> None:
 
 def test_precopy_switches_over_once_the_limit_is_expected_to_hold(run) -> None:
     outcome = run(_migrate_with(_precopy_machine(None),
-                                Settings(precopy=True, downtime_limit_ms=80)))
+                                MigrationParams(precopy=True, downtime_limit_ms=80)))
     report = outcome["report"]
     assert report.verified and report.expected_ms <= 80
     assert outcome["seen"] == ["setup", "active", "device", "completed"]
@@ -176,8 +178,8 @@ def test_precopy_that_cannot_converge_fails_without_stopping_the_vm(run) -> None
     """Dirtied faster (512 MiB/s) than it can be read (256 MiB/s): the expected downtime
     never meets 30 ms, so after the precopy bound no switchover happens, the error shows
     what is still to send, and the source runs on."""
-    settings = Settings(precopy=True, downtime_limit_ms=30, precopy_timeout_s=1.0)
-    outcome = run(_migrate_with(_precopy_machine("512MiB/s"), settings))
+    params = MigrationParams(precopy=True, downtime_limit_ms=30, precopy_timeout_s=1.0)
+    outcome = run(_migrate_with(_precopy_machine("512MiB/s"), params))
     error = outcome["error"]
     assert outcome["running"]
     assert "vfio/nic alone" in error.critical_path and "of precopy" in error.critical_path
@@ -211,7 +213,7 @@ def test_dependencies_are_validated() -> None:
 
 def test_the_estimate_follows_dependency_chains() -> None:
     spec = parse_spec(DEPENDENT)
-    made = estimate(spec, make_plan(spec, 2), HostCosts())
+    made = estimate(device_table(spec), make_plan(device_table(spec), 2), HostCosts())
     # vfio/a's 20 ms of firmware start only once vfio/b's 300 ms are done.
     assert made.critical.what == "vfio/a after vfio/b"
     assert made.critical.ms == pytest.approx(8 / 512 * 1e3 + 300 + 20)
@@ -222,7 +224,7 @@ def test_devices_complete_their_loads_after_what_they_depend_on(run) -> None:
     destination worker each lands: across workers the LOADED notes order them."""
     spec = parse_spec(DEPENDENT)
     for workers in (2, 3):
-        report = run(_migrate_with(spec, Settings(workers=workers)))["report"]
+        report = run(_migrate_with(spec, MigrationParams(workers=workers)))["report"]
         rows = {d.id: d for d in report.devices}
         b = rows["vfio/b"]
         assert report.verified
@@ -238,7 +240,7 @@ def test_a_sequential_estimate_is_the_sum_and_teaches_nothing() -> None:
                                     "write_bandwidth": "128MiB/s", "firmware_latency_ms": 50}
                                    for n in ("a", "b")]})
     host = HostCosts(record_overhead_us=0)
-    made = estimate(spec, make_plan(spec, 1), host, sequential=True)
+    made = estimate(device_table(spec), make_plan(device_table(spec), 1), host, sequential=True)
     # Each stream: 500 ms of bytes, 50 ms of firmware, its session; 100 records of 20 µs.
     assert made.expected_ms == pytest.approx(
         host.fixed_ms + 2 * (500 + 50 + host.stream_overhead_ms) + 2.0)

@@ -25,8 +25,8 @@ from typing import Any
 
 import pytest
 
-from devstate.config.params import Overrun, Settings
-from devstate.config.spec import MachineSpec, parse_spec
+from devstate.config.params import MigrationParams, Overrun
+from devstate.config.spec import MachineConfig, parse_spec
 from devstate.errors import DowntimeOverrun, MigrationFailed
 from devstate.migration.local import destination
 from devstate.migration.source import SourceVM
@@ -92,13 +92,14 @@ CELLS = [
 ]
 
 
-async def _migrate(spec: MachineSpec, source_settings: Settings, dest_settings: Settings,
-                   on_status: Any = None, dest_spec: MachineSpec | None = None
+async def _migrate(spec: MachineConfig, source_params: MigrationParams,
+                   dest_params: MigrationParams,
+                   on_status: Any = None, dest_spec: MachineConfig | None = None
                    ) -> dict[str, Any]:
     """One migration (bounded by CELL_TIMEOUT_S); who ran the VM after, and the error."""
     outcome: dict[str, Any] = {}
-    async with SourceVM(spec, source_settings) as source, \
-            destination(dest_spec or spec, dest_settings) as dest:
+    async with SourceVM(spec, source_params) as source, \
+            destination(dest_spec or spec, dest_params) as dest:
         before = await source.digests()
         try:
             async with asyncio.timeout(CELL_TIMEOUT_S):
@@ -132,8 +133,8 @@ def _check(outcome: dict[str, Any], runs: str, says: str) -> None:
 
 @pytest.mark.parametrize("cell", CELLS, ids=[c.id for c in CELLS])
 def test_fault(run, no_fd_or_thread_leaks, cell: Cell) -> None:
-    armed = Settings(workers=2, fault=cell.fault, precopy=cell.precopy)
-    plain = Settings(workers=2, precopy=cell.precopy)
+    armed = MigrationParams(workers=2, fault=cell.fault, precopy=cell.precopy)
+    plain = MigrationParams(workers=2, precopy=cell.precopy)
     source, dest = (armed, plain) if cell.side == "source" else (plain, armed)
     _check(run(_migrate(MACHINE, source, dest)), cell.runs, cell.says)
 
@@ -144,7 +145,7 @@ INCOMPATIBLE = parse_spec({"seed": 8, "vcpus": {"count": 16}, "devices": [
 
 def test_destination_refusing_an_incompatible_spec(run, no_fd_or_thread_leaks) -> None:
     """setup: the destination's device table differs: refused before the stop."""
-    outcome = run(_migrate(MACHINE, Settings(workers=2), Settings(workers=2),
+    outcome = run(_migrate(MACHINE, MigrationParams(workers=2), MigrationParams(workers=2),
                            dest_spec=INCOMPATIBLE))
     _check(outcome, SOURCE, "vfio/nic0")
 
@@ -155,9 +156,9 @@ SLOW = parse_spec({"seed": 8, "vcpus": {"count": 16}, "devices": [
 
 def test_deadline_overrun_with_abort(run, no_fd_or_thread_leaks) -> None:
     """stop-and-copy: 32 MiB at 64 MiB/s cannot fit 100 ms; abort: the source resumes."""
-    settings = Settings(workers=2, downtime_limit_ms=100, overrun=Overrun.ABORT,
+    params = MigrationParams(workers=2, downtime_limit_ms=100, overrun=Overrun.ABORT,
                         force_switchover=True)
-    outcome = run(_migrate(SLOW, settings, Settings(workers=2)))
+    outcome = run(_migrate(SLOW, params, MigrationParams(workers=2)))
     _check(outcome, SOURCE, "downtime limit")
 
 
@@ -173,6 +174,6 @@ def _cancel_at(status: str) -> Any:
 @pytest.mark.parametrize("status", ["setup", "active", "device"])
 def test_cancel(run, no_fd_or_thread_leaks, status: str) -> None:
     """Cancelled at each status: the source resumes unchanged, the destination discards."""
-    outcome = run(_migrate(MACHINE, Settings(workers=2), Settings(workers=2),
+    outcome = run(_migrate(MACHINE, MigrationParams(workers=2), MigrationParams(workers=2),
                            on_status=_cancel_at(status)))
     _check(outcome, SOURCE, "cancelled")

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 from devstate.cli import kvm_usable
-from devstate.config.params import Settings
+from devstate.config.params import MigrationParams, Routing, Schedule
 from devstate.config.spec import parse_spec
+from devstate.devices import device_table
 from devstate.migration.local import migrate_locally
-from devstate.net.route import Routing
 from devstate.net.transport import parse_uri
 from tests.faulty_proxy import Proxy, faulty_proxy
 
@@ -41,14 +41,14 @@ def test_1024_kvm_vcpus_migrate_verified_with_the_example_spec() -> None:
 def test_kvm_vcpus_and_a_vfio_device_migrate_sequentially_too(run) -> None:
     spec = parse_spec({"seed": 3, "vcpus": {"count": 32, "backend": "kvm"},
                        "devices": [{"name": "nic0", "size": "4MiB"}]})
-    report = run(migrate_locally(spec, Settings(workers=1, concurrent=False)))
+    report = run(migrate_locally(spec, MigrationParams(workers=1, schedule=Schedule.SEQUENTIAL)))
     assert report.verified
     assert len(report.devices) == 36  # 32 vCPUs, PIT, clock, irqchip, one VFIO device
 
 
 def test_vm_level_state_loads_before_the_vcpus_of_its_vm(run) -> None:
     spec = parse_spec({"seed": 5, "vcpus": {"count": 16, "backend": "kvm"}})
-    report = run(migrate_locally(spec, Settings(workers=2)))
+    report = run(migrate_locally(spec, MigrationParams(workers=2)))
     assert report.verified
     vm_parts = [d for d in report.devices if d.id.startswith("vm/")]
     assert {d.dest_worker for d in vm_parts} == {0}
@@ -64,8 +64,8 @@ def test_distinct_seeded_vcpus_give_distinct_digests(run) -> None:
     spec = parse_spec({"seed": 4, "vcpus": {"count": 8, "backend": "kvm"}})
 
     async def scenario() -> dict[str, str]:
-        async with SourceVM(spec, Settings(workers=2)) as source, \
-                destination(spec, Settings(workers=2)) as dest:
+        async with SourceVM(spec, MigrationParams(workers=2)) as source, \
+                destination(spec, MigrationParams(workers=2)) as dest:
             before = await source.digests()
             assert (await source.migrate(dest.address, compare_digests=True)).verified
             return before
@@ -77,7 +77,7 @@ def test_distinct_seeded_vcpus_give_distinct_digests(run) -> None:
 
 def test_single_vm_mode_puts_every_vcpu_in_one_worker_on_threads(run) -> None:
     spec = parse_spec({"seed": 6, "vcpus": {"count": 64, "backend": "kvm"}})
-    report = run(migrate_locally(spec, Settings(workers=2, single_vm=True)))
+    report = run(migrate_locally(spec, MigrationParams(workers=2, single_vm=True)))
     assert report.verified and report.mode == "single-vm"
     assert {d.source_worker for d in report.devices} == {0}
     assert {d.dest_worker for d in report.devices} == {0}
@@ -91,8 +91,8 @@ def test_single_vm_mode_puts_every_vcpu_in_one_worker_on_threads(run) -> None:
 def test_256_kvm_vcpus_migrate_to_a_destination_of_another_worker_count(
         run, source_workers: int, dest_workers: int) -> None:
     spec = parse_spec({"seed": 7, "vcpus": {"count": 256, "backend": "kvm"}})
-    report = run(migrate_locally(spec, Settings(workers=source_workers),
-                                 dest_settings=Settings(workers=dest_workers)))
+    report = run(migrate_locally(spec, MigrationParams(workers=source_workers),
+                                 dest_params=MigrationParams(workers=dest_workers)))
     assert report.verified and all(d.verified for d in report.devices)
     assert report.mode == "concurrent" and report.workers == source_workers
     cpus = [d for d in report.devices if d.id.startswith("cpu/")]
@@ -115,12 +115,12 @@ def test_single_vm_spread_routing_sends_worker_0s_vcpus_on_every_channel(
 
     count = 128
     spec = parse_spec({"seed": 8, "vcpus": {"count": count, "backend": "kvm"}})
-    table = spec.devices()
-    settings = Settings(workers=2, single_vm=True, routing=Routing.SPREAD)
+    table = device_table(spec)
+    params = MigrationParams(workers=2, single_vm=True, routing=Routing.SPREAD)
 
     async def scenario() -> tuple[Any, Proxy, tuple[int, ...], tuple[int, ...]]:
-        async with SourceVM(spec, settings) as source, destination(
-                spec, Settings(workers=2, single_vm=dest_single_vm),
+        async with SourceVM(spec, params) as source, destination(
+                spec, MigrationParams(workers=2, single_vm=dest_single_vm),
                 incoming="tcp:127.0.0.1:0") as dest:
             async with faulty_proxy((dest.address.host, dest.address.port), {},
                               count_packets=len(table)) as proxy:

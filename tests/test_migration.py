@@ -12,24 +12,25 @@ import psutil
 import pytest
 
 from devstate.cli import load_default_machine
-from devstate.config.params import Settings
-from devstate.config.spec import MachineSpec, parse_spec
+from devstate.config.params import MigrationParams, Schedule
+from devstate.config.spec import MachineConfig, parse_spec
+from devstate.devices import device_table
 from devstate.errors import MigrationFailed, WorkerLost
 from devstate.migration.local import destination, migrate_locally
 from devstate.migration.source import SourceVM
 
 
-def _vfio(*devices: dict[str, Any], vcpus: int = 0, seed: int = 5) -> MachineSpec:
+def _vfio(*devices: dict[str, Any], vcpus: int = 0, seed: int = 5) -> MachineConfig:
     return parse_spec({"seed": seed, "vcpus": {"count": vcpus}, "devices": list(devices)})
 
 
 def test_default_machine_round_trips_bit_exact(run) -> None:
     spec = load_default_machine()
-    report = run(migrate_locally(spec, Settings(workers=2)))
+    report = run(migrate_locally(spec, MigrationParams(workers=2)))
     assert report.verified
     assert len(report.devices) == 516
     assert all(d.verified for d in report.devices)
-    sizes = {d.id: d.size for d in spec.devices() if d.vfio}
+    sizes = {d.id: d.size for d in device_table(spec) if d.vfio}
     moved = {d.id: d.bytes for d in report.devices if d.id in sizes}
     # A stream carries the device's own framing around its state: never less than the state.
     assert all(moved[i] >= sizes[i] for i in sizes)
@@ -39,7 +40,7 @@ def test_default_machine_round_trips_bit_exact(run) -> None:
 def test_four_streams_load_concurrently_and_in_order(run) -> None:
     spec = _vfio(*({"name": f"nic{i}", "size": "16MiB", "firmware_latency_ms": 200}
                    for i in range(4)), vcpus=8)
-    report = run(migrate_locally(spec, Settings(workers=2)))
+    report = run(migrate_locally(spec, MigrationParams(workers=2)))
     assert report.verified  # every byte arrived, in order: the digests match
     streams = [d for d in report.devices if d.id.startswith("vfio/")]
     # All four were loading at once: each started before any finished.
@@ -50,7 +51,7 @@ def test_four_streams_load_concurrently_and_in_order(run) -> None:
 def test_sequential_mode_loads_one_device_after_another(run) -> None:
     spec = _vfio(*({"name": f"nic{i}", "size": "4MiB", "firmware_latency_ms": 50}
                    for i in range(3)))
-    report = run(migrate_locally(spec, Settings(workers=1, concurrent=False)))
+    report = run(migrate_locally(spec, MigrationParams(workers=1, schedule=Schedule.SEQUENTIAL)))
     assert report.verified
     loads = sorted(report.devices, key=lambda d: d.load_start_ms)
     for before, after in zip(loads, loads[1:], strict=False):
@@ -58,11 +59,11 @@ def test_sequential_mode_loads_one_device_after_another(run) -> None:
     assert report.downtime_ms >= 150
 
 
-async def _migrate_with_fault(spec: MachineSpec, fault, *, delay_s: float) -> dict[str, Any]:
+async def _migrate_with_fault(spec: MachineConfig, fault, *, delay_s: float) -> dict[str, Any]:
     """Migrate while ``fault(source, dest_pid)`` strikes ``delay_s`` after the VM stops."""
     outcome: dict[str, Any] = {}
-    async with SourceVM(spec, Settings(workers=2)) as source, \
-            destination(spec, Settings(workers=2)) as dest:
+    async with SourceVM(spec, MigrationParams(workers=2)) as source, \
+            destination(spec, MigrationParams(workers=2)) as dest:
         before = await source.digests()
         loop = asyncio.get_running_loop()
 
@@ -88,7 +89,7 @@ _BIG = {"name": "big", "size": "256MiB", "read_bandwidth": "256MiB/s",
 
 def test_worker_killed_mid_save_is_worker_lost_within_a_second(run) -> None:
     spec = _vfio(_BIG, {"name": "small", "size": "8MiB"}, vcpus=16)
-    big = next(d.index for d in spec.devices() if d.id == "vfio/big")
+    big = next(d.index for d in device_table(spec) if d.id == "vfio/big")
 
     def kill_owner(source: SourceVM, _: int) -> int:
         pid = source.pool.pids[source.plan.owner[big]]
@@ -125,8 +126,8 @@ def test_destination_refuses_an_incompatible_machine(run) -> None:
     theirs = _vfio({"name": "nic0", "size": "8MiB"}, vcpus=4)
 
     async def scenario() -> tuple[MigrationFailed, bool, bool]:
-        async with SourceVM(ours, Settings(workers=2)) as source, \
-                destination(theirs, Settings(workers=2)) as dest:
+        async with SourceVM(ours, MigrationParams(workers=2)) as source, \
+                destination(theirs, MigrationParams(workers=2)) as dest:
             before = await source.digests()
             with pytest.raises(MigrationFailed) as info:
                 await source.migrate(dest.address)

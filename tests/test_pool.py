@@ -10,19 +10,22 @@ import time
 import psutil
 import pytest
 
-from devstate.config.params import Settings
+from devstate.config.params import MigrationParams
 from devstate.config.spec import parse_spec
+from devstate.devices import device_table
 from devstate.errors import WorkerFailed, WorkerLost
 from devstate.net.route import Routes
 from devstate.worker import jobs as m
+from devstate.worker.layout import arena_layout
 from devstate.worker.pool import WorkerPool, usable_cpus
 from tests.conftest import shm_segments
 
 SPEC = parse_spec({"vcpus": {"count": 8}})
+TABLE = device_table(SPEC)
 
 
 def _pool(workers: int = 2) -> WorkerPool:
-    return WorkerPool(SPEC, Settings(workers=workers).layout(SPEC), name="test")
+    return WorkerPool(TABLE, arena_layout(MigrationParams(workers=workers), TABLE), name="test")
 
 
 def test_workers_start_pinned_with_the_arena_already_unlinked(run) -> None:

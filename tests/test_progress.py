@@ -11,15 +11,14 @@ import sys
 import time
 from pathlib import Path
 
-from devstate.migration.source import SaveProgress
-from devstate.report.progress import MigrationProgress
+from devstate.report.progress import MigrationProgress, SaveProgress
 
 SPEC = {"seed": 3, "vcpus": {"count": 64},
         "devices": [{"name": "nic", "size": "32MiB", "write_bandwidth": "64MiB/s"}]}
 
 
 def test_the_line_shows_devices_bytes_and_time_against_the_limit() -> None:
-    progress = MigrationProgress(limit_ms=300)
+    progress = MigrationProgress(downtime_limit_ms=300)
     progress.status("active")
     assert "stopped" not in progress.line().plain
     progress.saved = SaveProgress(40, 65, 16 << 20, 32 << 20)

@@ -7,13 +7,15 @@ from typing import Any
 
 import pytest
 
-from devstate.config.params import CHUNK_CLASS, Settings
-from devstate.config.spec import MachineSpec, parse_spec
+from devstate.config.params import MigrationParams, Routing
+from devstate.config.spec import MachineConfig, parse_spec
+from devstate.devices import device_table
 from devstate.migration.local import migrate_locally
-from devstate.net.route import Routes, Routing
+from devstate.net.route import Routes
+from devstate.worker.layout import CHUNK_CLASS, arena_layout
 
 
-def _machine(*devices: dict[str, Any], vcpus: int = 16) -> MachineSpec:
+def _machine(*devices: dict[str, Any], vcpus: int = 16) -> MachineConfig:
     return parse_spec({"seed": 11, "vcpus": {"count": vcpus}, "devices": list(devices)})
 
 
@@ -39,8 +41,8 @@ def test_any_channel_count_over_any_worker_counts_round_trips(run, source, dest,
                                                              routing) -> None:
     spec = _machine({"name": "big", "size": "24MiB"}, {"name": "small", "size": "3MiB"})
     report = run(migrate_locally(
-        spec, Settings(workers=source, channels=channels, routing=routing),
-        dest_settings=Settings(workers=dest)))
+        spec, MigrationParams(workers=source, channels=channels, routing=routing),
+        dest_params=MigrationParams(workers=dest)))
     assert report.verified and all(d.verified for d in report.devices)
     assert {d.dest_worker for d in report.devices} == set(range(dest))
     # cpu/N is vCPU id N on both sides, whoever owns it.
@@ -51,13 +53,13 @@ def test_any_channel_count_over_any_worker_counts_round_trips(run, source, dest,
 def test_spread_reassembles_a_stream_larger_than_the_whole_arena(run) -> None:
     """Four 256 KiB chunk slots per worker on both sides carry a 48 MiB stream spread
     over four channels: reassembly holds early packets in those slots and never stalls."""
-    small = Settings(workers=2, channels=4, routing=Routing.SPREAD, chunk_bytes=256 << 10,
+    small = MigrationParams(workers=2, channels=4, routing=Routing.SPREAD, chunk_bytes=256 << 10,
                      chunk_slots=4)
     spec = _machine({"name": "huge", "size": "48MiB"}, vcpus=4)
-    layout = small.layout(spec)
+    layout = arena_layout(small, device_table(spec))
     chunk_memory = layout.classes[CHUNK_CLASS].bytes * layout.workers
     assert chunk_memory * 8 <= 48 << 20
-    report = run(migrate_locally(spec, small, dest_settings=Settings(
+    report = run(migrate_locally(spec, small, dest_params=MigrationParams(
         workers=2, chunk_bytes=256 << 10, chunk_slots=4)))
     assert report.verified
 
@@ -67,8 +69,8 @@ def test_bandwidth_limit_holds_over_all_channels(run) -> None:
     two channels cannot take less than its bytes, less one burst per channel, allow."""
     limit = 8 << 20
     spec = _machine({"name": "nic", "size": "12MiB"}, vcpus=2)
-    report = run(migrate_locally(spec, Settings(workers=2, routing=Routing.SPREAD,
-                                                max_bandwidth=limit)))
+    report = run(migrate_locally(spec, MigrationParams(workers=2, routing=Routing.SPREAD,
+                                                bandwidth_limit=limit)))
     assert report.verified
     moved = sum(d.bytes for d in report.devices)
     bursts = 2 * (1 << 20)
@@ -78,7 +80,7 @@ def test_bandwidth_limit_holds_over_all_channels(run) -> None:
 def test_reports_give_each_device_its_channel_and_timeline(run) -> None:
     spec = _machine({"name": "big", "size": "8MiB"}, vcpus=8)
     for routing, stream_channel in ((Routing.AFFINITY, None), (Routing.SPREAD, -1)):
-        report = run(migrate_locally(spec, Settings(workers=2, channels=2, routing=routing)))
+        report = run(migrate_locally(spec, MigrationParams(workers=2, channels=2, routing=routing)))
         rows = {d.id: d for d in report.devices}
         big = rows["vfio/big"]
         if stream_channel is None:  # its home channel: its source worker's

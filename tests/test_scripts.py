@@ -107,7 +107,7 @@ def test_the_destination_really_gets_the_second_half() -> None:
     from devstate.migration.local import dest_cpus
 
     sides = hostinfo.side_cpus(list(range(64)))
-    source, dest = sweep.pinned_settings(sweep.Point(512, 2, 8, True), sides)
+    source, dest = sweep.pinned_params(sweep.Point(512, 2, 8, sweep.Schedule.CONCURRENT), sides)
     assert source.cpus == tuple(range(32))
     assert sorted(dest_cpus(dest)) == list(range(32, 64))
 

@@ -8,7 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from devstate.config.spec import Backend, Shape, load_spec, parse_quantity, parse_spec
+from devstate.config.fields import parse_quantity
+from devstate.config.spec import Backend, Shape, load_spec, parse_spec
+from devstate.devices import device_table
 from devstate.errors import SpecError
 
 
@@ -22,7 +24,7 @@ def test_default_machine_has_512_vcpus_and_four_devices() -> None:
     from devstate.cli import load_default_machine
 
     spec = load_default_machine()
-    table = spec.devices()
+    table = device_table(spec)
     assert spec.vcpus.count == 512
     assert [d.id for d in table[512:]] == ["vfio/nic0", "vfio/nic1", "vfio/accel0", "vfio/vgpu0"]
     sizes = [d.size for d in table[512:]]
@@ -33,7 +35,7 @@ def test_default_machine_has_512_vcpus_and_four_devices() -> None:
 
 def test_device_table_is_canonical() -> None:
     spec = parse_spec(_machine(size="1GiB", read_bandwidth="3GiB/s"))
-    table = spec.devices()
+    table = device_table(spec)
     assert [d.id for d in table] == ["cpu/0", "cpu/1", "vfio/nic0", "vfio/nic1", "vfio/gpu0"]
     assert [d.index for d in table] == list(range(5))
     assert table[0].shape is Shape.RECORD and table[0].backend is Backend.SIM_VCPU

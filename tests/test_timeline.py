@@ -38,7 +38,7 @@ def stream(name: str, worker: int, channel: int, save: tuple[float, float],
 
 
 def report(mode: str = "concurrent", *, vcpus: int = 8, workers: int = 2,
-           downtime_ms: float = 24.0, limit_ms: float | None = 20.0) -> dict[str, Any]:
+           downtime_ms: float = 24.0, downtime_limit_ms: float | None = 20.0) -> dict[str, Any]:
     """A report shaped like ``MigrationReport.to_json()``: vCPUs spread over the workers,
     a precopied NIC (its load starts before the stop) on channel 0 and a GPU spread over
     all channels."""
@@ -46,15 +46,15 @@ def report(mode: str = "concurrent", *, vcpus: int = 8, workers: int = 2,
     devices.append(stream("nic", 0, 0, save=(-12.0, 9.0), load=(-11.5, 9.5, 10.0)))
     devices.append(stream("gpu", workers - 1, -1, save=(1.0, 18.0), load=(1.5, 18.5, 23.0)))
     return {"mode": mode, "workers": workers, "downtime_ms": downtime_ms, "expected_ms": 21.5,
-            "critical_path": "vfio/gpu", "limit_ms": limit_ms,
-            "overrun_ms": max(0.0, downtime_ms - limit_ms) if limit_ms else 0.0,
+            "critical_path": "vfio/gpu", "downtime_limit_ms": downtime_limit_ms,
+            "overrun_ms": max(0.0, downtime_ms - downtime_limit_ms) if downtime_limit_ms else 0.0,
             "total_bytes": sum(d["bytes"] for d in devices), "verified": True,
             "devices": devices}
 
 
 def demo() -> dict[str, Any]:
     """What ``devstate demo --json`` prints: a report per mode beside scalars."""
-    return {"sequential": report("sequential", workers=1, downtime_ms=45.0, limit_ms=None),
+    return {"sequential": report("sequential", workers=1, downtime_ms=45.0, downtime_limit_ms=None),
             "concurrent": report(), "speedup": 1.875, "vcpu_backend": "sim",
             "vcpu_backend_reason": "no /dev/kvm"}
 
@@ -109,7 +109,7 @@ def test_labels_merged_vcpus_fitting_streams_and_markers() -> None:
     assert "cpu \u00d7256" in drawn
     assert "vfio/gpu" in drawn and "vfio/nic" in drawn
     assert "limit 20 ms" in drawn and "resume" in drawn and "expected" in drawn
-    assert not any("limit" in t for t in texts([report(limit_ms=None)]))
+    assert not any("limit" in t for t in texts([report(downtime_limit_ms=None)]))
 
 
 def test_drops_labels_wider_than_their_bars() -> None:
@@ -156,7 +156,7 @@ def test_import_does_not_load_matplotlib() -> None:
 
 
 def test_draws_a_real_migration(tmp_path: Path, run: Any) -> None:
-    from devstate.config.params import Settings
+    from devstate.config.params import MigrationParams
     from devstate.config.spec import parse_spec
     from devstate.migration.local import destination
     from devstate.migration.source import SourceVM
@@ -165,8 +165,8 @@ def test_draws_a_real_migration(tmp_path: Path, run: Any) -> None:
                        "devices": [{"name": "nic", "size": "4MiB"}]})
 
     async def go() -> Any:
-        async with SourceVM(spec, Settings()) as source, \
-                destination(spec, Settings()) as dest:
+        async with SourceVM(spec, MigrationParams()) as source, \
+                destination(spec, MigrationParams()) as dest:
             return await source.migrate(dest.address, compare_digests=True)
 
     migration = run(go())

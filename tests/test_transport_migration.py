@@ -11,12 +11,11 @@ from typing import Any
 import psutil
 import pytest
 
-from devstate.config.params import Settings
+from devstate.config.params import MigrationParams, Routing
 from devstate.config.spec import parse_spec
 from devstate.errors import MigrationFailed
 from devstate.migration.local import destination
 from devstate.migration.source import SourceVM
-from devstate.net.route import Routing
 from devstate.net.transport import TlsConfig, parse_uri
 from devstate.protocol import wire
 from tests.faulty_proxy import Fault, faulty_proxy
@@ -33,9 +32,9 @@ def pki(tmp_path: Path) -> Pki:
 
 
 async def _migrate(uri: str | None, routing: Routing, tls: Pki | None) -> Any:
-    settings = Settings(workers=2, channels=4, routing=routing)
-    async with SourceVM(SPEC, settings) as source, destination(
-            SPEC, Settings(workers=2), incoming=uri,
+    params = MigrationParams(workers=2, channels=4, routing=routing)
+    async with SourceVM(SPEC, params) as source, destination(
+            SPEC, MigrationParams(workers=2), incoming=uri,
             tls=tls.server if tls else None) as dest:
         return await source.migrate(dest.address, tls=tls.client if tls else None,
                                     compare_digests=True)
@@ -55,9 +54,9 @@ def test_four_channels_migrate_bit_exact(run, pki, no_fd_or_thread_leaks, uri, r
 async def _fail_through_proxy(faults: dict[tuple[wire.ChannelKind, int], Fault],
                               tls: TlsConfig | None, server: TlsConfig | None,
                               cut_after: int = 4 << 20) -> tuple[MigrationFailed, bool, bool]:
-    settings = Settings(workers=2, channels=4, routing=Routing.SPREAD)
-    async with SourceVM(SPEC, settings) as source, destination(
-            SPEC, Settings(workers=2), incoming="tcp:127.0.0.1:0", tls=server) as dest:
+    params = MigrationParams(workers=2, channels=4, routing=Routing.SPREAD)
+    async with SourceVM(SPEC, params) as source, destination(
+            SPEC, MigrationParams(workers=2), incoming="tcp:127.0.0.1:0", tls=server) as dest:
         before = await source.digests()
         fds = _worker_fds(source)
         async with faulty_proxy((dest.address.host, dest.address.port), faults,
@@ -74,7 +73,7 @@ def _worker_fds(source: SourceVM) -> dict[int, int]:
 
 def test_refused_connection_names_the_address(run, no_fd_or_thread_leaks) -> None:
     async def scenario() -> tuple[str, bool]:
-        async with SourceVM(SPEC, Settings(workers=2, channels=4)) as source:
+        async with SourceVM(SPEC, MigrationParams(workers=2, channels=4)) as source:
             # A port nobody listens on: bound, never listening, so nothing can take it.
             import socket
             with socket.socket() as parked:
@@ -114,8 +113,8 @@ def test_peer_closing_mid_migration(run, pki, no_fd_or_thread_leaks) -> None:
 
 def test_source_that_does_not_trust_the_destination(run, pki, no_fd_or_thread_leaks) -> None:
     async def scenario() -> tuple[str, bool]:
-        async with SourceVM(SPEC, Settings(workers=2, channels=4)) as source, destination(
-                SPEC, Settings(workers=2), incoming="tcp:127.0.0.1:0",
+        async with SourceVM(SPEC, MigrationParams(workers=2, channels=4)) as source, destination(
+                SPEC, MigrationParams(workers=2), incoming="tcp:127.0.0.1:0",
                 tls=pki.server) as dest:
             with pytest.raises(MigrationFailed) as info:
                 await source.migrate(dest.address, tls=pki.untrusting)
@@ -132,8 +131,8 @@ def test_destination_refuses_a_source_without_a_client_certificate(
     anonymous = TlsConfig(ca=pki.client.ca)
 
     async def scenario() -> tuple[str, bool]:
-        async with SourceVM(SPEC, Settings(workers=2)) as source, destination(
-                SPEC, Settings(workers=2), incoming="tcp:127.0.0.1:0",
+        async with SourceVM(SPEC, MigrationParams(workers=2)) as source, destination(
+                SPEC, MigrationParams(workers=2), incoming="tcp:127.0.0.1:0",
                 tls=pki.server) as dest:
             with pytest.raises(MigrationFailed) as info:
                 await source.migrate(dest.address, tls=anonymous)
@@ -150,8 +149,8 @@ def test_a_destination_that_requires_tls_refuses_plain_tcp(
     refuses at the hello (no handshake timeout), says why, and the source resumes
     unchanged."""
     async def scenario() -> tuple[str, bool, bool, int | None]:
-        async with SourceVM(SPEC, Settings(workers=2)) as source, destination(
-                SPEC, Settings(workers=2), incoming="tcp:127.0.0.1:0",
+        async with SourceVM(SPEC, MigrationParams(workers=2)) as source, destination(
+                SPEC, MigrationParams(workers=2), incoming="tcp:127.0.0.1:0",
                 tls=pki.server) as dest:
             before = await source.digests()
             with pytest.raises(MigrationFailed) as info:
@@ -174,8 +173,8 @@ def test_stray_duplicate_and_late_connections_are_refused_and_logged(
                       "devices": [{"name": "big", "size": "160MiB"}]})
 
     async def scenario() -> Any:
-        async with SourceVM(big, Settings(workers=2, channels=4)) as source, destination(
-                big, Settings(workers=2), incoming="tcp:127.0.0.1:0") as dest:
+        async with SourceVM(big, MigrationParams(workers=2, channels=4)) as source, destination(
+                big, MigrationParams(workers=2), incoming="tcp:127.0.0.1:0") as dest:
             upstream = (dest.address.host, dest.address.port)
             async with faulty_proxy(upstream, {}, intrude=True) as proxy:
                 return await source.migrate(parse_uri(proxy.uri), compare_digests=True)
@@ -194,10 +193,10 @@ def test_a_source_migrates_again_after_a_transfer_failed(run, no_fd_or_thread_le
     arena and slots reused) then migrates to a fresh destination, verified: nothing the
     failed run held is missing from the next."""
     async def scenario() -> Any:
-        settings = Settings(workers=2, channels=4, routing=Routing.SPREAD, chunk_slots=4)
-        async with SourceVM(SPEC, settings) as source:
+        params = MigrationParams(workers=2, channels=4, routing=Routing.SPREAD, chunk_slots=4)
+        async with SourceVM(SPEC, params) as source:
             for attempt in range(2):
-                async with destination(SPEC, Settings(workers=2),
+                async with destination(SPEC, MigrationParams(workers=2),
                                        incoming="tcp:127.0.0.1:0") as dest:
                     if attempt == 0:
                         upstream = (dest.address.host, dest.address.port)

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from devstate.config.spec import parse_spec
+from devstate.devices import device_table
 from devstate.devices.vcpu_sim import (
     RECORD_BYTES,
     RESTORE_ORDER,
@@ -21,7 +22,7 @@ from devstate.errors import DeviceError
 
 def _vcpus(n: int = 4, **costs: float) -> list:
     spec = parse_spec({"seed": 9, "vcpus": {"count": n, **costs}})
-    return list(spec.devices())
+    return list(device_table(spec))
 
 
 def test_state_is_distinct_per_vcpu_and_deterministic(run) -> None:

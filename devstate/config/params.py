@@ -1,33 +1,51 @@
-"""Runtime settings of one side of a migration, and the arena layout they imply."""
+"""How to move a machine: the parameters of one migration, and their one serialised form.
+
+A :class:`MigrationParams` is frozen. A change (QMP ``migrate-set-parameters``, a command
+line flag) makes a new value with :func:`dataclasses.replace`; nothing mutates one. The
+destination of a local migration gets the source's decision as one JSON object
+(:meth:`MigrationParams.to_json` / :meth:`MigrationParams.from_json`), never field by field,
+so a field added here reaches it without anyone remembering to pass it.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import math
 import os
+import types
+import typing
 from dataclasses import dataclass
+from typing import Any
 
-from devstate.arena.slots import Layout, SlotClass
-from devstate.config.spec import MachineSpec
-from devstate.net.route import Routing
-from devstate.protocol import wire
+from devstate.errors import SpecError
 
 
-class Overrun(enum.Enum):
+class Schedule(enum.StrEnum):
+    """How each side's devices are saved and loaded: all at once, or one after another."""
+
+    CONCURRENT = "concurrent"
+    SEQUENTIAL = "sequential"  # the baseline: one device after another, as VMMs do today
+
+
+class Routing(enum.StrEnum):
+    """How a device's packets are spread over the data channels (:mod:`devstate.net.route`)."""
+
+    AFFINITY = "affinity"
+    SPREAD = "spread"
+
+
+class Overrun(enum.StrEnum):
     """What stop-and-copy does when it passes the downtime limit."""
 
     FINISH = "finish"  # complete, and report the overrun and its cause
     ABORT = "abort"    # cancel: the destination discards, the source resumes unchanged
 
 
-# Slot classes, in this order, in every worker's partition.
-RECORD_CLASS = 0
-CHUNK_CLASS = 1
-WINDOW_CLASS = 2
-
-
 @dataclass(frozen=True, slots=True)
-class Settings:
-    """How one side runs: workers, mode, and the arena's shape.
+class MigrationParams:
+    """How one side runs a migration: workers, schedule, channels, limits, policy, and the
+    arena's shape.
 
     ``cpus`` pins workers; two sides on one host pass them in opposite orders so that each
     side's first worker gets a core of its own. ``chunk_bytes`` is a stream packet's
@@ -36,15 +54,16 @@ class Settings:
     ``chunk_slots`` bounds in-flight stream bytes per worker (memory vs pipelining:
     fewer slots stall a fast device behind a slow one sooner). ``record_slots`` lets a
     worker get that many records ahead of its channel. ``window_bytes`` is the receive
-    window for small packets (records, END markers), read in one syscall.
+    window for small packets (records, END markers), read in one syscall; a destination
+    worker receives on at most ``window_slots`` channels (a receive window each). Together
+    these are the arena's memory budget.
     ``single_vm`` gives every kvm vCPU to worker 0, in one KVM VM, whose gets and puts run
     on a thread per usable CPU (ctypes drops the GIL during the ioctl): what a one-process
     VMM can do. The default is sharded: each worker's own VM holds its share.
     ``channels`` is the number of data channels (None: one per worker), the same setting
     for every device; ``routing`` puts a device's packets on its home channel (affinity) or
-    spreads a stream's packets over all of them (:mod:`devstate.net.route`). A destination
-    worker receives on at most ``window_slots`` channels (a receive window each).
-    ``max_bandwidth`` (bytes/s, QEMU's max-bandwidth) limits what all channels send
+    spreads a stream's packets over all of them.
+    ``bandwidth_limit`` (bytes/s, QEMU's max-bandwidth) limits what all channels send
     together (:mod:`devstate.net.bandwidth`); None: unlimited.
     ``spec_order`` replaces the plan (longest work first, streams before records) with
     the baseline it must beat: devices in table order, dealt round-robin.
@@ -52,12 +71,13 @@ class Settings:
     once the expected downtime meets the limit (or, without one, once each is down to one
     chunk), within ``precopy_timeout_s``.
     ``downtime_limit_ms`` (QEMU's downtime-limit): no switchover while the cost model
-    expects more (:mod:`devstate.planning.cost`), unless ``force_switchover``; during stop-and-copy,
-    passing it either finishes and reports the overrun or aborts (``overrun``).
+    expects more (:mod:`devstate.planning.cost`), unless ``force_switchover``; during
+    stop-and-copy, passing it either finishes and reports the overrun or aborts
+    (``overrun``).
     """
 
     workers: int = 2
-    concurrent: bool = True
+    schedule: Schedule = Schedule.CONCURRENT
     chunk_bytes: int = 1 << 20
     chunk_slots: int = 16
     record_slots: int = 128
@@ -67,7 +87,7 @@ class Settings:
     channels: int | None = None
     routing: Routing = Routing.AFFINITY
     window_slots: int = 4
-    max_bandwidth: float | None = None
+    bandwidth_limit: float | None = None
     spec_order: bool = False
     precopy: bool = False
     precopy_timeout_s: float = 10.0
@@ -75,6 +95,19 @@ class Settings:
     overrun: Overrun = Overrun.FINISH
     force_switchover: bool = False
     fault: str | None = None  # tests: a fault for every worker to arm (devstate.worker.faults)
+
+    def __post_init__(self) -> None:
+        for name in ("workers", "chunk_bytes", "chunk_slots", "record_slots", "window_bytes",
+                     "window_slots"):
+            if getattr(self, name) < 1:
+                raise SpecError(f"params.{name}", "must be at least 1")
+        if self.channels is not None and self.channels < 1:
+            raise SpecError("params.channels", "must be at least 1")
+
+    @property
+    def concurrent(self) -> bool:
+        """Whether devices are saved and loaded at once (not one after another)."""
+        return self.schedule is Schedule.CONCURRENT
 
     @property
     def data_channels(self) -> int:
@@ -86,14 +119,51 @@ class Settings:
         """Threads a worker gets and puts kvm vCPUs with: one per usable CPU if single-vm."""
         return len(self.cpus or os.sched_getaffinity(0)) if self.single_vm else 1
 
-    def layout(self, spec: MachineSpec) -> Layout:
-        """The arena layout for this machine: the same on both sides."""
-        from devstate.devices import record_bytes
+    def to_json(self) -> dict[str, Any]:
+        """Every field as plain JSON data, read back equal by :meth:`from_json`."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
 
-        record = wire.PACKET_HEADER_BYTES + max(record_bytes(spec.vcpus.backend), 64)
-        window = max(self.window_bytes, 4 * record)
-        return Layout(self.workers, (
-            SlotClass(record, self.record_slots),
-            SlotClass(wire.PACKET_HEADER_BYTES + self.chunk_bytes, self.chunk_slots),
-            SlotClass(window, self.window_slots),
-        ))
+    @classmethod
+    def from_json(cls, data: Any) -> MigrationParams:
+        """Parameters from :meth:`to_json`'s form; a missing field takes its default, an
+        unknown or ill-typed one is a :class:`SpecError` naming it."""
+        if not isinstance(data, dict):
+            raise SpecError("params", "must be a JSON object")
+        hints = typing.get_type_hints(cls)
+        unknown = sorted(set(data) - set(hints))
+        if unknown:
+            raise SpecError(f"params.{unknown[0]}", "is not a migration parameter")
+        return cls(**{name: _decode(f"params.{name}", hints[name], value)
+                      for name, value in data.items()})
+
+
+def _decode(path: str, hint: Any, value: Any) -> Any:
+    """``value`` as the field type ``hint`` (the few types MigrationParams uses)."""
+    if isinstance(hint, types.UnionType):  # X | None
+        if value is None:
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, list):
+            raise SpecError(path, "must be a list")
+        return tuple(_decode(f"{path}[{i}]", int, v) for i, v in enumerate(value))
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        try:
+            return hint(value)
+        except ValueError:
+            raise SpecError(path, f"{value!r} is not one of "
+                                  f"{', '.join(str(m.value) for m in hint)}") from None
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool) \
+            and math.isfinite(value):
+        return float(value)
+    if hint is str and isinstance(value, str):
+        return value
+    raise SpecError(path, f"must be {getattr(hint, '__name__', hint)}, not {value!r}")

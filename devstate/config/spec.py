@@ -28,11 +28,12 @@ import enum
 import json
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from devstate.config import fields
 from devstate.errors import SpecError
 
 # The largest machine KVM here accepts (KVM_CAP_MAX_VCPUS); a spec beyond it is a typo.
@@ -46,13 +47,9 @@ MAX_DEVICE_BYTES = 64 << 30
 DEFAULT_READ_BANDWIDTH = 1 << 30
 DEFAULT_WRITE_BANDWIDTH = 512 << 20
 
-_UNITS = {
-    "": 1, "b": 1,
-    "k": 1000, "kb": 1000, "kib": 1 << 10,
-    "m": 1000**2, "mb": 1000**2, "mib": 1 << 20,
-    "g": 1000**3, "gb": 1000**3, "gib": 1 << 30,
-}
-_QUANTITY = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+# The VM-level devices that come with kvm vCPUs (PIT, kvmclock, PICs and IOAPIC), in the
+# order they are restored, all before any vCPU (:mod:`devstate.devices.kvm.device`).
+KVM_VM_DEVICES = ("vm/pit", "vm/clock", "vm/irqchip")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,47}$")
 
 
@@ -70,6 +67,10 @@ class Shape(enum.StrEnum):
 
     RECORD = "record"
     STREAM = "stream"
+
+
+# A record device's size in bytes, from its backend and id (see MachineConfig.table).
+RecordSize = Callable[[Backend, str], int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +127,7 @@ class DeviceSpec:
 
 
 @dataclass(frozen=True, slots=True)
-class MachineSpec:
+class MachineConfig:
     """A whole machine: vCPUs plus VFIO devices, and a seed that makes its state distinct."""
 
     name: str
@@ -134,40 +135,29 @@ class MachineSpec:
     vcpus: VcpuSpec
     vfio: tuple[VfioSpec, ...]
 
-    def devices(self) -> tuple[DeviceSpec, ...]:
+    def table(self, record_size: RecordSize) -> DeviceTable:
         """The device table in canonical order: VM-level devices (with kvm vCPUs), then
-        ``cpu/0..n-1``, then VFIO devices in spec order."""
-        from devstate.devices import record_bytes  # local: devices import spec
+        ``cpu/0..n-1``, then VFIO devices in spec order.
 
+        ``record_size`` gives a record device's size from its backend and id: only the
+        device backends know it (a kvm vCPU's depends on the host), so a migration builds
+        its table once, through :func:`devstate.devices.device_table`.
+        """
         table: list[DeviceSpec] = []
         if self.vcpus.backend is Backend.KVM and self.vcpus.count:
-            from devstate.devices.kvm.device import VM_DEVICES, vm_device_bytes
-
-            for name in VM_DEVICES:
+            for name in KVM_VM_DEVICES:
                 table.append(DeviceSpec(len(table), name, Backend.KVM_VM, Shape.RECORD, 1,
-                                        vm_device_bytes(name), priority=0))
+                                        record_size(Backend.KVM_VM, name), priority=0))
+        vcpu_bytes = record_size(self.vcpus.backend, "cpu/0") if self.vcpus.count else 0
         for i in range(self.vcpus.count):
             table.append(DeviceSpec(len(table), f"cpu/{i}", self.vcpus.backend, Shape.RECORD, 1,
-                                    record_bytes(self.vcpus.backend), vcpu=self.vcpus,
+                                    vcpu_bytes, vcpu=self.vcpus,
                                     priority=self.vcpus.priority, after=self.vcpus.after))
         for dev in self.vfio:
             table.append(DeviceSpec(len(table), f"vfio/{dev.name}", dev.backend, Shape.STREAM,
                                     1, dev.size, vfio=dev, priority=dev.priority,
                                     after=dev.after))
-        return tuple(table)
-
-    def dependencies(self) -> tuple[tuple[int, ...], ...]:
-        """For each device of the table, the indices of the devices it loads after."""
-        table = self.devices()
-        index = {d.id: d.index for d in table}
-        return tuple(tuple(index[a] for a in d.after) for d in table)
-
-    def handshake_table(self) -> list[list[Any]]:
-        """The device table as the handshake carries it: id, shape, backend, version, size.
-
-        Two sides can migrate between each other exactly when their tables are equal.
-        """
-        return [[d.id, str(d.shape), str(d.backend), d.version, d.size] for d in self.devices()]
+        return DeviceTable(self, tuple(table))
 
     def to_dict(self) -> dict[str, Any]:
         """A plain-data form that :func:`parse_spec` reads back to an equal spec."""
@@ -187,30 +177,37 @@ class MachineSpec:
         }
 
 
-def parse_quantity(value: Any, path: str, *, per_second: bool = False) -> int:
-    """Parse a byte count (``64MiB``, ``1.5GB``, ``4096``) or a rate (``2GiB/s``)."""
-    if isinstance(value, bool):
-        raise SpecError(path, "must be a number or a string such as '64MiB'")
-    if isinstance(value, int | float):
-        number = float(value)
-    elif isinstance(value, str):
-        text = value.strip()
-        if per_second:
-            if not text.lower().endswith("/s"):
-                raise SpecError(path, f"{value!r} is not a rate: write it as e.g. '2GiB/s'")
-            text = text[:-2]
-        match = _QUANTITY.match(text)
-        if match is None or match.group(2).lower() not in _UNITS:
-            raise SpecError(path, f"{value!r} is not a quantity: use e.g. '64MiB' or 1048576")
-        number = float(match.group(1)) * _UNITS[match.group(2).lower()]
-    else:
-        raise SpecError(path, "must be a number or a string such as '64MiB'")
-    if number != number or number <= 0:
-        raise SpecError(path, "must be > 0")
-    return int(number)
+@dataclass(frozen=True, slots=True)
+class DeviceTable:
+    """A machine's devices as a migration moves them, in table order (``devices[i].index``
+    is ``i``), with the machine they came from. Built once per machine and side."""
+
+    machine: MachineConfig
+    devices: tuple[DeviceSpec, ...]
+
+    def __iter__(self) -> Iterator[DeviceSpec]:
+        return iter(self.devices)
+
+    def __len__(self) -> int:
+        return len(self.devices)
+
+    def __getitem__(self, index: int) -> DeviceSpec:
+        return self.devices[index]
+
+    def dependencies(self) -> tuple[tuple[int, ...], ...]:
+        """For each device, the indices of the devices it loads after."""
+        index = {d.id: d.index for d in self.devices}
+        return tuple(tuple(index[a] for a in d.after) for d in self.devices)
+
+    def handshake(self) -> list[list[Any]]:
+        """The table as the handshake carries it: id, shape, backend, version, size.
+
+        Two sides can migrate between each other exactly when their tables are equal.
+        """
+        return [[d.id, str(d.shape), str(d.backend), d.version, d.size] for d in self.devices]
 
 
-def load_spec(path: str | Path) -> MachineSpec:
+def load_spec(path: str | Path) -> MachineConfig:
     """Read and validate a machine spec from a ``.toml`` or ``.json`` file."""
     p = Path(path)
     try:
@@ -228,11 +225,11 @@ def load_spec(path: str | Path) -> MachineSpec:
     return parse_spec(data)
 
 
-def parse_spec(data: Any) -> MachineSpec:
-    """Validate plain data (from TOML or JSON) into a :class:`MachineSpec`."""
-    top = _mapping(data, "", {"name", "seed", "vcpus", "devices"})
-    name = _string(top.get("name", "machine"), "name")
-    seed = _integer(top.get("seed", 1), "seed", low=0, high=2**63 - 1)
+def parse_spec(data: Any) -> MachineConfig:
+    """Validate plain data (from TOML or JSON) into a :class:`MachineConfig`."""
+    top = fields.mapping(data, "", {"name", "seed", "vcpus", "devices"})
+    name = fields.string(top.get("name", "machine"), "name")
+    seed = fields.integer(top.get("seed", 1), "seed", low=0, high=2**63 - 1)
     vcpus = _vcpus(top.get("vcpus", {"count": 0}))
     raw_devices = top.get("devices", [])
     if not isinstance(raw_devices, list):
@@ -246,14 +243,14 @@ def parse_spec(data: Any) -> MachineSpec:
         seen[dev.name] = i
     if vcpus.count == 0 and not vfio:
         raise SpecError("", "the machine has no devices: give vcpus.count > 0 or a device")
-    spec = MachineSpec(name=name, seed=seed, vcpus=vcpus, vfio=vfio)
+    spec = MachineConfig(name=name, seed=seed, vcpus=vcpus, vfio=vfio)
     _check_dependencies(spec)
     return spec
 
 
-def _check_dependencies(spec: MachineSpec) -> None:
+def _check_dependencies(spec: MachineConfig) -> None:
     """Every ``after`` names a device of the machine, and no device waits on itself."""
-    table = spec.devices()
+    table = spec.table(lambda *_: 0)  # sizes do not matter to the order of loads
     ids = {d.id for d in table}
     where = {f"vfio/{d.name}": f"devices[{i}].after" for i, d in enumerate(spec.vfio)}
     for d in table:
@@ -284,14 +281,14 @@ def _check_dependencies(spec: MachineSpec) -> None:
 
 
 def _vcpus(data: Any) -> VcpuSpec:
-    table = _mapping(data, "vcpus", {"count", "backend", "get_us", "put_us", "priority",
+    table = fields.mapping(data, "vcpus", {"count", "backend", "get_us", "put_us", "priority",
                                      "after"})
-    count = _integer(table.get("count", 0), "vcpus.count", low=0, high=MAX_VCPUS)
+    count = fields.integer(table.get("count", 0), "vcpus.count", low=0, high=MAX_VCPUS)
     backend = _backend(table.get("backend", Backend.SIM_VCPU), "vcpus.backend",
                        {Backend.SIM_VCPU, Backend.KVM})
-    get_us = _number(table.get("get_us", 45.0), "vcpus.get_us", low=0.0, high=100_000.0)
-    put_us = _number(table.get("put_us", 45.0), "vcpus.put_us", low=0.0, high=100_000.0)
-    priority = _integer(table.get("priority", 1), "vcpus.priority", low=0, high=9)
+    get_us = fields.number(table.get("get_us", 45.0), "vcpus.get_us", low=0.0, high=100_000.0)
+    put_us = fields.number(table.get("put_us", 45.0), "vcpus.put_us", low=0.0, high=100_000.0)
+    priority = fields.integer(table.get("priority", 1), "vcpus.priority", low=0, high=9)
     after = _ids(table.get("after", []), "vcpus.after")
     return VcpuSpec(count=count, backend=backend, get_us=get_us, put_us=put_us,
                     priority=priority, after=after)
@@ -304,12 +301,12 @@ def _ids(value: Any, path: str) -> tuple[str, ...]:
 
 
 def _vfio(data: Any, path: str) -> VfioSpec:
-    table = _mapping(data, path, {"name", "backend", "size", "read_bandwidth",
+    table = fields.mapping(data, path, {"name", "backend", "size", "read_bandwidth",
                                   "write_bandwidth", "firmware_latency_ms", "precopy",
                                   "dirty_rate", "priority", "after"})
     if "name" not in table:
         raise SpecError(f"{path}.name", "is required")
-    name = _string(table["name"], f"{path}.name")
+    name = fields.string(table["name"], f"{path}.name")
     if not _NAME.match(name):
         raise SpecError(f"{path}.name", f"{name!r} must be 1-48 of a-z 0-9 _ . - "
                                         "starting with a letter or digit")
@@ -317,12 +314,12 @@ def _vfio(data: Any, path: str) -> VfioSpec:
                        {Backend.VFIO_SIM})
     if "size" not in table:
         raise SpecError(f"{path}.size", "is required")
-    size = parse_quantity(table["size"], f"{path}.size")
+    size = fields.parse_quantity(table["size"], f"{path}.size")
     if size > MAX_DEVICE_BYTES:
         raise SpecError(f"{path}.size", f"must be <= {MAX_DEVICE_BYTES >> 30} GiB")
     rbw = _rate(table, "read_bandwidth", path, DEFAULT_READ_BANDWIDTH)
     wbw = _rate(table, "write_bandwidth", path, DEFAULT_WRITE_BANDWIDTH)
-    latency = _number(table.get("firmware_latency_ms", 0.0), f"{path}.firmware_latency_ms",
+    latency = fields.number(table.get("firmware_latency_ms", 0.0), f"{path}.firmware_latency_ms",
                       low=0.0, high=600_000.0)
     precopy = table.get("precopy", False)
     if not isinstance(precopy, bool):
@@ -334,48 +331,14 @@ def _vfio(data: Any, path: str) -> VfioSpec:
     return VfioSpec(name=name, size=size, backend=backend, read_bandwidth=rbw,
                     write_bandwidth=wbw, firmware_latency_ms=latency, precopy=precopy,
                     dirty_rate=dirty,
-                    priority=_integer(table.get("priority", 1), f"{path}.priority", low=0,
+                    priority=fields.integer(table.get("priority", 1), f"{path}.priority", low=0,
                                       high=9),
                     after=_ids(table.get("after", []), f"{path}.after"))
 
 
 def _rate(table: Mapping[str, Any], key: str, path: str, default: int) -> int:
     value = table.get(key, default)
-    return parse_quantity(value, f"{path}.{key}", per_second=isinstance(value, str))
-
-
-def _mapping(data: Any, path: str, keys: set[str]) -> Mapping[str, Any]:
-    if not isinstance(data, Mapping):
-        raise SpecError(path, "must be a table (object)")
-    for key in data:
-        if key not in keys:
-            where = f"{path}.{key}" if path else str(key)
-            raise SpecError(where, f"unknown field (expected one of {', '.join(sorted(keys))})")
-    return data
-
-
-def _string(value: Any, path: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise SpecError(path, "must be a non-empty string")
-    return value
-
-
-def _integer(value: Any, path: str, *, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise SpecError(path, "must be an integer")
-    if value < low:
-        raise SpecError(path, f"must be >= {low}")
-    if value > high:
-        raise SpecError(path, f"must be <= {high}")
-    return value
-
-
-def _number(value: Any, path: str, *, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise SpecError(path, "must be a number")
-    if not low <= value <= high:
-        raise SpecError(path, f"must be between {low:g} and {high:g}")
-    return float(value)
+    return fields.parse_quantity(value, f"{path}.{key}", per_second=isinstance(value, str))
 
 
 def _backend(value: Any, path: str, allowed: set[Backend]) -> Backend:

@@ -6,12 +6,12 @@ device type is one new module plus one line here.
 
 from __future__ import annotations
 
-from devstate.config.spec import Backend, DeviceSpec
+from devstate.config.spec import Backend, DeviceSpec, DeviceTable, MachineConfig
 from devstate.devices.base import Device, RecordDevice, StreamDevice
 
 
-def record_bytes(backend: Backend) -> int:
-    """Upper bound of one record of a record backend (0 for stream backends)."""
+def record_size(backend: Backend, device_id: str) -> int:
+    """Upper bound of one record of a record device (0 for stream backends)."""
     if backend is Backend.SIM_VCPU:
         from devstate.devices.vcpu_sim import RECORD_BYTES
 
@@ -20,7 +20,17 @@ def record_bytes(backend: Backend) -> int:
         from devstate.devices.kvm.device import host_record_bytes
 
         return host_record_bytes()
+    if backend is Backend.KVM_VM:
+        from devstate.devices.kvm.device import vm_device_bytes
+
+        return vm_device_bytes(device_id)
     return 0
+
+
+def device_table(machine: MachineConfig) -> DeviceTable:
+    """The machine's device table with every record's size on this host (a kvm vCPU's is
+    probed with a VM of its own, once per process): build it once per machine and side."""
+    return machine.table(record_size)
 
 
 def make_device(spec: DeviceSpec, machine_seed: int, *, incoming: bool) -> Device:
@@ -48,4 +58,5 @@ def make_device(spec: DeviceSpec, machine_seed: int, *, incoming: bool) -> Devic
     raise AssertionError(f"no device class for backend {spec.backend}")
 
 
-__all__ = ["Device", "RecordDevice", "StreamDevice", "make_device", "record_bytes"]
+__all__ = ["Device", "RecordDevice", "StreamDevice", "device_table", "make_device",
+           "record_size"]

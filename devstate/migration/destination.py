@@ -32,11 +32,12 @@ from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from devstate.config.params import Routing
 from devstate.errors import ChannelError, DevstateError, ProtocolError, WorkerFailed, describe
 from devstate.lifecycle import no_gc_pauses
 from devstate.migration.machine import Machine
 from devstate.net import channels
-from devstate.net.route import Routes, Routing
+from devstate.net.route import Routes
 from devstate.protocol import wire
 from devstate.worker import jobs as m
 
@@ -112,6 +113,7 @@ class IncomingVM(Machine):
                 {w: m.Results() for w in range(self.plan.workers)}))
             await channels.send_control(main, wire.ControlType.REPORT, {
                 "devices": _result_rows(results), "ready_ns": self._ready_ns,
+                "params": self.params.to_json(),
                 "digests": await self.digests() if send_digests else {}})
         except (DevstateError, OSError) as exc:
             # Running here, and the source has committed: a report that cannot be sent
@@ -124,31 +126,31 @@ class IncomingVM(Machine):
     def _check_hello(self, body: dict[str, Any], hello: wire.Hello) -> tuple[bool, bool]:
         wire.field(body, "migration_id", str)
         theirs = wire.field(body, "devices", list)
-        ours = self.spec.handshake_table()
+        ours = self.table.handshake()
         if theirs != ours:
             raise ProtocolError("control.devices", _table_difference(theirs, ours))
         n = wire.field(body, "channels", int)
         if hello.channels != n:
             raise ProtocolError("control.channels", f"HELLO says {n} data channels, the "
                                                     f"main channel's hello {hello.channels}")
-        most = self.plan.workers * self.settings.window_slots
+        most = self.plan.workers * self.params.window_slots
         if n > most:
             raise ProtocolError("control.channels", f"source has {n} data channels, this "
                                 f"destination takes at most {most} ({self.plan.workers} "
-                                f"workers x {self.settings.window_slots} receive windows)")
-        share = self.settings.chunk_slots // -(-n // self.plan.workers)
+                                f"workers x {self.params.window_slots} receive windows)")
+        share = self.params.chunk_slots // -(-n // self.plan.workers)
         if share < 1:
             raise ProtocolError("control.channels", f"{n} data channels over "
                                 f"{self.plan.workers} workers need at least "
                                 f"{-(-n // self.plan.workers)} chunk slots per worker, this "
-                                f"destination has {self.settings.chunk_slots}")
+                                f"destination has {self.params.chunk_slots}")
         routing = wire.field(body, "routing", str)
         if routing not in {r.value for r in Routing}:
             raise ProtocolError("control.routing", f"{routing!r} is not a routing")
         chunk = wire.field(body, "chunk_bytes", int)
-        if chunk > self.settings.chunk_bytes:
+        if chunk > self.params.chunk_bytes:
             raise ProtocolError("control.chunk_bytes", f"source packets of {chunk} B exceed "
-                                f"the destination's slots of {self.settings.chunk_bytes} B")
+                                f"the destination's slots of {self.params.chunk_bytes} B")
         return wire.field(body, "concurrent", bool), wire.field(body, "digests", bool)
 
     async def _adopt_channels(self, listener: channels.Listener, migration_id: uuid.UUID,
@@ -198,7 +200,7 @@ class IncomingVM(Machine):
         gen = self.next_gen()
         loading = asyncio.ensure_future(self.pool.call_all({
             w: m.Load(self.plan.devices_of(w), concurrent, self.plan.owner, gen,
-                      self.settings.record_threads)
+                      self.params.record_threads)
             for w in range(self.plan.workers)}))
         try:
             self._ready_ns = time.monotonic_ns()

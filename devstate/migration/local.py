@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -19,8 +20,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from devstate.config.params import Settings
-from devstate.config.spec import MachineSpec
+from devstate.config.params import MigrationParams
+from devstate.config.spec import MachineConfig
 from devstate.errors import DevstateError
 from devstate.migration.source import SourceVM
 from devstate.net import channels
@@ -45,10 +46,11 @@ class Destination:
 
 
 @contextlib.asynccontextmanager
-async def destination(spec: MachineSpec, settings: Settings, *, incoming: str | None = None,
-                      tls: TlsConfig | None = None,
+async def destination(spec: MachineConfig, params: MigrationParams, *,
+                      incoming: str | None = None, tls: TlsConfig | None = None,
                       prefix: Sequence[str] = ()) -> AsyncIterator[Destination]:
-    """Run a destination process for ``spec``; yield where it listens and its pid.
+    """Run a destination process for ``spec`` with ``params`` (its workers pinned to
+    :func:`dest_cpus`); yield where it listens and its pid.
 
     ``incoming`` is the URI to listen on (default: a Unix socket in a private directory;
     ``tcp:HOST:0`` takes a free port, reported back); ``tls`` its certificate and key
@@ -58,14 +60,14 @@ async def destination(spec: MachineSpec, settings: Settings, *, incoming: str | 
     with tempfile.TemporaryDirectory(prefix="devstate-") as tmp:
         spec_path = Path(tmp) / "spec.json"
         spec_path.write_text(json.dumps(spec.to_dict()))
+        # The destination's parameters travel whole, in one serialised form: a field added
+        # to MigrationParams reaches it with nobody having to pass it on.
+        params_path = Path(tmp) / "params.json"
+        ours = dataclasses.replace(params, cpus=tuple(dest_cpus(params)))
+        params_path.write_text(json.dumps(ours.to_json()))
         uri = incoming or f"unix:{Path(tmp) / 'incoming.sock'}"
         args = [*prefix, sys.executable, "-m", "devstate", "vm", "--spec", str(spec_path),
-                "--incoming", uri, "--workers", str(settings.workers), "--once",
-                "--cpus", ",".join(map(str, dest_cpus(settings))),
-                "--chunk-size", str(settings.chunk_bytes),
-                *(["--single-vm"] if settings.single_vm else []),
-                *(["--spec-order"] if settings.spec_order else []),
-                *(["--fault", settings.fault] if settings.fault else []),
+                "--incoming", uri, "--params", str(params_path), "--once",
                 *(tls_arguments(tls, server=True) if tls else []),
                 "--parent", str(os.getpid())]
         # A session of its own: Ctrl-C at the terminal reaches only the source, which then
@@ -97,9 +99,9 @@ def tls_arguments(tls: TlsConfig, *, server: bool) -> list[str]:
     return args
 
 
-def dest_cpus(settings: Settings) -> list[int]:
+def dest_cpus(params: MigrationParams) -> list[int]:
     """The destination's CPUs: the source's in reverse, so first workers do not collide."""
-    return list(reversed(settings.cpus or sorted(os.sched_getaffinity(0))))
+    return list(reversed(params.cpus or sorted(os.sched_getaffinity(0))))
 
 
 async def _wait_ready(proc: asyncio.subprocess.Process) -> channels.Address:
@@ -132,21 +134,21 @@ async def _reap(proc: asyncio.subprocess.Process) -> None:
             await proc.wait()
 
 
-async def migrate_locally(spec: MachineSpec, settings: Settings, *,
-                          dest_settings: Settings | None = None,
+async def migrate_locally(spec: MachineConfig, params: MigrationParams, *,
+                          dest_params: MigrationParams | None = None,
                           compare_digests: bool = True,
                           history: CostHistory | None = None,
                           progress: MigrationProgress | None = None) -> MigrationReport:
     """Start both sides, migrate once, and return the report (both sides shut down after).
 
-    The destination runs with ``dest_settings`` (default: the source's). With ``history``
+    The destination runs with ``dest_params`` (default: the source's). With ``history``
     the cost model starts from this host's stored constants and learns from the run; with
     ``progress`` a live display follows the migration.
     """
-    source = SourceVM(spec, settings)
+    source = SourceVM(spec, params)
     costs = history.load() if history else None
     try:
-        async with destination(spec, dest_settings or settings) as dest:
+        async with destination(spec, dest_params or params) as dest:
             await source.start()
             async with following(source, progress) if progress else contextlib.nullcontext():
                 report = await source.migrate(

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import socket
 
-from devstate.config.params import Settings
-from devstate.config.spec import MachineSpec
+from devstate.config.params import MigrationParams
+from devstate.config.spec import DeviceTable, MachineConfig
+from devstate.devices import device_table
 from devstate.lifecycle import AsyncLifecycle
 from devstate.planning.plan import Plan, make_plan, spec_order_plan
 from devstate.worker import jobs as m
+from devstate.worker.layout import arena_layout
 from devstate.worker.pool import WorkerPool
 
 
@@ -22,21 +24,23 @@ class Machine(AsyncLifecycle):
     incoming: bool = False
     side: str = "machine"
 
-    def __init__(self, spec: MachineSpec, settings: Settings) -> None:
+    def __init__(self, spec: MachineConfig, params: MigrationParams) -> None:
         self.spec = spec
-        self.settings = settings
-        self.plan: Plan = (spec_order_plan(spec, settings.workers) if settings.spec_order
-                           else make_plan(spec, settings.workers, single_vm=settings.single_vm))
-        self.pool = WorkerPool(spec, settings.layout(spec), name=self.side,
-                               cpus=list(settings.cpus) if settings.cpus else None)
+        self.table: DeviceTable = device_table(spec)  # once: a kvm record size is probed
+        self.params = params
+        self.plan: Plan = (spec_order_plan(self.table, params.workers) if params.spec_order
+                           else make_plan(self.table, params.workers,
+                                     single_vm=params.single_vm))
+        self.pool = WorkerPool(self.table, arena_layout(params, self.table), name=self.side,
+                               cpus=list(params.cpus) if params.cpus else None)
         self.running = False
         self._gen = 0
 
     async def start(self) -> None:
         """Start the pool, link its workers to each other, open every device on its owner."""
         await self.pool.start()
-        if self.settings.fault is not None:
-            await self.pool.call_all({w: m.ArmFault(self.settings.fault)
+        if self.params.fault is not None:
+            await self.pool.call_all({w: m.ArmFault(self.params.fault)
                                       for w in range(self.plan.workers)})
         await self._link_workers()
         await self.pool.call_all({w: m.OpenDevices(self.plan.devices_of(w), self.incoming)
@@ -63,7 +67,7 @@ class Machine(AsyncLifecycle):
 
     async def digests(self) -> dict[str, str]:
         """Every device's state digest (hex), by device id: for checks, off the critical path."""
-        table = self.spec.devices()
+        table = self.table
         replies = await self.pool.call_all({w: m.Digests(self.plan.devices_of(w))
                                             for w in range(self.plan.workers)})
         return {table[i].id: h for per_worker in replies.values() for i, h in per_worker.items()}

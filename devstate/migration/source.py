@@ -35,7 +35,6 @@ import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from devstate.config.params import Overrun
@@ -56,6 +55,7 @@ from devstate.planning.admission import TransferOrder
 from devstate.planning.cost import Estimate, HostCosts, estimate
 from devstate.protocol import wire
 from devstate.report.migration import DeviceReport, MigrationReport
+from devstate.report.progress import SaveProgress
 from devstate.worker import jobs as m
 
 log = logging.getLogger("devstate.migration.source")
@@ -70,17 +70,6 @@ PROBE_RECORDS = 64
 CONVERGE_POLL_S = 0.05
 # How long a failed save waits for the destination's own account of the failure.
 PEER_REASON_WAIT_S = 1.0
-
-
-@dataclass(frozen=True, slots=True)
-class SaveProgress:
-    """How far the save of a migration is: devices whose last byte was read, and state
-    bytes read (precopy's re-sent dirty bytes included, so it may pass ``stream_bytes``)."""
-
-    devices_done: int
-    devices: int
-    bytes_read: int
-    stream_bytes: int
 
 
 class SourceVM(Machine):
@@ -99,8 +88,8 @@ class SourceVM(Machine):
         ``tls``: the destination's certificate is checked against ``tls.ca``).
 
         Before the stop, the cost model (``costs``: this host's constants) estimates the
-        downtime; with ``settings.downtime_limit_ms`` an estimate above the limit raises
-        :class:`DowntimeLimitUnmet` and nothing stops, unless ``settings.force_switchover``.
+        downtime; with ``params.downtime_limit_ms`` an estimate above the limit raises
+        :class:`DowntimeLimitUnmet` and nothing stops, unless ``params.force_switchover``.
         A stop-and-copy that passes the limit finishes and reports the overrun, or with
         ``Overrun.ABORT`` is cancelled (:class:`DowntimeOverrun`; the source resumes).
 
@@ -113,11 +102,11 @@ class SourceVM(Machine):
         costs = costs or HostCosts()
         status("active")
         made = self.last_estimate = await self.estimate(costs)
-        limit = self.settings.downtime_limit_ms
-        precopy = self.settings.precopy and self.settings.concurrent and any(
-            d.vfio is not None and d.vfio.precopy for d in self.spec.devices())
+        limit = self.params.downtime_limit_ms
+        precopy = self.params.precopy and self.params.concurrent and any(
+            d.vfio is not None and d.vfio.precopy for d in self.table)
         if (limit is not None and made.expected_ms > limit and not precopy
-                and not self.settings.force_switchover):
+                and not self.params.force_switchover):
             status("failed")
             raise DowntimeLimitUnmet(limit, made.expected_ms, made.explain())
         migration_id = uuid.uuid4()
@@ -135,8 +124,8 @@ class SourceVM(Machine):
             await self._setup(sock, address, tls, migration_id, compare_digests)
             gen = self.next_gen()
             saving = asyncio.ensure_future(self.pool.call_all({
-                w: m.Save(self.plan.devices_of(w), self.settings.concurrent, routes, gen,
-                          self.settings.record_threads, self.settings.max_bandwidth, precopy,
+                w: m.Save(self.plan.devices_of(w), self.params.concurrent, routes, gen,
+                          self.params.record_threads, self.params.bandwidth_limit, precopy,
                           self._transfer_order(costs))
                 for w in range(self.plan.workers)}))
             loading = asyncio.ensure_future(
@@ -199,22 +188,27 @@ class SourceVM(Machine):
         finally:
             sock.close()
 
+    @property
+    def expected_ms(self) -> float | None:
+        """The last migration's expected downtime, once estimated."""
+        return self.last_estimate.expected_ms if self.last_estimate else None
+
     async def progress(self) -> SaveProgress:
         """The save so far, from every worker (cheap: one small round trip each); usable
         while :meth:`migrate` runs, and after it, for the last migration."""
         replies = await self.pool.call_all({w: m.Progress() for w in range(self.plan.workers)})
-        return SaveProgress(sum(done for done, _ in replies.values()), len(self.spec.devices()),
+        return SaveProgress(sum(done for done, _ in replies.values()), len(self.table),
                             sum(read for _, read in replies.values()),
                             sum(v.size for v in self.spec.vfio))
 
     def _transfer_order(self, costs: HostCosts) -> TransferOrder:
         """The plan's transfer order, each stream at its slower rate, within what the host
         copies (or the link carries, when capped)."""
-        table = self.spec.devices()
+        table = self.table
         streams = tuple((i, float(v.rate))
                         for i in self.plan.transfer if (v := table[i].vfio) is not None)
         return TransferOrder(streams, min(costs.copy_bytes_per_s,
-                                          self.settings.max_bandwidth or math.inf))
+                                          self.params.bandwidth_limit or math.inf))
 
     async def estimate(self, costs: HostCosts,
                        remaining: dict[int, int] | None = None) -> Estimate:
@@ -224,8 +218,8 @@ class SourceVM(Machine):
         if self._record_us is None and self.spec.vcpus.backend is Backend.KVM \
                 and self.spec.vcpus.count:
             self._record_us = await self.probe_records()
-        return estimate(self.spec, self.plan, costs, self._record_us, remaining,
-                        sequential=not self.settings.concurrent)
+        return estimate(self.table, self.plan, costs, self._record_us, remaining,
+                        sequential=not self.params.concurrent)
 
     async def probe_records(self, sample: int = PROBE_RECORDS) -> tuple[float, float]:
         """Get up to ``sample`` record devices per worker into the arena and put them back,
@@ -248,8 +242,8 @@ class SourceVM(Machine):
 
     async def _within_limit(self, work: Awaitable[None], t0: int, made: Estimate) -> None:
         """Await stop-and-copy; with ``Overrun.ABORT``, cancel it once the limit passes."""
-        limit = self.settings.downtime_limit_ms
-        if limit is None or self.settings.overrun is not Overrun.ABORT:
+        limit = self.params.downtime_limit_ms
+        if limit is None or self.params.overrun is not Overrun.ABORT:
             await work
             return
         left_s = limit / 1e3 - (time.monotonic_ns() - t0) / 1e9
@@ -265,7 +259,7 @@ class SourceVM(Machine):
     @property
     def routes(self) -> Routes:
         """This side's channel map: which worker sends on which channel, and how."""
-        return Routes(self.settings.data_channels, self.plan.workers, self.settings.routing)
+        return Routes(self.params.data_channels, self.plan.workers, self.params.routing)
 
     async def _setup(self, sock: Any, address: channels.Address,
                      tls: channels.TlsConfig | None, migration_id: uuid.UUID,
@@ -274,10 +268,10 @@ class SourceVM(Machine):
         routes = self.routes
         n = routes.channels
         await channels.send_control(sock, wire.ControlType.HELLO, {
-            "migration_id": str(migration_id), "devices": self.spec.handshake_table(),
+            "migration_id": str(migration_id), "devices": self.table.handshake(),
             "channels": n, "routing": routes.routing.value,
-            "concurrent": self.settings.concurrent, "digests": compare_digests,
-            "chunk_bytes": self.settings.chunk_bytes})
+            "concurrent": self.params.concurrent, "digests": compare_digests,
+            "chunk_bytes": self.params.chunk_bytes})
         await self._alongside_peer(self.pool.call_all({
             w: m.ConnectChannels(address, tuple(
                 (k, channels.hello(wire.ChannelKind.DATA, k, n, migration_id,
@@ -291,10 +285,10 @@ class SourceVM(Machine):
         """Precopy until the expected downtime meets the limit (without a limit: until every
         precopy device is down to one chunk); return the estimate to switch over on.
 
-        Past ``settings.precopy_timeout_s`` it switches over anyway if the policy says so
+        Past ``params.precopy_timeout_s`` it switches over anyway if the policy says so
         (``force_switchover``, or no limit), else raises :class:`DowntimeLimitUnmet`.
         """
-        limit = self.settings.downtime_limit_ms
+        limit = self.params.downtime_limit_ms
         started = time.monotonic()
         while True:
             if saving.done():
@@ -303,17 +297,17 @@ class SourceVM(Machine):
             replies = await self.pool.call_all({w: m.PrecopyRemaining()
                                                 for w in range(self.plan.workers)})
             # A device whose precopy has not begun yet has all of its state to send.
-            remaining = {d.index: d.vfio.size for d in self.spec.devices()
+            remaining = {d.index: d.vfio.size for d in self.table
                          if d.vfio is not None and d.vfio.precopy}
             remaining.update({i: n for reply in replies.values() for i, n in reply.items()})
             made = await self.estimate(costs, remaining)
             converged = (made.expected_ms <= limit if limit is not None
-                         else all(n <= self.settings.chunk_bytes for n in remaining.values()))
+                         else all(n <= self.params.chunk_bytes for n in remaining.values()))
             if converged:
                 return made
             waited = time.monotonic() - started
-            if waited >= self.settings.precopy_timeout_s:
-                if limit is None or self.settings.force_switchover:
+            if waited >= self.params.precopy_timeout_s:
+                if limit is None or self.params.force_switchover:
                     return made
                 raise DowntimeLimitUnmet(limit, made.expected_ms, f"{made.explain()} (after "
                                          f"{waited:.1f} s of precopy, still "
@@ -387,12 +381,13 @@ class SourceVM(Machine):
                 load_end_ms=(d["end_ns"] + shift - t0) / 1e6,
                 load_done_ms=(d["done_ns"] + shift - t0) / 1e6,
                 verified=verified, channel=r.channel))
-        mode = ("sequential" if not self.settings.concurrent
-                else "single-vm" if self.settings.single_vm else "concurrent")
+        mode = ("sequential" if not self.params.concurrent
+                else "single-vm" if self.params.single_vm else "concurrent")
         return MigrationReport(mode, self.plan.workers, (t1 - t0) / 1e6, tuple(rows),
                                digests_compared=bool(ours), expected_ms=made.expected_ms,
                                critical_path=made.explain(),
-                               limit_ms=self.settings.downtime_limit_ms)
+                               downtime_limit_ms=self.params.downtime_limit_ms,
+                               destination_params=wire.field(report, "params", dict))
 
 
 async def _peer_reason_first(reply: asyncio.Future[Any], ours: BaseException) -> None:

@@ -4,7 +4,7 @@ A migration has N data channels, set independently of either side's worker count
 ``k`` belongs to source worker ``k % S`` and destination worker ``k % D``: each worker sends
 or receives on its channels directly, and N, S and D may all differ.
 
-Routing (``Settings.routing``):
+Routing (``MigrationParams.routing``, :class:`~devstate.config.params.Routing`):
 
 * ``affinity``: all of a device's packets ride its *home* channel, the one its source owner
   owns (``owner % N``; with fewer channels than workers, a worker without a channel hands
@@ -19,18 +19,12 @@ do not. The destination reassembles each stream in sequence order at its owner.
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
+
+from devstate.config.params import Routing
 
 # The channel a report gives a stream that rode every channel (spread routing).
 SPREAD = -1
-
-
-class Routing(enum.Enum):
-    """How a device's packets are spread over the data channels."""
-
-    AFFINITY = "affinity"
-    SPREAD = "spread"
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from devstate.config.spec import DeviceSpec, MachineSpec
+from devstate.config.spec import DeviceSpec, DeviceTable
 from devstate.planning.plan import Plan
 
 # How far one run moves a term's scale toward its observed ratio.
@@ -92,16 +92,16 @@ class Estimate:
         """The term that sets the downtime."""
         return self.terms[0]
 
-    def explain(self, limit: int = 3) -> str:
+    def explain(self, terms: int = 3) -> str:
         """The critical path and the next terms, one line each."""
-        return "; ".join(f"{t.what}: {t.ms:.0f} ms" for t in self.terms[:limit])
+        return "; ".join(f"{t.what}: {t.ms:.0f} ms" for t in self.terms[:terms])
 
 
-def estimate(spec: MachineSpec, plan: Plan, host: HostCosts,
+def estimate(table: DeviceTable, plan: Plan, host: HostCosts,
              record_us: tuple[float, float] | None = None,
              remaining: dict[int, int] | None = None, *,
              sequential: bool = False) -> Estimate:
-    """Expected stop-and-copy downtime of ``spec`` moved by ``plan`` (its workers per side,
+    """Expected stop-and-copy downtime of ``table`` moved by ``plan`` (its workers per side,
     its transfer order); ``sequential``: one device after another, as VMMs do today.
 
     ``record_us`` is the measured (get, put) of one record in µs; None takes the spec's
@@ -109,11 +109,10 @@ def estimate(spec: MachineSpec, plan: Plan, host: HostCosts,
     (by device index): only those are left for stop-and-copy.
     """
     left = remaining or {}
-    table = spec.devices()
     records = [d for d in table if d.vfio is None]
     streams = [d for d in table if d.vfio is not None]
-    get_us, put_us = record_us if record_us is not None else (spec.vcpus.get_us,
-                                                              spec.vcpus.put_us)
+    get_us, put_us = record_us if record_us is not None else (
+        table.machine.vcpus.get_us, table.machine.vcpus.put_us)
     if sequential:
         return _sequential(table, host, get_us + put_us, {
             d.index: left.get(d.index, d.vfio.size) for d in streams if d.vfio is not None})
@@ -158,7 +157,7 @@ def estimate(spec: MachineSpec, plan: Plan, host: HostCosts,
     return Estimate(host.fixed_ms + terms[0].ms, tuple(terms), parts)
 
 
-def _sequential(table: tuple[DeviceSpec, ...], host: HostCosts, record_us: float,
+def _sequential(table: DeviceTable, host: HostCosts, record_us: float,
                 size: dict[int, int]) -> Estimate:
     """One device after another: the sum of every stream's bytes (at its slower rate, or
     the host's copy rate if slower) and firmware, every record's get and put, and every
@@ -177,7 +176,7 @@ def _sequential(table: tuple[DeviceSpec, ...], host: HostCosts, record_us: float
     return Estimate(host.fixed_ms + term.ms, (term,))
 
 
-def _chains(table: tuple[DeviceSpec, ...], size: dict[int, int], arrival: dict[int, float],
+def _chains(table: DeviceTable, size: dict[int, int], arrival: dict[int, float],
             host: HostCosts) -> list[Term]:
     """Dependency chains: a device completes its load (firmware, or a record's put) only
     after the devices it loads after (spec ``after``), so its own path may start late; a

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from devstate.config.spec import Backend, DeviceSpec, MachineSpec, Shape
+from devstate.config.spec import Backend, DeviceSpec, DeviceTable, Shape
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,11 +43,10 @@ def path_s(device: DeviceSpec) -> float:
     return v.size / v.rate + v.firmware_latency_ms / 1e3
 
 
-def tail_s(spec: MachineSpec, workers: int) -> dict[int, float]:
+def tail_s(table: DeviceTable, workers: int) -> dict[int, float]:
     """Seconds of work after each stream's last byte arrives, by device index: its
     firmware, then the longest of what loads after it (a stream's own tail, or the puts of
     the records that wait for it, spread over ``workers``)."""
-    table = spec.devices()
     dependents: dict[str, list[DeviceSpec]] = {}
     for d in table:
         for a in d.after:
@@ -57,7 +56,8 @@ def tail_s(spec: MachineSpec, workers: int) -> dict[int, float]:
     def of(d: DeviceSpec) -> float:
         if d.id not in tails:
             after = dependents.get(d.id, [])
-            puts = sum(1 for e in after if e.vfio is None) * spec.vcpus.put_us / 1e6 / workers
+            records = sum(1 for e in after if e.vfio is None)
+            puts = records * table.machine.vcpus.put_us / 1e6 / workers
             tails[d.id] = (d.vfio.firmware_latency_ms / 1e3 if d.vfio is not None else 0.0) \
                 + max([puts, *(of(e) for e in after if e.vfio is not None)])
         return tails[d.id]
@@ -65,7 +65,7 @@ def tail_s(spec: MachineSpec, workers: int) -> dict[int, float]:
     return {d.index: of(d) for d in table if d.vfio is not None}
 
 
-def _depths(table: tuple[DeviceSpec, ...]) -> list[int]:
+def _depths(table: DeviceTable) -> list[int]:
     """How many dependencies deep each device is: what others load after goes first."""
     by_id = {d.id: d for d in table}
     depth: dict[int, int] = {}
@@ -78,26 +78,24 @@ def _depths(table: tuple[DeviceSpec, ...]) -> list[int]:
     return [of(d) for d in table]
 
 
-def spec_order_plan(spec: MachineSpec, workers: int) -> Plan:
+def spec_order_plan(table: DeviceTable, workers: int) -> Plan:
     """The baseline a plan must beat: devices dealt to workers round-robin in table order,
     each worker saving them in that order (as a VMM walks its device list)."""
     if workers < 1:
         raise ValueError("a plan needs at least one worker")
-    table = spec.devices()
     kvm_vm = {d.index for d in table if d.backend is Backend.KVM_VM}
     owner = tuple(0 if d.index in kvm_vm else d.index % workers for d in table)
     order = tuple(tuple(d.index for d in table if owner[d.index] == w) for w in range(workers))
     return Plan(workers, owner, order, tuple(d.index for d in table if d.vfio is not None))
 
 
-def make_plan(spec: MachineSpec, workers: int, *, single_vm: bool = False) -> Plan:
+def make_plan(table: DeviceTable, workers: int, *, single_vm: bool = False) -> Plan:
     """Assign every device to one of ``workers`` owners and give each owner an order
     (see the module's docstring). With ``single_vm`` every kvm vCPU goes to worker 0,
     whose one VM holds them all.
     """
     if workers < 1:
         raise ValueError("a plan needs at least one worker")
-    table = spec.devices()
     load = [0.0] * workers
     owner = [0] * len(table)
     # VM-level state belongs to one VM: worker 0's (it goes first in that worker's order,
@@ -124,6 +122,6 @@ def make_plan(spec: MachineSpec, workers: int, *, single_vm: bool = False) -> Pl
                                                      depth[d.index], d.shape is Shape.RECORD,
                                                      -path_s(d), d.index)))
         for w in range(workers))
-    tail = tail_s(spec, workers)
+    tail = tail_s(table, workers)
     transfer = tuple(sorted(tail, key=lambda i: (-tail[i], -path_s(table[i]), i)))
     return Plan(workers, tuple(owner), order, transfer)

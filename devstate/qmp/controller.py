@@ -34,13 +34,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from devstate.config.params import Overrun, Settings
-from devstate.config.spec import MachineSpec
+from devstate.config.params import MigrationParams, Overrun, Routing
+from devstate.config.spec import MachineConfig
 from devstate.errors import DevstateError, describe
 from devstate.migration.destination import IncomingVM
 from devstate.migration.source import SourceVM
 from devstate.net.channels import Listener, parse_uri
-from devstate.net.route import Routing
 from devstate.net.transport import TlsConfig
 from devstate.planning.cost import CostHistory
 from devstate.qmp.server import Command, Param, QmpError
@@ -125,11 +124,11 @@ class Controller:
     ``migrate-incoming``, or the URI to listen on at once. ``emit`` sends a QMP event.
     """
 
-    def __init__(self, spec: MachineSpec, settings: Settings, *, incoming: str | None,
+    def __init__(self, spec: MachineConfig, params: MigrationParams, *, incoming: str | None,
                  emit: Callable[[str, dict[str, Any]], None],
                  tls: TlsConfig | None = None, history: CostHistory | None = None) -> None:
         self.spec = spec
-        self.settings = settings
+        self.params = params
         self._incoming = incoming
         self._emit = emit
         self._tls = tls
@@ -146,7 +145,7 @@ class Controller:
         self.ready: str | None = None  # where an incoming migration is listened for
 
     async def __aenter__(self) -> Controller:
-        vm = Vm(self.spec, self.settings)
+        vm = Vm(self.spec, self.params)
         vm.incoming = self._incoming is not None
         await vm.start()
         self._vm = vm
@@ -272,24 +271,24 @@ class Controller:
             changes["downtime_limit_ms"] = _bounded(args, "downtime-limit", 0,
                                                     MAX_DOWNTIME_LIMIT_MS)
         if "max-bandwidth" in args:
-            changes["max_bandwidth"] = _bounded(args, "max-bandwidth", 0, 2**62) or None
+            changes["bandwidth_limit"] = _bounded(args, "max-bandwidth", 0, 2**62) or None
         if "multifd-channels" in args:
             changes["channels"] = _bounded(args, "multifd-channels", 1, MAX_CHANNELS)
         if "x-routing" in args:
             changes["routing"] = _choice(args, "x-routing", Routing)
         if "x-overrun" in args:
             changes["overrun"] = _choice(args, "x-overrun", Overrun)
-        if "x-workers" in args and args["x-workers"] != self.settings.workers:
+        if "x-workers" in args and args["x-workers"] != self.params.workers:
             raise QmpError("GenericError", f"Parameter 'x-workers' is fixed at "
-                                           f"{self.settings.workers} once the VM has started "
+                                           f"{self.params.workers} once the VM has started "
                                            "(devstate vm --workers)")
         self._configure(**changes)
 
     async def _query_parameters(self, _: dict[str, Any]) -> dict[str, Any]:
-        s = self.settings
+        s = self.params
         return {"downtime-limit": s.downtime_limit_ms if s.downtime_limit_ms is not None
                 else 0,
-                "max-bandwidth": int(s.max_bandwidth or 0),
+                "max-bandwidth": int(s.bandwidth_limit or 0),
                 "multifd-channels": s.data_channels,
                 "x-routing": s.routing.value, "x-overrun": s.overrun.value,
                 "x-workers": s.workers}
@@ -427,9 +426,9 @@ class Controller:
         return self._task is not None and not self._task.done()
 
     def _configure(self, **changes: Any) -> None:
-        self.settings = dataclasses.replace(self.settings, **changes)
+        self.params = dataclasses.replace(self.params, **changes)
         if self._vm is not None:
-            self._vm.settings = self.settings
+            self._vm.params = self.params
 
     def _set_state(self, state: RunState) -> None:
         self.state = state

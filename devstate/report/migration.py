@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
@@ -52,12 +52,15 @@ class MigrationReport:
     digests_compared: bool
     expected_ms: float = 0.0  # the cost model's estimate before the stop
     critical_path: str = ""   # what the estimate said sets the downtime
-    limit_ms: float | None = None  # the downtime limit, if one was set
+    downtime_limit_ms: float | None = None  # the downtime limit, if one was set
+    # What the destination ran with (MigrationParams.to_json), as it said in its report.
+    destination_params: dict[str, Any] = field(default_factory=dict)
 
     @property
     def overrun_ms(self) -> float:
         """How far the downtime passed its limit (0 without a limit or within it)."""
-        return max(0.0, self.downtime_ms - self.limit_ms) if self.limit_ms else 0.0
+        limit = self.downtime_limit_ms
+        return max(0.0, self.downtime_ms - limit) if limit else 0.0
 
     @property
     def total_bytes(self) -> int:
@@ -77,7 +80,7 @@ class MigrationReport:
             "downtime_ms": round(self.downtime_ms, 3),
             "expected_ms": round(self.expected_ms, 3),
             "critical_path": self.critical_path,
-            "limit_ms": self.limit_ms,
+            "downtime_limit_ms": self.downtime_limit_ms,
             "overrun_ms": round(self.overrun_ms, 3),
             "total_bytes": self.total_bytes,
             "verified": self.verified,
@@ -107,8 +110,8 @@ def format_table(reports: Iterable[MigrationReport]) -> str:
                      f"{report.downtime_ms:.1f} ms (expected {report.expected_ms:.0f}), "
                      f"{_mib(report.total_bytes)}, "
                      f"{'verified bit-exact' if report.verified else 'NOT verified'}")
-        if report.limit_ms is not None:
-            lines.append(f"  limit {report.limit_ms:.0f} ms: " + (
+        if report.downtime_limit_ms is not None:
+            lines.append(f"  limit {report.downtime_limit_ms:.0f} ms: " + (
                 f"overrun by {report.overrun_ms:.1f} ms; critical path: "
                 f"{report.critical_path}" if report.overrun_ms else "met"))
         lines.append(f"  {'device':<28} {'bytes':>12} {'saved at ms':>16} {'loaded at ms':>16}"

@@ -19,15 +19,38 @@ import contextlib
 import sys
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
 
 from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
 from devstate.errors import DevstateError
-from devstate.migration.source import SaveProgress, SourceVM
 
 REFRESH_S = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class SaveProgress:
+    """How far the save of a migration is: devices whose last byte was read, and state
+    bytes read (precopy's re-sent dirty bytes included, so it may pass ``stream_bytes``)."""
+
+    devices_done: int
+    devices: int
+    bytes_read: int
+    stream_bytes: int
+
+
+class Migrating(Protocol):
+    """What the line follows: a migration's source side."""
+
+    @property
+    def expected_ms(self) -> float | None:
+        """The expected downtime, once estimated."""
+
+    async def progress(self) -> SaveProgress:
+        """The save so far."""
 
 
 def wanted(json_output: bool) -> bool:
@@ -38,8 +61,8 @@ def wanted(json_output: bool) -> bool:
 class MigrationProgress:
     """The state the line shows; :meth:`status` is a ``migrate(on_status=...)`` callback."""
 
-    def __init__(self, limit_ms: float | None) -> None:
-        self.limit_ms = limit_ms
+    def __init__(self, downtime_limit_ms: float | None) -> None:
+        self.downtime_limit_ms = downtime_limit_ms
         self.state = "setup"
         self.stopped_at: float | None = None
         self.saved: SaveProgress | None = None
@@ -60,25 +83,26 @@ class MigrationProgress:
                         f"{s.bytes_read / 2**20:,.0f}/{s.stream_bytes / 2**20:,.0f} MiB")
         if self.stopped_at is not None:
             elapsed = (time.monotonic() - self.stopped_at) * 1e3
-            deadline = self.limit_ms or self.expected_ms
+            deadline = self.downtime_limit_ms or self.expected_ms
             over = deadline is not None and elapsed > deadline
             said = f"  stopped {elapsed:,.0f} ms"
             if deadline is not None:
-                said += f" of {deadline:,.0f} ms {'limit' if self.limit_ms else 'expected'}"
+                kind = "limit" if self.downtime_limit_ms else "expected"
+                said += f" of {deadline:,.0f} ms {kind}"
             text.append(said, style="red" if over else "green")
         return text
 
 
 @contextlib.asynccontextmanager
-async def following(source: SourceVM, progress: MigrationProgress,
+async def following(source: Migrating, progress: MigrationProgress,
                     console: Console | None = None) -> AsyncIterator[None]:
     """Draw ``progress`` while the body runs, polling ``source`` for its save's progress."""
     console = console or Console(stderr=True)
 
     async def poll(live: Live) -> None:
         while True:
-            if source.last_estimate is not None:
-                progress.expected_ms = source.last_estimate.expected_ms
+            if source.expected_ms is not None:
+                progress.expected_ms = source.expected_ms
             with contextlib.suppress(DevstateError):  # a pool that is going away
                 progress.saved = await source.progress()
             live.update(progress.line(), refresh=True)

@@ -103,8 +103,8 @@ def _check(report: Any, where: str) -> None:
     for field in ("downtime_ms", "expected_ms"):
         if not number(report.get(field)):
             fail(field, "missing or not a number")
-    if not (report.get("limit_ms") is None or number(report["limit_ms"])):
-        fail("limit_ms", "not a number")
+    if not (report.get("downtime_limit_ms") is None or number(report["downtime_limit_ms"])):
+        fail("downtime_limit_ms", "not a number")
     if not isinstance(report.get("workers"), int):
         fail("workers", "missing or not an integer")
     if not isinstance(report.get("devices"), list):
@@ -216,7 +216,7 @@ def _lanes(items: list[_Item]) -> list[list[_Item]]:
 def _panel_title(report: dict[str, Any]) -> str:
     text = (f"{report['mode']}, {report['workers']} worker(s): downtime "
             f"{report['downtime_ms']:.1f} ms (expected {report['expected_ms']:.1f} ms")
-    limit = report.get("limit_ms")
+    limit = report.get("downtime_limit_ms")
     if limit is not None:
         overrun = report["downtime_ms"] - limit
         text += f", limit {limit:g} ms" + (f", overrun {overrun:.1f} ms" if overrun > 0
@@ -231,7 +231,8 @@ def _time_range(reports: list[dict[str, Any]]) -> tuple[float, float]:
         for d in report["devices"]:
             lo = min(lo, d["save_start_ms"], d["load_start_ms"])
             hi = max(hi, d["save_end_ms"], d["load_done_ms"], d["load_end_ms"])
-        hi = max(hi, report["downtime_ms"], report["expected_ms"], report.get("limit_ms") or 0.0)
+        hi = max(hi, report["downtime_ms"], report["expected_ms"],
+                 report.get("downtime_limit_ms") or 0.0)
     pad = (hi - lo) * 0.02 or 1.0
     return lo - pad, hi + pad
 
@@ -286,8 +287,8 @@ def _figure(reports: list[dict[str, Any]], title: str | None) -> Figure:
                     dict(color="black", linewidth=1.2)),
                    (report["expected_ms"], "expected",
                     dict(color="0.3", linewidth=1.2, linestyle=":"))]
-        if report.get("limit_ms") is not None:
-            markers.append((report["limit_ms"], f"limit {report['limit_ms']:g} ms",
+        if (limit := report.get("downtime_limit_ms")) is not None:
+            markers.append((limit, f"limit {limit:g} ms",
                             dict(color="red", linewidth=1.2, linestyle="--")))
         for n, (x, name, style) in enumerate(markers):
             ax.axvline(x, **style)
@@ -302,7 +303,7 @@ def _figure(reports: list[dict[str, Any]], title: str | None) -> Figure:
     handles = [Patch(color=_COLORS[step], label=step) for step in (GET, TRANSFER, COMPLETE)]
     handles += [Line2D([], [], color="black", linewidth=1.2, label="resume (downtime)"),
                 Line2D([], [], color="0.3", linewidth=1.2, linestyle=":", label="expected")]
-    if any(report.get("limit_ms") is not None for report in reports):
+    if any(report.get("downtime_limit_ms") is not None for report in reports):
         handles.append(Line2D([], [], color="red", linewidth=1.2, linestyle="--",
                               label="downtime limit"))
     figure.legend(handles=handles, loc="outside lower center", ncol=len(handles),

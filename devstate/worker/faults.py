@@ -1,7 +1,7 @@
 """Fault injection: a named point of a worker strikes a fault the moment it is reached.
 
 Runs in: worker processes (both sides). The fault matrix (tests/test_fault_matrix.py) arms
-one fault per migration with ``Settings.fault`` (``"POINT:FAULT[:SKIP]"``), which a machine
+one fault per migration with ``MigrationParams.fault`` (``"POINT:FAULT[:SKIP]"``), which a machine
 hands each of its workers when it starts (:class:`devstate.worker.jobs.ArmFault`); a
 ``devstate vm`` destination takes it from its hidden ``--fault`` option. The fault then
 strikes at an exact step of the migration, found by the code reaching it, never by timing.

@@ -73,7 +73,7 @@ class Save:
     routes: Any
     gen: int
     record_threads: int = 1
-    max_bandwidth: float | None = None  # bytes/s over all channels, None: unlimited
+    bandwidth_limit: float | None = None  # bytes/s over all channels, None: unlimited
     precopy: bool = False  # stream precopy devices while running, until SwitchOver
     transfer: Any = None  # admission.TransferOrder for stop-and-copy; None: all at once
 
@@ -140,7 +140,7 @@ class Digests:
 
 @dataclass(frozen=True, slots=True)
 class SnapshotRecords:
-    """Get owned record devices (the first ``limit``, or all) into this worker's arena
+    """Get owned record devices (the first ``count``, or all) into this worker's arena
     slots, with no channel.
 
     One side of a migration alone (the scaling benchmarks measure each side apart, since
@@ -148,7 +148,7 @@ class SnapshotRecords:
     the worker's get time in ns and how many records it got.
     """
 
-    limit: int | None = None
+    count: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,8 +38,7 @@ import psutil
 import uvloop
 
 from devstate.arena.slots import Arena, Layout, Slot
-from devstate.config.params import CHUNK_CLASS, RECORD_CLASS, WINDOW_CLASS
-from devstate.config.spec import MachineSpec, parse_spec
+from devstate.config.spec import DeviceTable
 from devstate.devices import Device, RecordDevice, StreamDevice, make_device
 from devstate.errors import ChannelError, DeviceError
 from devstate.lifecycle import no_gc_pauses
@@ -47,24 +46,24 @@ from devstate.net import channels, fdio
 from devstate.worker import jobs as m
 from devstate.worker.faults import injector
 from devstate.worker.handoff import Mesh
+from devstate.worker.layout import CHUNK_CLASS, RECORD_CLASS, WINDOW_CLASS
 from devstate.worker.load import Loader
 from devstate.worker.save import Saver
 
 
 def worker_main(index: int, conn: Connection, arena_name: str, arena_size: int,
-                layout: Layout, cpu: int | None, spec_data: dict[str, Any]) -> None:
+                layout: Layout, cpu: int | None, table: DeviceTable) -> None:
     """Entry point of a worker process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         if cpu is not None:
             psutil.Process().cpu_affinity([cpu])
         arena = Arena.attach(arena_name, arena_size)
-        spec = parse_spec(spec_data)
     except BaseException as exc:  # report why start-up failed before exiting
         conn.send(m.Reply(0, False, error_type=type(exc).__name__, error=str(exc)))
         raise SystemExit(1) from exc
     try:
-        worker = Worker(index, conn, arena, layout, spec)
+        worker = Worker(index, conn, arena, layout, table)
         # Everything alive now lives as long as the worker: keep it out of the cyclic GC's
         # walks, which otherwise cost as much CPU as the socket copies during a transfer.
         gc.freeze()
@@ -86,11 +85,10 @@ class Worker:
     """The state of one worker process and its request loop."""
 
     def __init__(self, index: int, conn: Connection, arena: Arena, layout: Layout,
-                 spec: MachineSpec) -> None:
+                 table: DeviceTable) -> None:
         self.index = index
         self._conn = conn
-        self._spec = spec
-        self._table = spec.devices()
+        self._table = table
         self._slots = arena.slot_pool(layout, index)
         if layout.workers > 1:
             # Handoffs read and write the slots of the other workers' partitions too.
@@ -202,12 +200,12 @@ class Worker:
                 self._channels[index] = await channels.adopt_channel(fd, hello, tls)
                 injector.strike("setup", channels=self._channels.values())
             case m.Save(order=order, concurrent=concurrent, routes=routes, gen=gen,
-                        record_threads=threads, max_bandwidth=limit, precopy=precopy,
+                        record_threads=threads, bandwidth_limit=limit, precopy=precopy,
                         transfer=transfer):
                 saver = Saver(self.index, self._devices, self._slots, self._arena,
                               self._channels, self._mesh, routes, gen,
                               record_class=RECORD_CLASS, chunk_class=CHUNK_CLASS,
-                              executor=self._record_executor(threads), max_bandwidth=limit,
+                              executor=self._record_executor(threads), bandwidth_limit=limit,
                               transfer=transfer if concurrent else None)
                 self._saver = saver
                 self._switchover = asyncio.Event() if precopy else None
@@ -238,7 +236,7 @@ class Worker:
                                 self._channels, self._mesh, owner, gen,
                                 record_class=RECORD_CLASS, chunk_class=CHUNK_CLASS,
                                 executor=self._record_executor(threads),
-                                after=self._spec.dependencies())
+                                after=self._table.dependencies())
                 try:
                     self._results = await loader.run(devices, concurrent)
                 finally:
@@ -249,8 +247,8 @@ class Worker:
                 return len(self._results)
             case m.Results():
                 return self._results
-            case m.SnapshotRecords(limit=limit):
-                return self._snapshot_records(limit)
+            case m.SnapshotRecords(count=count):
+                return self._snapshot_records(count)
             case m.RestoreRecords():
                 return self._restore_records()
             case m.Resume():
@@ -288,7 +286,7 @@ class Worker:
             if slot is None:
                 self._release_snapshot()
                 raise RuntimeError(f"worker {self.index}: {len(records)} records need as many "
-                                   "record slots (raise Settings.record_slots)")
+                                   "record slots (raise MigrationParams.record_slots)")
             self._snapshot.append((slot, 0))
         start = time.perf_counter_ns()
         for n, device in enumerate(records):
@@ -324,7 +322,7 @@ class Worker:
     async def _open_devices(self, devices: tuple[int, ...], incoming: bool) -> None:
         for i in devices:
             if i not in self._devices:
-                self._devices[i] = make_device(self._table[i], self._spec.seed,
+                self._devices[i] = make_device(self._table[i], self._table.machine.seed,
                                                incoming=incoming)
         await asyncio.gather(*(self._devices[i].open() for i in devices))
 

@@ -33,7 +33,7 @@ from multiprocessing.reduction import send_handle
 from typing import Any
 
 from devstate.arena.slots import Arena, Layout, sweep_stale_segments
-from devstate.config.spec import MachineSpec
+from devstate.config.spec import DeviceTable
 from devstate.errors import DevstateError, WorkerFailed, WorkerLost
 from devstate.lifecycle import AsyncLifecycle
 from devstate.net import fdio
@@ -61,9 +61,9 @@ def usable_cpus() -> list[int]:
 class WorkerPool(AsyncLifecycle):
     """A fixed set of worker processes sharing one arena."""
 
-    def __init__(self, spec: MachineSpec, layout: Layout, *, name: str = "pool",
+    def __init__(self, table: DeviceTable, layout: Layout, *, name: str = "pool",
                  cpus: list[int] | None = None) -> None:
-        self.spec = spec
+        self.table = table
         self.layout = layout
         self.name = name
         self._cpus = cpus if cpus is not None else usable_cpus()
@@ -95,13 +95,12 @@ class WorkerPool(AsyncLifecycle):
         from devstate.worker.loop import worker_main
 
         loop = asyncio.get_running_loop()
-        spec_data = self.spec.to_dict()
         for i in range(self.size):
             parent, child = ctx.Pipe(duplex=True)
             cpu = self._cpus[i % len(self._cpus)] if self._cpus else None
             proc = ctx.Process(target=worker_main, name=f"devstate-{self.name}-{i}",
                                args=(i, child, self.arena.name, self.arena.size,
-                                     self.layout, cpu, spec_data), daemon=True)
+                                     self.layout, cpu, self.table), daemon=True)
             self._procs.append(proc)
             self._conns.append(parent)
             self._pending.append({0: loop.create_future()})

@@ -39,11 +39,12 @@ from concurrent.futures import Executor
 from functools import partial
 
 from devstate.arena.slots import Slot, SlotPool
+from devstate.config.params import Routing
 from devstate.devices.base import Device, RecordDevice, StreamDevice, on_thread
 from devstate.errors import ChannelError, ProtocolError
 from devstate.net import fdio
 from devstate.net.bandwidth import Pacer
-from devstate.net.route import SPREAD, Routes, Routing
+from devstate.net.route import SPREAD, Routes
 from devstate.planning.admission import Admission, TransferOrder
 from devstate.protocol import wire
 from devstate.worker.faults import Fault, cut, injector, spoil
@@ -130,7 +131,7 @@ class Saver:
     def __init__(self, worker: int, devices: dict[int, Device], slots: SlotPool,
                  arena: memoryview, channels: dict[int, socket.socket], mesh: Mesh | None,
                  routes: Routes, gen: int, *, record_class: int, chunk_class: int,
-                 executor: Executor | None = None, max_bandwidth: float | None = None,
+                 executor: Executor | None = None, bandwidth_limit: float | None = None,
                  transfer: TransferOrder | None = None) -> None:
         self.worker = worker
         self._devices = devices
@@ -143,7 +144,7 @@ class Saver:
         self._chunk_class = chunk_class
         self._executor = executor
         self._senders = {
-            k: PacketSender(sock, Pacer.for_channel(max_bandwidth, routes.channels))
+            k: PacketSender(sock, Pacer.for_channel(bandwidth_limit, routes.channels))
             for k, sock in channels.items()}
         self._sockets = [sender.sock for sender in self._senders.values()]  # a fault cuts
         self._records_routed = 0

@@ -21,7 +21,7 @@ import functools
 
 import xxhash
 
-from devstate.config.spec import DeviceSpec
+from devstate.config.spec import KVM_VM_DEVICES, DeviceSpec
 from devstate.devices.base import RecordDevice
 from devstate.devices.kvm.vcpu import KvmVcpu
 from devstate.devices.kvm.vm import VM_SAVE_ORDER, VOLATILE_FIELDS, KvmVm, VmSection, vm_state_bytes
@@ -35,6 +35,7 @@ VM_DEVICES: dict[str, tuple[VmSection, ...]] = {
     "vm/irqchip": (VmSection.PIC_MASTER, VmSection.PIC_SLAVE, VmSection.IOAPIC),
 }
 assert tuple(s for parts in VM_DEVICES.values() for s in parts) == VM_SAVE_ORDER
+assert tuple(VM_DEVICES) == KVM_VM_DEVICES  # the table's names and order
 # kvmclock may only move forward between a set and the readback, and not by much.
 CLOCK_TOLERANCE_NS = 10 * 10**9
 
