@@ -112,7 +112,7 @@ class IncomingVM(Machine):
             results = m.unpack_results(await self.pool.call_all(
                 {w: m.Results() for w in range(self.plan.workers)}))
             await channels.send_control(main, wire.ControlType.REPORT, {
-                "devices": _result_rows(results), "ready_ns": self._ready_ns,
+                "devices": [r.to_json() for r in results], "ready_ns": self._ready_ns,
                 "params": self.params.to_json(),
                 "digests": await self.digests() if send_digests else {}})
         except (DevstateError, OSError) as exc:
@@ -275,12 +275,6 @@ async def _refusing_late_connections(listener: channels.Listener) -> AsyncIterat
     finally:
         refusing.cancel()
         await asyncio.gather(refusing, return_exceptions=True)
-
-
-def _result_rows(results: list[m.DeviceResult]) -> list[dict[str, Any]]:
-    return [{"id": r.id, "index": r.index, "bytes": r.bytes, "worker": r.worker,
-             "start_ns": r.start_ns, "end_ns": r.end_ns, "done_ns": r.done_ns}
-            for r in results]
 
 
 def _refusal(hello: wire.Hello, migration_id: uuid.UUID, adopted: set[int],

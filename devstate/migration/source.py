@@ -54,7 +54,7 @@ from devstate.net.route import Routes
 from devstate.planning.admission import TransferOrder
 from devstate.planning.cost import Estimate, HostCosts, estimate
 from devstate.protocol import wire
-from devstate.report.migration import DeviceReport, MigrationReport
+from devstate.report.migration import DeviceReport, DeviceResult, MigrationReport
 from devstate.report.progress import SaveProgress
 from devstate.worker import jobs as m
 
@@ -361,9 +361,10 @@ class SourceVM(Machine):
         self.running = broken is None
         return broken
 
-    def _report(self, t0: int, t1: int, saved: list[m.DeviceResult], report: dict[str, Any],
+    def _report(self, t0: int, t1: int, saved: list[DeviceResult], report: dict[str, Any],
                 ours: dict[str, str], made: Estimate) -> MigrationReport:
-        dest = {r["id"]: r for r in wire.field(report, "devices", list)}
+        loaded = map(DeviceResult.from_json, wire.field(report, "devices", list))
+        dest = {r.id: r for r in loaded}
         after = wire.field(report, "digests", dict)
         # The destination's clock is its own (another host, perhaps): its times count from
         # when it sent READY, which is when READY arrived here less one channel latency.
@@ -374,13 +375,7 @@ class SourceVM(Machine):
             if d is None:
                 raise DevstateError(f"destination did not report {r.id}")
             verified = bool(ours) and ours.get(r.id) == after.get(r.id)
-            rows.append(DeviceReport(
-                id=r.id, bytes=r.bytes, source_worker=r.worker, dest_worker=d["worker"],
-                save_start_ms=(r.start_ns - t0) / 1e6, save_end_ms=(r.end_ns - t0) / 1e6,
-                load_start_ms=(d["start_ns"] + shift - t0) / 1e6,
-                load_end_ms=(d["end_ns"] + shift - t0) / 1e6,
-                load_done_ms=(d["done_ns"] + shift - t0) / 1e6,
-                verified=verified, channel=r.channel))
+            rows.append(DeviceReport.join(r, d, t0=t0, shift=shift, verified=verified))
         mode = ("sequential" if not self.params.concurrent
                 else "single-vm" if self.params.single_vm else "concurrent")
         return MigrationReport(mode, self.plan.workers, (t1 - t0) / 1e6, tuple(rows),

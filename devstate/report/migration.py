@@ -3,8 +3,46 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+from devstate.errors import ProtocolError
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceResult:
+    """What one side did with one device: bytes and timing (monotonic ns of that side).
+
+    Workers measure them (the source's get, the destination's put), coordinators collect
+    them after the resume, and the destination's travel to the source in its REPORT
+    (:meth:`to_json`); :meth:`DeviceReport.join` puts the two sides of a device together.
+    """
+
+    index: int
+    id: str
+    bytes: int
+    packets: int
+    start_ns: int
+    end_ns: int
+    worker: int
+    done_ns: int = 0  # destination: when the device finished loading (firmware included)
+    channel: int = -1  # source: the data channel it rode (-1: spread over all of them)
+
+    def to_json(self) -> dict[str, int | str]:
+        """Plain data, read back equal by :meth:`from_json`."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_json(cls, data: object) -> DeviceResult:
+        """A result from :meth:`to_json`'s form; ProtocolError if it is not one."""
+        wanted = {f.name: (str if f.name == "id" else int) for f in fields(cls)}
+        if not isinstance(data, dict) or set(data) != set(wanted):
+            raise ProtocolError("report.devices", f"not a device result: {data!r:.200}")
+        for name, kind in wanted.items():
+            value = data[name]
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise ProtocolError(f"report.devices.{name}", f"not {kind.__name__}: {value!r}")
+        return cls(**data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +67,19 @@ class DeviceReport:
     verified: bool
     load_end_ms: float = 0.0
     channel: int = -1
+
+    @classmethod
+    def join(cls, saved: DeviceResult, loaded: DeviceResult, *, t0: int, shift: int,
+             verified: bool) -> DeviceReport:
+        """One device's report from the source's result and the destination's; ``t0`` is
+        the source's stop and ``shift`` turns the destination's clock into the source's."""
+        return cls(id=saved.id, bytes=saved.bytes, source_worker=saved.worker,
+                   dest_worker=loaded.worker, save_start_ms=(saved.start_ns - t0) / 1e6,
+                   save_end_ms=(saved.end_ns - t0) / 1e6,
+                   load_start_ms=(loaded.start_ns + shift - t0) / 1e6,
+                   load_end_ms=(loaded.end_ns + shift - t0) / 1e6,
+                   load_done_ms=(loaded.done_ns + shift - t0) / 1e6,
+                   verified=verified, channel=saved.channel)
 
     @property
     def save_ms(self) -> float:
