@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import abc
+import asyncio
 import contextlib
 import ctypes
 import gc
 import os
 import signal
-from collections.abc import Iterator
-from typing import Self
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from typing import Any, Self
 
 
 class AsyncLifecycle(abc.ABC):
@@ -37,6 +38,23 @@ class AsyncLifecycle(abc.ABC):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+@contextlib.asynccontextmanager
+async def background(*work: Awaitable[Any]) -> AsyncIterator[tuple[asyncio.Future[Any], ...]]:
+    """Run ``work`` as tasks while the body runs; on every exit, cancel what has not
+    finished and wait for it, so that nothing outlives the block (trio's nursery rule).
+
+    The body awaits, races (``asyncio.wait``) or ignores the tasks as it needs; their
+    exceptions after the block are swallowed with them: a caller that cares awaited them.
+    """
+    tasks = tuple(asyncio.ensure_future(w) for w in work)
+    try:
+        yield tasks
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 @contextlib.contextmanager
