@@ -21,19 +21,17 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from devstate.devices.kvm import uapi
-from devstate.devices.kvm.uapi import Ioctl, IoctlArg, ioctl_name
-from devstate.devices.kvm.vcpu import (
+from devstate.devices.kvm.record import (
     RESTORE_ORDER,
     SAVE_ORDER,
-    TOLERANCES,
-    KvmVcpu,
     Section,
     VcpuLayout,
     XsaveComponent,
     msr_chunks,
-    record_bytes,
-    section_fields,
 )
+from devstate.devices.kvm.uapi import Ioctl, IoctlArg, ioctl_name
+from devstate.devices.kvm.vcpu import KvmVcpu
+from devstate.devices.kvm.verify import TOLERANCES, section_fields
 from devstate.devices.kvm.vm import VM_SAVE_ORDER, KvmVm, VmSection
 from devstate.errors import DeviceError
 
@@ -359,9 +357,9 @@ def test_vm_state_round_trips_with_only_timestamps_moving() -> None:
 def test_record_bytes_bounds_every_record() -> None:
     with KvmVm() as vm:
         vcpu = vm.create_vcpu(0)
-        assert len(get(vcpu)) == record_bytes(vm)
+        assert len(get(vcpu)) == vm.layout.record_bytes
         with pytest.raises(DeviceError, match="buffer of"):
-            vcpu.get(memoryview(bytearray(record_bytes(vm) - 1)))
+            vcpu.get(memoryview(bytearray(vm.layout.record_bytes - 1)))
 
 
 @needs_kvm
@@ -372,7 +370,7 @@ def test_per_vcpu_get_and_put_cost(capsys: pytest.CaptureFixture[str]) -> None:
         vcpus = [vm.create_vcpu(i) for i in range(count)]
         for vcpu in vcpus:
             vcpu.seed_state(SEED)
-        slots = [memoryview(bytearray(record_bytes(vm))) for _ in vcpus]
+        slots = [memoryview(bytearray(vm.layout.record_bytes)) for _ in vcpus]
         get_us, put_us = [], []
         for _ in range(rounds):
             get_us.append(_per_vcpu_us(lambda v, s: v.get(s), vcpus, slots))

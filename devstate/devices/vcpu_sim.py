@@ -33,9 +33,9 @@ from devstate.devices.base import RecordDevice
 
 # One record layout and one ordering for simulated and real vCPUs: the KVM backend's,
 # with its reasons (sim-vcpu uses SREGS, never SREGS2).
-from devstate.devices.kvm.vcpu import HEADER as _HEADER
-from devstate.devices.kvm.vcpu import RESTORE_ORDER, SAVE_ORDER, Section
-from devstate.devices.kvm.vcpu import SECTION as _SECTION
+from devstate.devices.kvm.record import HEADER as _HEADER
+from devstate.devices.kvm.record import RESTORE_ORDER, SAVE_ORDER, Section
+from devstate.devices.kvm.record import SECTION as _SECTION
 from devstate.errors import DeviceError
 
 MAGIC = 0x55504356  # b"VCPU" little-endian

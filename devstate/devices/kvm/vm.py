@@ -29,18 +29,18 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from devstate.devices.kvm import uapi
-from devstate.devices.kvm.uapi import Cap, Ioctl, IoctlFn, IrqchipId, KvmError
-from devstate.devices.kvm.vcpu import (
+from devstate.devices.kvm.record import (
     HEADER,
     SECTION,
     VERSION,
-    KvmVcpu,
     VcpuLayout,
     XsaveComponent,
     msr_chunks,
     parse_record,
     write_section,
 )
+from devstate.devices.kvm.uapi import Cap, Ioctl, IoctlFn, IrqchipId, KvmError
+from devstate.devices.kvm.vcpu import KvmVcpu
 from devstate.errors import DeviceError
 
 KVM_DEVICE = "/dev/kvm"
