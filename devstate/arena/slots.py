@@ -279,7 +279,7 @@ def sweep_stale_segments() -> list[str]:
     Names are ``devstate-<pid>-<id>``; a segment normally lives only until the pool has
     attached, so one left behind means its coordinator was killed during pool start.
     """
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(SHM_DIR)
     except OSError:

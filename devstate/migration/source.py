@@ -240,7 +240,7 @@ class SourceVM(Machine):
         return (sum(per_get) / len(per_get) / 1e3 * share,
                 sum(per_put) / len(per_put) / 1e3 * share)
 
-    async def _within_limit(self, work: Awaitable[None], t0: int, made: Estimate) -> None:
+    async def _within_limit(self, work: Awaitable[object], t0: int, made: Estimate) -> None:
         """Await stop-and-copy; with ``Overrun.ABORT``, cancel it once the limit passes."""
         limit = self.params.downtime_limit_ms
         if limit is None or self.params.overrun is not Overrun.ABORT:

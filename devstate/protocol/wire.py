@@ -222,7 +222,7 @@ def pack_hello(hello: Hello) -> bytes:
                        HELLO_TLS if hello.tls else 0, hello.migration_id.bytes)
 
 
-def decode_hello(data: memoryview | bytes, *, max_channels: int = 1024) -> Hello:
+def decode_hello(data: bytes | bytearray | memoryview, *, max_channels: int = 1024) -> Hello:
     """Decode a channel hello, rejecting anything out of range."""
     if len(data) != HELLO_BYTES:
         raise ProtocolError("hello", f"{len(data)} bytes, need {HELLO_BYTES}")
@@ -254,7 +254,7 @@ def pack_control(kind: ControlType, body: dict[str, Any]) -> bytes:
     return header + data
 
 
-def decode_control_header(data: memoryview | bytes) -> tuple[ControlType, int, int]:
+def decode_control_header(data: bytes | bytearray | memoryview) -> tuple[ControlType, int, int]:
     """Decode a control header: (type, body length, body checksum)."""
     if len(data) != CONTROL_HEADER_BYTES:
         raise ProtocolError("control.header", f"{len(data)} bytes, need {CONTROL_HEADER_BYTES}")
@@ -272,7 +272,7 @@ def decode_control_header(data: memoryview | bytes) -> tuple[ControlType, int, i
     return ctype, length, checksum
 
 
-def decode_control_body(data: memoryview | bytes, checksum: int) -> dict[str, Any]:
+def decode_control_body(data: bytes | bytearray | memoryview, checksum: int) -> dict[str, Any]:
     """Check and parse a control body into a JSON object."""
     if xxhash.xxh32_intdigest(data) != checksum:
         raise IntegrityError("control.checksum", "mismatch")

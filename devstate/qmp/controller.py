@@ -466,7 +466,7 @@ def _choice(args: dict[str, Any], name: str, kind: type[enum.Enum]) -> Any:
     try:
         return kind(args[name])
     except ValueError:
-        accepted = ", ".join(str(k.value) for k in kind)  # type: ignore[attr-defined]
+        accepted = ", ".join(str(k.value) for k in kind)
         raise QmpError("GenericError", f"Parameter '{name}' expects one of: "
                                        f"{accepted}") from None
 

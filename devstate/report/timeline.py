@@ -137,7 +137,7 @@ class _Item:
 
 
 def _is_vcpu(device: dict[str, Any]) -> bool:
-    return device["id"].startswith("cpu/")
+    return str(device["id"]).startswith("cpu/")
 
 
 def _vcpu_items(vcpus: list[dict[str, Any]], steps: tuple[tuple[str, str, str], ...]
@@ -239,6 +239,7 @@ def _time_range(reports: list[dict[str, Any]]) -> tuple[float, float]:
 
 def _figure(reports: list[dict[str, Any]], title: str | None) -> Figure:
     """The whole picture, laid out and with only the bar labels that fit their bars."""
+    from matplotlib.artist import Artist
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
@@ -300,7 +301,8 @@ def _figure(reports: list[dict[str, Any]], title: str | None) -> Figure:
 
     axes[-1].set_xlim(lo, hi)
     axes[-1].set_xlabel("ms from stop")
-    handles = [Patch(color=_COLORS[step], label=step) for step in (GET, TRANSFER, COMPLETE)]
+    handles: list[Artist] = [Patch(color=_COLORS[step], label=step)
+                             for step in (GET, TRANSFER, COMPLETE)]
     handles += [Line2D([], [], color="black", linewidth=1.2, label="resume (downtime)"),
                 Line2D([], [], color="0.3", linewidth=1.2, linestyle=":", label="expected")]
     if any(report.get("downtime_limit_ms") is not None for report in reports):
@@ -312,12 +314,11 @@ def _figure(reports: list[dict[str, Any]], title: str | None) -> Figure:
         figure.suptitle(title)
 
     # A label stays only where it fits inside its bar; that is known once laid out.
-    figure.canvas.draw()
-    renderer = figure.canvas.get_renderer()
+    figure.canvas.draw()  # lays the figure out; extents then come from its renderer
     for text, start, end, rows_high in labels:
         ax = text.axes
         (x0, y0), (x1, y1) = ax.transData.transform([(start, 0.0), (end, rows_high)])
-        box = text.get_window_extent(renderer)
+        box = text.get_window_extent()
         if box.width + 4 > abs(x1 - x0) or box.height > abs(y1 - y0):
             text.remove()
     return figure

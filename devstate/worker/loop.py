@@ -62,6 +62,7 @@ def worker_main(index: int, conn: Connection, arena_name: str, arena_size: int,
     except BaseException as exc:  # report why start-up failed before exiting
         conn.send(m.Reply(0, False, error_type=type(exc).__name__, error=str(exc)))
         raise SystemExit(1) from exc
+    worker: Worker | None = None
     try:
         worker = Worker(index, conn, arena, layout, table)
         # Everything alive now lives as long as the worker: keep it out of the cyclic GC's
@@ -224,8 +225,8 @@ class Worker:
             case m.PrecopyRemaining():
                 return await self._saver.precopy_remaining() if self._saver else {}
             case m.Progress():
-                saver = self._saver
-                return (saver.devices_done, saver.bytes_read) if saver else self._saved
+                current = self._saver
+                return (current.devices_done, current.bytes_read) if current else self._saved
             case m.PrepareLoad(devices=devices):
                 await asyncio.gather(*(d.load_begin() for i, d in self._devices.items()
                                        if i in devices and isinstance(d, StreamDevice)))

@@ -91,7 +91,7 @@ def _seed_mp_state(section: memoryview, ctx: _SeedContext) -> None:
 
 def _seed_regs(section: memoryview, ctx: _SeedContext) -> None:
     regs = _view(uapi.kvm_regs, section)
-    for name, _ in uapi.kvm_regs._fields_:
+    for name, *_ in uapi.kvm_regs._fields_:
         setattr(regs, name, ctx.bits(64))
     regs.rip, regs.rsp = ctx.canonical(), ctx.canonical()
     regs.rflags = _RFLAGS_FIXED | ctx.subset(_RFLAGS_ARITH)  # no TF: it would single-step
@@ -257,7 +257,7 @@ _SEEDERS: Mapping[Section, Callable[[memoryview, _SeedContext], None]] = {
 
 
 
-def seed_sections(sections: Mapping[Section, memoryview], vcpu_id: int, seed: int,
+def seed_sections(sections: Mapping[int, memoryview], vcpu_id: int, seed: int,
                   layout: VcpuLayout) -> None:
     """Seed every seeded section of one vCPU's parsed record in place (``sections`` keyed
     by the layout's own sections, SREGS2 standing for SREGS where the host has it)."""

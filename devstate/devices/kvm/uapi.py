@@ -20,7 +20,7 @@ import errno as errno_codes
 import functools
 import os
 from ctypes import c_int64, c_uint8, c_uint16, c_uint32, c_uint64, sizeof
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from devstate.errors import DeviceError
 
@@ -101,8 +101,13 @@ class kvm_dtable(ctypes.Structure):
     _fields_ = [("base", c_uint64), ("limit", c_uint16), ("padding", c_uint16 * 3)]
 
 
-_SEGMENTS = [(name, kvm_segment) for name in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")]
-_SYSTEM = [("gdt", kvm_dtable), ("idt", kvm_dtable)] + [
+if TYPE_CHECKING:  # ctypes' generic classes are not subscriptable at run time in 3.11
+    # A struct's member list, as ctypes' _fields_ takes it.
+    Members = list[tuple[str, type[ctypes.Structure] | type[ctypes._SimpleCData[Any]]
+                         | type[ctypes.Array[Any]]]]
+_SEGMENTS: Members = [(name, kvm_segment)
+                      for name in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")]
+_SYSTEM: Members = [("gdt", kvm_dtable), ("idt", kvm_dtable)] + [
     (name, c_uint64) for name in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")]
 
 
@@ -451,7 +456,7 @@ libc.ioctl.restype = ctypes.c_int
 _libc_ioctl = libc.ioctl
 _BY_ADDRESS = (ctypes.Structure, ctypes.Array)
 
-IoctlArg = ctypes.Structure | ctypes.Array | int | None
+IoctlArg = ctypes.Structure | ctypes.Array[Any] | int | None
 
 
 class IoctlFn(Protocol):
@@ -494,7 +499,7 @@ def ioctl(fd: int, request: int, arg: IoctlArg = None, *, device: str = "kvm") -
         # SAFETY: ``arg`` keeps the object alive until libc.ioctl returns, and the kernel
         # touches its memory only during that synchronous call.
         value = ctypes.addressof(arg)
-    ret = _libc_ioctl(fd, request, value)
+    ret: int = _libc_ioctl(fd, request, value)
     if ret < 0:
         raise KvmError(device, ioctl_name(request), ctypes.get_errno())
     return ret

@@ -216,15 +216,3 @@ def _msr_batches(chunks: Sequence[Sequence[int]]) -> list[tuple[ctypes.Structure
             entry.index = index
         batches.append((batch, bytes_of(batch)[MSRS_HEADER.size:]))
     return batches
-
-
-def _msr_batches(chunks: Sequence[Sequence[int]]) -> list[tuple[ctypes.Structure, memoryview]]:
-    """For each chunk, a kvm_msrs with its indices filled in and a view of its entries."""
-    batches = []
-    for indices in chunks:
-        batch = uapi.msrs_type(len(indices))()
-        batch.nmsrs = len(indices)
-        for entry, index in zip(batch.entries, indices, strict=True):
-            entry.index = index
-        batches.append((batch, bytes_of(batch)[MSRS_HEADER.size:]))
-    return batches

@@ -12,6 +12,7 @@ import ctypes
 import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from devstate.devices.kvm import uapi
 from devstate.devices.kvm.record import (
@@ -109,20 +110,27 @@ def section_fields(layout: VcpuLayout, section: Section) -> tuple[Field, ...]:
     return _tile(fields, layout.section_bytes(section))
 
 
-def _struct_fields(ctype: type, prefix: str = "", base: int = 0) -> Iterator[Field]:
+def _struct_fields(ctype: type[ctypes.Structure], prefix: str = "",
+                   base: int = 0) -> Iterator[Field]:
     """The scalar leaves of a ctypes struct, named by their C path (``cs.base``)."""
-    for name, member_type in ctype._fields_:
+    for name, member_type, *_ in ctype._fields_:
         offset = base + getattr(ctype, name).offset
         yield from _member_fields(member_type, prefix + name, offset)
 
 
-def _member_fields(ctype: type, name: str, offset: int) -> Iterator[Field]:
+def _member_fields(ctype: type[Any], name: str, offset: int) -> Iterator[Field]:
+    # type[Any]: ctypes' stubs type a struct member as any C data type (pointers, unions,
+    # functions); a kernel struct holds only structs, arrays and scalars.
     if issubclass(ctype, ctypes.Structure):
         yield from _struct_fields(ctype, name + ".", offset)
     elif issubclass(ctype, ctypes.Array):
-        step = ctypes.sizeof(ctype._type_)
-        for i in range(ctype._length_):
-            yield from _member_fields(ctype._type_, f"{name}[{i}]", offset + i * step)
+        # An array type's element type and length: class attributes that ctypes sets and
+        # its stubs do not declare.
+        element: type[Any] = getattr(ctype, "_type_")  # noqa: B009
+        length: int = getattr(ctype, "_length_")  # noqa: B009
+        step = ctypes.sizeof(element)
+        for i in range(length):
+            yield from _member_fields(element, f"{name}[{i}]", offset + i * step)
     else:
         yield Field(name, offset, ctypes.sizeof(ctype))
 

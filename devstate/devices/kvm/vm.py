@@ -300,7 +300,7 @@ class KvmVm:
             pos = write_section(out, pos, section, memoryview(state).cast("B"))
         return bytes(record)
 
-    def parse_state(self, record: bytes | memoryview,
+    def parse_state(self, record: bytes | bytearray | memoryview,
                     sections: tuple[VmSection, ...] = VM_SAVE_ORDER) -> dict[int, memoryview]:
         """A VM-state record's sections by tag, after checking its header and lengths."""
         expected = [(s, ctypes.sizeof(_VM_PARTS[s].ctype)) for s in sections]

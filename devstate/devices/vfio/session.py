@@ -266,7 +266,7 @@ class ResumeSession:
         self._offset = 0  # stream bytes consumed
         self._small = memoryview(bytearray(64))
         self._chunk = np.empty(CHUNK_WORDS, np.uint64)
-        self._chunk_bytes = memoryview(self._chunk).cast("B")
+        self._chunk_bytes = self._chunk.data.cast("B")
         self._chunk_at: tuple[int, int] = (0, 0)  # (index, generation) being received
         # The parser: the bytes it waits for go into _target; _then runs when it is full.
         self._target = self._small[:0]

@@ -169,8 +169,13 @@ class VfioSimDevice(StreamDevice):
     async def _wait_exit(self, timeout_s: float) -> bool:
         """Wait until the model exits (its pidfd turns readable); False on timeout."""
         loop = asyncio.get_running_loop()
-        exited = loop.create_future()
-        loop.add_reader(self._pidfd, lambda: exited.done() or exited.set_result(None))
+        exited: asyncio.Future[None] = loop.create_future()
+
+        def on_exit() -> None:
+            if not exited.done():
+                exited.set_result(None)
+
+        loop.add_reader(self._pidfd, on_exit)
         try:
             async with asyncio.timeout(timeout_s):
                 await exited
