@@ -10,7 +10,7 @@ import time
 import psutil
 import pytest
 
-from devstate.config.params import MigrationParams
+from devstate.config.params import MigrationParams, Schedule
 from devstate.config.spec import parse_spec
 from devstate.devices import device_table
 from devstate.errors import WorkerFailed, WorkerLost
@@ -51,7 +51,7 @@ def test_calls_return_values_and_errors_name_the_worker(run) -> None:
             assert set(digests) == {1, 3}
             with pytest.raises(WorkerFailed, match="worker 0: Save: RuntimeError: worker 0 "
                                                    "has no data channel 0"):
-                await pool.call(0, m.Save((0,), True, Routes(2, 2), 1))
+                await pool.call(0, m.Save((0,), Schedule.CONCURRENT, Routes(2, 2), 1))
             # The worker survives its own errors.
             assert await pool.call(0, m.Digests((0,)))
 

@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from devstate.config.params import Routing
+from devstate.config.params import Routing, Schedule
 from devstate.errors import ChannelError, DevstateError, ProtocolError, WorkerFailed, describe
 from devstate.lifecycle import no_gc_pauses
 from devstate.migration.machine import Machine
@@ -199,7 +199,9 @@ class IncomingVM(Machine):
         """
         gen = self.next_gen()
         loading = asyncio.ensure_future(self.pool.call_all({
-            w: m.Load(self.plan.devices_of(w), concurrent, self.plan.owner, gen,
+            w: m.Load(self.plan.devices_of(w),
+                      Schedule.CONCURRENT if concurrent else Schedule.SEQUENTIAL,
+                      self.plan.owner, gen,
                       self.params.record_threads)
             for w in range(self.plan.workers)}))
         try:

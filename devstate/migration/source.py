@@ -124,7 +124,7 @@ class SourceVM(Machine):
             await self._setup(sock, address, tls, migration_id, compare_digests)
             gen = self.next_gen()
             saving = asyncio.ensure_future(self.pool.call_all({
-                w: m.Save(self.plan.devices_of(w), self.params.concurrent, routes, gen,
+                w: m.Save(self.plan.devices_of(w), self.params.schedule, routes, gen,
                           self.params.record_threads, self.params.bandwidth_limit, precopy,
                           self._transfer_order(costs))
                 for w in range(self.plan.workers)}))

@@ -1,7 +1,9 @@
-"""Messages between the coordinator and its workers: small picklable value types.
+"""Jobs the coordinator gives its workers, and their replies: small picklable value types.
 
 Bytes never travel in these; device state stays in the arena and on the channels. Each
-request gets exactly one :class:`Reply` with the same ``req`` number.
+:class:`Request` carries one :class:`Job` and gets exactly one :class:`Reply` with the same
+``req`` number; the worker handles each kind of job in a function of its own
+(:mod:`devstate.worker.loop`).
 """
 
 from __future__ import annotations
@@ -9,11 +11,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from devstate.config.params import Schedule
+from devstate.net.route import Routes
+from devstate.net.transport import Address, TlsConfig
+from devstate.planning.admission import TransferOrder
 from devstate.report.migration import DeviceResult
 
 
+class Job:
+    """A request to a worker: one of the dataclasses below."""
+
+    __slots__ = ()
+
+
 @dataclass(frozen=True, slots=True)
-class OpenDevices:
+class OpenDevices(Job):
     """Build and open the devices this worker owns; ``incoming`` devices start blank."""
 
     devices: tuple[int, ...]
@@ -21,7 +33,7 @@ class OpenDevices:
 
 
 @dataclass(frozen=True, slots=True)
-class ArmFault:
+class ArmFault(Job):
     """Arm ``fault`` (``POINT:FAULT[:SKIP]``, :mod:`devstate.worker.faults`) in this worker; None
     disarms. Tests only."""
 
@@ -29,20 +41,20 @@ class ArmFault:
 
 
 @dataclass(frozen=True, slots=True)
-class ConnectChannels:
+class ConnectChannels(Job):
     """Source: connect these data channels to the destination at ``address``.
 
     ``hellos`` pairs each channel index with the hello it opens with; ``tls`` (a
     :class:`~devstate.net.transport.TlsConfig`, or None) secures them.
     """
 
-    address: Any
+    address: Address
     hellos: tuple[tuple[int, bytes], ...]
-    tls: Any = None
+    tls: TlsConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
-class AdoptChannel:
+class AdoptChannel(Job):
     """Destination: data channel ``index``'s fd follows this message (SCM_RIGHTS).
 
     With ``tls`` the worker runs the TLS handshake itself, then reads the channel's hello
@@ -51,18 +63,18 @@ class AdoptChannel:
 
     index: int
     hello: bytes = b""
-    tls: Any = None
+    tls: TlsConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
-class JoinMesh:
+class JoinMesh(Job):
     """This worker's end of its link to worker ``peer`` follows (SCM_RIGHTS)."""
 
     peer: int
 
 
 @dataclass(frozen=True, slots=True)
-class Save:
+class Save(Job):
     """Source: get and send these devices in this order, on the channels ``routes`` gives
     (operation number ``gen`` tags the handoffs between workers). With ``precopy``,
     devices that support it stream while the VM runs, the rest wait for SwitchOver.
@@ -71,39 +83,39 @@ class Save:
     """
 
     order: tuple[int, ...]
-    concurrent: bool
-    routes: Any
+    schedule: Schedule
+    routes: Routes
     gen: int
     record_threads: int = 1
     bandwidth_limit: float | None = None  # bytes/s over all channels, None: unlimited
     precopy: bool = False  # stream precopy devices while running, until SwitchOver
-    transfer: Any = None  # admission.TransferOrder for stop-and-copy; None: all at once
+    transfer: TransferOrder | None = None  # stop-and-copy's order; None: all at once
 
 
 @dataclass(frozen=True, slots=True)
-class SwitchOver:
+class SwitchOver(Job):
     """Source, during a precopy Save: the VM stops now; save everything that is left."""
 
 
 @dataclass(frozen=True, slots=True)
-class PrecopyRemaining:
+class PrecopyRemaining(Job):
     """Source, during a precopy Save: bytes each precopy device still has to produce."""
 
 
 @dataclass(frozen=True, slots=True)
-class Progress:
+class Progress(Job):
     """Source: the Save in progress so far, as (devices done, state bytes read)."""
 
 
 @dataclass(frozen=True, slots=True)
-class PrepareLoad:
+class PrepareLoad(Job):
     """Destination, before the source stops: open a load session on each stream device."""
 
     devices: tuple[int, ...]
 
 
 @dataclass(frozen=True, slots=True)
-class Load:
+class Load(Job):
     """Destination: receive and put these devices, verifying each one's digest.
 
     ``owner`` maps every device of the table to its destination worker: packets of devices
@@ -112,36 +124,36 @@ class Load:
     """
 
     devices: tuple[int, ...]
-    concurrent: bool
+    schedule: Schedule
     owner: tuple[int, ...]
     gen: int
     record_threads: int = 1
 
 
 @dataclass(frozen=True, slots=True)
-class Pause:
+class Pause(Job):
     """Stop every owned device (the VM pauses on this side, outside any migration)."""
 
 
 @dataclass(frozen=True, slots=True)
-class Resume:
+class Resume(Job):
     """Run every owned device again (the VM resumes on this side)."""
 
 
 @dataclass(frozen=True, slots=True)
-class Discard:
+class Discard(Job):
     """Destination: drop what was loaded (the migration failed); devices back to blank."""
 
 
 @dataclass(frozen=True, slots=True)
-class Digests:
+class Digests(Job):
     """Report each owned device's state digest (tests and reports; off the critical path)."""
 
     devices: tuple[int, ...]
 
 
 @dataclass(frozen=True, slots=True)
-class SnapshotRecords:
+class SnapshotRecords(Job):
     """Get owned record devices (the first ``count``, or all) into this worker's arena
     slots, with no channel.
 
@@ -154,12 +166,12 @@ class SnapshotRecords:
 
 
 @dataclass(frozen=True, slots=True)
-class RestoreRecords:
+class RestoreRecords(Job):
     """Put every record of the last :class:`SnapshotRecords` back; reply with the ns taken."""
 
 
 @dataclass(frozen=True, slots=True)
-class Results:
+class Results(Job):
     """Report the per-device results of the last Save or Load.
 
     Save and Load reply with a device count only: building, pickling and unpacking a
@@ -168,12 +180,12 @@ class Results:
 
 
 @dataclass(frozen=True, slots=True)
-class Cancel:
+class Cancel(Job):
     """Cancel the Save or Load in progress; its reply then reports the cancellation."""
 
 
 @dataclass(frozen=True, slots=True)
-class Shutdown:
+class Shutdown(Job):
     """Close every device and channel and exit."""
 
 
@@ -182,7 +194,7 @@ class Request:
     """A numbered command to one worker."""
 
     req: int
-    command: Any
+    command: Job
 
 
 # Workers record results as plain tuples in DeviceResult's field order
@@ -204,7 +216,7 @@ class Reply:
 
     req: int
     ok: bool
-    value: Any = None
+    value: object = None
     error_type: str = ""
     error: str = ""
     traceback: str = ""

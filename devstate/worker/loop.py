@@ -27,19 +27,20 @@ import gc
 import os
 import signal
 import socket
-import time
 import traceback
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 import uvloop
 
 from devstate.arena.slots import Arena, Layout, Slot
+from devstate.config.params import Schedule
 from devstate.config.spec import DeviceTable
-from devstate.devices import Device, RecordDevice, StreamDevice, make_device
+from devstate.devices import Device, StreamDevice, make_device
 from devstate.errors import ChannelError, DeviceError
 from devstate.lifecycle import no_gc_pauses
 from devstate.net import channels, fdio
@@ -48,6 +49,7 @@ from devstate.worker.faults import injector
 from devstate.worker.handoff import Mesh
 from devstate.worker.layout import CHUNK_CLASS, RECORD_CLASS, WINDOW_CLASS
 from devstate.worker.load import Loader
+from devstate.worker.probe import RecordProbe
 from devstate.worker.save import Saver
 
 
@@ -82,6 +84,20 @@ def worker_main(index: int, conn: Connection, arena_name: str, arena_size: int,
         arena.close()
 
 
+J = TypeVar("J", bound=m.Job)
+Handler = Callable[["Worker", J, "int | None"], Awaitable[object]]
+# Each job's handler (a Worker method); ``fd`` is the descriptor that followed the job, if any.
+_HANDLERS: dict[type[m.Job], Handler[Any]] = {}
+
+
+def handles(kind: type[J]) -> Callable[[Handler[J]], Handler[J]]:
+    """Register the decorated Worker method as the handler of jobs of type ``kind``."""
+    def register(handler: Handler[J]) -> Handler[J]:
+        _HANDLERS[kind] = handler
+        return handler
+    return register
+
+
 class Worker:
     """The state of one worker process and its request loop."""
 
@@ -103,7 +119,7 @@ class Worker:
         self._switchover: asyncio.Event | None = None
         self._busy: asyncio.Task[Any] | None = None
         self._results: list[m.ResultRow] = []  # of the last Save or Load
-        self._snapshot: list[tuple[Slot, int]] = []  # of the last SnapshotRecords
+        self._probe = RecordProbe(index, self._slots, RECORD_CLASS)  # SnapshotRecords' records
         self._executor: ThreadPoolExecutor | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stop = asyncio.Event()
@@ -176,100 +192,147 @@ class Worker:
         with contextlib.suppress(OSError):
             self._conn.send(reply)
 
-    async def _handle(self, command: Any, fd: int | None = None) -> Any:
-        match command:
-            case m.OpenDevices(devices=devices, incoming=incoming):
-                await self._open_devices(devices, incoming)
-            case m.JoinMesh(peer=peer):
-                assert fd is not None
-                if self._mesh is None:
-                    self._mesh = Mesh(self.index)
-                self._mesh.join(peer, fd)
-            case m.ArmFault(fault=fault):
-                injector.arm(fault)
-            case m.ConnectChannels(address=address, hellos=hellos, tls=tls):
-                self._drop_channels()
-                for index, hello in hellos:
-                    try:
-                        self._channels[index] = await channels.open_channel(
-                            address, hello, tls)
-                    except ChannelError as exc:
-                        raise ChannelError(f"data channel {index}: {exc}") from exc
-                injector.strike("setup", channels=self._channels.values())
-            case m.AdoptChannel(index=index, hello=hello, tls=tls):
-                assert fd is not None
-                self._channels[index] = await channels.adopt_channel(fd, hello, tls)
-                injector.strike("setup", channels=self._channels.values())
-            case m.Save(order=order, concurrent=concurrent, routes=routes, gen=gen,
-                        record_threads=threads, bandwidth_limit=limit, precopy=precopy,
-                        transfer=transfer):
-                saver = Saver(self.index, self._devices, self._slots, self._arena,
-                              self._channels, self._mesh, routes, gen,
-                              record_class=RECORD_CLASS, chunk_class=CHUNK_CLASS,
-                              executor=self._record_executor(threads), bandwidth_limit=limit,
-                              transfer=transfer if concurrent else None)
-                self._saver = saver
-                self._switchover = asyncio.Event() if precopy else None
-                try:
-                    self._results = await saver.run(order, concurrent, self._switchover)
-                finally:
-                    self._saved = saver.devices_done, saver.bytes_read
-                    self._saver = self._switchover = None
-                    self._drop_channels()
-                    self._reclaim_slots()
-                return len(self._results)
-            case m.SwitchOver():
-                if self._switchover is None:
-                    raise RuntimeError(f"worker {self.index}: no precopy to switch over from")
-                self._switchover.set()
-            case m.PrecopyRemaining():
-                return await self._saver.precopy_remaining() if self._saver else {}
-            case m.Progress():
-                current = self._saver
-                return (current.devices_done, current.bytes_read) if current else self._saved
-            case m.PrepareLoad(devices=devices):
-                await asyncio.gather(*(d.load_begin() for i, d in self._devices.items()
-                                       if i in devices and isinstance(d, StreamDevice)))
-            case m.Load(devices=devices, concurrent=concurrent, owner=owner, gen=gen,
-                        record_threads=threads):
-                windows = self._windows()
-                loader = Loader(self.index, self._devices, self._slots, self._arena, windows,
-                                self._channels, self._mesh, owner, gen,
-                                record_class=RECORD_CLASS, chunk_class=CHUNK_CLASS,
-                                executor=self._record_executor(threads),
-                                after=self._table.dependencies())
-                try:
-                    self._results = await loader.run(devices, concurrent)
-                finally:
-                    for window in windows.values():
-                        self._slots.release(window)
-                    self._drop_channels()
-                    self._reclaim_slots()
-                return len(self._results)
-            case m.Results():
-                return self._results
-            case m.SnapshotRecords(count=count):
-                return self._snapshot_records(count)
-            case m.RestoreRecords():
-                return self._restore_records()
-            case m.Resume():
-                self._drop_channels()  # a source recovering: channels of a failed setup
-                injector.strike("resume")
-                await self._each_device("resume")
-            case m.Pause():
-                await self._each_device("stop")
-            case m.Discard():
-                self._drop_channels()
-                await asyncio.gather(*(d.reset() for d in self._devices.values()
-                                       if isinstance(d, StreamDevice)))
-            case m.Digests(devices=devices):
-                digests = await asyncio.gather(*(self._devices[i].digest() for i in devices))
-                return {i: d.hex() for i, d in zip(devices, digests, strict=True)}
-            case m.Shutdown():
-                self._stop.set()
-            case _:
-                raise TypeError(f"unknown command {command!r}")
-        return None
+    async def _handle(self, job: m.Job, fd: int | None = None) -> object:
+        handler = _HANDLERS.get(type(job))
+        if handler is None:
+            raise TypeError(f"unknown job {job!r}")
+        return await handler(self, job, fd)
+
+    # -- one handler per job (registered in _HANDLERS by @handles) ---------------------
+
+    @handles(m.OpenDevices)
+    async def _open_devices(self, job: m.OpenDevices, _: int | None) -> None:
+        for i in job.devices:
+            if i not in self._devices:
+                self._devices[i] = make_device(self._table[i], self._table.machine.seed,
+                                               incoming=job.incoming)
+        await asyncio.gather(*(self._devices[i].open() for i in job.devices))
+
+    @handles(m.JoinMesh)
+    async def _join_mesh(self, job: m.JoinMesh, fd: int | None) -> None:
+        assert fd is not None
+        if self._mesh is None:
+            self._mesh = Mesh(self.index)
+        self._mesh.join(job.peer, fd)
+
+    @handles(m.ArmFault)
+    async def _arm_fault(self, job: m.ArmFault, _: int | None) -> None:
+        injector.arm(job.fault)
+
+    @handles(m.ConnectChannels)
+    async def _connect_channels(self, job: m.ConnectChannels, _: int | None) -> None:
+        self._drop_channels()
+        for index, hello in job.hellos:
+            try:
+                self._channels[index] = await channels.open_channel(job.address, hello, job.tls)
+            except ChannelError as exc:
+                raise ChannelError(f"data channel {index}: {exc}") from exc
+        injector.strike("setup", channels=self._channels.values())
+
+    @handles(m.AdoptChannel)
+    async def _adopt_channel(self, job: m.AdoptChannel, fd: int | None) -> None:
+        assert fd is not None
+        self._channels[job.index] = await channels.adopt_channel(fd, job.hello, job.tls)
+        injector.strike("setup", channels=self._channels.values())
+
+    @handles(m.Save)
+    async def _save(self, job: m.Save, _: int | None) -> int:
+        concurrent = job.schedule is Schedule.CONCURRENT
+        saver = Saver(self.index, self._devices, self._slots, self._arena,
+                      self._channels, self._mesh, job.routes, job.gen,
+                      record_class=RECORD_CLASS, chunk_class=CHUNK_CLASS,
+                      executor=self._record_executor(job.record_threads),
+                      bandwidth_limit=job.bandwidth_limit,
+                      transfer=job.transfer if concurrent else None)
+        self._saver = saver
+        self._switchover = asyncio.Event() if job.precopy else None
+        try:
+            self._results = await saver.run(job.order, concurrent, self._switchover)
+        finally:
+            self._saved = saver.devices_done, saver.bytes_read
+            self._saver = self._switchover = None
+            self._drop_channels()
+            self._reclaim_slots()
+        return len(self._results)
+
+    @handles(m.SwitchOver)
+    async def _switch_over(self, _job: m.SwitchOver, _: int | None) -> None:
+        if self._switchover is None:
+            raise RuntimeError(f"worker {self.index}: no precopy to switch over from")
+        self._switchover.set()
+
+    @handles(m.PrecopyRemaining)
+    async def _precopy_remaining(self, _job: m.PrecopyRemaining, _: int | None
+                                 ) -> dict[int, int]:
+        return await self._saver.precopy_remaining() if self._saver else {}
+
+    @handles(m.Progress)
+    async def _progress(self, _job: m.Progress, _: int | None) -> tuple[int, int]:
+        current = self._saver
+        return (current.devices_done, current.bytes_read) if current else self._saved
+
+    @handles(m.PrepareLoad)
+    async def _prepare_load(self, job: m.PrepareLoad, _: int | None) -> None:
+        await asyncio.gather(*(d.load_begin() for i, d in self._devices.items()
+                               if i in job.devices and isinstance(d, StreamDevice)))
+
+    @handles(m.Load)
+    async def _load(self, job: m.Load, _: int | None) -> int:
+        windows = self._windows()
+        loader = Loader(self.index, self._devices, self._slots, self._arena, windows,
+                        self._channels, self._mesh, job.owner, job.gen,
+                        record_class=RECORD_CLASS, chunk_class=CHUNK_CLASS,
+                        executor=self._record_executor(job.record_threads),
+                        after=self._table.dependencies())
+        try:
+            self._results = await loader.run(job.devices,
+                                             job.schedule is Schedule.CONCURRENT)
+        finally:
+            for window in windows.values():
+                self._slots.release(window)
+            self._drop_channels()
+            self._reclaim_slots()
+        return len(self._results)
+
+    @handles(m.Results)
+    async def _results_of_last(self, _job: m.Results, _: int | None) -> list[m.ResultRow]:
+        return self._results
+
+    @handles(m.SnapshotRecords)
+    async def _snapshot_records(self, job: m.SnapshotRecords, _: int | None
+                                ) -> tuple[int, int]:
+        return self._probe.snapshot(self._devices.values(), job.count)
+
+    @handles(m.RestoreRecords)
+    async def _restore_records(self, _job: m.RestoreRecords, _: int | None) -> int:
+        return self._probe.restore(self._devices.values())
+
+    @handles(m.Resume)
+    async def _resume(self, _job: m.Resume, _: int | None) -> None:
+        self._drop_channels()  # a source recovering: channels of a failed setup
+        injector.strike("resume")
+        await self._each_device("resume")
+
+    @handles(m.Pause)
+    async def _pause(self, _job: m.Pause, _: int | None) -> None:
+        await self._each_device("stop")
+
+    @handles(m.Discard)
+    async def _discard(self, _job: m.Discard, _: int | None) -> None:
+        self._drop_channels()
+        await asyncio.gather(*(d.reset() for d in self._devices.values()
+                               if isinstance(d, StreamDevice)))
+
+    @handles(m.Digests)
+    async def _digests(self, job: m.Digests, _: int | None) -> dict[int, str]:
+        digests = await asyncio.gather(*(self._devices[i].digest() for i in job.devices))
+        return {i: d.hex() for i, d in zip(job.devices, digests, strict=True)}
+
+    @handles(m.Shutdown)
+    async def _shutdown(self, _job: m.Shutdown, _: int | None) -> None:
+        self._stop.set()
+
+    # -- what the handlers share -------------------------------------------------------
 
     def _record_executor(self, threads: int) -> ThreadPoolExecutor | None:
         """The single-vm get/put threads (made once, before they are needed), or None."""
@@ -278,37 +341,6 @@ class Worker:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(threads, thread_name_prefix="vcpu")
         return self._executor
-
-    def _snapshot_records(self, limit: int | None) -> tuple[int, int]:
-        self._release_snapshot()
-        records = [d for d in self._devices.values() if isinstance(d, RecordDevice)][:limit]
-        for _ in records:
-            slot = self._slots.acquire_nowait(RECORD_CLASS)
-            if slot is None:
-                self._release_snapshot()
-                raise RuntimeError(f"worker {self.index}: {len(records)} records need as many "
-                                   "record slots (raise MigrationParams.record_slots)")
-            self._snapshot.append((slot, 0))
-        start = time.perf_counter_ns()
-        for n, device in enumerate(records):
-            slot = self._snapshot[n][0]
-            self._snapshot[n] = (slot, device.get(slot.view))
-        return time.perf_counter_ns() - start, len(records)
-
-    def _restore_records(self) -> int:
-        records = [d for d in self._devices.values()
-                   if isinstance(d, RecordDevice)][:len(self._snapshot)]
-        start = time.perf_counter_ns()
-        for device, (slot, length) in zip(records, self._snapshot, strict=True):
-            device.put(slot.view[:length])
-        elapsed = time.perf_counter_ns() - start
-        self._release_snapshot()
-        return elapsed
-
-    def _release_snapshot(self) -> None:
-        for slot, _ in self._snapshot:
-            self._slots.release(slot)
-        self._snapshot.clear()
 
     async def _each_device(self, step: str) -> None:
         """Call ``step`` (``stop`` or ``resume``) on every owned device. Streams go
@@ -319,13 +351,6 @@ class Worker:
             if not isinstance(device, StreamDevice):
                 await getattr(device, step)()
         await asyncio.gather(*(getattr(d, step)() for d in streams))
-
-    async def _open_devices(self, devices: tuple[int, ...], incoming: bool) -> None:
-        for i in devices:
-            if i not in self._devices:
-                self._devices[i] = make_device(self._table[i], self._table.machine.seed,
-                                               incoming=incoming)
-        await asyncio.gather(*(self._devices[i].open() for i in devices))
 
     async def _close_devices(self) -> None:
         results = await asyncio.gather(*(d.close() for d in self._devices.values()),
@@ -355,7 +380,7 @@ class Worker:
         lives as long as the worker (a source recovers and migrates again), so nothing of
         one run may shrink it for the next.
         """
-        if not self._snapshot:  # a probe's snapshot holds record slots across runs
+        if not self._probe.holding:  # a probe's snapshot holds record slots across runs
             self._slots.reclaim(RECORD_CLASS)
         self._slots.reclaim(CHUNK_CLASS)
 
