@@ -21,6 +21,7 @@ from devstate.arena.slots import Arena, Layout, SlotClass
 from devstate.config.spec import Backend, DeviceSpec, Shape
 from devstate.devices.base import RecordDevice, StreamDevice
 from devstate.protocol import wire
+from devstate.worker.holdings import Holdings
 from devstate.worker.load import Loader
 
 HDR = wire.PACKET_HEADER_BYTES
@@ -121,9 +122,10 @@ async def _load(streams: list[bytes], cuts: list[list[int]], devices: dict,
         for ours, _ in pairs:
             ours.setblocking(False)
         try:
-            loader = Loader(0, devices, slots, arena.view(0, layout.total_bytes), windows,
+            held = Holdings(0, devices, slots, arena.view(0, layout.total_bytes),
                             {k: ours for k, (ours, _) in enumerate(pairs)}, None,
-                            (0,) * len(devices), 1, record_class=0, chunk_class=1)
+                            record_class=0, chunk_class=1)
+            loader = Loader(held, windows, (0,) * len(devices), 1)
 
             async def send(k: int) -> None:
                 loop = asyncio.get_running_loop()

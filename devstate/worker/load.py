@@ -39,92 +39,52 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Callable, Iterable
-from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from functools import partial
 
-from devstate.arena.slots import Slot, SlotPool
-from devstate.devices.base import Device, RecordDevice, StreamDevice, on_thread
+from devstate.arena.slots import Slot
+from devstate.devices.base import RecordDevice, StreamDevice, on_thread
 from devstate.errors import ChannelError, IntegrityError, ProtocolError
 from devstate.net import fdio
 from devstate.protocol import wire
+from devstate.worker.completion import CompletionOrder
 from devstate.worker.faults import injector
-from devstate.worker.handoff import Mesh, Note, Op, raise_when_set
+from devstate.worker.handoff import Note, Op, raise_when_set
+from devstate.worker.holdings import Holdings
+from devstate.worker.incoming import Incoming, Release
 from devstate.worker.jobs import ResultRow
 
 HDR = wire.PACKET_HEADER_BYTES
-
-Release = Callable[[], None]
-
-
-@dataclass(slots=True)
-class _Early:
-    """A packet that arrived before its turn, held (in its slot) until the ones before it."""
-
-    kind: wire.PacketKind
-    checksum: int
-    payload: memoryview
-    release: Release | None
-    end: wire.EndOfState | None
-
-
-@dataclass(slots=True)
-class _Incoming:
-    """Progress of one device's load."""
-
-    device: Device
-    next_seq: int = 0
-    bytes: int = 0
-    packets: int = 0
-    start_ns: int = 0
-    end_ns: int = 0
-    done_ns: int = 0
-    ended: bool = False
-    digest: wire.StateDigest = field(default_factory=wire.StateDigest)
-    early: dict[int, _Early] = field(default_factory=dict)
-    queue: asyncio.Queue[tuple[memoryview | None, Release | None,
-                               wire.EndOfState | None]] | None = None
 
 
 class Loader:
     """Receives one worker's channels and loads the devices it owns."""
 
-    def __init__(self, worker: int, devices: dict[int, Device], slots: SlotPool,
-                 arena: memoryview, windows: dict[int, Slot],
-                 channels: dict[int, socket.socket], mesh: Mesh | None,
-                 owner: tuple[int, ...], gen: int, *, record_class: int, chunk_class: int,
-                 executor: Executor | None = None,
-                 after: tuple[tuple[int, ...], ...] | None = None) -> None:
-        self.worker = worker
-        self._devices = devices
-        self._slots = slots
-        self._arena = arena
+    def __init__(self, held: Holdings, windows: dict[int, Slot], owner: tuple[int, ...],
+                 gen: int, *, after: tuple[tuple[int, ...], ...] | None = None) -> None:
+        self.worker = held.worker
+        self._devices = held.devices
+        self._slots = slots = held.slots
+        self._arena = held.arena
         self._windows = windows
-        self._channels = channels
-        self._mesh = mesh
+        self._channels = channels = held.channels
+        self._mesh = mesh = held.mesh
         self._owner = owner
         self._gen = gen
-        self._record_class = record_class
-        self._chunk_class = chunk_class
-        self._executor = executor
+        self._record_class = held.record_class
+        self._chunk_class = chunk_class = held.chunk_class
+        self._executor = held.executor
         self._max_chunk = slots.sizes[chunk_class] - HDR
         share = slots.counts[chunk_class] // max(1, len(channels))
         if channels and share < 1:
             raise ValueError(f"{len(channels)} channels need as many chunk slots")
         self._shares = {k: asyncio.Semaphore(share) for k in channels}
         self._max_payload = max([self._max_chunk] + [w.size - HDR for w in windows.values()])
-        self._loads: dict[int, _Incoming] = {}
+        self._loads: dict[int, Incoming] = {}
         self._unloaded = 0
         # Completion order: device i completes its load after every device in after[i]
         # (spec ``after``), wherever those load; LOADED notes say so across workers.
-        self._after = after or tuple(() for _ in owner)
-        self._is_dependency = [False] * len(owner)
-        for deps in self._after:
-            for dep in deps:
-                self._is_dependency[dep] = True
-        self._loaded: set[int] = set()
-        self._waiting: dict[int, list[asyncio.Future[None]]] = {}
+        self._order = CompletionOrder(after or tuple(() for _ in owner), mesh)
         self._all_loaded = asyncio.Event()
         # offset -> our slot held by its device's owner, and the channel share it counts in
         self._lent: dict[int, tuple[Slot, asyncio.Semaphore | None]] = {}
@@ -138,7 +98,7 @@ class Loader:
         """Load every device in ``indices``; return once each is put and verified, every
         channel of this worker has ended, and every slot it lent is back."""
         self._concurrent = concurrent
-        self._loads = {i: _Incoming(self._devices[i]) for i in indices}
+        self._loads = {i: Incoming(self._devices[i]) for i in indices}
         self._unloaded = len(self._loads)
         if not self._unloaded:
             self._all_loaded.set()
@@ -166,10 +126,7 @@ class Loader:
     def _release_held(self) -> None:
         """After a failed load: every slot still lent or held early goes back to its pool."""
         for state in self._loads.values():
-            for early in state.early.values():
-                if early.release is not None:
-                    early.release()
-            state.early.clear()
+            state.release_early()
         for lent in self._lent.values():
             self._give_back(*lent)
         self._lent.clear()
@@ -286,10 +243,10 @@ class Loader:
                              payload, release)
         await self._settled(state, header.device)
 
-    async def _settled(self, state: _Incoming, index: int) -> None:
+    async def _settled(self, state: Incoming, index: int) -> None:
         """Sequential mode: a packet is handled to completion before the next is read,
         unless its device waits on another, which may come later on this channel."""
-        if not self._concurrent and state.queue is not None and self._deps_loaded(index):
+        if not self._concurrent and state.queue is not None and self._order.ready(index):
             await state.queue.join()
 
     def _threaded(self, index: int) -> bool:
@@ -323,7 +280,7 @@ class Loader:
                              partial(self._mesh.send, peer, Op.RELEASE, offset=note.offset,
                                      gen=note.gen))
             elif note.op == Op.LOADED:
-                self._now_loaded(note.device)
+                self._order.loaded(note.device)
             elif note.op == Op.RELEASE:
                 lent = self._lent.pop(note.offset, None)
                 if lent is not None:
@@ -341,7 +298,7 @@ class Loader:
             self._fault.set_exception(exc)
 
     def _accept(self, kind: wire.PacketKind, index: int, seq: int, checksum: int,
-                payload: memoryview, release: Release | None) -> _Incoming:
+                payload: memoryview, release: Release | None) -> Incoming:
         """Take a verified packet of a device this worker owns, in whatever order it came.
 
         ``release`` gives back the slot holding ``payload``; None: the payload sits in a
@@ -358,7 +315,7 @@ class Loader:
             if not isinstance(device, RecordDevice):
                 raise ProtocolError("packet.flags", f"{device.id} is a stream, got a RECORD")
             state.ended = True
-            if not self._deps_loaded(index):
+            if not self._order.ready(index):
                 # Its dependencies load elsewhere, later: keep a copy of the record (small,
                 # one per device at most), not a slot a receiver may need to progress.
                 data = memoryview(bytes(payload))
@@ -380,50 +337,20 @@ class Loader:
         if isinstance(device, RecordDevice):
             raise ProtocolError("packet.flags", f"{device.id} is a record device, got a "
                                                 f"{kind.name}")
-        if seq < state.next_seq or seq in state.early:
-            raise ProtocolError("packet.seq", f"{device.id}: seq {seq} arrived twice")
-        end = wire.decode_end(payload) if kind is wire.PacketKind.END else None
-        if end is not None and release is not None:
-            release()  # decoded: the slot is free
-            release = None
-        if seq != state.next_seq:
-            assert end is not None or release is not None, "chunks always sit in slots"
-            state.early[seq] = _Early(kind, checksum, payload, release, end)
-            return state
-        self._in_order(state, kind, checksum, payload, release, end)
-        while state.next_seq in state.early and not state.ended:
-            early = state.early.pop(state.next_seq)
-            self._in_order(state, early.kind, early.checksum, early.payload, early.release,
-                           early.end)
+        for packet in state.in_order(kind, seq, checksum, payload, release):
+            if state.queue is None:  # its first packet: the stream's task starts
+                assert self._tasks is not None
+                state.queue = asyncio.Queue()
+                self._tasks.create_task(self._drive_stream(state))
+            state.queue.put_nowait(packet)
         return state
 
-    def _in_order(self, state: _Incoming, kind: wire.PacketKind, checksum: int,
-                  payload: memoryview, release: Release | None,
-                  end: wire.EndOfState | None) -> None:
-        """The next packet of a stream, in sequence: count it and queue it to its task."""
-        state.next_seq += 1
-        if state.queue is None:
-            assert self._tasks is not None
-            state.queue = asyncio.Queue()
-            self._tasks.create_task(self._drive_stream(state))
-        if end is not None:
-            state.ended = True
-            if state.early:
-                raise ProtocolError("packet.seq", f"{state.device.id}: packets after its END")
-            state.queue.put_nowait((None, None, end))
-            return
-        state.packets += 1
-        state.digest.add(checksum)
-        if not state.start_ns:
-            state.start_ns = time.monotonic_ns()
-        state.queue.put_nowait((payload, release, None))
-
-    async def _drive_stream(self, state: _Incoming) -> None:
+    async def _drive_stream(self, state: Incoming) -> None:
         assert state.queue is not None
         device = state.device
         assert isinstance(device, StreamDevice)
         while True:
-            payload, release, end = await state.queue.get()
+            payload, release, end = await state.queue.get()  # a Packet
             if payload is not None:
                 try:
                     await device.load_write(payload)
@@ -436,9 +363,9 @@ class Loader:
                 state.queue.task_done()
                 continue
             assert end is not None
-            self._check_end(state, end)
+            state.check_end(end)
             state.end_ns = time.monotonic_ns()
-            await self._wait_for_deps(state.device.spec.index)  # its data is in; the end waits
+            await self._order.wait(state.device.spec.index)  # its data is in; the end waits
             injector.strike("complete", model_pid=getattr(device, "pid", None))
             await device.load_end()
             state.done_ns = time.monotonic_ns()
@@ -451,31 +378,10 @@ class Loader:
         self._unloaded -= 1
         if not self._unloaded:
             self._all_loaded.set()
-        if self._is_dependency[index]:
-            self._now_loaded(index)
-            if self._mesh is not None:
-                for peer in self._mesh.peers:
-                    self._mesh.send(peer, Op.LOADED, device=index)
+        self._order.loaded_here(index)
 
-    def _now_loaded(self, index: int) -> None:
-        self._loaded.add(index)
-        for waiter in self._waiting.pop(index, []):
-            if not waiter.done():
-                waiter.set_result(None)
-
-    def _deps_loaded(self, index: int) -> bool:
-        return all(dep in self._loaded for dep in self._after[index])
-
-    async def _wait_for_deps(self, index: int) -> None:
-        """Until every device ``index`` loads after is loaded, here or on another worker."""
-        for dep in self._after[index]:
-            if dep not in self._loaded:
-                waiter = asyncio.get_running_loop().create_future()
-                self._waiting.setdefault(dep, []).append(waiter)
-                await waiter
-
-    async def _put_when_ready(self, state: _Incoming, index: int, data: memoryview) -> None:
-        await self._wait_for_deps(index)
+    async def _put_when_ready(self, state: Incoming, index: int, data: memoryview) -> None:
+        await self._order.wait(index)
         if self._threaded(index):
             await asyncio.get_running_loop().run_in_executor(self._executor, self._put_record,
                                                              state, data)
@@ -483,7 +389,7 @@ class Loader:
             self._put_record(state, data)
         self._loaded_one(index)
 
-    def _put_record_on_thread(self, state: _Incoming, index: int, payload: memoryview,
+    def _put_record_on_thread(self, state: Incoming, index: int, payload: memoryview,
                               release: Release) -> None:
         """Single-vm: put on a thread (the ioctls drop the GIL) while receiving goes on."""
         put = asyncio.get_running_loop().run_in_executor(
@@ -501,7 +407,7 @@ class Loader:
 
         put.add_done_callback(done)
 
-    def _put_record(self, state: _Incoming, payload: memoryview) -> None:
+    def _put_record(self, state: Incoming, payload: memoryview) -> None:
         """Put one record. Runs in: the loop, or a single-vm put thread."""
         # A record is its device's whole state in one packet, whose verified checksum is
         # its digest: it needs no END of its own.
@@ -512,11 +418,3 @@ class Loader:
         state.bytes = len(payload)
         state.packets = 1
         state.end_ns = state.done_ns = time.monotonic_ns()
-
-    def _check_end(self, state: _Incoming, end: wire.EndOfState) -> None:
-        if end.total_bytes != state.bytes or end.packets != state.packets:
-            raise IntegrityError("end.bytes", f"{state.device.id}: source sent "
-                                 f"{end.total_bytes} B in {end.packets} packets, received "
-                                 f"{state.bytes} B in {state.packets}")
-        if end.digest != state.digest.digest():
-            raise IntegrityError("end.digest", f"{state.device.id}: state digest mismatch")

@@ -47,6 +47,7 @@ from devstate.net import channels, fdio
 from devstate.worker import jobs as m
 from devstate.worker.faults import injector
 from devstate.worker.handoff import Mesh
+from devstate.worker.holdings import Holdings
 from devstate.worker.layout import CHUNK_CLASS, RECORD_CLASS, WINDOW_CLASS
 from devstate.worker.load import Loader
 from devstate.worker.probe import RecordProbe
@@ -238,10 +239,7 @@ class Worker:
     @handles(m.Save)
     async def _save(self, job: m.Save, _: int | None) -> int:
         concurrent = job.schedule is Schedule.CONCURRENT
-        saver = Saver(self.index, self._devices, self._slots, self._arena,
-                      self._channels, self._mesh, job.routes, job.gen,
-                      record_class=RECORD_CLASS, chunk_class=CHUNK_CLASS,
-                      executor=self._record_executor(job.record_threads),
+        saver = Saver(self._holdings(job.record_threads), job.routes, job.gen,
                       bandwidth_limit=job.bandwidth_limit,
                       transfer=job.transfer if concurrent else None)
         self._saver = saver
@@ -279,10 +277,7 @@ class Worker:
     @handles(m.Load)
     async def _load(self, job: m.Load, _: int | None) -> int:
         windows = self._windows()
-        loader = Loader(self.index, self._devices, self._slots, self._arena, windows,
-                        self._channels, self._mesh, job.owner, job.gen,
-                        record_class=RECORD_CLASS, chunk_class=CHUNK_CLASS,
-                        executor=self._record_executor(job.record_threads),
+        loader = Loader(self._holdings(job.record_threads), windows, job.owner, job.gen,
                         after=self._table.dependencies())
         try:
             self._results = await loader.run(job.devices,
@@ -333,6 +328,11 @@ class Worker:
         self._stop.set()
 
     # -- what the handlers share -------------------------------------------------------
+
+    def _holdings(self, record_threads: int) -> Holdings:
+        """What this worker lends a Save or Load, with ``record_threads`` put threads."""
+        return Holdings(self.index, self._devices, self._slots, self._arena, self._channels,
+                        self._mesh, self._record_executor(record_threads))
 
     def _record_executor(self, threads: int) -> ThreadPoolExecutor | None:
         """The single-vm get/put threads (made once, before they are needed), or None."""

@@ -32,24 +32,23 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import socket
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
+from collections.abc import Sequence
 from functools import partial
 
-from devstate.arena.slots import Slot, SlotPool
+from devstate.arena.slots import Slot
 from devstate.config.params import Routing
 from devstate.devices.base import Device, RecordDevice, StreamDevice, on_thread
 from devstate.errors import ChannelError, ProtocolError
-from devstate.net import fdio
 from devstate.net.bandwidth import Pacer
 from devstate.net.route import SPREAD, Routes
 from devstate.planning.admission import Admission, TransferOrder
 from devstate.protocol import wire
-from devstate.worker.faults import Fault, cut, injector, spoil
-from devstate.worker.handoff import Mesh, Note, Op, raise_when_set
+from devstate.worker.faults import injector
+from devstate.worker.handoff import Note, Op, raise_when_set
+from devstate.worker.holdings import Holdings
 from devstate.worker.jobs import ResultRow
+from devstate.worker.sender import PacketSender
 
 HDR = wire.PACKET_HEADER_BYTES
 # Records per batch: after each, the sender ships what is ready (so the destination starts
@@ -60,92 +59,25 @@ RECORD_BATCH = 16
 PRECOPY_POLL_S = 0.02
 
 
-class PacketSender:
-    """Sends packets on one channel in the order queued, batching, releasing slots after.
-
-    Once closed and drained it ends the channel with a FIN counting the packets before it.
-    """
-
-    def __init__(self, sock: socket.socket, pacer: Pacer | None = None) -> None:
-        self.sock = sock  # public: a fault cuts it
-        self._pacer = pacer
-        self._queue: list[tuple[memoryview | bytes, Callable[[], None] | None]] = []
-        self._wakeup = asyncio.Event()
-        self._closing = False
-        self.packets = 0
-
-    def queue(self, data: memoryview | bytes, release: Callable[[], None] | None = None) -> None:
-        """Queue one packet (header and payload contiguous in ``data``); ``release`` is
-        called once the kernel has its bytes (or the send failed)."""
-        self._queue.append((data, release))
-        self.packets += 1
-        self._wakeup.set()
-
-    async def run(self) -> None:
-        """Send until :meth:`close` was called and the queue is empty, then the FIN."""
-        try:
-            while True:
-                if not self._queue:
-                    if self._closing:
-                        break
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
-                    continue
-                # Paced, a packet at a time (each a chunk at most): the pacer's burst
-                # covers one, so the rate holds without cutting packets.
-                take = 1 if self._pacer is not None else fdio.IOV_MAX
-                batch, self._queue = self._queue[:take], self._queue[take:]
-                packets = [data for data, _ in batch]
-                fault = injector.strike("send", channels=(self.sock,))
-                if fault is not None:
-                    first = spoil(fault, memoryview(packets[0]))
-                    packets = [first] if fault is Fault.TRUNCATE else [first, *packets[1:]]
-                try:
-                    await fdio.send_all(self.sock, packets)
-                    if fault is Fault.TRUNCATE:
-                        cut(self.sock)
-                finally:
-                    for _, release in batch:
-                        if release is not None:
-                            release()
-                if self._pacer is not None:
-                    await self._pacer.spend(sum(len(data) for data, _ in batch))
-            fin = memoryview(bytearray(HDR))
-            wire.pack_packet_header(fin, wire.PacketKind.FIN, 0, self.packets, b"")
-            await fdio.send_all(self.sock, [fin])
-        finally:
-            for _, release in self._queue:  # a failed send: hand every slot back
-                if release is not None:
-                    release()
-            self._queue.clear()
-
-    def close(self) -> None:
-        """No more packets will be queued; :meth:`run` ends once the queue drains."""
-        self._closing = True
-        self._wakeup.set()
-
-
 class Saver:
     """Gets and sends the devices one worker owns, on whichever channels the route says."""
 
-    def __init__(self, worker: int, devices: dict[int, Device], slots: SlotPool,
-                 arena: memoryview, channels: dict[int, socket.socket], mesh: Mesh | None,
-                 routes: Routes, gen: int, *, record_class: int, chunk_class: int,
-                 executor: Executor | None = None, bandwidth_limit: float | None = None,
+    def __init__(self, held: Holdings, routes: Routes, gen: int, *,
+                 bandwidth_limit: float | None = None,
                  transfer: TransferOrder | None = None) -> None:
-        self.worker = worker
-        self._devices = devices
-        self._slots = slots
-        self._arena = arena
-        self._mesh = mesh
+        self.worker = held.worker
+        self._devices = held.devices
+        self._slots = held.slots
+        self._arena = held.arena
+        self._mesh = held.mesh
         self._routes = routes
         self._gen = gen
-        self._record_class = record_class
-        self._chunk_class = chunk_class
-        self._executor = executor
+        self._record_class = held.record_class
+        self._chunk_class = held.chunk_class
+        self._executor = held.executor
         self._senders = {
             k: PacketSender(sock, Pacer.for_channel(bandwidth_limit, routes.channels))
-            for k, sock in channels.items()}
+            for k, sock in held.channels.items()}
         self._sockets = [sender.sock for sender in self._senders.values()]  # a fault cuts
         self._records_routed = 0
         self._admission = Admission(transfer or TransferOrder())
@@ -186,23 +118,9 @@ class Saver:
                 sending = [tg.create_task(s.run()) for s in self._senders.values()]
                 try:
                     if concurrent:
-                        records = [i for i in order
-                                   if isinstance(self._devices[i], RecordDevice)]
-                        streams = [i for i in order
-                                   if isinstance(self._devices[i], StreamDevice)]
-                        jobs = [tg.create_task(self._save_stream(i, switchover))
-                                for i in streams]
-                        if switchover is not None:
-                            await switchover.wait()
-                        if records:
-                            results.extend(await self._save_records(records))
-                        results.extend([await job for job in jobs])
+                        results = await self._save_at_once(tg, order, switchover)
                     else:
-                        for run in _runs_of_same_shape(order, self._devices):
-                            if isinstance(self._devices[run[0]], RecordDevice):
-                                results.extend(await self._save_records(run))
-                            else:
-                                results.append(await self._save_stream(run[0]))
+                        results = await self._save_one_by_one(order)
                     if self._mesh is not None:
                         self._mesh.broadcast(Op.DONE)
                     if self._senders:  # peers may still hand packets to our channels
@@ -221,6 +139,28 @@ class Saver:
             for slot in self._lent.values():
                 self._slots.release(slot)
             self._lent.clear()
+        return results
+
+    async def _save_at_once(self, tg: asyncio.TaskGroup, order: Sequence[int],
+                            switchover: asyncio.Event | None) -> list[ResultRow]:
+        """Concurrent mode: every stream in a task of its own (in precopy from the start),
+        the records once the VM has stopped."""
+        records = [i for i in order if isinstance(self._devices[i], RecordDevice)]
+        streams = [i for i in order if isinstance(self._devices[i], StreamDevice)]
+        jobs = [tg.create_task(self._save_stream(i, switchover)) for i in streams]
+        if switchover is not None:
+            await switchover.wait()
+        results = await self._save_records(records) if records else []
+        return results + [await job for job in jobs]
+
+    async def _save_one_by_one(self, order: Sequence[int]) -> list[ResultRow]:
+        """Sequential mode: each device in turn (a run of records as one batch)."""
+        results: list[ResultRow] = []
+        for run in _runs_of_same_shape(order, self._devices):
+            if isinstance(self._devices[run[0]], RecordDevice):
+                results.extend(await self._save_records(run))
+            else:
+                results.append(await self._save_stream(run[0]))
         return results
 
     def _emit(self, index: int, seq: int, slot: Slot, length: int, channel: int, *,

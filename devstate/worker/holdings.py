@@ -1,0 +1,31 @@
+"""What a worker lends the Save or Load it runs: its devices, slots, channels and links."""
+
+from __future__ import annotations
+
+import socket
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+from devstate.arena.slots import SlotPool
+from devstate.devices import Device
+from devstate.worker.handoff import Mesh
+from devstate.worker.layout import CHUNK_CLASS, RECORD_CLASS
+
+
+@dataclass(frozen=True, slots=True)
+class Holdings:
+    """One worker's share of the side, as its Save or Load uses it.
+
+    ``arena`` is a view of the whole arena (handoffs reach other workers' slots);
+    ``executor`` runs single-vm record gets and puts on threads (None: on the loop).
+    """
+
+    worker: int
+    devices: dict[int, Device]
+    slots: SlotPool
+    arena: memoryview
+    channels: dict[int, socket.socket]
+    mesh: Mesh | None
+    executor: Executor | None = None
+    record_class: int = RECORD_CLASS
+    chunk_class: int = CHUNK_CLASS
