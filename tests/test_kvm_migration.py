@@ -125,7 +125,7 @@ def test_single_vm_spread_routing_sends_worker_0s_vcpus_on_every_channel(
             async with faulty_proxy((dest.address.host, dest.address.port), {},
                               count_packets=len(table)) as proxy:
                 report = await source.migrate(parse_uri(proxy.uri), compare_digests=True)
-            return report, proxy, source.routes.channels_of(1), source.plan.devices_of(1)
+            return report, proxy, source.outgoing.routes.channels_of(1), source.plan.devices_of(1)
 
     report, proxy, channels_of_1, devices_of_1 = run(scenario())
     assert report.verified and all(d.verified for d in report.devices)

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from devstate.phase import Phase
 from devstate.report.progress import MigrationProgress, SaveProgress
 
 SPEC = {"seed": 3, "vcpus": {"count": 64},
@@ -19,10 +20,10 @@ SPEC = {"seed": 3, "vcpus": {"count": 64},
 
 def test_the_line_shows_devices_bytes_and_time_against_the_limit() -> None:
     progress = MigrationProgress(downtime_limit_ms=300)
-    progress.status("active")
+    progress.status(Phase.ACTIVE)
     assert "stopped" not in progress.line().plain
     progress.saved = SaveProgress(40, 65, 16 << 20, 32 << 20)
-    progress.status("device")
+    progress.status(Phase.DEVICE)
     progress.stopped_at = time.monotonic() - 0.5  # half a second since the stop
     line = progress.line().plain
     assert line.startswith("device") and "saved 40/65 devices, 16/32 MiB" in line

@@ -32,14 +32,18 @@ from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from devstate.config.params import Routing, Schedule
+from devstate.config.params import MigrationParams, Routing, Schedule
+from devstate.config.spec import MachineConfig
 from devstate.errors import ChannelError, DevstateError, ProtocolError, WorkerFailed, describe
-from devstate.lifecycle import no_gc_pauses
+from devstate.lifecycle import background, no_gc_pauses
+from devstate.migration import commit
 from devstate.migration.machine import Machine
 from devstate.net import channels
 from devstate.net.route import Routes
+from devstate.planning.plan import Plan
 from devstate.protocol import wire
 from devstate.worker import jobs as m
+from devstate.worker.pool import WorkerPool
 
 log = logging.getLogger("devstate.migration.destination")
 T = TypeVar("T")
@@ -56,12 +60,12 @@ class IncomingResult:
     reason: str = ""
 
 
-class IncomingVM(Machine):
-    """The destination machine: a worker pool whose workers own blank devices."""
+class Incoming:
+    """Migrations into ``machine`` (blank devices, or a machine that migrated out before)."""
 
-    incoming = True
-    side = "dest"
-    _ready_ns = 0  # when READY went out: the origin of the times this side reports
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+        self._ready_ns = 0  # when READY went out: the origin of the times this side reports
 
     async def accept_migration(self, listener: channels.Listener,
                                tls: channels.TlsConfig | None = None) -> IncomingResult:
@@ -72,28 +76,37 @@ class IncomingVM(Machine):
         """
         main: channels.Channel = await listener.accept()
         try:
-            hello = await channels.read_hello(main)
-            if hello.kind is not wire.ChannelKind.MAIN:
-                raise ProtocolError("hello.kind", "the first connection must be the main channel")
-            main = await channels.secure_accepted(main, wire.pack_hello(hello), tls)
-            body = await channels.expect_control(main, wire.ControlType.HELLO)
-            concurrent, send_digests = self._check_hello(body, hello)
-            await self._unless_source_speaks(main, self._adopt_channels(
-                listener, hello.migration_id, hello.channels, tls), "channel setup")
+            main, concurrent, send_digests = await self._handshake(main, listener, tls)
             async with _refusing_late_connections(listener):
                 await self.pool.call_all({w: m.PrepareLoad(self.plan.devices_of(w))
                                           for w in range(self.plan.workers)})
                 with no_gc_pauses():  # the source has stopped: no collection pauses until
                     loaded = await self._load(main, concurrent)  # the resume
-                    await channels.send_control(main, wire.ControlType.LOADED,
-                                                {"devices": loaded})
-                    await channels.expect_control(main, wire.ControlType.COMMIT)
+                    await commit.await_commit(main, loaded)
         except BaseException as exc:
             await self._discard(main, exc)
             main.close()
             if isinstance(exc, DevstateError | OSError):
                 return IncomingResult(False, describe(exc))
             raise
+        return await self._resume(main, send_digests)
+
+    async def _handshake(self, main: channels.Channel, listener: channels.Listener,
+                         tls: channels.TlsConfig | None) -> tuple[channels.Channel, bool, bool]:
+        """The main channel's hello and HELLO, then every data channel adopted; returns the
+        (secured) main channel, whether the load is concurrent, whether to send digests."""
+        hello = await channels.read_hello(main)
+        if hello.kind is not wire.ChannelKind.MAIN:
+            raise ProtocolError("hello.kind", "the first connection must be the main channel")
+        main = await channels.secure_accepted(main, wire.pack_hello(hello), tls)
+        body = await channels.expect_control(main, wire.ControlType.HELLO)
+        concurrent, send_digests = self._check_hello(body, hello)
+        await self._unless_source_speaks(main, self._adopt_channels(
+            listener, hello.migration_id, hello.channels, tls), "channel setup")
+        return main, concurrent, send_digests
+
+    async def _resume(self, main: channels.Channel, send_digests: bool) -> IncomingResult:
+        """Committed: run the VM here, then report (off the critical path)."""
         try:
             with no_gc_pauses():
                 await self.pool.call_all({w: m.Resume() for w in range(self.plan.workers)})
@@ -101,20 +114,19 @@ class IncomingVM(Machine):
             # Committed, but not running: put every device that did resume back to blank,
             # then tell the source that nothing runs here, so that it resumes its own (the
             # source still holds the whole state: it let go of nothing before RESUMED).
-            failed = DevstateError(f"resume after commit failed: {describe(exc)}")
-            await self._discard(main, failed, committed=True)
+            failure = DevstateError(f"resume after commit failed: {describe(exc)}")
+            await self._discard(main, failure, committed=True)
             main.close()
-            return IncomingResult(False, f"{failed}; the source was told to resume")
-        self.running = True
+            return IncomingResult(False, f"{failure}; the source was told to resume")
+        self.machine.running = True
         try:
-            await channels.send_control(main, wire.ControlType.RESUMED, {})
-            # Off the critical path now: what each device cost, and its digest if asked.
+            await commit.resumed(main)
             results = m.unpack_results(await self.pool.call_all(
                 {w: m.Results() for w in range(self.plan.workers)}))
             await channels.send_control(main, wire.ControlType.REPORT, {
                 "devices": [r.to_json() for r in results], "ready_ns": self._ready_ns,
                 "params": self.params.to_json(),
-                "digests": await self.digests() if send_digests else {}})
+                "digests": await self.machine.digests() if send_digests else {}})
         except (DevstateError, OSError) as exc:
             # Running here, and the source has committed: a report that cannot be sent
             # changes nothing; say why.
@@ -123,10 +135,25 @@ class IncomingVM(Machine):
             main.close()
         return IncomingResult(True)
 
+    @property
+    def pool(self) -> WorkerPool:
+        """The machine's worker pool."""
+        return self.machine.pool
+
+    @property
+    def plan(self) -> Plan:
+        """The machine's plan: owners and orders."""
+        return self.machine.plan
+
+    @property
+    def params(self) -> MigrationParams:
+        """The machine's parameters."""
+        return self.machine.params
+
     def _check_hello(self, body: dict[str, Any], hello: wire.Hello) -> tuple[bool, bool]:
         wire.field(body, "migration_id", str)
         theirs = wire.field(body, "devices", list)
-        ours = self.table.handshake()
+        ours = self.machine.table.handshake()
         if theirs != ours:
             raise ProtocolError("control.devices", _table_difference(theirs, ours))
         n = wire.field(body, "channels", int)
@@ -197,41 +224,31 @@ class IncomingVM(Machine):
 
         Returns how many devices were loaded and verified.
         """
-        gen = self.next_gen()
-        loading = asyncio.ensure_future(self.pool.call_all({
-            w: m.Load(self.plan.devices_of(w),
-                      Schedule.CONCURRENT if concurrent else Schedule.SEQUENTIAL,
-                      self.plan.owner, gen,
-                      self.params.record_threads)
-            for w in range(self.plan.workers)}))
-        try:
+        gen = self.machine.next_gen()
+        schedule = Schedule.CONCURRENT if concurrent else Schedule.SEQUENTIAL
+        async with background(self.pool.call_all({
+                w: m.Load(self.plan.devices_of(w), schedule, self.plan.owner, gen,
+                          self.params.record_threads)
+                for w in range(self.plan.workers)})) as (loading,):
             self._ready_ns = time.monotonic_ns()
             await channels.send_control(main, wire.ControlType.READY, {})
-        except BaseException:
-            loading.cancel()
-            await asyncio.gather(loading, return_exceptions=True)
-            raise
-        results = await self._unless_source_speaks(main, loading, "the load")
+            results: dict[int, int] = await self._unless_source_speaks(main, loading,
+                                                                        "the load")
         return sum(results.values())
 
     async def _unless_source_speaks(self, main: channels.Channel, work: Awaitable[T],
                                     during: str) -> T:
         """Await ``work``; the source aborting or vanishing (anything on the main channel)
         ends it first."""
-        working = asyncio.ensure_future(work)
-        watching = asyncio.ensure_future(channels.recv_control(main))
-        try:
+        async with background(work, channels.recv_control(main)) as (working, watching):
             done, _ = await asyncio.wait({working, watching},
                                          return_when=asyncio.FIRST_COMPLETED)
             if watching in done:
                 kind, body = watching.result()
                 raise ChannelError(f"source sent {kind.name} during {during}: "
                                    f"{body.get('reason', '')}")
-            return working.result()
-        finally:
-            for task in (working, watching):
-                task.cancel()
-            await asyncio.gather(working, watching, return_exceptions=True)
+            result: T = working.result()
+            return result
 
     async def _discard(self, main: socket.socket, cause: BaseException, *,
                        committed: bool = False) -> None:
@@ -240,7 +257,7 @@ class IncomingVM(Machine):
         then may the source resume."""
         log.warning("incoming migration failed: %s", describe(cause))
         if not committed:
-            await self._tell_failed(main, cause, {})
+            await _tell_failed(main, cause, committed=False)
         alive = [w for w in range(self.plan.workers) if w not in self.pool.lost()]
         with contextlib.suppress(DevstateError):
             await self.pool.call_all({w: m.Cancel() for w in alive})
@@ -249,16 +266,15 @@ class IncomingVM(Machine):
                 await self.pool.call_all({w: m.Pause() for w in alive})
         with contextlib.suppress(DevstateError):
             await self.pool.call_all({w: m.Discard() for w in alive})
-        self.running = False
+        self.machine.running = False
         if committed:
-            await self._tell_failed(main, cause, {"running": False})
+            await _tell_failed(main, cause, committed=True)
 
-    @staticmethod
-    async def _tell_failed(main: socket.socket, cause: BaseException,
-                           extra: dict[str, Any]) -> None:
-        with contextlib.suppress(Exception):  # the source may be gone: nothing to tell
-            await channels.send_control(main, wire.ControlType.FAILED,
-                                        {"reason": describe(cause), **extra})
+
+async def _tell_failed(main: channels.Channel, cause: BaseException, *,
+                       committed: bool) -> None:
+    with contextlib.suppress(Exception):  # the source may be gone: nothing to tell
+        await commit.failed(main, describe(cause), committed=committed)
 
 
 @contextlib.asynccontextmanager
@@ -271,12 +287,8 @@ async def _refusing_late_connections(listener: channels.Listener) -> AsyncIterat
             log.warning("refused a late connection: every channel of the migration is "
                         "connected")
 
-    refusing = asyncio.ensure_future(refuse())
-    try:
+    async with background(refuse()):
         yield
-    finally:
-        refusing.cancel()
-        await asyncio.gather(refusing, return_exceptions=True)
 
 
 def _refusal(hello: wire.Hello, migration_id: uuid.UUID, adopted: set[int],
@@ -299,3 +311,16 @@ def _table_difference(theirs: list[Any], ours: list[Any]) -> str:
         if a != b:
             return f"device {i}: source has {a}, destination has {b}"
     return "device tables differ"
+
+
+class IncomingVM(Machine):
+    """A machine whose devices start blank, waiting for a migration to load them."""
+
+    def __init__(self, spec: MachineConfig, params: MigrationParams) -> None:
+        super().__init__(spec, params, incoming=True, side="dest")
+        self.incoming_migration = Incoming(self)
+
+    async def accept_migration(self, listener: channels.Listener,
+                               tls: channels.TlsConfig | None = None) -> IncomingResult:
+        """:meth:`Incoming.accept_migration` into this machine."""
+        return await self.incoming_migration.accept_migration(listener, tls)

@@ -21,10 +21,10 @@ class Machine(AsyncLifecycle):
     loaded by a migration; the others with the machine's seeded state.
     """
 
-    incoming: bool = False
-    side: str = "machine"
-
-    def __init__(self, spec: MachineConfig, params: MigrationParams) -> None:
+    def __init__(self, spec: MachineConfig, params: MigrationParams, *, incoming: bool = False,
+                 side: str = "machine") -> None:
+        self.incoming = incoming
+        self.side = side
         self.spec = spec
         self.table: DeviceTable = device_table(spec)  # once: a kvm record size is probed
         self.params = params

@@ -35,34 +35,35 @@ import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
-from devstate.config.params import Overrun
-from devstate.config.spec import Backend
+from devstate.config.params import MigrationParams, Overrun
+from devstate.config.spec import Backend, DeviceTable, MachineConfig
 from devstate.errors import (
     DevstateError,
     DowntimeLimitUnmet,
     DowntimeOverrun,
     MigrationFailed,
-    PeerFailed,
     describe,
 )
-from devstate.lifecycle import no_gc_pauses
+from devstate.lifecycle import background, no_gc_pauses
+from devstate.migration.commit import RESUMED_TIMEOUT_S, SourceCommit
 from devstate.migration.machine import Machine
 from devstate.net import channels
 from devstate.net.route import Routes
+from devstate.phase import Phase
 from devstate.planning.admission import TransferOrder
 from devstate.planning.cost import Estimate, HostCosts, estimate
+from devstate.planning.plan import Plan
 from devstate.protocol import wire
 from devstate.report.migration import DeviceReport, DeviceResult, MigrationReport
 from devstate.report.progress import SaveProgress
 from devstate.worker import jobs as m
+from devstate.worker.pool import WorkerPool
 
 log = logging.getLogger("devstate.migration.source")
 T = TypeVar("T")
 
-# After COMMIT the destination only resumes its devices: seconds are generous.
-RESUMED_TIMEOUT_S = 30.0
 # Records per worker the cost model's probe gets and puts back: enough for a stable mean,
 # few enough to fit the record slots and take milliseconds.
 PROBE_RECORDS = 64
@@ -72,18 +73,38 @@ CONVERGE_POLL_S = 0.05
 PEER_REASON_WAIT_S = 1.0
 
 
-class SourceVM(Machine):
-    """The machine on the source: a worker pool whose workers own its devices."""
+class Outgoing:
+    """Migrations out of ``machine`` (its pool, plan and device table), one at a time."""
 
-    incoming = False
-    side = "source"
-    last_estimate: Estimate | None = None  # of the last migrate(), made before its stop
-    _record_us: tuple[float, float] | None = None  # probed kvm record costs
-    _ready_ns = 0  # when the last migration's READY arrived
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+        self.last_estimate: Estimate | None = None  # of the last migrate(), before its stop
+        self._record_us: tuple[float, float] | None = None  # probed kvm record costs
+        self._ready_ns = 0  # when the last migration's READY arrived
+
+    @property
+    def pool(self) -> WorkerPool:
+        """The machine's worker pool."""
+        return self.machine.pool
+
+    @property
+    def plan(self) -> Plan:
+        """The machine's plan: owners and orders."""
+        return self.machine.plan
+
+    @property
+    def table(self) -> DeviceTable:
+        """The machine's device table."""
+        return self.machine.table
+
+    @property
+    def params(self) -> MigrationParams:
+        """The parameters the next migration runs with."""
+        return self.machine.params
 
     async def migrate(self, address: channels.Address, *, tls: channels.TlsConfig | None = None,
                       compare_digests: bool = False, costs: HostCosts | None = None,
-                      on_status: Callable[[str], None] | None = None) -> MigrationReport:
+                      on_status: Callable[[Phase], None] | None = None) -> MigrationReport:
         """Migrate the machine to the destination listening at ``address`` (over TLS with
         ``tls``: the destination's certificate is checked against ``tls.ca``).
 
@@ -93,100 +114,123 @@ class SourceVM(Machine):
         A stop-and-copy that passes the limit finishes and reports the overrun, or with
         ``Overrun.ABORT`` is cancelled (:class:`DowntimeOverrun`; the source resumes).
 
-        ``on_status`` is called with QEMU's status names as the migration moves: ``setup``,
-        ``active`` (estimating, VM running), ``device`` (the VM stopped: stop-and-copy),
-        then ``completed``, ``failed``, or ``cancelling`` and ``cancelled`` on an abort.
+        ``on_status`` is called with each :class:`Phase` the migration enters: SETUP,
+        ACTIVE (estimating, VM running), DEVICE (the VM stopped: stop-and-copy), then
+        COMPLETED, FAILED, or CANCELLING and CANCELLED on an abort.
         """
         status = on_status or (lambda _: None)
-        status("setup")
+        status(Phase.SETUP)
         costs = costs or HostCosts()
-        status("active")
+        status(Phase.ACTIVE)
         made = self.last_estimate = await self.estimate(costs)
-        limit = self.params.downtime_limit_ms
         precopy = self.params.precopy and self.params.concurrent and any(
             d.vfio is not None and d.vfio.precopy for d in self.table)
+        limit = self.params.downtime_limit_ms
         if (limit is not None and made.expected_ms > limit and not precopy
                 and not self.params.force_switchover):
-            status("failed")
+            status(Phase.FAILED)
             raise DowntimeLimitUnmet(limit, made.expected_ms, made.explain())
         migration_id = uuid.uuid4()
-        routes = self.routes
-        try:
-            sock = await channels.open_channel(address, channels.hello(
-                wire.ChannelKind.MAIN, 0, routes.channels, migration_id,
-                tls=tls is not None), tls)
-        except DevstateError as exc:
-            status("failed")
-            raise MigrationFailed(f"migration failed, source still running: main channel: "
-                                  f"{exc}") from exc
-        committed = False
+        sock = await self._open_main(address, tls, migration_id, status)
+        commit = SourceCommit()
         try:
             await self._setup(sock, address, tls, migration_id, compare_digests)
-            gen = self.next_gen()
-            saving = asyncio.ensure_future(self.pool.call_all({
-                w: m.Save(self.plan.devices_of(w), self.params.schedule, routes, gen,
-                          self.params.record_threads, self.params.bandwidth_limit, precopy,
-                          self._transfer_order(costs))
-                for w in range(self.plan.workers)}))
-            loading = asyncio.ensure_future(
-                channels.expect_control(sock, wire.ControlType.LOADED))
-            try:
-                if precopy:
-                    try:
-                        made = self.last_estimate = await self._converge(saving, costs)
-                    except DevstateError as exc:
-                        await _peer_reason_first(loading, exc)
-                        raise
-                t0 = time.monotonic_ns()
-                self.running = False
-                status("device")
-                with no_gc_pauses():
-                    if precopy:
-                        await self.pool.call_all({w: m.SwitchOver()
-                                                  for w in range(self.plan.workers)})
-                    await self._within_limit(self._alongside_peer(saving, loading), t0, made)
-                    await channels.send_control(sock, wire.ControlType.COMMIT, {})
-                    committed = True
-                    async with asyncio.timeout(RESUMED_TIMEOUT_S):
-                        await channels.expect_control(sock, wire.ControlType.RESUMED)
-                    t1 = time.monotonic_ns()
-            finally:
-                for task in (saving, loading):
-                    task.cancel()
-                await asyncio.gather(saving, loading, return_exceptions=True)
-            async with asyncio.timeout(RESUMED_TIMEOUT_S):
-                report = await channels.expect_control(sock, wire.ControlType.REPORT)
-            saved = m.unpack_results(await self.pool.call_all(
-                {w: m.Results() for w in range(self.plan.workers)}))
-            # Stopped for good, the source's state is final (precopy devices kept running,
-            # and changing, until the stop): compare its digests with the destination's now.
-            ours = await self.digests() if compare_digests else {}
-            result = self._report(t0, t1, saved, report, ours, made)
-            status("completed")
-            return result
+            t0, t1, made = await self._stop_and_copy(sock, costs, precopy, made, commit, status)
+            report = await self._finish(sock, t0, t1, made, compare_digests)
+            status(Phase.COMPLETED)
+            return report
         except BaseException as exc:
-            aborting = isinstance(exc, DowntimeOverrun)
-            status("cancelling" if aborting else "failed")
-            # After COMMIT the destination may run the VM: stay stopped, state intact, unless
-            # it said it runs none of it (its resume failed and it stopped what had started).
-            if committed and not (isinstance(exc, PeerFailed) and exc.not_running):
-                raise MigrationFailed(f"failed after commit ({exc}); the destination may be "
-                                      "running: the source stays stopped with its state") from exc
-            broken = await self._recover(sock, exc)
-            if broken is not None:  # the root cause of whatever followed
-                raise MigrationFailed(f"migration failed: {broken}; the VM cannot run on "
-                                      "either side: the other devices resumed here, these "
-                                      "are gone") from broken
-            if aborting:
-                status("cancelled")
-                raise
-            if isinstance(exc, DowntimeLimitUnmet):
-                raise  # precopy did not converge: recovered, the VM never stopped
-            if not isinstance(exc, DevstateError | OSError | TimeoutError):
-                raise  # cancelled or interrupted: recovered, and the interruption goes on
-            raise MigrationFailed(f"migration failed, source resumed: {exc}") from exc
+            await self._fail(sock, exc, commit, status)
         finally:
             sock.close()
+
+    async def _open_main(self, address: channels.Address, tls: channels.TlsConfig | None,
+                         migration_id: uuid.UUID, status: Callable[[Phase], None]
+                         ) -> channels.Channel:
+        """Connect the main channel; a failure here leaves everything as it was."""
+        try:
+            return await channels.open_channel(address, channels.hello(
+                wire.ChannelKind.MAIN, 0, self.routes.channels, migration_id,
+                tls=tls is not None), tls)
+        except DevstateError as exc:
+            status(Phase.FAILED)
+            raise MigrationFailed(f"migration failed, source still running: main channel: "
+                                  f"{exc}") from exc
+
+    async def _stop_and_copy(self, sock: channels.Channel, costs: HostCosts, precopy: bool,
+                             made: Estimate, commit: SourceCommit,
+                             status: Callable[[Phase], None]) -> tuple[int, int, Estimate]:
+        """Save (precopy first, if any), stop the VM, finish the save, commit; return the
+        stop and resume times (ns) and the estimate the switchover was made on."""
+        gen = self.machine.next_gen()
+        save = self.pool.call_all({
+            w: m.Save(self.plan.devices_of(w), self.params.schedule, self.routes, gen,
+                      self.params.record_threads, self.params.bandwidth_limit, precopy,
+                      self._transfer_order(costs))
+            for w in range(self.plan.workers)})
+        async with background(save, channels.expect_control(
+                sock, wire.ControlType.LOADED)) as (saving, loading):
+            if precopy:
+                try:
+                    made = self.last_estimate = await self._converge(saving, costs)
+                except DevstateError as exc:
+                    await _peer_reason_first(loading, exc)
+                    raise
+            t0 = time.monotonic_ns()
+            self.machine.running = False
+            status(Phase.DEVICE)
+            with no_gc_pauses():
+                if precopy:
+                    await self.pool.call_all({w: m.SwitchOver()
+                                              for w in range(self.plan.workers)})
+                await self._within_limit(self._alongside_peer(saving, loading), t0, made)
+                t1 = await commit.commit(sock)
+        return t0, t1, made
+
+    async def _finish(self, sock: channels.Channel, t0: int, t1: int, made: Estimate,
+                      compare_digests: bool) -> MigrationReport:
+        """After the resume, off the critical path: both sides' results, joined."""
+        async with asyncio.timeout(RESUMED_TIMEOUT_S):
+            report = await channels.expect_control(sock, wire.ControlType.REPORT)
+        saved = m.unpack_results(await self.pool.call_all(
+            {w: m.Results() for w in range(self.plan.workers)}))
+        # Stopped for good, the source's state is final (precopy devices kept running, and
+        # changing, until the stop): compare its digests with the destination's now.
+        ours = await self.machine.digests() if compare_digests else {}
+        return self._report(t0, t1, saved, report, ours, made)
+
+    async def _fail(self, sock: channels.Channel, exc: BaseException, commit: SourceCommit,
+                    status: Callable[[Phase], None]) -> NoReturn:
+        """Decide what a failure leaves, act on it, and raise what the caller should see:
+
+        ========================================  ==========================================
+        failure                                   outcome
+        ========================================  ==========================================
+        after COMMIT (destination may run)        stay stopped with the state; MigrationFailed
+        a device or worker lost here              the rest resumed; MigrationFailed naming it
+        DowntimeOverrun (abort on overrun)        resumed; CANCELLED; the overrun is raised
+        DowntimeLimitUnmet (precopy unconverged)  resumed (it never stopped); raised as is
+        cancel, interrupt                         resumed; the interruption goes on
+        any other DevstateError, OSError, timeout resumed; MigrationFailed naming the cause
+        ========================================  ==========================================
+        """
+        aborting = isinstance(exc, DowntimeOverrun)
+        status(Phase.CANCELLING if aborting else Phase.FAILED)
+        if not commit.may_resume(exc):
+            raise MigrationFailed(f"failed after commit ({exc}); the destination may be "
+                                  "running: the source stays stopped with its state") from exc
+        broken = await self._recover(sock, exc)
+        if broken is not None:  # the root cause of whatever followed
+            raise MigrationFailed(f"migration failed: {broken}; the VM cannot run on "
+                                  "either side: the other devices resumed here, these "
+                                  "are gone") from broken
+        if aborting:
+            status(Phase.CANCELLED)
+            raise exc
+        if isinstance(exc, DowntimeLimitUnmet) or \
+                not isinstance(exc, DevstateError | OSError | TimeoutError):
+            raise exc
+        raise MigrationFailed(f"migration failed, source resumed: {exc}") from exc
 
     @property
     def expected_ms(self) -> float | None:
@@ -199,7 +243,7 @@ class SourceVM(Machine):
         replies = await self.pool.call_all({w: m.Progress() for w in range(self.plan.workers)})
         return SaveProgress(sum(done for done, _ in replies.values()), len(self.table),
                             sum(read for _, read in replies.values()),
-                            sum(v.size for v in self.spec.vfio))
+                            sum(v.size for v in self.machine.spec.vfio))
 
     def _transfer_order(self, costs: HostCosts) -> TransferOrder:
         """The plan's transfer order, each stream at its slower rate, within what the host
@@ -215,8 +259,8 @@ class SourceVM(Machine):
         """The expected downtime, with record costs probed on the workers (once) where the
         spec cannot know them (real KVM vCPUs), and for precopy devices the bytes they still
         have to send (``remaining``). Runs before the stop, the VM still running."""
-        if self._record_us is None and self.spec.vcpus.backend is Backend.KVM \
-                and self.spec.vcpus.count:
+        if self._record_us is None and self.machine.spec.vcpus.backend is Backend.KVM \
+                and self.machine.spec.vcpus.count:
             self._record_us = await self.probe_records()
         return estimate(self.table, self.plan, costs, self._record_us, remaining,
                         sequential=not self.params.concurrent)
@@ -322,20 +366,17 @@ class SourceVM(Machine):
         which closes its channels and says why on the main channel: give that reason a
         moment to arrive, as it names the cause.
         """
-        working, replying = asyncio.ensure_future(work), asyncio.ensure_future(reply)
-        try:
+        async with background(work, reply) as (working, replying):
             done, _ = await asyncio.wait({working, replying},
                                          return_when=asyncio.FIRST_EXCEPTION)
-            if working in done and working.exception() is not None:
-                await _peer_reason_first(replying, working.exception())  # type: ignore[arg-type]
+            failure = working.exception() if working in done else None
+            if failure is not None:
+                await _peer_reason_first(replying, failure)
             for task in done:
                 task.result()  # raises the first failure
             await working
-            return await replying
-        finally:
-            for task in (working, replying):
-                task.cancel()
-            await asyncio.gather(working, replying, return_exceptions=True)
+            result: T = await replying
+            return result
 
     async def _recover(self, sock: Any, cause: BaseException) -> DevstateError | None:
         """Undo a failed migration: abort the destination, cancel workers, resume devices.
@@ -358,7 +399,7 @@ class SourceVM(Machine):
         lost = self.pool.lost()
         if lost:
             broken = lost[min(lost)]
-        self.running = broken is None
+        self.machine.running = broken is None
         return broken
 
     def _report(self, t0: int, t1: int, saved: list[DeviceResult], report: dict[str, Any],
@@ -392,3 +433,37 @@ async def _peer_reason_first(reply: asyncio.Future[Any], ours: BaseException) ->
         await asyncio.wait({reply}, timeout=PEER_REASON_WAIT_S)
     if reply.done() and not reply.cancelled() and reply.exception() is not None:
         raise reply.exception() from ours  # type: ignore[misc]
+
+
+class SourceVM(Machine):
+    """A machine that starts with its seeded state, running, and migrates out."""
+
+    def __init__(self, spec: MachineConfig, params: MigrationParams) -> None:
+        super().__init__(spec, params, incoming=False, side="source")
+        self.outgoing = Outgoing(self)
+
+    @property
+    def last_estimate(self) -> Estimate | None:
+        """The last migration's estimate, made before its stop."""
+        return self.outgoing.last_estimate
+
+    @property
+    def expected_ms(self) -> float | None:
+        """The last migration's expected downtime, once estimated."""
+        return self.outgoing.expected_ms
+
+    async def migrate(self, address: channels.Address, *, tls: channels.TlsConfig | None = None,
+                      compare_digests: bool = False, costs: HostCosts | None = None,
+                      on_status: Callable[[Phase], None] | None = None) -> MigrationReport:
+        """:meth:`Outgoing.migrate` of this machine."""
+        return await self.outgoing.migrate(address, tls=tls, compare_digests=compare_digests,
+                                           costs=costs, on_status=on_status)
+
+    async def estimate(self, costs: HostCosts,
+                       remaining: dict[int, int] | None = None) -> Estimate:
+        """:meth:`Outgoing.estimate` of this machine."""
+        return await self.outgoing.estimate(costs, remaining)
+
+    async def progress(self) -> SaveProgress:
+        """:meth:`Outgoing.progress` of this machine."""
+        return await self.outgoing.progress()

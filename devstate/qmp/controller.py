@@ -37,10 +37,12 @@ from typing import Any
 from devstate.config.params import MigrationParams, Overrun, Routing
 from devstate.config.spec import MachineConfig
 from devstate.errors import DevstateError, describe
-from devstate.migration.destination import IncomingVM
-from devstate.migration.source import SourceVM
+from devstate.migration.destination import Incoming
+from devstate.migration.machine import Machine
+from devstate.migration.source import Outgoing
 from devstate.net.channels import Listener, parse_uri
 from devstate.net.transport import TlsConfig
+from devstate.phase import Phase
 from devstate.planning.cost import CostHistory
 from devstate.qmp.server import Command, Param, QmpError
 from devstate.report.migration import MigrationReport
@@ -58,7 +60,6 @@ KNOWN = (*HONOURED, "xbzrle", "rdma-pin-all", "auto-converge", "zero-blocks", "c
          "postcopy-blocktime", "late-block-activate", "x-ignore-shared", "validate-uuid",
          "background-snapshot", "zero-copy-send", "postcopy-preempt", "dirty-limit",
          "mapped-ram")
-ENDED = ("none", "completed", "failed", "cancelled")
 QUIT_GRACE_S = 0.05
 
 
@@ -76,7 +77,7 @@ class RunState(enum.StrEnum):
 class Migration:
     """One migration as ``query-migrate`` shows it (times from ``time.monotonic``)."""
 
-    status: str = "none"
+    status: Phase = Phase.NONE
     started: float = dataclasses.field(default_factory=time.monotonic)
     setup_done: float | None = None
     ended: float | None = None
@@ -89,11 +90,11 @@ class Migration:
     def info(self) -> dict[str, Any]:
         """QEMU's MigrationInfo fields that apply, and devstate's own under ``devstate``."""
         now = self.ended if self.ended is not None else time.monotonic()
-        info: dict[str, Any] = {"status": self.status,
+        info: dict[str, Any] = {"status": str(self.status),
                                 "total-time": round((now - self.started) * 1e3)}
         if self.setup_done is not None:
             info["setup-time"] = round((self.setup_done - self.started) * 1e3)
-        if self.status not in ENDED and self.expected_ms is not None:
+        if not self.status.ended and self.expected_ms is not None:
             info["expected-downtime"] = round(self.expected_ms)
         if self.error:
             info["error-desc"] = self.error
@@ -101,20 +102,13 @@ class Migration:
         if self.listening:
             ours["incoming"] = self.listening
         if self.report is not None:
-            if self.status == "completed":
+            if self.status is Phase.COMPLETED:
                 info["downtime"] = round(self.report.downtime_ms)
             info["vfio"] = {"transferred": sum(d.bytes for d in self.report.devices
                                                if d.id.startswith("vfio/"))}
             ours.update(self.report.to_json())
         info["devstate"] = ours
         return info
-
-
-class Vm(SourceVM, IncomingVM):
-    """A machine that migrates either way: out like a SourceVM, in like an IncomingVM.
-    ``incoming`` (set before :meth:`start`) opens its devices blank, to be loaded."""
-
-    side = "vm"
 
 
 class Controller:
@@ -133,7 +127,8 @@ class Controller:
         self._emit = emit
         self._tls = tls
         self._history = history or CostHistory()
-        self._vm: Vm | None = None
+        self._vm: Machine | None = None
+        self._out: Outgoing | None = None  # keeps what its estimates probed across runs
         self.state = RunState.INMIGRATE if incoming is not None else RunState.RUNNING
         self.migration: Migration | None = None
         self._task: asyncio.Task[None] | None = None
@@ -145,10 +140,10 @@ class Controller:
         self.ready: str | None = None  # where an incoming migration is listened for
 
     async def __aenter__(self) -> Controller:
-        vm = Vm(self.spec, self.params)
-        vm.incoming = self._incoming is not None
+        vm = Machine(self.spec, self.params, incoming=self._incoming is not None, side="vm")
+        self._vm = vm  # closed by close() whatever happens next
         await vm.start()
-        self._vm = vm
+        self._out = Outgoing(vm)
         if self._incoming not in (None, "defer"):
             self._listen(self._incoming, exit_on_error=True)
         return self
@@ -247,10 +242,10 @@ class Controller:
     async def _query_migrate(self, _: dict[str, Any]) -> dict[str, Any]:
         if self.migration is None:
             return {}
-        vm = self._vm
-        if self._outgoing and vm is not None and vm.last_estimate is not None:
-            self.migration.expected_ms = vm.last_estimate.expected_ms
-            self.migration.critical_path = vm.last_estimate.explain()
+        made = self._out.last_estimate if self._out is not None else None
+        if self._outgoing and made is not None:
+            self.migration.expected_ms = made.expected_ms
+            self.migration.critical_path = made.explain()
         return self.migration.info()
 
     async def _migrate_cancel(self, _: dict[str, Any]) -> None:
@@ -260,7 +255,7 @@ class Controller:
         if not self._outgoing:
             raise QmpError("GenericError", "cancel the migration on its source")
         self._cancelling = True
-        self._migration_status("cancelling")
+        self._migration_status(Phase.CANCELLING)
         self._task.cancel()
 
     async def _set_parameters(self, args: dict[str, Any]) -> None:
@@ -331,41 +326,42 @@ class Controller:
 
     # -- migrations ----------------------------------------------------------------------
 
-    async def _run_outgoing(self, vm: Vm, address: Any) -> None:
-        migration = self.migration
-        assert migration is not None
+    async def _run_outgoing(self, vm: Machine, address: Any) -> None:
+        migration, out = self.migration, self._out
+        assert migration is not None and out is not None
         costs = self._history.load()
-        vm.last_estimate = None  # query-migrate shows this migration's, once it is made
+        out.last_estimate = None  # query-migrate shows this migration's, once it is made
         try:
-            report = await vm.migrate(address, compare_digests=True, costs=costs,
-                                      on_status=self._source_status)
+            report = await out.migrate(address, compare_digests=True, costs=costs,
+                                       on_status=self._source_status)
         except asyncio.CancelledError:
-            self._after_failure(vm, "cancelled", "cancelled by migrate_cancel")
+            self._after_failure(vm, Phase.CANCELLED, "cancelled by migrate_cancel")
             if not self._cancelling:
                 raise  # the process is closing: let the cancellation go on
         except (DevstateError, OSError) as exc:
-            self._after_failure(vm, "cancelled" if self._cancelling else "failed", describe(exc))
+            ended = Phase.CANCELLED if self._cancelling else Phase.FAILED
+            self._after_failure(vm, ended, describe(exc))
         else:
             migration.report = report
             migration.ended = time.monotonic()
-            if vm.last_estimate is not None:
-                self._history.save_run(costs, vm.last_estimate, report.downtime_ms)
+            if out.last_estimate is not None:
+                self._history.save_run(costs, out.last_estimate, report.downtime_ms)
             self._set_state(RunState.POSTMIGRATE)
-            self._migration_status("completed")
+            self._migration_status(Phase.COMPLETED)
 
-    def _source_status(self, status: str) -> None:
+    def _source_status(self, status: Phase) -> None:
         migration = self.migration
         assert migration is not None
-        if status == "active" and migration.setup_done is None:
+        if status == Phase.ACTIVE and migration.setup_done is None:
             migration.setup_done = time.monotonic()
-        if status == "device":  # the stop: QEMU's STOP event, and finish-migrate
+        if status == Phase.DEVICE:  # the stop: QEMU's STOP event, and finish-migrate
             self._set_state(RunState.FINISH_MIGRATE)
             self._vm_event("STOP")
-        if status in ("failed", "cancelling", "cancelled", "completed"):
+        if status in (Phase.FAILED, Phase.CANCELLING, Phase.CANCELLED, Phase.COMPLETED):
             return  # said by _run_outgoing, once the outcome is known
         self._migration_status(status)
 
-    def _after_failure(self, vm: Vm, status: str, why: str) -> None:
+    def _after_failure(self, vm: Machine, status: Phase, why: str) -> None:
         migration = self.migration
         assert migration is not None
         migration.error = why
@@ -393,9 +389,9 @@ class Controller:
         vm = self._vm
         assert migration is not None and vm is not None
         try:
-            self._migration_status("active")
+            self._migration_status(Phase.ACTIVE)
             migration.setup_done = time.monotonic()
-            result = await vm.accept_migration(listener, self._tls)
+            result = await Incoming(vm).accept_migration(listener, self._tls)
         finally:
             listener.close()
             self.ready = None
@@ -403,10 +399,10 @@ class Controller:
         if result.completed:
             self._set_state(RunState.RUNNING)
             self._vm_event("RESUME")
-            self._migration_status("completed")
+            self._migration_status(Phase.COMPLETED)
             return
         migration.error = result.reason
-        self._migration_status("failed")
+        self._migration_status(Phase.FAILED)
         if exit_on_error:  # QEMU's default since 9.1: the destination process ends
             log.warning("incoming migration failed: %s; exiting", result.reason)
             self.quitting.set()
@@ -417,7 +413,7 @@ class Controller:
     def _workers(self) -> int:
         return self._machine().plan.workers
 
-    def _machine(self) -> Vm:
+    def _machine(self) -> Machine:
         if self._vm is None:
             raise QmpError("GenericError", "the VM is not started")
         return self._vm
@@ -435,13 +431,13 @@ class Controller:
         if self._vm is not None:
             self._vm.running = state is RunState.RUNNING
 
-    def _migration_status(self, status: str) -> None:
+    def _migration_status(self, status: Phase) -> None:
         assert self.migration is not None
         if self.migration.status == status:
             return
         self.migration.status = status
         if self._capabilities["events"]:
-            self._emit("MIGRATION", {"status": status})
+            self._emit("MIGRATION", {"status": str(status)})
 
     def _vm_event(self, name: str) -> None:
         self._emit(name, {})

@@ -27,6 +27,7 @@ from rich.live import Live
 from rich.text import Text
 
 from devstate.errors import DevstateError
+from devstate.phase import Phase
 
 REFRESH_S = 0.1
 
@@ -63,20 +64,20 @@ class MigrationProgress:
 
     def __init__(self, downtime_limit_ms: float | None) -> None:
         self.downtime_limit_ms = downtime_limit_ms
-        self.state = "setup"
+        self.state = Phase.SETUP
         self.stopped_at: float | None = None
         self.saved: SaveProgress | None = None
         self.expected_ms: float | None = None
 
-    def status(self, state: str) -> None:
-        """A status change of the migration (QEMU's names)."""
+    def status(self, state: Phase) -> None:
+        """A change of the migration's phase."""
         self.state = state
-        if state == "device" and self.stopped_at is None:
+        if state is Phase.DEVICE and self.stopped_at is None:
             self.stopped_at = time.monotonic()
 
     def line(self) -> Text:
         """The line as it stands now."""
-        text = Text(f"{self.state:<10}", style="bold")
+        text = Text(f"{self.state!s:<10}", style="bold")
         if self.saved is not None:
             s = self.saved
             text.append(f"  saved {s.devices_done}/{s.devices} devices, "
