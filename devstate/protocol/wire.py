@@ -41,11 +41,16 @@ import json
 import struct
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import TypeVar
 
 import xxhash
 
 from devstate.errors import IntegrityError, ProtocolError
+
+# JSON as control bodies carry it: parsed by json.loads, checked field by field.
+JsonValue = None | bool | int | float | str | list["JsonValue"] | dict[str, "JsonValue"]
+JsonObject = dict[str, JsonValue]
+F = TypeVar("F", bool, int, float, str, list["JsonValue"], dict[str, "JsonValue"])
 
 VERSION = 1
 
@@ -245,7 +250,7 @@ def decode_hello(data: bytes | bytearray | memoryview, *, max_channels: int = 10
                  bool(flags & HELLO_TLS))
 
 
-def pack_control(kind: ControlType, body: dict[str, Any]) -> bytes:
+def pack_control(kind: ControlType, body: JsonObject) -> bytes:
     """Encode a control message."""
     data = json.dumps(body, separators=(",", ":")).encode()
     if len(data) > MAX_CONTROL_BYTES:
@@ -272,7 +277,7 @@ def decode_control_header(data: bytes | bytearray | memoryview) -> tuple[Control
     return ctype, length, checksum
 
 
-def decode_control_body(data: bytes | bytearray | memoryview, checksum: int) -> dict[str, Any]:
+def decode_control_body(data: bytes | bytearray | memoryview, checksum: int) -> JsonObject:
     """Check and parse a control body into a JSON object."""
     if xxhash.xxh32_intdigest(data) != checksum:
         raise IntegrityError("control.checksum", "mismatch")
@@ -285,13 +290,13 @@ def decode_control_body(data: bytes | bytearray | memoryview, checksum: int) -> 
     return body
 
 
-def field(body: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+def field(body: JsonObject, name: str, kind: type[F]) -> F:
     """Fetch a required field of a control body with its type checked."""
     if name not in body:
         raise ProtocolError(f"control.{name}", "is missing")
     value = body[name]
     # bool is an int to isinstance: accept it only where bool is asked for.
-    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+    if isinstance(value, bool) and kind is not bool:
         raise ProtocolError(f"control.{name}", "has the wrong type bool")
     if not isinstance(value, kind):
         raise ProtocolError(f"control.{name}", f"has the wrong type {type(value).__name__}")
