@@ -179,7 +179,7 @@ def test_demo_falls_back_to_sim_vcpu_where_dev_kvm_cannot_be_opened() -> None:
              "from devstate.devices.kvm import device\n"
              "cli.load_default_machine()\n"
              "os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
-             "spec, why = cli._demo_machine(argparse.Namespace(spec=None))\n"
+             "spec, why = cli.demo_machine(argparse.Namespace(spec=None))\n"
              "print(spec.vcpus.backend, '|', why)\n")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                           timeout=60)

@@ -1,0 +1,87 @@
+"""``devstate vm``: host a machine's devices, as a migration's destination or as a VM a
+migration controller drives over QMP."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from typing import Any
+
+from devstate.cli.machines import default_workers
+from devstate.cli.parser import tls_config
+from devstate.config.params import MigrationParams
+from devstate.config.spec import MachineConfig, load_spec
+from devstate.errors import SpecError
+from devstate.lifecycle import end_with_parent
+from devstate.net.transport import TlsConfig
+
+
+async def vm_command(args: argparse.Namespace) -> int:
+    """``devstate vm``."""
+    from devstate.migration.destination import IncomingVM
+    from devstate.net.channels import Listener, parse_uri
+
+    if args.parent is not None:
+        # A destination started by a local migration: SIGTERM (clean unwind) if it dies.
+        end_with_parent(args.parent, signal.SIGTERM)
+    spec = load_spec(args.spec)
+    tls = tls_config(args)
+    params = _vm_params(args)
+    if args.qmp is not None:
+        return await _vm_qmp(args, spec, params, tls)
+    listener = Listener(parse_uri(args.incoming))
+    async with IncomingVM(spec, params) as vm:
+        listener.open()
+        try:
+            print(f"ready {listener.address}", flush=True)
+            result = await vm.accept_migration(listener, tls)
+            if not result.completed:
+                print(f"devstate: incoming migration failed: {result.reason}", file=sys.stderr)
+                return 1
+            if not args.once:
+                await asyncio.Event().wait()  # the VM runs until the process is stopped
+        finally:
+            listener.close()
+    return 0
+
+
+def _vm_params(args: argparse.Namespace) -> MigrationParams:
+    """``devstate vm``'s parameters: the --params file whole, or the flags."""
+    if args.params is not None:
+        try:
+            with open(args.params, encoding="utf-8") as file:
+                return MigrationParams.from_json(json.load(file))
+        except (OSError, ValueError) as exc:
+            raise SpecError("", f"cannot read --params {args.params}: {exc}") from exc
+    return MigrationParams(workers=args.workers or default_workers(), cpus=args.cpus,
+                           chunk_bytes=args.chunk_size or MigrationParams().chunk_bytes,
+                           single_vm=args.single_vm, spec_order=args.spec_order,
+                           fault=args.fault)
+
+
+async def _vm_qmp(args: argparse.Namespace, spec: MachineConfig, params: MigrationParams,
+                  tls: TlsConfig | None) -> int:
+    """``devstate vm --qmp``: the VM runs until a controller says ``quit`` (or SIGTERM)."""
+    from devstate.qmp.controller import Controller
+    from devstate.qmp.server import QmpServer
+
+    path = args.qmp.removeprefix("unix:")
+    server: QmpServer | None = None
+
+    def emit(event: str, data: dict[str, Any]) -> None:
+        if server is not None:
+            server.emit(event, data)
+
+    async with Controller(spec, params, incoming=args.incoming, emit=emit,
+                          tls=tls) as controller:
+        server = QmpServer(controller.commands())
+        async with server:
+            await server.start(path)
+            print(f"qmp unix:{path}", flush=True)
+            if controller.ready is not None:
+                print(f"ready {controller.ready}", flush=True)
+            await controller.quitting.wait()
+    return 0
