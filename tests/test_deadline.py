@@ -126,7 +126,7 @@ def test_kvm_record_costs_are_probed_without_changing_the_vcpus(run) -> None:
     async def scenario() -> tuple[tuple[float, float], bool]:
         async with SourceVM(spec, MigrationParams()) as source:
             before = await source.digests()
-            costs = await source.outgoing.probe_records()
+            costs = await source.outgoing.deadline.probe_records()
             return costs, await source.digests() == before
 
     (get_us, put_us), unchanged = run(scenario())

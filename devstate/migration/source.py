@@ -30,15 +30,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
-import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
 
-from devstate.config.params import MigrationParams, Overrun
-from devstate.config.spec import Backend, DeviceTable, MachineConfig
+from devstate.config.params import MigrationParams
+from devstate.config.spec import DeviceTable, MachineConfig
 from devstate.errors import (
     DevstateError,
     DowntimeLimitUnmet,
@@ -48,12 +46,12 @@ from devstate.errors import (
 )
 from devstate.lifecycle import background, no_gc_pauses
 from devstate.migration.commit import RESUMED_TIMEOUT_S, SourceCommit
+from devstate.migration.deadline import Deadline
 from devstate.migration.machine import Machine
 from devstate.net import channels
 from devstate.net.route import Routes
 from devstate.phase import Phase
-from devstate.planning.admission import TransferOrder
-from devstate.planning.cost import Estimate, HostCosts, estimate
+from devstate.planning.cost import Estimate, HostCosts
 from devstate.planning.plan import Plan
 from devstate.protocol import wire
 from devstate.report.migration import DeviceReport, DeviceResult, MigrationReport
@@ -79,7 +77,7 @@ class Outgoing:
     def __init__(self, machine: Machine) -> None:
         self.machine = machine
         self.last_estimate: Estimate | None = None  # of the last migrate(), before its stop
-        self._record_us: tuple[float, float] | None = None  # probed kvm record costs
+        self.deadline = Deadline(machine)
         self._ready_ns = 0  # when the last migration's READY arrived
 
     @property
@@ -122,7 +120,7 @@ class Outgoing:
         status(Phase.SETUP)
         costs = costs or HostCosts()
         status(Phase.ACTIVE)
-        made = self.last_estimate = await self.estimate(costs)
+        made = self.last_estimate = await self.deadline.estimate(costs)
         precopy = self.params.precopy and self.params.concurrent and any(
             d.vfio is not None and d.vfio.precopy for d in self.table)
         limit = self.params.downtime_limit_ms
@@ -166,13 +164,13 @@ class Outgoing:
         save = self.pool.call_all({
             w: m.Save(self.plan.devices_of(w), self.params.schedule, self.routes, gen,
                       self.params.record_threads, self.params.bandwidth_limit, precopy,
-                      self._transfer_order(costs))
+                      self.deadline.transfer_order(costs))
             for w in range(self.plan.workers)})
         async with background(save, channels.expect_control(
                 sock, wire.ControlType.LOADED)) as (saving, loading):
             if precopy:
                 try:
-                    made = self.last_estimate = await self._converge(saving, costs)
+                    made = self.last_estimate = await self.deadline.converge(saving, costs)
                 except DevstateError as exc:
                     await _peer_reason_first(loading, exc)
                     raise
@@ -183,7 +181,7 @@ class Outgoing:
                 if precopy:
                     await self.pool.call_all({w: m.SwitchOver()
                                               for w in range(self.plan.workers)})
-                await self._within_limit(self._alongside_peer(saving, loading), t0, made)
+                await self.deadline.within_limit(self._alongside_peer(saving, loading), t0, made)
                 t1 = await commit.commit(sock)
         return t0, t1, made
 
@@ -245,61 +243,6 @@ class Outgoing:
                             sum(read for _, read in replies.values()),
                             sum(v.size for v in self.machine.spec.vfio))
 
-    def _transfer_order(self, costs: HostCosts) -> TransferOrder:
-        """The plan's transfer order, each stream at its slower rate, within what the host
-        copies (or the link carries, when capped)."""
-        table = self.table
-        streams = tuple((i, float(v.rate))
-                        for i in self.plan.transfer if (v := table[i].vfio) is not None)
-        return TransferOrder(streams, min(costs.copy_bytes_per_s,
-                                          self.params.bandwidth_limit or math.inf))
-
-    async def estimate(self, costs: HostCosts,
-                       remaining: dict[int, int] | None = None) -> Estimate:
-        """The expected downtime, with record costs probed on the workers (once) where the
-        spec cannot know them (real KVM vCPUs), and for precopy devices the bytes they still
-        have to send (``remaining``). Runs before the stop, the VM still running."""
-        if self._record_us is None and self.machine.spec.vcpus.backend is Backend.KVM \
-                and self.machine.spec.vcpus.count:
-            self._record_us = await self.probe_records()
-        return estimate(self.table, self.plan, costs, self._record_us, remaining,
-                        sequential=not self.params.concurrent)
-
-    async def probe_records(self, sample: int = PROBE_RECORDS) -> tuple[float, float]:
-        """Get up to ``sample`` record devices per worker into the arena and put them back,
-        on every worker at once; return one record's (get, put) in µs of a core, as the
-        cost model counts them. The state is unchanged: each record is put back exactly as
-        it was got."""
-        gets = await self.pool.call_all({w: m.SnapshotRecords(sample)
-                                         for w in range(self.plan.workers)})
-        puts = await self.pool.call_all({w: m.RestoreRecords()
-                                         for w in range(self.plan.workers)})
-        per_get = [ns / n for ns, n in gets.values() if n]
-        per_put = [puts[w] / gets[w][1] for w in gets if gets[w][1]]
-        if not per_get:
-            return 0.0, 0.0
-        # Measured with every worker busy at once: a record's wall time on one worker,
-        # scaled to core time when workers share fewer cores.
-        share = min(1.0, len(os.sched_getaffinity(0)) / self.plan.workers)
-        return (sum(per_get) / len(per_get) / 1e3 * share,
-                sum(per_put) / len(per_put) / 1e3 * share)
-
-    async def _within_limit(self, work: Awaitable[object], t0: int, made: Estimate) -> None:
-        """Await stop-and-copy; with ``Overrun.ABORT``, cancel it once the limit passes."""
-        limit = self.params.downtime_limit_ms
-        if limit is None or self.params.overrun is not Overrun.ABORT:
-            await work
-            return
-        left_s = limit / 1e3 - (time.monotonic_ns() - t0) / 1e9
-        try:
-            async with asyncio.timeout(max(0.0, left_s)):
-                await work
-        except TimeoutError:
-            raise DowntimeOverrun(f"stop-and-copy passed the downtime limit of {limit:.0f} ms "
-                                  f"(expected {made.expected_ms:.0f} ms; critical path: "
-                                  f"{made.explain()}): aborted, the source resumed with its "
-                                  "state unchanged") from None
-
     @property
     def routes(self) -> Routes:
         """This side's channel map: which worker sends on which channel, and how."""
@@ -324,39 +267,6 @@ class Outgoing:
             for w in range(self.plan.workers)}),
             channels.expect_control(sock, wire.ControlType.READY))
         self._ready_ns = time.monotonic_ns()
-
-    async def _converge(self, saving: asyncio.Future[Any], costs: HostCosts) -> Estimate:
-        """Precopy until the expected downtime meets the limit (without a limit: until every
-        precopy device is down to one chunk); return the estimate to switch over on.
-
-        Past ``params.precopy_timeout_s`` it switches over anyway if the policy says so
-        (``force_switchover``, or no limit), else raises :class:`DowntimeLimitUnmet`.
-        """
-        limit = self.params.downtime_limit_ms
-        started = time.monotonic()
-        while True:
-            if saving.done():
-                saving.result()  # a failed precopy: its error
-                raise MigrationFailed("the save ended before the switchover")
-            replies = await self.pool.call_all({w: m.PrecopyRemaining()
-                                                for w in range(self.plan.workers)})
-            # A device whose precopy has not begun yet has all of its state to send.
-            remaining = {d.index: d.vfio.size for d in self.table
-                         if d.vfio is not None and d.vfio.precopy}
-            remaining.update({i: n for reply in replies.values() for i, n in reply.items()})
-            made = await self.estimate(costs, remaining)
-            converged = (made.expected_ms <= limit if limit is not None
-                         else all(n <= self.params.chunk_bytes for n in remaining.values()))
-            if converged:
-                return made
-            waited = time.monotonic() - started
-            if waited >= self.params.precopy_timeout_s:
-                if limit is None or self.params.force_switchover:
-                    return made
-                raise DowntimeLimitUnmet(limit, made.expected_ms, f"{made.explain()} (after "
-                                         f"{waited:.1f} s of precopy, still "
-                                         f"{sum(remaining.values()) / 2**20:.0f} MiB to send)")
-            await asyncio.wait({saving}, timeout=CONVERGE_POLL_S)
 
     async def _alongside_peer(self, work: Awaitable[Any], reply: Awaitable[T]) -> T:
         """Await the workers' ``work`` and the destination's ``reply`` together; the first
@@ -461,8 +371,8 @@ class SourceVM(Machine):
 
     async def estimate(self, costs: HostCosts,
                        remaining: dict[int, int] | None = None) -> Estimate:
-        """:meth:`Outgoing.estimate` of this machine."""
-        return await self.outgoing.estimate(costs, remaining)
+        """:meth:`Deadline.estimate` of this machine."""
+        return await self.outgoing.deadline.estimate(costs, remaining)
 
     async def progress(self) -> SaveProgress:
         """:meth:`Outgoing.progress` of this machine."""

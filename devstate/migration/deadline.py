@@ -1,0 +1,146 @@
+"""The downtime deadline on the source: the estimate before the stop, precopy until it fits
+the limit, and the limit watched during stop-and-copy (ARCHITECTURE.md §6).
+
+Runs in: the source coordinator, before and during a migration's stop-and-copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import time
+from collections.abc import Awaitable
+from typing import Any
+
+from devstate.config.params import MigrationParams, Overrun
+from devstate.config.spec import Backend, DeviceTable
+from devstate.errors import DowntimeLimitUnmet, DowntimeOverrun, MigrationFailed
+from devstate.migration.machine import Machine
+from devstate.planning.admission import TransferOrder
+from devstate.planning.cost import Estimate, HostCosts, estimate
+from devstate.planning.plan import Plan
+from devstate.worker import jobs as m
+from devstate.worker.pool import WorkerPool
+
+# Records per worker the cost model's probe gets and puts back: enough for a stable mean,
+# few enough to fit the record slots and take milliseconds.
+PROBE_RECORDS = 64
+# How often precopy looks at what is left to send, against the limit.
+CONVERGE_POLL_S = 0.05
+
+
+class Deadline:
+    """The cost model applied to ``machine``, and the downtime limit kept."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+        self._record_us: tuple[float, float] | None = None  # probed kvm record costs
+
+    @property
+    def pool(self) -> WorkerPool:
+        """The machine's worker pool."""
+        return self.machine.pool
+
+    @property
+    def plan(self) -> Plan:
+        """The machine's plan: owners and orders."""
+        return self.machine.plan
+
+    @property
+    def table(self) -> DeviceTable:
+        """The machine's device table."""
+        return self.machine.table
+
+    @property
+    def params(self) -> MigrationParams:
+        """The parameters the next migration runs with."""
+        return self.machine.params
+
+    def transfer_order(self, costs: HostCosts) -> TransferOrder:
+        """The plan's transfer order, each stream at its slower rate, within what the host
+        copies (or the link carries, when capped)."""
+        table = self.table
+        streams = tuple((i, float(v.rate))
+                        for i in self.plan.transfer if (v := table[i].vfio) is not None)
+        return TransferOrder(streams, min(costs.copy_bytes_per_s,
+                                          self.params.bandwidth_limit or math.inf))
+
+    async def estimate(self, costs: HostCosts,
+                       remaining: dict[int, int] | None = None) -> Estimate:
+        """The expected downtime, with record costs probed on the workers (once) where the
+        spec cannot know them (real KVM vCPUs), and for precopy devices the bytes they still
+        have to send (``remaining``). Runs before the stop, the VM still running."""
+        if self._record_us is None and self.machine.spec.vcpus.backend is Backend.KVM \
+                and self.machine.spec.vcpus.count:
+            self._record_us = await self.probe_records()
+        return estimate(self.table, self.plan, costs, self._record_us, remaining,
+                        sequential=not self.params.concurrent)
+
+    async def probe_records(self, sample: int = PROBE_RECORDS) -> tuple[float, float]:
+        """Get up to ``sample`` record devices per worker into the arena and put them back,
+        on every worker at once; return one record's (get, put) in µs of a core, as the
+        cost model counts them. The state is unchanged: each record is put back exactly as
+        it was got."""
+        gets = await self.pool.call_all({w: m.SnapshotRecords(sample)
+                                         for w in range(self.plan.workers)})
+        puts = await self.pool.call_all({w: m.RestoreRecords()
+                                         for w in range(self.plan.workers)})
+        per_get = [ns / n for ns, n in gets.values() if n]
+        per_put = [puts[w] / gets[w][1] for w in gets if gets[w][1]]
+        if not per_get:
+            return 0.0, 0.0
+        # Measured with every worker busy at once: a record's wall time on one worker,
+        # scaled to core time when workers share fewer cores.
+        share = min(1.0, len(os.sched_getaffinity(0)) / self.plan.workers)
+        return (sum(per_get) / len(per_get) / 1e3 * share,
+                sum(per_put) / len(per_put) / 1e3 * share)
+
+    async def within_limit(self, work: Awaitable[object], t0: int, made: Estimate) -> None:
+        """Await stop-and-copy; with ``Overrun.ABORT``, cancel it once the limit passes."""
+        limit = self.params.downtime_limit_ms
+        if limit is None or self.params.overrun is not Overrun.ABORT:
+            await work
+            return
+        left_s = limit / 1e3 - (time.monotonic_ns() - t0) / 1e9
+        try:
+            async with asyncio.timeout(max(0.0, left_s)):
+                await work
+        except TimeoutError:
+            raise DowntimeOverrun(f"stop-and-copy passed the downtime limit of {limit:.0f} ms "
+                                  f"(expected {made.expected_ms:.0f} ms; critical path: "
+                                  f"{made.explain()}): aborted, the source resumed with its "
+                                  "state unchanged") from None
+
+    async def converge(self, saving: asyncio.Future[Any], costs: HostCosts) -> Estimate:
+        """Precopy until the expected downtime meets the limit (without a limit: until every
+        precopy device is down to one chunk); return the estimate to switch over on.
+
+        Past ``params.precopy_timeout_s`` it switches over anyway if the policy says so
+        (``force_switchover``, or no limit), else raises :class:`DowntimeLimitUnmet`.
+        """
+        limit = self.params.downtime_limit_ms
+        started = time.monotonic()
+        while True:
+            if saving.done():
+                saving.result()  # a failed precopy: its error
+                raise MigrationFailed("the save ended before the switchover")
+            replies = await self.pool.call_all({w: m.PrecopyRemaining()
+                                                for w in range(self.plan.workers)})
+            # A device whose precopy has not begun yet has all of its state to send.
+            remaining = {d.index: d.vfio.size for d in self.table
+                         if d.vfio is not None and d.vfio.precopy}
+            remaining.update({i: n for reply in replies.values() for i, n in reply.items()})
+            made = await self.estimate(costs, remaining)
+            converged = (made.expected_ms <= limit if limit is not None
+                         else all(n <= self.params.chunk_bytes for n in remaining.values()))
+            if converged:
+                return made
+            waited = time.monotonic() - started
+            if waited >= self.params.precopy_timeout_s:
+                if limit is None or self.params.force_switchover:
+                    return made
+                raise DowntimeLimitUnmet(limit, made.expected_ms, f"{made.explain()} (after "
+                                         f"{waited:.1f} s of precopy, still "
+                                         f"{sum(remaining.values()) / 2**20:.0f} MiB to send)")
+            await asyncio.wait({saving}, timeout=CONVERGE_POLL_S)
