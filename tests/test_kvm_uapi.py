@@ -18,24 +18,25 @@ from pathlib import Path
 
 import pytest
 
-from devstate.devices.kvm import uapi
+from devstate.devices.kvm import structs, uapi
 from devstate.devices.kvm.uapi import Cap, Ioctl
 
 HEADERS = (Path("/usr/include/linux/kvm.h"), Path("/usr/include/x86_64-linux-gnu/asm/kvm.h"))
 
 STRUCTS: tuple[type[ctypes.Structure], ...] = (
-    uapi.kvm_regs, uapi.kvm_segment, uapi.kvm_dtable, uapi.kvm_sregs, uapi.kvm_sregs2,
-    uapi.kvm_msr_entry, uapi.kvm_msrs, uapi.kvm_msr_list, uapi.kvm_lapic_state,
-    uapi.kvm_vcpu_events, uapi.kvm_mp_state, uapi.kvm_debugregs, uapi.kvm_xsave,
-    uapi.kvm_xcr, uapi.kvm_xcrs, uapi.kvm_cpuid_entry2, uapi.kvm_cpuid2,
-    uapi.kvm_pic_state, uapi.kvm_ioapic_state, uapi.kvm_irqchip, uapi.kvm_pit_config,
-    uapi.kvm_pit_channel_state, uapi.kvm_pit_state2, uapi.kvm_clock_data,
+    structs.kvm_regs, structs.kvm_segment, structs.kvm_dtable, structs.kvm_sregs,
+    structs.kvm_sregs2,
+    structs.kvm_msr_entry, structs.kvm_msrs, structs.kvm_msr_list, structs.kvm_lapic_state,
+    structs.kvm_vcpu_events, structs.kvm_mp_state, structs.kvm_debugregs, structs.kvm_xsave,
+    structs.kvm_xcr, structs.kvm_xcrs, structs.kvm_cpuid_entry2, structs.kvm_cpuid2,
+    structs.kvm_pic_state, structs.kvm_ioapic_state, structs.kvm_irqchip, structs.kvm_pit_config,
+    structs.kvm_pit_channel_state, structs.kvm_pit_state2, structs.kvm_clock_data,
 )
 
 # Enums whose members are header constants named PREFIX + member name.
 CONSTANT_ENUMS: tuple[tuple[type[enum.IntEnum] | type[enum.IntFlag], str], ...] = (
-    (Cap, "KVM_CAP_"), (uapi.MpState, "KVM_MP_STATE_"), (uapi.IrqchipId, "KVM_IRQCHIP_"),
-    (uapi.VcpuEventsValid, "KVM_VCPUEVENT_VALID_"), (uapi.ClockFlags, "KVM_CLOCK_"),
+    (Cap, "KVM_CAP_"), (structs.MpState, "KVM_MP_STATE_"), (structs.IrqchipId, "KVM_IRQCHIP_"),
+    (structs.VcpuEventsValid, "KVM_VCPUEVENT_VALID_"), (structs.ClockFlags, "KVM_CLOCK_"),
 )
 CONSTANTS = ("KVM_API_VERSION", "KVMIO", "KVM_NR_INTERRUPTS", "KVM_APIC_REG_SIZE",
              "KVM_MAX_XCRS", "KVM_IOAPIC_NUM_PINS", "KVM_SREGS2_FLAGS_PDPTRS_VALID",
@@ -90,7 +91,7 @@ def python_values() -> Iterator[tuple[str, str, int]]:
         for member in kind:
             yield f"const {prefix}{member.name}", f"{prefix}{member.name}", member.value
     for name in CONSTANTS:
-        yield f"const {name}", name, getattr(uapi, name)
+        yield f"const {name}", name, getattr(uapi if hasattr(uapi, name) else structs, name)
 
 
 @pytest.fixture(scope="module")
@@ -141,12 +142,12 @@ def test_set_irqchip_keeps_its_historical_ior_direction() -> None:
 
 
 def test_variable_length_structs_grow_by_their_entries() -> None:
-    assert ctypes.sizeof(uapi.msrs_type(40)) == 8 + 16 * 40
-    assert ctypes.sizeof(uapi.msr_list_type(40)) == 4 + 4 * 40
-    assert ctypes.sizeof(uapi.cpuid2_type(75)) == 8 + 40 * 75
-    assert ctypes.sizeof(uapi.xsave_type(8192)) == 8192
+    assert ctypes.sizeof(structs.msrs_type(40)) == 8 + 16 * 40
+    assert ctypes.sizeof(structs.msr_list_type(40)) == 4 + 4 * 40
+    assert ctypes.sizeof(structs.cpuid2_type(75)) == 8 + 40 * 75
+    assert ctypes.sizeof(structs.xsave_type(8192)) == 8192
     with pytest.raises(ValueError, match="XSAVE size"):
-        uapi.xsave_type(4000)
+        structs.xsave_type(4000)
 
 
 def test_ioc_refuses_a_size_that_does_not_fit() -> None:
@@ -156,7 +157,7 @@ def test_ioc_refuses_a_size_that_does_not_fit() -> None:
 
 def test_a_failed_ioctl_names_the_ioctl_and_carries_the_errno() -> None:
     with open("/dev/null", "rb") as null, pytest.raises(uapi.KvmError) as caught:
-        uapi.ioctl(null.fileno(), Ioctl.KVM_GET_REGS, uapi.kvm_regs(), device="cpu/3")
+        uapi.ioctl(null.fileno(), Ioctl.KVM_GET_REGS, structs.kvm_regs(), device="cpu/3")
     assert caught.value.errno == errno.ENOTTY  # /dev/null has no ioctls
     assert isinstance(caught.value, OSError)
     assert str(caught.value).startswith("cpu/3: KVM_GET_REGS failed: ENOTTY")

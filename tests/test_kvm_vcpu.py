@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from devstate.devices.kvm import uapi
+from devstate.devices.kvm import structs, uapi
 from devstate.devices.kvm.record import (
     RESTORE_ORDER,
     SAVE_ORDER,
@@ -253,9 +253,9 @@ def test_real_vcpu_gets_cpuid_first_and_follows_both_orders() -> None:
 
 _CHILD = """
 import sys
-from devstate.devices.kvm import uapi
+from devstate.devices.kvm import structs, uapi
 vcpu_fd, vm_fd = int(sys.argv[1]), int(sys.argv[2])
-for fd, request, arg in ((vcpu_fd, uapi.Ioctl.KVM_GET_REGS, uapi.kvm_regs()),
+for fd, request, arg in ((vcpu_fd, uapi.Ioctl.KVM_GET_REGS, structs.kvm_regs()),
                          (vm_fd, uapi.Ioctl.KVM_CREATE_VCPU, 1)):
     try:
         uapi.ioctl(fd, request, arg)
@@ -272,7 +272,7 @@ def _errnos_in_forked_child(vcpu_fd: int, vm_fd: int) -> list[int]:
         try:
             os.close(read_end)
             codes = []
-            for fd, request, arg in ((vcpu_fd, Ioctl.KVM_GET_REGS, uapi.kvm_regs()),
+            for fd, request, arg in ((vcpu_fd, Ioctl.KVM_GET_REGS, structs.kvm_regs()),
                                      (vm_fd, Ioctl.KVM_CREATE_VCPU, 1)):
                 try:
                     uapi.ioctl(fd, request, arg)
@@ -341,13 +341,13 @@ def test_vm_state_round_trips_with_only_timestamps_moving() -> None:
         old, new = source.parse_state(saved), dest.parse_state(dest.get_state())
     for chip in (VmSection.PIC_MASTER, VmSection.PIC_SLAVE, VmSection.IOAPIC):
         assert old[chip] == new[chip], chip.name
-    pit_old = uapi.kvm_pit_state2.from_buffer_copy(old[VmSection.PIT2])
-    pit_new = uapi.kvm_pit_state2.from_buffer_copy(new[VmSection.PIT2])
+    pit_old = structs.kvm_pit_state2.from_buffer_copy(old[VmSection.PIT2])
+    pit_new = structs.kvm_pit_state2.from_buffer_copy(new[VmSection.PIT2])
     for a, b in zip(pit_old.channels, pit_new.channels, strict=True):
         a.count_load_time = b.count_load_time = 0  # host ktime of the last load: moves
     assert bytes(pit_old) == bytes(pit_new)
-    clock_old = uapi.kvm_clock_data.from_buffer_copy(old[VmSection.CLOCK])
-    clock_new = uapi.kvm_clock_data.from_buffer_copy(new[VmSection.CLOCK])
+    clock_old = structs.kvm_clock_data.from_buffer_copy(old[VmSection.CLOCK])
+    clock_new = structs.kvm_clock_data.from_buffer_copy(new[VmSection.CLOCK])
     assert 0 <= clock_new.clock - clock_old.clock < 2 * 10**9  # ns, counting on
     assert list(VM_SAVE_ORDER)[-3:] == [VmSection.PIC_MASTER, VmSection.PIC_SLAVE,
                                        VmSection.IOAPIC]

@@ -21,7 +21,7 @@ import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from devstate.devices.kvm import uapi
+from devstate.devices.kvm import structs
 from devstate.devices.kvm.uapi import Ioctl
 from devstate.errors import DeviceError
 
@@ -151,7 +151,7 @@ class VcpuLayout:
         if section is Section.XSAVE:
             return self.xsave_size
         if section is Section.MSRS:
-            return MSRS_HEADER.size + ctypes.sizeof(uapi.kvm_msr_entry) * len(self.msr_indices)
+            return MSRS_HEADER.size + ctypes.sizeof(structs.kvm_msr_entry) * len(self.msr_indices)
         return ctypes.sizeof(STRUCTS[section])
 
     @property
@@ -166,16 +166,16 @@ class VcpuLayout:
 
 
 STRUCTS: Mapping[Section, type[ctypes.Structure]] = {
-    Section.MP_STATE: uapi.kvm_mp_state,
-    Section.REGS: uapi.kvm_regs,
-    Section.SREGS: uapi.kvm_sregs,
-    Section.SREGS2: uapi.kvm_sregs2,
-    Section.XSAVE: uapi.kvm_xsave,
-    Section.XCRS: uapi.kvm_xcrs,
-    Section.DEBUGREGS: uapi.kvm_debugregs,
-    Section.LAPIC: uapi.kvm_lapic_state,
-    Section.MSRS: uapi.kvm_msrs,
-    Section.VCPU_EVENTS: uapi.kvm_vcpu_events,
+    Section.MP_STATE: structs.kvm_mp_state,
+    Section.REGS: structs.kvm_regs,
+    Section.SREGS: structs.kvm_sregs,
+    Section.SREGS2: structs.kvm_sregs2,
+    Section.XSAVE: structs.kvm_xsave,
+    Section.XCRS: structs.kvm_xcrs,
+    Section.DEBUGREGS: structs.kvm_debugregs,
+    Section.LAPIC: structs.kvm_lapic_state,
+    Section.MSRS: structs.kvm_msrs,
+    Section.VCPU_EVENTS: structs.kvm_vcpu_events,
 }
 
 GET_IOCTL: Mapping[Section, Ioctl] = {
@@ -259,7 +259,7 @@ def bytes_of(obj: ctypes.Structure) -> memoryview:
 
 def batched(indices: Sequence[int]) -> tuple[tuple[int, ...], ...]:
     """``indices`` in order, at most KVM_MAX_MSR_ENTRIES a batch."""
-    size = uapi.KVM_MAX_MSR_ENTRIES
+    size = structs.KVM_MAX_MSR_ENTRIES
     return tuple(tuple(indices[at:at + size]) for at in range(0, len(indices), size))
 
 

@@ -13,14 +13,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from devstate.devices.kvm import uapi
+from devstate.devices.kvm import structs
 from devstate.devices.kvm.record import (
     MSR_IA32_TSC,
     MSR_IA32_TSC_DEADLINE,
     Section,
     VcpuLayout,
 )
-from devstate.devices.kvm.uapi import MpState
+from devstate.devices.kvm.structs import MpState
 
 _CR0_PE, _CR0_MP, _CR0_TS, _CR0_ET, _CR0_NE = 0x1, 0x2, 0x8, 0x10, 0x20
 _CR0_WP, _CR0_AM, _CR0_PG = 1 << 16, 1 << 18, 1 << 31
@@ -86,18 +86,18 @@ def _seed_mp_state(section: memoryview, ctx: _SeedContext) -> None:
     # The BSP (id 0) runs; the APs are halted, runnable or waiting for a SIPI.
     aps = (MpState.HALTED, MpState.RUNNABLE, MpState.INIT_RECEIVED)
     state = MpState.RUNNABLE if ctx.vcpu_id == 0 else aps[ctx.vcpu_id % len(aps)]
-    _view(uapi.kvm_mp_state, section).mp_state = state
+    _view(structs.kvm_mp_state, section).mp_state = state
 
 
 def _seed_regs(section: memoryview, ctx: _SeedContext) -> None:
-    regs = _view(uapi.kvm_regs, section)
-    for name, *_ in uapi.kvm_regs._fields_:
+    regs = _view(structs.kvm_regs, section)
+    for name, *_ in structs.kvm_regs._fields_:
         setattr(regs, name, ctx.bits(64))
     regs.rip, regs.rsp = ctx.canonical(), ctx.canonical()
     regs.rflags = _RFLAGS_FIXED | ctx.subset(_RFLAGS_ARITH)  # no TF: it would single-step
 
 
-def _segment(seg: uapi.kvm_segment, selector: int, seg_type: int, *, base: int = 0,
+def _segment(seg: structs.kvm_segment, selector: int, seg_type: int, *, base: int = 0,
              limit: int = 0xFFFFFFFF, code: bool = False, system: bool = False) -> None:
     """A present, CPL-0 descriptor cache entry as a 64-bit kernel has it."""
     seg.base, seg.limit, seg.selector, seg.type = base, limit, selector, seg_type
@@ -108,7 +108,7 @@ def _segment(seg: uapi.kvm_segment, selector: int, seg_type: int, *, base: int =
 
 
 def _seed_sregs(section: memoryview, ctx: _SeedContext) -> None:
-    sregs = _view(uapi.kvm_sregs2 if ctx.layout.sregs2 else uapi.kvm_sregs, section)
+    sregs = _view(structs.kvm_sregs2 if ctx.layout.sregs2 else structs.kvm_sregs, section)
     _segment(sregs.cs, 0x10, 0xB, code=True)
     for data_seg in (sregs.ds, sregs.es, sregs.ss):
         _segment(data_seg, 0x18, 0x3)
@@ -149,13 +149,13 @@ def _seed_xsave(section: memoryview, ctx: _SeedContext) -> None:
 
 
 def _seed_xcrs(section: memoryview, ctx: _SeedContext) -> None:
-    xcrs = _view(uapi.kvm_xcrs, section)
+    xcrs = _view(structs.kvm_xcrs, section)
     xcrs.nr_xcrs, xcrs.flags = 1, 0
     xcrs.xcrs[0].xcr, xcrs.xcrs[0].value = 0, ctx.xcr0
 
 
 def _seed_debugregs(section: memoryview, ctx: _SeedContext) -> None:
-    dbg = _view(uapi.kvm_debugregs, section)
+    dbg = _view(structs.kvm_debugregs, section)
     for i in range(4):
         dbg.db[i] = ctx.canonical()
     dbg.dr6 = 0xFFFF0FF0 | ctx.bits(4)  # fixed-1 bits, and which breakpoint hit
@@ -228,7 +228,7 @@ def _seed_msr_values(ctx: _SeedContext, tsc: int) -> dict[int, int]:
 
 
 def _seed_msrs(section: memoryview, ctx: _SeedContext) -> None:
-    msrs = _view(uapi.msrs_type(len(ctx.layout.msr_indices)), section)
+    msrs = _view(structs.msrs_type(len(ctx.layout.msr_indices)), section)
     current = {entry.index: entry.data for entry in msrs.entries}
     values = _seed_msr_values(ctx, current.get(MSR_IA32_TSC, 0))
     for entry in msrs.entries:
@@ -237,9 +237,9 @@ def _seed_msrs(section: memoryview, ctx: _SeedContext) -> None:
 
 def _seed_events(section: memoryview, ctx: _SeedContext) -> None:
     # The flags stay as KVM_GET_VCPU_EVENTS reported them: they say NMI and shadow are valid.
-    events = _view(uapi.kvm_vcpu_events, section)
+    events = _view(structs.kvm_vcpu_events, section)
     events.nmi.masked = ctx.bits(1)  # inside an NMI handler, or not
-    events.interrupt.shadow = uapi.KVM_X86_SHADOW_INT_STI * ctx.bits(1)  # just after STI
+    events.interrupt.shadow = structs.KVM_X86_SHADOW_INT_STI * ctx.bits(1)  # just after STI
 
 
 _SEEDERS: Mapping[Section, Callable[[memoryview, _SeedContext], None]] = {

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import xxhash
 
-from devstate.devices.kvm import uapi
+from devstate.devices.kvm import structs, uapi
 from devstate.devices.kvm.record import (
     GET_IOCTL,
     HEADER,
@@ -76,7 +76,7 @@ class KvmVcpu:
 
     def _new_buffer(self, section: Section) -> ctypes.Structure:
         if section is Section.XSAVE:
-            return uapi.xsave_type(self.layout.xsave_size)()
+            return structs.xsave_type(self.layout.xsave_size)()
         return STRUCTS[section]()
 
     # -- get ------------------------------------------------------------------------
@@ -210,7 +210,7 @@ def _msr_batches(chunks: Sequence[Sequence[int]]) -> list[tuple[ctypes.Structure
     """For each chunk, a kvm_msrs with its indices filled in and a view of its entries."""
     batches = []
     for indices in chunks:
-        batch = uapi.msrs_type(len(indices))()
+        batch = structs.msrs_type(len(indices))()
         batch.nmsrs = len(indices)
         for entry, index in zip(batch.entries, indices, strict=True):
             entry.index = index

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from devstate.devices.kvm import uapi
+from devstate.devices.kvm import structs
 from devstate.devices.kvm.record import (
     MSRS_HEADER,
     STRUCTS,
@@ -171,7 +171,7 @@ def _lapic_fields() -> list[Field]:
     # 32-bit registers at a 16-byte stride; the other 12 bytes of each slot are compared too
     # (KVM keeps the x2APIC ICR's upper half in ICR's slot).
     fields = []
-    for offset in range(0, uapi.KVM_APIC_REG_SIZE, 16):
+    for offset in range(0, structs.KVM_APIC_REG_SIZE, 16):
         name = _APIC_NAMES.get(offset, f"APIC_{offset:#05x}")
         fields += [Field(name, offset, 4), Field(f"{name}.upper", offset + 4, 12)]
     return fields

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
 
-from devstate.devices.kvm import uapi
+from devstate.devices.kvm import structs, uapi
 from devstate.devices.kvm.record import (
     HEADER,
     SECTION,
@@ -39,7 +39,8 @@ from devstate.devices.kvm.record import (
     parse_record,
     write_section,
 )
-from devstate.devices.kvm.uapi import Cap, Ioctl, IoctlFn, IrqchipId, KvmError
+from devstate.devices.kvm.structs import IrqchipId
+from devstate.devices.kvm.uapi import Cap, Ioctl, IoctlFn, KvmError
 from devstate.devices.kvm.vcpu import KvmVcpu
 from devstate.errors import DeviceError
 
@@ -92,11 +93,11 @@ class _VmPart:
 
 
 _VM_PARTS: Mapping[VmSection, _VmPart] = {
-    VmSection.PIT2: _VmPart(uapi.kvm_pit_state2, Ioctl.KVM_GET_PIT2, Ioctl.KVM_SET_PIT2),
+    VmSection.PIT2: _VmPart(structs.kvm_pit_state2, Ioctl.KVM_GET_PIT2, Ioctl.KVM_SET_PIT2),
     # Saved with the flags KVM reported: on set, KVM_CLOCK_REALTIME advances the clock by
     # the wall time since the save, and is honoured only if the save had it.
-    VmSection.CLOCK: _VmPart(uapi.kvm_clock_data, Ioctl.KVM_GET_CLOCK, Ioctl.KVM_SET_CLOCK),
-    **{section: _VmPart(uapi.kvm_irqchip, Ioctl.KVM_GET_IRQCHIP, Ioctl.KVM_SET_IRQCHIP, chip)
+    VmSection.CLOCK: _VmPart(structs.kvm_clock_data, Ioctl.KVM_GET_CLOCK, Ioctl.KVM_SET_CLOCK),
+    **{section: _VmPart(structs.kvm_irqchip, Ioctl.KVM_GET_IRQCHIP, Ioctl.KVM_SET_IRQCHIP, chip)
        for section, chip in ((VmSection.PIC_MASTER, IrqchipId.PIC_MASTER),
                              (VmSection.PIC_SLAVE, IrqchipId.PIC_SLAVE),
                              (VmSection.IOAPIC, IrqchipId.IOAPIC))},
@@ -164,7 +165,7 @@ class KvmVm:
         try:
             self._ioctl(vm_fd, Ioctl.KVM_CREATE_IRQCHIP, device=self.name)
             # The speaker port is a dummy, as in QEMU and Firecracker: no audio device.
-            pit = uapi.kvm_pit_config(flags=uapi.KVM_PIT_SPEAKER_DUMMY)
+            pit = structs.kvm_pit_config(flags=structs.KVM_PIT_SPEAKER_DUMMY)
             self._ioctl(vm_fd, Ioctl.KVM_CREATE_PIT2, pit, device=self.name)
         except BaseException:
             os.close(vm_fd)
@@ -185,7 +186,7 @@ class KvmVm:
         # E2BIG means nent was too small; KVM does not say how many it needs, so grow.
         nent = CPUID_ENTRIES_GUESS
         while True:
-            cpuid = uapi.cpuid2_type(nent)()
+            cpuid = structs.cpuid2_type(nent)()
             cpuid.nent = nent
             try:
                 self._ioctl(self._kvm_fd, Ioctl.KVM_GET_SUPPORTED_CPUID, cpuid, device=self.name)
@@ -195,18 +196,18 @@ class KvmVm:
                 nent *= 2
                 continue
             # Keep only the entries KVM filled in: it set nent to their count.
-            return uapi.cpuid2_type(cpuid.nent).from_buffer_copy(cpuid)
+            return structs.cpuid2_type(cpuid.nent).from_buffer_copy(cpuid)
 
     def _msr_index_list(self) -> list[int]:
         """KVM_GET_MSR_INDEX_LIST: asked with room for none, KVM answers E2BIG and the count."""
-        probe = uapi.msr_list_type(0)()
+        probe = structs.msr_list_type(0)()
         try:
             self._ioctl(self._kvm_fd, Ioctl.KVM_GET_MSR_INDEX_LIST, probe, device=self.name)
             return []
         except KvmError as exc:
             if exc.errno != errno.E2BIG:
                 raise
-        listing = uapi.msr_list_type(probe.nmsrs)()
+        listing = structs.msr_list_type(probe.nmsrs)()
         listing.nmsrs = probe.nmsrs
         self._ioctl(self._kvm_fd, Ioctl.KVM_GET_MSR_INDEX_LIST, listing, device=self.name)
         return list(listing.indices[:listing.nmsrs])
@@ -216,7 +217,7 @@ class KvmVm:
         return VcpuLayout(
             sregs2=bool(self._check(Cap.SREGS2)),
             xsave2=xsave2 > 0,
-            xsave_size=max(xsave2, ctypes.sizeof(uapi.kvm_xsave)),
+            xsave_size=max(xsave2, ctypes.sizeof(structs.kvm_xsave)),
             msr_chunks=msr_chunks(self._usable_msrs(self._msr_index_list())),
             xsave_components=_xsave_components(self._cpuid),
             tsc_deadline=any(e.function == 1 and e.ecx & _CPUID_1_ECX_TSC_DEADLINE
@@ -237,7 +238,7 @@ class KvmVm:
             os.close(scratch_vm)
 
     def _msr_round_trips(self, vcpu_fd: int, index: int) -> bool:
-        one = uapi.msrs_type(1)()
+        one = structs.msrs_type(1)()
         one.nmsrs, one.entries[0].index = 1, index
         # Both ioctls return how many MSRs they processed: 0 means KVM refused this one.
         if self._ioctl(vcpu_fd, Ioctl.KVM_GET_MSRS, one, device=self.name) != 1:
