@@ -7,7 +7,7 @@ from pathlib import Path
 
 import trustme
 
-from devstate.net.transport import TlsConfig
+from devstate.net.tls import TlsConfig
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,9 @@ from hypothesis import strategies as st
 from qemu.qmp import EventListener, ExecuteError, QMPClient
 
 from devstate.errors import DevstateError
+from devstate.qmp.commands import Command, Param, QmpError
 from devstate.qmp.json_stream import MAX_PENDING_CHARS, BadInput, JsonStream
-from devstate.qmp.server import Command, Param, QmpError, QmpServer
+from devstate.qmp.server import QmpServer
 
 REPLY_TIMEOUT_S = 5.0
 SLOW_S = 0.5

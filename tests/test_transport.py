@@ -27,15 +27,8 @@ import uvloop
 
 from devstate.errors import ChannelError, DevstateError
 from devstate.net import fdio
-from devstate.net.transport import (
-    Address,
-    Listener,
-    TlsConfig,
-    connect,
-    parse_uri,
-    tls_client,
-    tls_server,
-)
+from devstate.net.tls import TlsConfig, tls_client, tls_server
+from devstate.net.transport import Address, Listener, connect, parse_uri
 
 pytestmark = [pytest.mark.filterwarnings("error::ResourceWarning"),
               pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")]

@@ -16,7 +16,8 @@ from devstate.config.spec import parse_spec
 from devstate.errors import MigrationFailed
 from devstate.migration.local import destination
 from devstate.migration.source import SourceVM
-from devstate.net.transport import TlsConfig, parse_uri
+from devstate.net.tls import TlsConfig
+from devstate.net.transport import parse_uri
 from devstate.protocol import wire
 from tests.faulty_proxy import Fault, faulty_proxy
 from tests.pki import Pki, make_pki

@@ -10,7 +10,7 @@ from devstate.cli.machines import default_workers
 from devstate.config.fields import parse_quantity
 from devstate.config.params import Overrun, Routing
 from devstate.errors import DevstateError, SpecError
-from devstate.net.transport import TlsConfig
+from devstate.net.tls import TlsConfig
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -16,7 +16,7 @@ from devstate.config.params import MigrationParams
 from devstate.config.spec import MachineConfig, load_spec
 from devstate.errors import SpecError
 from devstate.lifecycle import end_with_parent
-from devstate.net.transport import TlsConfig
+from devstate.net.tls import TlsConfig
 
 
 async def vm_command(args: argparse.Namespace) -> int:

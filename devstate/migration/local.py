@@ -25,7 +25,7 @@ from devstate.config.spec import MachineConfig
 from devstate.errors import DevstateError
 from devstate.migration.source import SourceVM
 from devstate.net import channels
-from devstate.net.transport import TlsConfig
+from devstate.net.tls import TlsConfig
 from devstate.planning.cost import CostHistory
 from devstate.report.migration import MigrationReport
 from devstate.report.progress import MigrationProgress, following

@@ -24,7 +24,8 @@ from typing import Any
 
 from devstate.errors import ChannelError, PeerFailed, ProtocolError
 from devstate.net import fdio, transport
-from devstate.net.transport import Address, Listener, TlsConfig, parse_uri
+from devstate.net.tls import TlsConfig, tls_client, tls_server
+from devstate.net.transport import Address, Listener, parse_uri
 from devstate.protocol import wire
 
 __all__ = ["Address", "Channel", "Listener", "TlsConfig", "parse_uri", "open_channel",
@@ -64,7 +65,7 @@ async def open_channel(address: Address, hello_bytes: bytes, tls: TlsConfig | No
     with _closed_on_failure(held, str(address)):
         await fdio.send_all(held[0], [hello_bytes])
         if tls is not None:
-            held[0] = await transport.tls_client(held[0], tls, _server_name(address, tls))
+            held[0] = await tls_client(held[0], tls, _server_name(address, tls))
             await fdio.send_all(held[0], [hello_bytes])
         # The destination echoes the hello once the channel is adopted: a refused, stray
         # or broken channel shows here, at setup, not as a stall later.
@@ -96,7 +97,7 @@ async def secure_accepted(sock: socket.socket, hello_bytes: bytes,
                                 "the source asked for TLS; this destination has no "
                                 "certificate (--tls-cert)")
         if tls is not None:
-            held[0] = await transport.tls_server(sock, tls)
+            held[0] = await tls_server(sock, tls)
             inner = await read_hello(held[0])
             if wire.pack_hello(inner) != hello_bytes:
                 raise ProtocolError("hello", f"channel {inner.index}: the hello inside TLS "

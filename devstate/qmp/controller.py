@@ -28,87 +28,29 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import enum
 import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
-from devstate.config.params import MigrationParams, Overrun, Routing
+from devstate.config.params import MigrationParams
 from devstate.config.spec import MachineConfig
 from devstate.errors import DevstateError, describe
 from devstate.migration.destination import Incoming
 from devstate.migration.machine import Machine
 from devstate.migration.source import Outgoing
 from devstate.net.channels import Listener, parse_uri
-from devstate.net.transport import TlsConfig
+from devstate.net.tls import TlsConfig
 from devstate.phase import Phase
 from devstate.planning.cost import CostHistory
-from devstate.qmp.server import Command, Param, QmpError
-from devstate.report.migration import MigrationReport
+from devstate.qmp import options
+from devstate.qmp.commands import Command, Param, QmpError
+from devstate.qmp.status import Migration, RunState
 from devstate.worker import jobs as m
 
 log = logging.getLogger("devstate.qmp.controller")
 
-# QEMU's bounds (migration/options.c): downtime-limit up to 2000 s, channels 1-255.
-MAX_DOWNTIME_LIMIT_MS = 2_000_000
-MAX_CHANNELS = 255
-# Capabilities a QEMU controller may set, and what devstate does with them.
-HONOURED = ("events", "multifd", "return-path", "switchover-ack")
-KNOWN = (*HONOURED, "xbzrle", "rdma-pin-all", "auto-converge", "zero-blocks", "compress",
-         "postcopy-ram", "x-colo", "release-ram", "block", "pause-before-switchover",
-         "postcopy-blocktime", "late-block-activate", "x-ignore-shared", "validate-uuid",
-         "background-snapshot", "zero-copy-send", "postcopy-preempt", "dirty-limit",
-         "mapped-ram")
 QUIT_GRACE_S = 0.05
-
-
-class RunState(enum.StrEnum):
-    """``query-status``'s status: QEMU's RunState names that apply here."""
-
-    RUNNING = "running"
-    PAUSED = "paused"
-    INMIGRATE = "inmigrate"
-    FINISH_MIGRATE = "finish-migrate"
-    POSTMIGRATE = "postmigrate"
-
-
-@dataclasses.dataclass(slots=True)
-class Migration:
-    """One migration as ``query-migrate`` shows it (times from ``time.monotonic``)."""
-
-    status: Phase = Phase.NONE
-    started: float = dataclasses.field(default_factory=time.monotonic)
-    setup_done: float | None = None
-    ended: float | None = None
-    expected_ms: float | None = None
-    critical_path: str = ""
-    report: MigrationReport | None = None
-    error: str = ""
-    listening: str = ""  # an incoming migration's address (port 0 resolved)
-
-    def info(self) -> dict[str, Any]:
-        """QEMU's MigrationInfo fields that apply, and devstate's own under ``devstate``."""
-        now = self.ended if self.ended is not None else time.monotonic()
-        info: dict[str, Any] = {"status": str(self.status),
-                                "total-time": round((now - self.started) * 1e3)}
-        if self.setup_done is not None:
-            info["setup-time"] = round((self.setup_done - self.started) * 1e3)
-        if not self.status.ended and self.expected_ms is not None:
-            info["expected-downtime"] = round(self.expected_ms)
-        if self.error:
-            info["error-desc"] = self.error
-        ours: dict[str, Any] = {"critical-path": self.critical_path}
-        if self.listening:
-            ours["incoming"] = self.listening
-        if self.report is not None:
-            if self.status is Phase.COMPLETED:
-                info["downtime"] = round(self.report.downtime_ms)
-            info["vfio"] = {"transferred": sum(d.bytes for d in self.report.devices
-                                               if d.id.startswith("vfio/"))}
-            ours.update(self.report.to_json())
-        info["devstate"] = ours
-        return info
 
 
 class Controller:
@@ -134,8 +76,7 @@ class Controller:
         self._task: asyncio.Task[None] | None = None
         self._cancelling = False
         self._outgoing = False  # the migration in self.migration leaves this VM
-        self._capabilities = {"events": False, "multifd": True, "return-path": True,
-                              "switchover-ack": False}
+        self._capabilities = dict(options.DEFAULT_CAPABILITIES)
         self.quitting = asyncio.Event()
         self.ready: str | None = None  # where an incoming migration is listened for
 
@@ -261,63 +202,20 @@ class Controller:
     async def _set_parameters(self, args: dict[str, Any]) -> None:
         if self._active():
             raise QmpError("GenericError", "There's a migration process in progress")
-        changes: dict[str, Any] = {}
-        if "downtime-limit" in args:
-            changes["downtime_limit_ms"] = _bounded(args, "downtime-limit", 0,
-                                                    MAX_DOWNTIME_LIMIT_MS)
-        if "max-bandwidth" in args:
-            changes["bandwidth_limit"] = _bounded(args, "max-bandwidth", 0, 2**62) or None
-        if "multifd-channels" in args:
-            changes["channels"] = _bounded(args, "multifd-channels", 1, MAX_CHANNELS)
-        if "x-routing" in args:
-            changes["routing"] = _choice(args, "x-routing", Routing)
-        if "x-overrun" in args:
-            changes["overrun"] = _choice(args, "x-overrun", Overrun)
-        if "x-workers" in args and args["x-workers"] != self.params.workers:
-            raise QmpError("GenericError", f"Parameter 'x-workers' is fixed at "
-                                           f"{self.params.workers} once the VM has started "
-                                           "(devstate vm --workers)")
-        self._configure(**changes)
+        self._configure(**options.parameter_changes(args, self.params))
 
     async def _query_parameters(self, _: dict[str, Any]) -> dict[str, Any]:
-        s = self.params
-        return {"downtime-limit": s.downtime_limit_ms if s.downtime_limit_ms is not None
-                else 0,
-                "max-bandwidth": int(s.bandwidth_limit or 0),
-                "multifd-channels": s.data_channels,
-                "x-routing": s.routing.value, "x-overrun": s.overrun.value,
-                "x-workers": s.workers}
+        return options.query_parameters(self.params)
 
     async def _set_capabilities(self, args: dict[str, Any]) -> None:
         if self._active():
             raise QmpError("GenericError", "There's a migration process in progress")
-        wanted: dict[str, bool] = {}
-        for k, item in enumerate(args["capabilities"]):
-            if not isinstance(item, dict) or set(item) != {"capability", "state"} \
-                    or not isinstance(item["capability"], str) \
-                    or not isinstance(item["state"], bool):
-                raise QmpError("GenericError", f"capabilities[{k}]: expected "
-                                               "{\"capability\": string, \"state\": boolean}")
-            name, state = item["capability"], item["state"]
-            if name not in KNOWN:
-                raise QmpError("GenericError", f"Parameter 'capability' does not accept value "
-                                               f"'{name}'")
-            if name not in HONOURED and state:
-                raise QmpError("GenericError", f"capability '{name}' is not supported by "
-                                               "devstate")
-            if name == "return-path" and not state:
-                raise QmpError("GenericError", "devstate always uses its return path: the "
-                                               "destination acknowledges before the source "
-                                               "lets go of its state (two-phase commit)")
-            wanted[name] = state
-        merged = {**self._capabilities, **wanted}
-        self._capabilities = merged
-        self._configure(precopy=merged["switchover-ack"],
-                        channels=None if merged["multifd"] else 1)
+        self._capabilities = options.merge_capabilities(self._capabilities,
+                                                        args["capabilities"])
+        self._configure(**options.capability_changes(self._capabilities))
 
     async def _query_capabilities(self, _: dict[str, Any]) -> list[dict[str, Any]]:
-        return [{"capability": name, "state": self._capabilities.get(name, False)}
-                for name in KNOWN]
+        return options.query_capabilities(self._capabilities)
 
     async def _quit(self, _: dict[str, Any]) -> None:
         # The reply goes out first (the session writes it a few loop passes after this
@@ -448,21 +346,3 @@ def _parse(uri: str) -> Any:
         return parse_uri(uri)
     except DevstateError as exc:
         raise QmpError("GenericError", f"Invalid migration URI '{uri}': {exc}") from exc
-
-
-def _bounded(args: dict[str, Any], name: str, low: int, high: int) -> int:
-    value = args[name]
-    if not low <= value <= high:
-        raise QmpError("GenericError", f"Parameter '{name}' expects a value between {low} "
-                                       f"and {high}")
-    return int(value)
-
-
-def _choice(args: dict[str, Any], name: str, kind: type[enum.Enum]) -> Any:
-    try:
-        return kind(args[name])
-    except ValueError:
-        accepted = ", ".join(str(k.value) for k in kind)
-        raise QmpError("GenericError", f"Parameter '{name}' expects one of: "
-                                       f"{accepted}") from None
-

@@ -25,18 +25,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import socket
 import stat
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable
 from types import TracebackType
 from typing import Any, cast
 
 from devstate.errors import DevstateError
+from devstate.qmp.commands import (
+    NO_ID,
+    Command,
+    Param,
+    QmpError,
+    check_arguments,
+    encode,
+    encode_reply,
+    error,
+    parse_request,
+)
 from devstate.qmp.json_stream import BadInput, JsonStream
 
 log = logging.getLogger("devstate.qmp")
@@ -50,117 +59,6 @@ MAX_WRITE_BUFFER_BYTES = 4 << 20
 LISTEN_BACKLOG = 16
 # How long close() lets sessions flush what was written before dropping it.
 CLOSE_FLUSH_TIMEOUT_S = 2.0
-
-
-
-
-class QmpError(DevstateError):
-    """Raised by a command handler to answer with a QMP error of that class and text.
-
-    ``error_class`` is a QAPI error class (``GenericError``, ``CommandNotFound``...) and
-    ``desc`` is what the client sees, e.g. ``ExecuteError`` in qemu.qmp.
-    """
-
-    def __init__(self, error_class: str, desc: str) -> None:
-        super().__init__(desc)
-        self.error_class = error_class
-        self.desc = desc
-
-
-@dataclass(frozen=True, slots=True)
-class Param:
-    """One argument of a command: its name, the JSON type(s) it takes, whether it must be given.
-
-    ``float`` accepts integers as well (both are JSON numbers); ``int`` does not accept
-    booleans.
-    """
-
-    name: str
-    kind: type | tuple[type, ...]
-    required: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class Command:
-    """A QMP command: ``handler`` gets the checked arguments and returns the ``return`` value.
-
-    A handler returning None answers ``{}``. It raises :class:`QmpError` to answer with an
-    error of its choice; any other :class:`DevstateError` becomes a ``GenericError`` with its
-    text; anything else is logged and answered as an internal error.
-    """
-
-    name: str
-    handler: Callable[[dict[str, Any]], Awaitable[Any]]
-    params: tuple[Param, ...] = ()
-
-
-_NO_ID = object()  # the request had no "id" (None would be an id of JSON null)
-
-_TYPE_NAMES = {str: "string", int: "integer", float: "number", bool: "boolean",
-               dict: "object", list: "array"}
-
-
-def _encode(message: dict[str, Any]) -> bytes:
-    # ASCII with \u escapes: a lone surrogate echoed from an id stays valid JSON.
-    return json.dumps(message, allow_nan=False).encode("ascii") + b"\r\n"
-
-
-def _error(error_class: str, desc: str) -> dict[str, Any]:
-    return {"error": {"class": error_class, "desc": desc}}
-
-
-def _parse_request(request: Any) -> tuple[str, dict[str, Any]]:
-    """The command name and arguments of a request, or QmpError saying what is wrong."""
-    if not isinstance(request, dict):
-        raise QmpError("GenericError", "QMP input must be a JSON object")
-    name = None
-    for key, value in request.items():
-        if key in ("execute", "exec-oob"):  # out-of-band requests run in order like the rest
-            if not isinstance(value, str):
-                raise QmpError("GenericError", f"QMP input member '{key}' must be a string")
-            if name is not None:
-                raise QmpError("GenericError", f"QMP input member '{key}' is unexpected")
-            name = value
-        elif key == "arguments":
-            if not isinstance(value, dict):
-                raise QmpError("GenericError", "QMP input member 'arguments' must be an object")
-        elif key != "id":
-            raise QmpError("GenericError", f"QMP input member '{key}' is unexpected")
-    if name is None:
-        raise QmpError("GenericError", "QMP input lacks member 'execute'")
-    return name, request.get("arguments", {})
-
-
-def _has_kind(value: Any, kind: type | tuple[type, ...]) -> bool:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if isinstance(value, bool):
-        return bool in kinds
-    if isinstance(value, int) and float in kinds:
-        return True
-    return isinstance(value, kinds)
-
-
-def _kind_name(kind: type | tuple[type, ...]) -> str:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if float in kinds:  # an integer is a number too: (int, float) reads "number"
-        kinds = tuple(k for k in kinds if k is not int)
-    return " or ".join(_TYPE_NAMES.get(k, k.__name__) for k in kinds)
-
-
-def _check_arguments(command: Command, args: dict[str, Any]) -> dict[str, Any]:
-    """The arguments checked against ``command.params`` (QEMU's order and wording)."""
-    for param in command.params:
-        if param.name not in args:
-            if param.required:
-                raise QmpError("GenericError", f"Parameter '{param.name}' is missing")
-        elif not _has_kind(args[param.name], param.kind):
-            raise QmpError("GenericError", f"Invalid parameter type for '{param.name}', "
-                                           f"expected: {_kind_name(param.kind)}")
-    known = {param.name for param in command.params}
-    for name in args:
-        if name not in known:
-            raise QmpError("GenericError", f"Parameter '{name}' is unexpected")
-    return dict(args)
 
 
 class _Session(asyncio.Protocol):
@@ -259,18 +157,18 @@ class _Session(asyncio.Protocol):
 
     async def _answer(self, request: Any) -> bytes:
         if isinstance(request, BadInput):
-            return _encode(_error("GenericError", request.desc))
-        request_id = request.get("id", _NO_ID) if isinstance(request, dict) else _NO_ID
+            return encode(error("GenericError", request.desc))
+        request_id = request.get("id", NO_ID) if isinstance(request, dict) else NO_ID
         try:
-            name, args = _parse_request(request)
+            name, args = parse_request(request)
             command = self._server._lookup(name, self.is_negotiated)
-            payload = await self._run(command, _check_arguments(command, args))
+            payload = await self._run(command, check_arguments(command, args))
         except QmpError as exc:
-            payload = _error(exc.error_class, exc.desc)
+            payload = error(exc.error_class, exc.desc)
         else:
             if name == "qmp_capabilities" and "return" in payload:
                 self.is_negotiated = True
-        return _encode_reply(payload, request_id)
+        return encode_reply(payload, request_id)
 
     async def _run(self, command: Command, args: dict[str, Any]) -> dict[str, Any]:
         task = asyncio.get_running_loop().create_task(self._server._execute(command, args))
@@ -281,22 +179,8 @@ class _Session(asyncio.Protocol):
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if task.cancelled() and current is not None and not current.cancelling():
-                return _error("GenericError", f"command {command.name} was cancelled")
+                return error("GenericError", f"command {command.name} was cancelled")
             raise
-
-
-def _encode_reply(payload: dict[str, Any], request_id: Any) -> bytes:
-    # A handler may return what JSON cannot hold (an object, NaN): that is an internal
-    # error for the client, not a reason to lose the session.
-    message = dict(payload)
-    if request_id is not _NO_ID:
-        message["id"] = request_id
-    try:
-        return _encode(message)
-    except (TypeError, ValueError, RecursionError) as exc:
-        log.error("qmp: cannot encode a reply: %s", exc)
-        return _encode_reply(
-            _error("GenericError", f"internal error: {type(exc).__name__}: {exc}"), request_id)
 
 
 class QmpServer:
@@ -320,7 +204,7 @@ class QmpServer:
         for builtin in builtins:
             self._commands.setdefault(builtin.name, builtin)
         major, minor, micro = version
-        self._greeting = _encode({"QMP": {
+        self._greeting = encode({"QMP": {
             "version": {"qemu": {"micro": micro, "minor": minor, "major": major},
                         "package": package},
             "capabilities": ["oob"]}})
@@ -405,7 +289,7 @@ class QmpServer:
         MAX_WRITE_BUFFER_BYTES pile up unread is dropped.
         """
         now_us = time.time_ns() // 1000
-        line = _encode({"event": event, "data": {} if data is None else data,
+        line = encode({"event": event, "data": {} if data is None else data,
                         "timestamp": {"seconds": now_us // 1_000_000,
                                       "microseconds": now_us % 1_000_000}})
         for session in list(self._sessions):
@@ -430,12 +314,12 @@ class QmpServer:
         try:
             value = await command.handler(args)
         except QmpError as exc:
-            return _error(exc.error_class, exc.desc)
+            return error(exc.error_class, exc.desc)
         except DevstateError as exc:
-            return _error("GenericError", str(exc))
+            return error("GenericError", str(exc))
         except Exception as exc:
             log.exception("qmp: command %s failed", command.name)
-            return _error("GenericError", f"internal error: {type(exc).__name__}: {exc}")
+            return error("GenericError", f"internal error: {type(exc).__name__}: {exc}")
         return {"return": {} if value is None else value}
 
     async def _qmp_capabilities(self, args: dict[str, Any]) -> None:

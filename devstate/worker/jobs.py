@@ -13,7 +13,8 @@ from typing import Any
 
 from devstate.config.params import Schedule
 from devstate.net.route import Routes
-from devstate.net.transport import Address, TlsConfig
+from devstate.net.tls import TlsConfig
+from devstate.net.transport import Address
 from devstate.planning.admission import TransferOrder
 from devstate.report.migration import DeviceResult
 
@@ -45,7 +46,7 @@ class ConnectChannels(Job):
     """Source: connect these data channels to the destination at ``address``.
 
     ``hellos`` pairs each channel index with the hello it opens with; ``tls`` (a
-    :class:`~devstate.net.transport.TlsConfig`, or None) secures them.
+    :class:`~devstate.net.tls.TlsConfig`, or None) secures them.
     """
 
     address: Address

@@ -1,0 +1,62 @@
+"""What QMP's queries show: the VM's run state and one migration as ``query-migrate`` sees it.
+
+Runs in: the ``devstate vm --qmp`` process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+from typing import Any
+
+from devstate.phase import Phase
+from devstate.report.migration import MigrationReport
+
+
+class RunState(enum.StrEnum):
+    """``query-status``'s status: QEMU's RunState names that apply here."""
+
+    RUNNING = "running"
+    PAUSED = "paused"
+    INMIGRATE = "inmigrate"
+    FINISH_MIGRATE = "finish-migrate"
+    POSTMIGRATE = "postmigrate"
+
+
+@dataclasses.dataclass(slots=True)
+class Migration:
+    """One migration as ``query-migrate`` shows it (times from ``time.monotonic``)."""
+
+    status: Phase = Phase.NONE
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    setup_done: float | None = None
+    ended: float | None = None
+    expected_ms: float | None = None
+    critical_path: str = ""
+    report: MigrationReport | None = None
+    error: str = ""
+    listening: str = ""  # an incoming migration's address (port 0 resolved)
+
+    def info(self) -> dict[str, Any]:
+        """QEMU's MigrationInfo fields that apply, and devstate's own under ``devstate``."""
+        now = self.ended if self.ended is not None else time.monotonic()
+        info: dict[str, Any] = {"status": str(self.status),
+                                "total-time": round((now - self.started) * 1e3)}
+        if self.setup_done is not None:
+            info["setup-time"] = round((self.setup_done - self.started) * 1e3)
+        if not self.status.ended and self.expected_ms is not None:
+            info["expected-downtime"] = round(self.expected_ms)
+        if self.error:
+            info["error-desc"] = self.error
+        ours: dict[str, Any] = {"critical-path": self.critical_path}
+        if self.listening:
+            ours["incoming"] = self.listening
+        if self.report is not None:
+            if self.status is Phase.COMPLETED:
+                info["downtime"] = round(self.report.downtime_ms)
+            info["vfio"] = {"transferred": sum(d.bytes for d in self.report.devices
+                                               if d.id.startswith("vfio/"))}
+            ours.update(self.report.to_json())
+        info["devstate"] = ours
+        return info
