@@ -33,11 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from devstate.devices.vfio.session import (
-    ResumeSession,
-    SaveSession,
-    StreamRejected,
-)
+from devstate.devices.vfio.resume import ResumeSession
+from devstate.devices.vfio.session import SaveSession, StreamRejected
 from devstate.devices.vfio.state import (
     BLANK_GENERATION,
     ChunkContent,
