@@ -109,39 +109,53 @@ def estimate(table: DeviceTable, plan: Plan, host: HostCosts,
     (by device index): only those are left for stop-and-copy.
     """
     left = remaining or {}
-    records = [d for d in table if d.vfio is None]
     streams = [d for d in table if d.vfio is not None]
     get_us, put_us = record_us if record_us is not None else (
         table.machine.vcpus.get_us, table.machine.vcpus.put_us)
     if sequential:
         return _sequential(table, host, get_us + put_us, {
             d.index: left.get(d.index, d.vfio.size) for d in streams if d.vfio is not None})
-    terms: list[Term] = []
     size = {d.index: left.get(d.index, d.vfio.size) for d in streams if d.vfio is not None}
-    for d in streams:
-        v = d.vfio
-        assert v is not None
-        rate = v.rate
-        terms.append(Term("device", f"{d.id} alone: {size[d.index] / 2**20:.0f} MiB at "
-                                    f"{rate / 2**20:.0f} MiB/s + {v.firmware_latency_ms:.0f} "
-                                    "ms firmware",
-                          (size[d.index] / rate * 1e3 + v.firmware_latency_ms)
-                          * host.scale.get("device", 1.0)))
-    w_copy, w_records, w_sessions = host.weights
-    # Streams move in the plan's order (devstate.planning.admission): each one's last byte crosses
-    # once the bytes of those before it have, then its firmware runs; the latest of those
-    # ends the streams' share of the host term (Jackson's bound for one shared resource).
+    terms = [_device_term(d, size[d.index], host) for d in streams]
+    # Streams move in the plan's order (devstate.planning.admission): each one's last byte
+    # crosses once the bytes of those before it have, then its firmware runs; the latest of
+    # those ends the streams' share of the host term (Jackson's bound for one shared
+    # resource).
     arrival, moved = {}, 0
     for index in plan.transfer:
         moved += size[index]
         arrival[index] = moved / host.copy_bytes_per_s * 1e3
-    firmware = {d.index: d.vfio.firmware_latency_ms for d in streams if d.vfio is not None}
+    terms.extend(_chains(table, size, {i: ms * host.weights[0]
+                                       for i, ms in arrival.items()}, host))
+    host_term, parts = _host_term(table, plan, host, arrival, moved, get_us + put_us)
+    terms.append(host_term)
+    terms.sort(key=lambda t: -t.ms)
+    return Estimate(host.fixed_ms + terms[0].ms, tuple(terms), parts)
+
+
+def _device_term(d: DeviceSpec, size: int, host: HostCosts) -> Term:
+    """One stream's own path: its bytes at its slower rate, then its firmware."""
+    v = d.vfio
+    assert v is not None
+    return Term("device", f"{d.id} alone: {size / 2**20:.0f} MiB at {v.rate / 2**20:.0f} "
+                          f"MiB/s + {v.firmware_latency_ms:.0f} ms firmware",
+                (size / v.rate * 1e3 + v.firmware_latency_ms) * host.scale.get("device", 1.0))
+
+
+def _host_term(table: DeviceTable, plan: Plan, host: HostCosts, arrival: dict[int, float],
+               moved: int, record_us: float
+               ) -> tuple[Term, tuple[float, float, float, float]]:
+    """The work every device shares on this host: stream copies in transfer order (and the
+    firmware of the last to arrive), record gets and puts on the cores, stream sessions.
+    Returns the term and its unweighted parts (copy, records, sessions, firmware)."""
+    records = [d for d in table if d.vfio is None]
+    firmware = {d.index: d.vfio.firmware_latency_ms for d in table if d.vfio is not None}
+    w_copy, w_records, w_sessions = host.weights
     last = max(arrival, key=lambda i: (arrival[i] * w_copy + firmware[i], i), default=None)
-    terms.extend(_chains(table, size, {i: ms * w_copy for i, ms in arrival.items()}, host))
     copy_ms = arrival[last] if last is not None else 0.0
     last_firmware = firmware[last] if last is not None else 0.0
-    record_ms = len(records) * (get_us + put_us + host.record_overhead_us) / 1e3 / host.cores
-    sessions_ms = -(-len(streams) // plan.workers) * host.stream_overhead_ms
+    record_ms = len(records) * (record_us + host.record_overhead_us) / 1e3 / host.cores
+    sessions_ms = -(-len(firmware) // plan.workers) * host.stream_overhead_ms
     parts = (copy_ms, record_ms, sessions_ms, last_firmware)
     copy_ms, record_ms, sessions_ms = copy_ms * w_copy, record_ms * w_records, \
         sessions_ms * w_sessions
@@ -149,12 +163,10 @@ def estimate(table: DeviceTable, plan: Plan, host: HostCosts,
     if last is not None:
         said[:0] = [f"{moved / 2**20:.0f} MiB of streams, through {table[last].id} "
                     f"({copy_ms:.0f} ms)"]
-        said += [f"{len(streams)} stream sessions ({sessions_ms:.0f} ms)",
+        said += [f"{len(firmware)} stream sessions ({sessions_ms:.0f} ms)",
                  f"then its firmware {last_firmware:.0f} ms"]
-    terms.append(Term("host", "host: " + ", ".join(said),
-                      copy_ms + record_ms + sessions_ms + last_firmware))
-    terms.sort(key=lambda t: -t.ms)
-    return Estimate(host.fixed_ms + terms[0].ms, tuple(terms), parts)
+    return Term("host", "host: " + ", ".join(said),
+                copy_ms + record_ms + sessions_ms + last_firmware), parts
 
 
 def _sequential(table: DeviceTable, host: HostCosts, record_us: float,
