@@ -21,7 +21,9 @@ from typing import TYPE_CHECKING, Any
 from devstate.errors import DevstateError
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
+    from matplotlib.text import Text
 
 GET, TRANSFER, COMPLETE = "get", "transfer+put", "complete"
 _COLORS = {GET: "#4c72b0", TRANSFER: "#dd8452", COMPLETE: "#55a868"}
@@ -239,12 +241,8 @@ def _time_range(reports: list[dict[str, Any]]) -> tuple[float, float]:
 
 def _figure(reports: list[dict[str, Any]], title: str | None) -> Figure:
     """The whole picture, laid out and with only the bar labels that fit their bars."""
-    from matplotlib.artist import Artist
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
-    from matplotlib.transforms import blended_transform_factory
 
     panels = [_rows(report) for report in reports]
     height = _FIGURE_IN + sum(_PANEL_IN + _ROW_IN * len(rows) for rows in panels)
@@ -253,54 +251,79 @@ def _figure(reports: list[dict[str, Any]], title: str | None) -> Figure:
     axes = figure.subplots(len(panels), 1, sharex=True, squeeze=False,
                            height_ratios=[max(1, len(rows)) for rows in panels])[:, 0]
     lo, hi = _time_range(reports)
-    labels = []  # (text, bar's start, bar's end, bar's height in rows) to check once laid out
-
+    labels: list[_Label] = []
     for ax, report, rows in zip(axes, reports, panels, strict=True):
         ax.set_title(_panel_title(report), loc="left", fontsize=9)
-        for y, row in enumerate(rows):
-            lanes = _lanes(row.items)
-            for k, lane in enumerate(lanes):
-                bar = _BAND / len(lanes)
-                center = y - _BAND / 2 + bar * (k + 0.5)
-                for item in lane:
-                    for step, start, end in item.segments:
-                        # An edge in the bar's own color keeps a zero-length step visible.
-                        ax.barh(center, end - start, left=start, height=bar * 0.9,
-                                color=_COLORS[step], edgecolor=_COLORS[step], linewidth=0.6)
-                    _, start, end = item.segments[0]
-                    text = ax.text((start + end) / 2, center, item.label, ha="center",
-                                   va="center", fontsize=_LABEL_PT, clip_on=True)
-                    text.set_in_layout(False)
-                    labels.append((text, start, end, bar * 0.9))
-        ax.set_yticks(range(len(rows)), [row.name for row in rows], fontsize=8)
-        ax.set_ylim(len(rows) - 0.5, -0.5)  # the first row on top
-        for y in range(1, len(rows)):
-            if rows[y].group != rows[y - 1].group:
-                ax.axhline(y - 0.5, color="0.6", linewidth=0.8)
-        ax.grid(axis="x", color="0.85", linewidth=0.6)
-        ax.set_axisbelow(True)
-
-        # Markers, labelled at the top of the panel, one height each so that they never
-        # cover each other when they fall close together, and on the side with more room.
-        top = blended_transform_factory(ax.transData, ax.transAxes)
-        markers = [(0.0, "stop", dict(color="0.4", linewidth=0.8)),
-                   (report["downtime_ms"], "resume",
-                    dict(color="black", linewidth=1.2)),
-                   (report["expected_ms"], "expected",
-                    dict(color="0.3", linewidth=1.2, linestyle=":"))]
-        if (limit := report.get("downtime_limit_ms")) is not None:
-            markers.append((limit, f"limit {limit:g} ms",
-                            dict(color="red", linewidth=1.2, linestyle="--")))
-        for n, (x, name, style) in enumerate(markers):
-            ax.axvline(x, **style)
-            left = x > (lo + hi) / 2
-            ax.text(x, 0.98 - 0.1 * n, f"{name} " if left else f" {name}", transform=top,
-                    ha="right" if left else "left", va="top",
-                    fontsize=_LABEL_PT, color=style["color"],
-                    bbox=dict(facecolor="white", edgecolor="none", alpha=0.7, pad=0.5))
-
+        _draw_rows(ax, rows, labels)
+        _draw_markers(ax, report, (lo + hi) / 2)
     axes[-1].set_xlim(lo, hi)
     axes[-1].set_xlabel("ms from stop")
+    _draw_legend(figure, reports)
+    if title:
+        figure.suptitle(title)
+    _keep_labels_that_fit(figure, labels)
+    return figure
+
+
+# A bar's label, with the bar's start, end and height in rows: kept only if it fits.
+_Label = tuple["Text", float, float, float]
+
+
+def _draw_rows(ax: Axes, rows: list[_Row], labels: list[_Label]) -> None:
+    """One row per worker or channel: its bars in lanes, labelled, groups ruled apart."""
+    for y, row in enumerate(rows):
+        lanes = _lanes(row.items)
+        for k, lane in enumerate(lanes):
+            bar = _BAND / len(lanes)
+            center = y - _BAND / 2 + bar * (k + 0.5)
+            for item in lane:
+                for step, start, end in item.segments:
+                    # An edge in the bar's own color keeps a zero-length step visible.
+                    ax.barh(center, end - start, left=start, height=bar * 0.9,
+                            color=_COLORS[step], edgecolor=_COLORS[step], linewidth=0.6)
+                _, start, end = item.segments[0]
+                text = ax.text((start + end) / 2, center, item.label, ha="center",
+                               va="center", fontsize=_LABEL_PT, clip_on=True)
+                text.set_in_layout(False)
+                labels.append((text, start, end, bar * 0.9))
+    ax.set_yticks(range(len(rows)), [row.name for row in rows], fontsize=8)
+    ax.set_ylim(len(rows) - 0.5, -0.5)  # the first row on top
+    for y in range(1, len(rows)):
+        if rows[y].group != rows[y - 1].group:
+            ax.axhline(y - 0.5, color="0.6", linewidth=0.8)
+    ax.grid(axis="x", color="0.85", linewidth=0.6)
+    ax.set_axisbelow(True)
+
+
+def _draw_markers(ax: Axes, report: dict[str, Any], middle: float) -> None:
+    """Stop, resume, estimate and limit as vertical lines, labelled at the top of the
+    panel, one height each so that they never cover each other when they fall close
+    together, and on the side with more room (``middle`` is the time axis' middle)."""
+    from matplotlib.transforms import blended_transform_factory
+
+    top = blended_transform_factory(ax.transData, ax.transAxes)
+    markers: list[tuple[float, str, dict[str, Any]]] = [
+               (0.0, "stop", dict(color="0.4", linewidth=0.8)),
+               (report["downtime_ms"], "resume", dict(color="black", linewidth=1.2)),
+               (report["expected_ms"], "expected",
+                dict(color="0.3", linewidth=1.2, linestyle=":"))]
+    if (limit := report.get("downtime_limit_ms")) is not None:
+        markers.append((limit, f"limit {limit:g} ms",
+                        dict(color="red", linewidth=1.2, linestyle="--")))
+    for n, (x, name, style) in enumerate(markers):
+        ax.axvline(x, **style)
+        left = x > middle
+        ax.text(x, 0.98 - 0.1 * n, f"{name} " if left else f" {name}", transform=top,
+                ha="right" if left else "left", va="top",
+                fontsize=_LABEL_PT, color=style["color"],
+                bbox=dict(facecolor="white", edgecolor="none", alpha=0.7, pad=0.5))
+
+
+def _draw_legend(figure: Figure, reports: list[dict[str, Any]]) -> None:
+    from matplotlib.artist import Artist
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
     handles: list[Artist] = [Patch(color=_COLORS[step], label=step)
                              for step in (GET, TRANSFER, COMPLETE)]
     handles += [Line2D([], [], color="black", linewidth=1.2, label="resume (downtime)"),
@@ -310,15 +333,15 @@ def _figure(reports: list[dict[str, Any]], title: str | None) -> Figure:
                               label="downtime limit"))
     figure.legend(handles=handles, loc="outside lower center", ncol=len(handles),
                   fontsize=8, frameon=False)
-    if title:
-        figure.suptitle(title)
 
-    # A label stays only where it fits inside its bar; that is known once laid out.
+
+def _keep_labels_that_fit(figure: Figure, labels: list[_Label]) -> None:
+    """A label stays only where it fits inside its bar; that is known once laid out."""
     figure.canvas.draw()  # lays the figure out; extents then come from its renderer
     for text, start, end, rows_high in labels:
         ax = text.axes
+        assert ax is not None  # every label was drawn on a panel
         (x0, y0), (x1, y1) = ax.transData.transform([(start, 0.0), (end, rows_high)])
         box = text.get_window_extent()
         if box.width + 4 > abs(x1 - x0) or box.height > abs(y1 - y0):
             text.remove()
-    return figure
