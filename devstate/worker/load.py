@@ -145,9 +145,6 @@ class Loader:
                                                    devices=len(self._owner),
                                                    max_payload=self._max_payload)
                 if header.kind is wire.PacketKind.CHUNK:
-                    if header.length > self._max_chunk:
-                        raise ProtocolError("packet.length", f"a CHUNK of {header.length} B "
-                                            f"exceeds the chunk slots' {self._max_chunk} B")
                     have = min(end - start - HDR, header.length)
                     await self._receive_chunk(channel, sock, header, buf[start:start + HDR],
                                               buf[start + HDR:start + HDR + have])
@@ -164,12 +161,7 @@ class Loader:
                 payload = buf[start + HDR:start + total]
                 wire.verify_payload(buf[start:start + HDR], header, payload)
                 if header.kind is wire.PacketKind.FIN:
-                    if header.seq != packets:
-                        raise IntegrityError("fin.packets", f"channel {channel}: the source "
-                                             f"sent {header.seq} packets, received {packets}")
-                    if end - start > total:
-                        raise ProtocolError("packet.flags", f"channel {channel}: bytes after "
-                                                            "its FIN")
+                    _check_fin(channel, header, packets, end - start - total)
                     return
                 await self._small_packet(header, payload)
                 packets += 1
@@ -199,6 +191,9 @@ class Loader:
                              header: wire.PacketHeader, header_bytes: memoryview,
                              head: memoryview) -> None:
         """Receive a chunk into a slot of its own; ``head`` is what the window already has."""
+        if header.length > self._max_chunk:
+            raise ProtocolError("packet.length", f"a CHUNK of {header.length} B exceeds the "
+                                                 f"chunk slots' {self._max_chunk} B")
         share = self._shares[channel]
         await share.acquire()
         slot = await self._slots.acquire(self._chunk_class)
@@ -418,3 +413,12 @@ class Loader:
         state.bytes = len(payload)
         state.packets = 1
         state.end_ns = state.done_ns = time.monotonic_ns()
+
+
+def _check_fin(channel: int, fin: wire.PacketHeader, received: int, after: int) -> None:
+    """A channel's FIN counts the packets sent on it, and nothing may follow it."""
+    if fin.seq != received:
+        raise IntegrityError("fin.packets", f"channel {channel}: the source sent {fin.seq} "
+                                            f"packets, received {received}")
+    if after:
+        raise ProtocolError("packet.flags", f"channel {channel}: bytes after its FIN")
