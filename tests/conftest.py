@@ -18,6 +18,7 @@ from devstate.arena.slots import PREFIX, SHM_DIR
 from devstate.config.params import MigrationParams
 from devstate.config.spec import parse_spec
 from devstate.migration.source import SourceVM
+from tests.kit import Pair
 
 
 def shm_segments() -> set[str]:
@@ -65,12 +66,15 @@ def our_children() -> list[psutil.Process]:
 
 @pytest.fixture(autouse=True)
 def no_leaks() -> Any:
-    """Fail a test that leaves devstate processes or shared-memory segments behind."""
+    """Fail a test that leaves devstate processes or shared-memory segments behind (what
+    was running before it, such as a module's warm pair, is not the test's)."""
     before = shm_segments()
+    running = {p.pid for p in our_children()}
     yield
     leaked_shm = shm_segments() - before
     # Processes are reaped asynchronously by their parents: allow a bounded moment.
-    _, alive = psutil.wait_procs(our_children(), timeout=5.0)
+    _, alive = psutil.wait_procs([p for p in our_children() if p.pid not in running],
+                                 timeout=5.0)
     assert not alive, f"processes left running: {[p.cmdline() for p in alive]}"
     assert not leaked_shm, f"shared-memory segments left: {leaked_shm}"
 
@@ -131,3 +135,15 @@ def no_fd_or_thread_leaks(warm_process_machinery: None) -> Iterator[None]:
     left = {fd: what for fd, what in _fds().items() if fds.get(fd) != what}
     assert not left, f"file descriptors left open: {left}"
     assert threading.active_count() <= threads, [t.name for t in threading.enumerate()]
+
+
+@pytest.fixture(scope="module")
+def warm_pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
+    """A source and destination pair (tests/kit.py) shared by a module's tests: the
+    module's ``PAIR_SPEC`` machine, with its ``PAIR_PARAMS`` if it has them. Every
+    process it started is gone after the module."""
+    pair = Pair(request.module.PAIR_SPEC, getattr(request.module, "PAIR_PARAMS", None))
+    try:
+        yield pair.start()
+    finally:
+        pair.close()

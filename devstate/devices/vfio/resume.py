@@ -103,8 +103,12 @@ class ResumeSession:
         return self._content, self._generations, self._check_end(self._content, *self._end)
 
     def close(self) -> None:
-        """End the session."""
+        """End the session, and drop the parser's references to its own methods: they make
+        a reference cycle that would keep the session's buffers (a MiB and more) until the
+        next full collection, which the model's GC-free sessions make rare."""
         self.sock.close()
+        self._handlers.clear()
+        self._then = _closed
 
     def _check_end(self, content: ChunkContent, count: int, digest: bytes) -> bytes:
         if count != self._own.chunk_count:
@@ -243,3 +247,8 @@ class ResumeSession:
         count, digest = RECORD_BODY[Record.END].unpack_from(self._small)
         self._end = (count, digest)
         self._expect_record()
+
+
+def _closed() -> None:
+    """What a closed session's parser does with more bytes: refuse them."""
+    raise StreamRejected("the session is closed")
