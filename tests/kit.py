@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import tempfile
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -56,7 +56,7 @@ class Pair:
 
     def start(self) -> Pair:
         """Start both machines' pools."""
-        self.run(asyncio.gather(*(m.start() for m in self._machines)))
+        self.run(_each(m.start() for m in self._machines))
         return self
 
     @property
@@ -104,7 +104,13 @@ class Pair:
     def close(self) -> None:
         """Stop both pools and the loop."""
         try:
-            self.run(asyncio.gather(*(m.close() for m in self._machines)))
+            self.run(_each(m.close() for m in self._machines))
         finally:
             self.loop.close()
             self._tmp.cleanup()
+
+
+async def _each(steps: Iterable[Coroutine[Any, Any, None]]) -> None:
+    """Run ``steps`` at once, on the running loop (a gather made outside it would bind the
+    thread's default loop instead)."""
+    await asyncio.gather(*steps)

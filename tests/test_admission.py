@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from devstate.config.params import MigrationParams
 from devstate.config.spec import parse_spec
 from devstate.devices import device_table
@@ -86,6 +88,7 @@ def _ends(spec_order: bool, run) -> dict[str, float]:
     return run(scenario())
 
 
+@pytest.mark.slow  # two migrations at a low host rate
 def test_streams_move_in_the_plans_order_in_a_migration(run) -> None:
     """Together, the small device's 8 MiB would be read long before the big one's 48 MiB;
     admitted one at a time, the big one (the longest tail) is read first with the plan,

@@ -23,6 +23,7 @@ def devstate(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[st
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
+@pytest.mark.slow  # two migrations of the 516-device default machine
 def test_demo_json_reports_both_modes_on_the_default_machine() -> None:
     done = devstate("demo", "--json")
     assert done.returncode == 0, done.stderr
@@ -41,6 +42,7 @@ def test_demo_json_reports_both_modes_on_the_default_machine() -> None:
     assert why in out["vcpu_backend_reason"]
 
 
+@pytest.mark.slow  # two CLI migrations
 def test_migrate_prints_a_table_or_json() -> None:
     spec = str(EXAMPLES / "one-nic-32mib.toml")
     table = devstate("migrate", "--spec", spec, "--sequential")
@@ -71,6 +73,7 @@ def test_bad_input_is_a_clear_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.slow  # a 4 s migration, interrupted
 def test_interrupt_mid_migration_stops_everything(tmp_path: Path, sig: signal.Signals) -> None:
     spec = tmp_path / "slow.toml"
     spec.write_text('[[devices]]\nname = "big"\nsize = "512MiB"\n'
@@ -109,6 +112,7 @@ def _wait_for_both_sides(pid: int, timeout_s: float = 60.0) -> None:
     raise AssertionError("the migration never got under way")
 
 
+@pytest.mark.slow  # a killed process tree
 def test_a_killed_migration_leaves_nothing_running(tmp_path: Path) -> None:
     """SIGKILL of the source coordinator: its workers see their pipes close, the device
     models their owners die, and the destination its parent: everything ends by itself."""
@@ -128,6 +132,7 @@ def test_a_killed_migration_leaves_nothing_running(tmp_path: Path) -> None:
     assert not leftovers
 
 
+@pytest.mark.slow  # a killed parent, a waiting destination
 def test_a_one_shot_destination_ends_with_the_process_that_started_it(tmp_path: Path) -> None:
     spec = tmp_path / "m.toml"
     spec.write_text('[[devices]]\nname = "nic0"\nsize = "4MiB"\n')

@@ -174,6 +174,7 @@ def test_precopy_switches_over_once_the_limit_is_expected_to_hold(run) -> None:
     assert outcome["seen"] == ["setup", "active", "device", "completed"]
 
 
+@pytest.mark.slow  # a precopy timeout
 def test_precopy_that_cannot_converge_fails_without_stopping_the_vm(run) -> None:
     """Dirtied faster (512 MiB/s) than it can be read (256 MiB/s): the expected downtime
     never meets 30 ms, so after the precopy bound no switchover happens, the error shows
@@ -219,6 +220,7 @@ def test_the_estimate_follows_dependency_chains() -> None:
     assert made.critical.ms == pytest.approx(8 / 512 * 1e3 + 300 + 20)
 
 
+@pytest.mark.slow  # migrations at three worker counts
 def test_devices_complete_their_loads_after_what_they_depend_on(run) -> None:
     """vfio/a and every vCPU load after vfio/b (300 ms of firmware), on whichever
     destination worker each lands: across workers the LOADED notes order them."""

@@ -31,6 +31,9 @@ from devstate.errors import DowntimeOverrun, MigrationFailed
 from devstate.migration.local import destination
 from devstate.migration.source import SourceVM
 
+# 26 real-process migrations with faults: about half a minute
+pytestmark = pytest.mark.slow
+
 CELL_TIMEOUT_S = 60.0
 
 # Two streams of 8 one-MiB chunks and 16 vCPUs over 2 workers a side: every step of a

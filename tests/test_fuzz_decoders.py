@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+# coverage-guided fuzzing, a few seconds per decoder
+pytestmark = pytest.mark.slow
+
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "fuzz_decoders.py"
 RUNS = 30_000  # per target: about a second each here
 

@@ -24,6 +24,7 @@ pytestmark = pytest.mark.skipif(not USABLE, reason=f"needs KVM: {WHY}")
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
+@pytest.mark.slow  # 1024 KVM vCPUs
 def test_1024_kvm_vcpus_migrate_verified_with_the_example_spec() -> None:
     done = subprocess.run([sys.executable, "-m", "devstate", "migrate", "--spec",
                            str(EXAMPLES / "kvm-1024.toml"), "--json"],

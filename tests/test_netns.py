@@ -21,6 +21,9 @@ from typing import Any
 import pytest
 from netns import Link, TwoHosts, list_namespaces, require_netns, two_hosts
 
+# Real network namespaces and shaped links, each flow measured for a second or more.
+pytestmark = pytest.mark.slow
+
 PROBE = Path(__file__).with_name("netns_probe.py")
 FLOW_MBIT = 80.0
 # 6 MB is ~0.6 s at 80 Mbit/s: long enough that slow start is a small part of it.

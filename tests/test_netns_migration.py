@@ -19,6 +19,9 @@ from netns import Link, TwoHosts, require_netns, two_hosts
 
 from tests.pki import Pki, make_pki
 
+# migrations between network namespaces
+pytestmark = pytest.mark.slow
+
 SPEC = {"seed": 21, "vcpus": {"count": 64},
         "devices": [{"name": "gpu", "size": "48MiB"}, {"name": "nic", "size": "8MiB"}]}
 READY_TIMEOUT_S = 60

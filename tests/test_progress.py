@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from devstate.phase import Phase
 from devstate.report.progress import MigrationProgress, SaveProgress
 
@@ -58,6 +60,7 @@ def _migrate(tmp_path: Path, *extra: str, tty: bool) -> tuple[int, str, str]:
         os.close(leader)
 
 
+@pytest.mark.slow  # two migrations on a pty
 def test_migrate_draws_progress_on_a_terminal_and_not_for_json(tmp_path: Path) -> None:
     code, out, err = _migrate(tmp_path, tty=True)
     assert code == 0 and "verified bit-exact" in out

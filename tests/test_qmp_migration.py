@@ -162,6 +162,7 @@ def test_migrate_cancel_mid_way_leaves_the_source_running(run, tmp_path: Path) -
     assert out["info"]["status"] == "cancelled" and "downtime" not in out["info"]
 
 
+@pytest.mark.slow  # a multi-second migration
 def test_a_client_that_leaves_mid_migration_does_not_disturb_it(run, tmp_path: Path) -> None:
     spec_path = _write_spec(tmp_path, parse_spec(
         {"seed": 4, "vcpus": {"count": 32},
@@ -290,6 +291,7 @@ def _poke(path: Path, data: bytes, negotiate: bool) -> None:
             sock.recv(65536)
 
 
+@pytest.mark.slow  # 120 fuzzed inputs during an 8 s migration
 def test_fuzzing_qmp_disturbs_neither_the_server_nor_a_migration_in_flight(
         run, tmp_path: Path) -> None:
     """Hypothesis feeds both VMs' QMP sockets bytes and requests (any command but quit and

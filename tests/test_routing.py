@@ -13,10 +13,16 @@ from devstate.devices import device_table
 from devstate.migration.local import migrate_locally
 from devstate.net.route import Routes
 from devstate.worker.layout import CHUNK_CLASS, arena_layout
+from tests.kit import Pair
 
 
 def _machine(*devices: dict[str, Any], vcpus: int = 16) -> MachineConfig:
     return parse_spec({"seed": 11, "vcpus": {"count": vcpus}, "devices": list(devices)})
+
+
+# The module's warm pair (tests/kit.py): two machines that pass a VM back and forth.
+PAIR_SPEC = _machine({"name": "big", "size": "8MiB"}, vcpus=8)
+PAIR_PARAMS = MigrationParams(workers=2)
 
 
 def test_routes_give_every_channel_one_owner_per_side() -> None:
@@ -64,6 +70,7 @@ def test_spread_reassembles_a_stream_larger_than_the_whole_arena(run) -> None:
     assert report.verified
 
 
+@pytest.mark.slow  # a migration held to a bandwidth limit
 def test_bandwidth_limit_holds_over_all_channels(run) -> None:
     """A lower bound only (a loaded host can always be slower): 12 MiB at 8 MiB/s over
     two channels cannot take less than its bytes, less one burst per channel, allow."""
@@ -77,10 +84,11 @@ def test_bandwidth_limit_holds_over_all_channels(run) -> None:
     assert report.downtime_ms / 1e3 >= (moved - bursts) / limit
 
 
-def test_reports_give_each_device_its_channel_and_timeline(run) -> None:
-    spec = _machine({"name": "big", "size": "8MiB"}, vcpus=8)
+def test_reports_give_each_device_its_channel_and_timeline(warm_pair: Pair) -> None:
     for routing, stream_channel in ((Routing.AFFINITY, None), (Routing.SPREAD, -1)):
-        report = run(migrate_locally(spec, MigrationParams(workers=2, channels=2, routing=routing)))
+        warm_pair.tune(channels=2, routing=routing)
+        report = warm_pair.migrate()
+        assert report.verified
         rows = {d.id: d for d in report.devices}
         big = rows["vfio/big"]
         if stream_channel is None:  # its home channel: its source worker's

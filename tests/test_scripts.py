@@ -115,6 +115,7 @@ def test_the_destination_really_gets_the_second_half() -> None:
 # sweep.py
 
 
+@pytest.mark.slow  # a sweep of real migrations
 def test_a_tiny_sweep_writes_rows_host_json_and_plots(tmp_path: Path) -> None:
     out = tmp_path / "out"
     done = script("sweep.py", "--workers", "2", "--vcpus", "16", "--devices", "0", "1",
