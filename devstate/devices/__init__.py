@@ -1,7 +1,12 @@
 """Device backends, one module each, behind the interface in :mod:`devstate.devices.base`.
 
 :func:`make_device` is the one place that maps a spec's backend to its class, so a new
-device type is one new module plus one line here.
+device type is one new module plus one line here; :func:`device_table` gives a machine's
+device table with the record sizes only the backends know.
+
+Runs in: workers (the devices, owned there), device-model processes (``vfio/model``) and
+coordinators (the device table). May import config, net, lifecycle and errors; never
+planning, worker, migration, qmp or cli.
 """
 
 from __future__ import annotations

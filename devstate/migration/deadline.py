@@ -13,15 +13,13 @@ import time
 from collections.abc import Awaitable
 from typing import Any
 
-from devstate.config.params import MigrationParams, Overrun
-from devstate.config.spec import Backend, DeviceTable
+from devstate.config.params import Overrun
+from devstate.config.spec import Backend
 from devstate.errors import DowntimeLimitUnmet, DowntimeOverrun, MigrationFailed
-from devstate.migration.machine import Machine
+from devstate.migration.machine import Machine, OnMachine
 from devstate.planning.admission import TransferOrder
 from devstate.planning.cost import Estimate, HostCosts, estimate
-from devstate.planning.plan import Plan
 from devstate.worker import jobs as m
-from devstate.worker.pool import WorkerPool
 
 # Records per worker the cost model's probe gets and puts back: enough for a stable mean,
 # few enough to fit the record slots and take milliseconds.
@@ -30,32 +28,12 @@ PROBE_RECORDS = 64
 CONVERGE_POLL_S = 0.05
 
 
-class Deadline:
+class Deadline(OnMachine):
     """The cost model applied to ``machine``, and the downtime limit kept."""
 
     def __init__(self, machine: Machine) -> None:
-        self.machine = machine
+        super().__init__(machine)
         self._record_us: tuple[float, float] | None = None  # probed kvm record costs
-
-    @property
-    def pool(self) -> WorkerPool:
-        """The machine's worker pool."""
-        return self.machine.pool
-
-    @property
-    def plan(self) -> Plan:
-        """The machine's plan: owners and orders."""
-        return self.machine.plan
-
-    @property
-    def table(self) -> DeviceTable:
-        """The machine's device table."""
-        return self.machine.table
-
-    @property
-    def params(self) -> MigrationParams:
-        """The parameters the next migration runs with."""
-        return self.machine.params
 
     def transfer_order(self, costs: HostCosts) -> TransferOrder:
         """The plan's transfer order, each stream at its slower rate, within what the host

@@ -37,13 +37,11 @@ from devstate.config.spec import MachineConfig
 from devstate.errors import ChannelError, DevstateError, ProtocolError, WorkerFailed, describe
 from devstate.lifecycle import background, no_gc_pauses
 from devstate.migration import commit
-from devstate.migration.machine import Machine
+from devstate.migration.machine import Machine, OnMachine
 from devstate.net import channels
 from devstate.net.route import Routes
-from devstate.planning.plan import Plan
 from devstate.protocol import wire
 from devstate.worker import jobs as m
-from devstate.worker.pool import WorkerPool
 
 log = logging.getLogger("devstate.migration.destination")
 T = TypeVar("T")
@@ -60,11 +58,11 @@ class IncomingResult:
     reason: str = ""
 
 
-class Incoming:
+class Incoming(OnMachine):
     """Migrations into ``machine`` (blank devices, or a machine that migrated out before)."""
 
     def __init__(self, machine: Machine) -> None:
-        self.machine = machine
+        super().__init__(machine)
         self._ready_ns = 0  # when READY went out: the origin of the times this side reports
 
     async def accept_migration(self, listener: channels.Listener,
@@ -134,21 +132,6 @@ class Incoming:
         finally:
             main.close()
         return IncomingResult(True)
-
-    @property
-    def pool(self) -> WorkerPool:
-        """The machine's worker pool."""
-        return self.machine.pool
-
-    @property
-    def plan(self) -> Plan:
-        """The machine's plan: owners and orders."""
-        return self.machine.plan
-
-    @property
-    def params(self) -> MigrationParams:
-        """The machine's parameters."""
-        return self.machine.params
 
     def _check_hello(self, body: dict[str, Any], hello: wire.Hello) -> tuple[bool, bool]:
         wire.field(body, "migration_id", str)

@@ -75,3 +75,31 @@ class Machine(AsyncLifecycle):
     async def close(self) -> None:
         """Stop the pool (its workers close the devices). Idempotent."""
         await self.pool.close()
+
+
+class OnMachine:
+    """What works on one machine (an outgoing or incoming migration, the deadline): the
+    machine, and the parts of it that work reads."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+
+    @property
+    def pool(self) -> WorkerPool:
+        """The machine's worker pool."""
+        return self.machine.pool
+
+    @property
+    def plan(self) -> Plan:
+        """The machine's plan: owners and orders."""
+        return self.machine.plan
+
+    @property
+    def table(self) -> DeviceTable:
+        """The machine's device table."""
+        return self.machine.table
+
+    @property
+    def params(self) -> MigrationParams:
+        """The parameters the machine's next migration runs with."""
+        return self.machine.params

@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
 
 from devstate.config.params import MigrationParams
-from devstate.config.spec import DeviceTable, MachineConfig
+from devstate.config.spec import MachineConfig
 from devstate.errors import (
     DevstateError,
     DowntimeLimitUnmet,
@@ -47,17 +47,15 @@ from devstate.errors import (
 from devstate.lifecycle import background, no_gc_pauses
 from devstate.migration.commit import RESUMED_TIMEOUT_S, SourceCommit
 from devstate.migration.deadline import Deadline
-from devstate.migration.machine import Machine
+from devstate.migration.machine import Machine, OnMachine
 from devstate.net import channels
 from devstate.net.route import Routes
 from devstate.phase import Phase
 from devstate.planning.cost import Estimate, HostCosts
-from devstate.planning.plan import Plan
 from devstate.protocol import wire
 from devstate.report.migration import DeviceReport, DeviceResult, MigrationReport
 from devstate.report.progress import SaveProgress
 from devstate.worker import jobs as m
-from devstate.worker.pool import WorkerPool
 
 log = logging.getLogger("devstate.migration.source")
 T = TypeVar("T")
@@ -71,34 +69,14 @@ CONVERGE_POLL_S = 0.05
 PEER_REASON_WAIT_S = 1.0
 
 
-class Outgoing:
+class Outgoing(OnMachine):
     """Migrations out of ``machine`` (its pool, plan and device table), one at a time."""
 
     def __init__(self, machine: Machine) -> None:
-        self.machine = machine
+        super().__init__(machine)
         self.last_estimate: Estimate | None = None  # of the last migrate(), before its stop
         self.deadline = Deadline(machine)
         self._ready_ns = 0  # when the last migration's READY arrived
-
-    @property
-    def pool(self) -> WorkerPool:
-        """The machine's worker pool."""
-        return self.machine.pool
-
-    @property
-    def plan(self) -> Plan:
-        """The machine's plan: owners and orders."""
-        return self.machine.plan
-
-    @property
-    def table(self) -> DeviceTable:
-        """The machine's device table."""
-        return self.machine.table
-
-    @property
-    def params(self) -> MigrationParams:
-        """The parameters the next migration runs with."""
-        return self.machine.params
 
     async def migrate(self, address: channels.Address, *, tls: channels.TlsConfig | None = None,
                       compare_digests: bool = False, costs: HostCosts | None = None,

@@ -27,6 +27,7 @@ from rich.live import Live
 from rich.text import Text
 
 from devstate.errors import DevstateError
+from devstate.lifecycle import background
 from devstate.phase import Phase
 
 REFRESH_S = 0.1
@@ -111,9 +112,5 @@ async def following(source: Migrating, progress: MigrationProgress,
 
     with Live(progress.line(), console=console, transient=True,
               auto_refresh=False) as live:
-        task = asyncio.get_running_loop().create_task(poll(live))
-        try:
+        async with background(poll(live)):
             yield
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)

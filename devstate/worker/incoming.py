@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from devstate.devices import Device
+from devstate.devices import Device, RecordDevice
 from devstate.errors import IntegrityError, ProtocolError
 from devstate.protocol import wire
 
@@ -101,6 +101,18 @@ class Incoming:
                                  f"{self.bytes} B in {self.packets}")
         if end.digest != self.digest.digest():
             raise IntegrityError("end.digest", f"{self.device.id}: state digest mismatch")
+
+    def put_record(self, payload: memoryview) -> None:
+        """Put the device's one record. Runs in: the loop, or a single-vm put thread."""
+        # A record is its device's whole state in one packet, whose verified checksum is
+        # its digest: it needs no END of its own.
+        device = self.device
+        assert isinstance(device, RecordDevice)
+        self.start_ns = time.monotonic_ns()
+        device.put(payload)
+        self.bytes = len(payload)
+        self.packets = 1
+        self.end_ns = self.done_ns = time.monotonic_ns()
 
     def release_early(self) -> None:
         """After a failed load: give back the slots of packets held early."""

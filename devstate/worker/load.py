@@ -323,7 +323,7 @@ class Loader:
                 self._put_record_on_thread(state, index, payload, release)
                 return state
             try:
-                self._put_record(state, payload)
+                state.put_record(payload)
             finally:
                 if release is not None:
                     release()
@@ -378,17 +378,17 @@ class Loader:
     async def _put_when_ready(self, state: Incoming, index: int, data: memoryview) -> None:
         await self._order.wait(index)
         if self._threaded(index):
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._put_record,
-                                                             state, data)
+            await asyncio.get_running_loop().run_in_executor(self._executor,
+                                                             state.put_record, data)
         else:
-            self._put_record(state, data)
+            state.put_record(data)
         self._loaded_one(index)
 
     def _put_record_on_thread(self, state: Incoming, index: int, payload: memoryview,
                               release: Release) -> None:
         """Single-vm: put on a thread (the ioctls drop the GIL) while receiving goes on."""
         put = asyncio.get_running_loop().run_in_executor(
-            self._executor, self._put_record, state, payload)
+            self._executor, state.put_record, payload)
 
         def done(fut: asyncio.Future[None]) -> None:  # on the loop, not the thread
             release()
@@ -402,17 +402,6 @@ class Loader:
 
         put.add_done_callback(done)
 
-    def _put_record(self, state: Incoming, payload: memoryview) -> None:
-        """Put one record. Runs in: the loop, or a single-vm put thread."""
-        # A record is its device's whole state in one packet, whose verified checksum is
-        # its digest: it needs no END of its own.
-        device = state.device
-        assert isinstance(device, RecordDevice)
-        state.start_ns = time.monotonic_ns()
-        device.put(payload)
-        state.bytes = len(payload)
-        state.packets = 1
-        state.end_ns = state.done_ns = time.monotonic_ns()
 
 
 def _check_fin(channel: int, fin: wire.PacketHeader, received: int, after: int) -> None:

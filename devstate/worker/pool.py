@@ -35,7 +35,7 @@ from typing import Any
 from devstate.arena.slots import Arena, Layout, sweep_stale_segments
 from devstate.config.spec import DeviceTable
 from devstate.errors import DevstateError, WorkerFailed, WorkerLost
-from devstate.lifecycle import AsyncLifecycle
+from devstate.lifecycle import AsyncLifecycle, background
 from devstate.net import fdio
 from devstate.worker import jobs as m
 
@@ -159,15 +159,10 @@ class WorkerPool(AsyncLifecycle):
 
     async def call_all(self, commands: dict[int, Any]) -> dict[int, Any]:
         """Send one command to each of several workers; the first failure wins."""
-        tasks = {i: asyncio.ensure_future(self.call(i, cmd)) for i, cmd in commands.items()}
-        try:
-            await asyncio.gather(*tasks.values())
-        except BaseException:
-            for task in tasks.values():
-                task.cancel()
-            await asyncio.gather(*tasks.values(), return_exceptions=True)
-            raise
-        return {i: task.result() for i, task in tasks.items()}
+        workers = list(commands)
+        async with background(*(self.call(i, commands[i]) for i in workers)) as tasks:
+            await asyncio.gather(*tasks)  # the first failure ends the block, and the rest
+        return {i: task.result() for i, task in zip(workers, tasks, strict=True)}
 
     def _on_reply(self, worker: int) -> None:
         conn = self._conns[worker]

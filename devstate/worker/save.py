@@ -40,6 +40,7 @@ from devstate.arena.slots import Slot
 from devstate.config.params import Routing
 from devstate.devices.base import Device, RecordDevice, StreamDevice, on_thread
 from devstate.errors import ChannelError, ProtocolError
+from devstate.lifecycle import background
 from devstate.net.bandwidth import Pacer
 from devstate.net.route import SPREAD, Routes
 from devstate.planning.admission import Admission, TransferOrder
@@ -318,39 +319,38 @@ class Saver:
         await device.precopy_begin()
         self._in_precopy.add(index)
         seq = total = 0
-        switched = asyncio.ensure_future(switchover.wait())
         reading: asyncio.Future[int] | None = None
-        try:
-            while not switchover.is_set():
-                slot = await self._slots.acquire(self._chunk_class)
-                filled, capacity = 0, slot.size - HDR
-                while filled < capacity and not switchover.is_set():
-                    reading = asyncio.ensure_future(
-                        device.precopy_read(slot.view[HDR + filled:HDR + capacity]))
-                    await asyncio.wait({reading, switched}, return_when=asyncio.FIRST_COMPLETED)
-                    if not reading.done():
-                        reading.cancel()  # switched over: stop-and-copy reads the rest
-                        await asyncio.gather(reading, return_exceptions=True)
-                        break
-                    try:
-                        filled += reading.result()
-                    except OSError as exc:
-                        if exc.errno != errno.ENOMSG:
-                            raise
-                        if filled:
-                            break  # ship what there is; more comes as state is dirtied
-                        await asyncio.wait({switched}, timeout=PRECOPY_POLL_S)
-                if not filled:
-                    self._slots.release(slot)
-                    continue
-                await self._ship_chunk(hop, digest, index, seq, slot, filled, step="precopy")
-                seq += 1
-                total += filled
-        finally:
-            switched.cancel()
-            if reading is not None and not reading.done():  # a cancelled save: stop reading
-                reading.cancel()
-            self._in_precopy.discard(index)
+        async with background(switchover.wait()) as (switched,):
+            try:
+                while not switchover.is_set():
+                    slot = await self._slots.acquire(self._chunk_class)
+                    filled, capacity = 0, slot.size - HDR
+                    while filled < capacity and not switchover.is_set():
+                        reading = asyncio.ensure_future(
+                            device.precopy_read(slot.view[HDR + filled:HDR + capacity]))
+                        await asyncio.wait({reading, switched}, return_when=asyncio.FIRST_COMPLETED)
+                        if not reading.done():
+                            reading.cancel()  # switched over: stop-and-copy reads the rest
+                            await asyncio.gather(reading, return_exceptions=True)
+                            break
+                        try:
+                            filled += reading.result()
+                        except OSError as exc:
+                            if exc.errno != errno.ENOMSG:
+                                raise
+                            if filled:
+                                break  # ship what there is; more comes as state is dirtied
+                            await asyncio.wait({switched}, timeout=PRECOPY_POLL_S)
+                    if not filled:
+                        self._slots.release(slot)
+                        continue
+                    await self._ship_chunk(hop, digest, index, seq, slot, filled, step="precopy")
+                    seq += 1
+                    total += filled
+            finally:
+                if reading is not None and not reading.done():  # a cancelled save: stop it
+                    reading.cancel()
+                self._in_precopy.discard(index)
         return seq, total
 
     async def precopy_remaining(self) -> dict[int, int]:
