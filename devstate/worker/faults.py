@@ -92,6 +92,11 @@ class Injector:
         self._armed = Armed.parse(text) if text else None
         self._hits = 0
 
+    def armed_at(self, point: str) -> bool:
+        """Whether a fault waits at ``point`` (a sender then sends a packet at a time, so
+        that SKIP counts packets, whatever the batching)."""
+        return self._armed is not None and self._armed.point == point
+
     def at(self, point: str) -> Fault | None:
         """The fault to strike here and now, if any: each armed fault strikes once."""
         armed = self._armed

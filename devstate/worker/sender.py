@@ -50,8 +50,10 @@ class PacketSender:
                     await self._wakeup.wait()
                     continue
                 # Paced, a packet at a time (each a chunk at most): the pacer's burst
-                # covers one, so the rate holds without cutting packets.
-                take = 1 if self._pacer is not None else fdio.IOV_MAX
+                # covers one, so the rate holds without cutting packets. With a fault
+                # armed at "send", a packet at a time too: it strikes at an exact packet.
+                one = self._pacer is not None or injector.armed_at("send")
+                take = 1 if one else fdio.IOV_MAX
                 batch, self._queue = self._queue[:take], self._queue[take:]
                 packets = [data for data, _ in batch]
                 fault = injector.strike("send", channels=(self.sock,))
