@@ -199,7 +199,7 @@ class DeviceTable:
         index = {d.id: d.index for d in self.devices}
         return tuple(tuple(index[a] for a in d.after) for d in self.devices)
 
-    def handshake(self) -> list[list[Any]]:
+    def handshake(self) -> list[list[str | int]]:
         """The table as the handshake carries it: id, shape, backend, version, size.
 
         Two sides can migrate between each other exactly when their tables are equal.

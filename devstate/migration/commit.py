@@ -24,7 +24,7 @@ import time
 from devstate.errors import PeerFailed
 from devstate.net import channels
 from devstate.net.channels import Channel
-from devstate.protocol import wire
+from devstate.protocol.control import Commit, Failed, Loaded, Resumed
 
 # After COMMIT the destination only resumes its devices: seconds are generous.
 RESUMED_TIMEOUT_S = 30.0
@@ -39,10 +39,10 @@ class SourceCommit:
     async def commit(self, main: Channel) -> int:
         """Send COMMIT once the destination has LOADED; return when RESUMED arrived (ns,
         this host's monotonic clock)."""
-        await channels.send_control(main, wire.ControlType.COMMIT, {})
+        await channels.send(main, Commit())
         self.committed = True
         async with asyncio.timeout(RESUMED_TIMEOUT_S):
-            await channels.expect_control(main, wire.ControlType.RESUMED)
+            await channels.expect(main, Resumed)
         return time.monotonic_ns()
 
     def may_resume(self, failure: BaseException) -> bool:
@@ -53,19 +53,16 @@ class SourceCommit:
 
 async def await_commit(main: Channel, loaded: int) -> None:
     """The destination's first half: say every device is LOADED, wait for COMMIT."""
-    await channels.send_control(main, wire.ControlType.LOADED, {"devices": loaded})
-    await channels.expect_control(main, wire.ControlType.COMMIT)
+    await channels.send(main, Loaded(loaded))
+    await channels.expect(main, Commit)
 
 
 async def resumed(main: Channel) -> None:
     """The destination's second half: the VM runs here now."""
-    await channels.send_control(main, wire.ControlType.RESUMED, {})
+    await channels.send(main, Resumed())
 
 
 async def failed(main: Channel, reason: str, *, committed: bool) -> None:
     """Tell the source the migration failed here. After COMMIT this is only sent once every
     device here is stopped and reset: ``running: false`` lets the source resume."""
-    body: dict[str, object] = {"reason": reason}
-    if committed:
-        body["running"] = False
-    await channels.send_control(main, wire.ControlType.FAILED, body)
+    await channels.send(main, Failed(reason, running=False if committed else None))

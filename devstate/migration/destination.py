@@ -41,6 +41,7 @@ from devstate.migration.machine import Machine, OnMachine
 from devstate.net import channels
 from devstate.net.route import Routes
 from devstate.protocol import wire
+from devstate.protocol.control import MigrationHello, Ready, Report
 from devstate.worker import jobs as m
 
 log = logging.getLogger("devstate.migration.destination")
@@ -97,8 +98,9 @@ class Incoming(OnMachine):
         if hello.kind is not wire.ChannelKind.MAIN:
             raise ProtocolError("hello.kind", "the first connection must be the main channel")
         main = await channels.secure_accepted(main, wire.pack_hello(hello), tls)
-        body = await channels.expect_control(main, wire.ControlType.HELLO)
-        concurrent, send_digests = self._check_hello(body, hello)
+        said = await channels.expect(main, MigrationHello)
+        self._check_hello(said, hello)
+        concurrent, send_digests = said.concurrent, said.digests
         await self._unless_source_speaks(main, self._adopt_channels(
             listener, hello.migration_id, hello.channels, tls), "channel setup")
         return main, concurrent, send_digests
@@ -121,10 +123,9 @@ class Incoming(OnMachine):
             await commit.resumed(main)
             results = m.unpack_results(await self.pool.call_all(
                 {w: m.Results() for w in range(self.plan.workers)}))
-            await channels.send_control(main, wire.ControlType.REPORT, {
-                "devices": [r.to_json() for r in results], "ready_ns": self._ready_ns,
-                "params": self.params.to_json(),
-                "digests": await self.machine.digests() if send_digests else {}})
+            await channels.send(main, Report(
+                [r.to_json() for r in results], self._ready_ns, self.params.to_json(),
+                await self.machine.digests() if send_digests else {}))
         except (DevstateError, OSError) as exc:
             # Running here, and the source has committed: a report that cannot be sent
             # changes nothing; say why.
@@ -133,13 +134,12 @@ class Incoming(OnMachine):
             main.close()
         return IncomingResult(True)
 
-    def _check_hello(self, body: dict[str, Any], hello: wire.Hello) -> tuple[bool, bool]:
-        wire.field(body, "migration_id", str)
-        theirs = wire.field(body, "devices", list)
-        ours = self.machine.table.handshake()
+    def _check_hello(self, said: MigrationHello, hello: wire.Hello) -> None:
+        """What the source's HELLO says against this machine and its own channel hello."""
+        theirs, ours = said.devices, self.machine.table.handshake()
         if theirs != ours:
             raise ProtocolError("control.devices", _table_difference(theirs, ours))
-        n = wire.field(body, "channels", int)
+        n = said.channels
         if hello.channels != n:
             raise ProtocolError("control.channels", f"HELLO says {n} data channels, the "
                                                     f"main channel's hello {hello.channels}")
@@ -154,14 +154,13 @@ class Incoming(OnMachine):
                                 f"{self.plan.workers} workers need at least "
                                 f"{-(-n // self.plan.workers)} chunk slots per worker, this "
                                 f"destination has {self.params.chunk_slots}")
-        routing = wire.field(body, "routing", str)
+        routing = said.routing
         if routing not in {r.value for r in Routing}:
             raise ProtocolError("control.routing", f"{routing!r} is not a routing")
-        chunk = wire.field(body, "chunk_bytes", int)
+        chunk = said.chunk_bytes
         if chunk > self.params.chunk_bytes:
             raise ProtocolError("control.chunk_bytes", f"source packets of {chunk} B exceed "
                                 f"the destination's slots of {self.params.chunk_bytes} B")
-        return wire.field(body, "concurrent", bool), wire.field(body, "digests", bool)
 
     async def _adopt_channels(self, listener: channels.Listener, migration_id: uuid.UUID,
                               count: int, tls: channels.TlsConfig | None) -> None:
@@ -214,7 +213,7 @@ class Incoming(OnMachine):
                           self.params.record_threads)
                 for w in range(self.plan.workers)})) as (loading,):
             self._ready_ns = time.monotonic_ns()
-            await channels.send_control(main, wire.ControlType.READY, {})
+            await channels.send(main, Ready())
             results: dict[int, int] = await self._unless_source_speaks(main, loading,
                                                                         "the load")
         return sum(results.values())

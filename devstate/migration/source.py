@@ -53,6 +53,7 @@ from devstate.net.route import Routes
 from devstate.phase import Phase
 from devstate.planning.cost import Estimate, HostCosts
 from devstate.protocol import wire
+from devstate.protocol.control import Abort, Loaded, MigrationHello, Ready, Report
 from devstate.report.migration import DeviceReport, DeviceResult, MigrationReport
 from devstate.report.progress import SaveProgress
 from devstate.worker import jobs as m
@@ -144,8 +145,7 @@ class Outgoing(OnMachine):
                       self.params.record_threads, self.params.bandwidth_limit, precopy,
                       self.deadline.transfer_order(costs))
             for w in range(self.plan.workers)})
-        async with background(save, channels.expect_control(
-                sock, wire.ControlType.LOADED)) as (saving, loading):
+        async with background(save, channels.expect(sock, Loaded)) as (saving, loading):
             if precopy:
                 try:
                     made = self.last_estimate = await self.deadline.converge(saving, costs)
@@ -167,7 +167,7 @@ class Outgoing(OnMachine):
                       compare_digests: bool) -> MigrationReport:
         """After the resume, off the critical path: both sides' results, joined."""
         async with asyncio.timeout(RESUMED_TIMEOUT_S):
-            report = await channels.expect_control(sock, wire.ControlType.REPORT)
+            report = await channels.expect(sock, Report)
         saved = m.unpack_results(await self.pool.call_all(
             {w: m.Results() for w in range(self.plan.workers)}))
         # Stopped for good, the source's state is final (precopy devices kept running, and
@@ -232,18 +232,16 @@ class Outgoing(OnMachine):
         """Handshake and open data channels, until the destination is READY."""
         routes = self.routes
         n = routes.channels
-        await channels.send_control(sock, wire.ControlType.HELLO, {
-            "migration_id": str(migration_id), "devices": self.table.handshake(),
-            "channels": n, "routing": routes.routing.value,
-            "concurrent": self.params.concurrent, "digests": compare_digests,
-            "chunk_bytes": self.params.chunk_bytes})
+        await channels.send(sock, MigrationHello(
+            str(migration_id), self.table.handshake(), n, routes.routing.value,
+            self.params.concurrent, compare_digests, self.params.chunk_bytes))
         await self._alongside_peer(self.pool.call_all({
             w: m.ConnectChannels(address, tuple(
                 (k, channels.hello(wire.ChannelKind.DATA, k, n, migration_id,
                                    tls=tls is not None))
                 for k in routes.channels_of(w)), tls)
             for w in range(self.plan.workers)}),
-            channels.expect_control(sock, wire.ControlType.READY))
+            channels.expect(sock, Ready))
         self._ready_ns = time.monotonic_ns()
 
     async def _alongside_peer(self, work: Awaitable[Any], reply: Awaitable[T]) -> T:
@@ -274,7 +272,7 @@ class Outgoing(OnMachine):
         """
         log.warning("migration failed (%s): resuming on the source", describe(cause))
         with contextlib.suppress(Exception):
-            await channels.send_control(sock, wire.ControlType.ABORT, {"reason": describe(cause)})
+            await channels.send(sock, Abort(describe(cause)))
         broken: DevstateError | None = None
         for command in (m.Cancel(), m.Resume()):
             alive = [w for w in range(self.plan.workers) if w not in self.pool.lost()]
@@ -290,14 +288,14 @@ class Outgoing(OnMachine):
         self.machine.running = broken is None
         return broken
 
-    def _report(self, t0: int, t1: int, saved: list[DeviceResult], report: dict[str, Any],
+    def _report(self, t0: int, t1: int, saved: list[DeviceResult], report: Report,
                 ours: dict[str, str], made: Estimate) -> MigrationReport:
-        loaded = map(DeviceResult.from_json, wire.field(report, "devices", list))
+        loaded = map(DeviceResult.from_json, report.devices)
         dest = {r.id: r for r in loaded}
-        after = wire.field(report, "digests", dict)
+        after = report.digests
         # The destination's clock is its own (another host, perhaps): its times count from
         # when it sent READY, which is when READY arrived here less one channel latency.
-        shift = self._ready_ns - wire.field(report, "ready_ns", int)
+        shift = self._ready_ns - report.ready_ns
         rows = []
         for r in sorted(saved, key=lambda r: r.index):
             d = dest.get(r.id)
@@ -311,7 +309,7 @@ class Outgoing(OnMachine):
                                digests_compared=bool(ours), expected_ms=made.expected_ms,
                                critical_path=made.explain(),
                                downtime_limit_ms=self.params.downtime_limit_ms,
-                               destination_params=wire.field(report, "params", dict))
+                               destination_params=report.params)
 
 
 async def _peer_reason_first(reply: asyncio.Future[Any], ours: BaseException) -> None:

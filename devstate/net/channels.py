@@ -27,10 +27,11 @@ from devstate.net import fdio, transport
 from devstate.net.tls import TlsConfig, tls_client, tls_server
 from devstate.net.transport import Address, Listener, parse_uri
 from devstate.protocol import wire
+from devstate.protocol.control import Control, M, decode_as
 
 __all__ = ["Address", "Channel", "Listener", "TlsConfig", "parse_uri", "open_channel",
            "secure_accepted", "adopt_channel", "read_hello", "hello", "send_control",
-           "recv_control", "expect_control"]
+           "recv_control", "expect_control", "send", "expect"]
 
 # A peer that connected must say who it is promptly; a silent one is dropped, not waited on.
 HELLO_TIMEOUT_S = 5.0
@@ -139,6 +140,16 @@ async def send_control(sock: socket.socket, kind: wire.ControlType, body: dict[s
         await fdio.send_all(sock, [wire.pack_control(kind, body)])
     except OSError as exc:
         raise ChannelError(f"main channel: sending {kind.name} failed: {exc}") from exc
+
+
+async def send(sock: socket.socket, message: Control) -> None:
+    """Send one typed control message on the main channel."""
+    await send_control(sock, message.kind, message.body())
+
+
+async def expect(sock: socket.socket, cls: type[M]) -> M:
+    """Receive the control message ``cls``; FAILED from the peer raises."""
+    return decode_as(cls, await expect_control(sock, cls.kind))
 
 
 async def recv_control(sock: socket.socket) -> tuple[wire.ControlType, dict[str, Any]]:
