@@ -15,16 +15,13 @@ raise :class:`~devstate.errors.DeviceError` instead of hanging.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import os
-import signal
 import socket
-import subprocess
-import sys
 
 from devstate.config.spec import DeviceSpec
 from devstate.devices.base import StreamDevice
+from devstate.devices.vfio.process import ModelProcess
 from devstate.devices.vfio.uapi import (
     SAVING_GROUP,
     MigrationFlags,
@@ -40,10 +37,6 @@ from devstate.net import fdio
 
 # A cold model start imports numpy: ~0.2 s warm, seconds on a cold page cache.
 OPEN_TIMEOUT_S = 10.0
-# After QUIT a model exits at once, unless it is inside a firmware latency (up to minutes):
-# it is then killed, as nothing it would still do is wanted.
-QUIT_GRACE_S = 1.0
-KILL_GRACE_S = 5.0
 
 
 class VfioSimDevice(StreamDevice):
@@ -60,8 +53,7 @@ class VfioSimDevice(StreamDevice):
             raise ValueError(f"{spec.id}: a vfio-sim device needs a VFIO spec")
         self._vfio = spec.vfio
         self._incoming = incoming
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._pidfd = -1
+        self._model: ModelProcess | None = None
         self._closing: asyncio.Future[None] | None = None
         self._control: socket.socket | None = None
         self._data: socket.socket | None = None
@@ -74,7 +66,7 @@ class VfioSimDevice(StreamDevice):
     @property
     def pid(self) -> int | None:
         """The device model's pid while it is open."""
-        return None if self._proc is None else self._proc.pid
+        return None if self._model is None else self._model.pid
 
     @property
     def state(self) -> VfioState:
@@ -85,24 +77,17 @@ class VfioSimDevice(StreamDevice):
 
     async def open(self) -> None:
         """Start the device model and wait until it says hello. Idempotent."""
-        if self._proc is not None:
+        if self._model is not None:
             return
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "devstate.devices.vfio.model",
-                 "--control-fd", str(theirs.fileno()), "--config", self._config().to_json()],
-                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
-        except OSError as exc:
+            self._model = ModelProcess(self.id, self._config(), theirs)
+        except BaseException:
             ours.close()
-            raise DeviceError(self.id, f"open: cannot start the device model: {exc}",
-                              exc.errno) from exc
-        finally:
-            theirs.close()
+            raise
         ours.setblocking(False)
         self._control = ours
         try:
-            self._pidfd = os.pidfd_open(self._proc.pid)
             async with asyncio.timeout(OPEN_TIMEOUT_S):
                 await self._receive("open", seq=0)
         except TimeoutError:
@@ -125,20 +110,15 @@ class VfioSimDevice(StreamDevice):
         await asyncio.shield(self._closing)
 
     async def _close_once(self) -> None:
-        proc, self._proc = self._proc, None
+        model, self._model = self._model, None
         try:
-            if proc is not None:
-                await self._stop_model(proc)
+            if model is not None:
+                await model.stop(self._control)
         finally:
-            if proc is not None and proc.poll() is None:
-                proc.kill()  # a cancelled close must still not leave a model behind
             self._close_data()
             if self._control is not None:
                 self._control.close()
                 self._control = None
-            if self._pidfd >= 0:
-                os.close(self._pidfd)
-                self._pidfd = -1
 
     def _config(self) -> ModelConfig:
         flags = MigrationFlags.STOP_COPY | MigrationFlags.P2P
@@ -150,40 +130,6 @@ class VfioSimDevice(StreamDevice):
                            firmware_latency_ms=self._vfio.firmware_latency_ms, flags=flags,
                            incoming=self._incoming, owner_pid=os.getpid(),
                            dirty_rate=self._vfio.dirty_rate)
-
-    async def _stop_model(self, proc: subprocess.Popen[bytes]) -> None:
-        if self._pidfd < 0:  # open failed before it had a pidfd: nothing to wait on but this
-            proc.kill()
-            proc.wait()
-            return
-        if self._control is not None:
-            with contextlib.suppress(OSError):  # it may be gone already
-                self._control.send(Request(0, Op.QUIT).pack())
-        if not await self._wait_exit(QUIT_GRACE_S):
-            proc.kill()
-            if not await self._wait_exit(KILL_GRACE_S):
-                raise DeviceError(self.id, f"close: the device model (pid {proc.pid}) "
-                                           "survived SIGKILL", errno.EBUSY)
-        proc.wait()  # it has exited: this only reaps
-
-    async def _wait_exit(self, timeout_s: float) -> bool:
-        """Wait until the model exits (its pidfd turns readable); False on timeout."""
-        loop = asyncio.get_running_loop()
-        exited: asyncio.Future[None] = loop.create_future()
-
-        def on_exit() -> None:
-            if not exited.done():
-                exited.set_result(None)
-
-        loop.add_reader(self._pidfd, on_exit)
-        try:
-            async with asyncio.timeout(timeout_s):
-                await exited
-            return True
-        except TimeoutError:
-            return False
-        finally:
-            loop.remove_reader(self._pidfd)
 
     # ------------------------------------------------------------------ StreamDevice
 
@@ -354,14 +300,7 @@ class VfioSimDevice(StreamDevice):
                            errno.ENODEV)
 
     def _model_fate(self) -> str:
-        proc = self._proc
-        code = None if proc is None else proc.poll()
-        pid = f" (pid {proc.pid})" if proc is not None else ""
-        if code is None:
-            return f"closed its control socket{pid}"
-        if code < 0:
-            return f"was killed by {signal.Signals(-code).name}{pid}"
-        return f"exited with code {code}{pid}"
+        return "closed its control socket" if self._model is None else self._model.fate()
 
     # ------------------------------------------------------------------ data channel
 
@@ -413,7 +352,7 @@ class VfioSimDevice(StreamDevice):
 
     def _stream_broke(self, what: str, exc: OSError) -> DeviceError:
         fate = ""
-        if self._proc is not None and self._proc.poll() is not None:
+        if self._model is not None and self._model.exited:
             fate = f"; the device model {self._model_fate()}"
         return DeviceError(self.id, f"{what}: the data stream broke ({exc.strerror}){fate}",
                            exc.errno)
