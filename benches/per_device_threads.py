@@ -59,7 +59,7 @@ from typing import Any
 import uvloop
 
 from devstate.config.spec import Backend, MachineConfig, parse_spec
-from devstate.devices import RecordDevice, StreamDevice, device_table, make_device
+from devstate.devices import DeviceHost, RecordDevice, StreamDevice, device_table, make_device
 from devstate.errors import DevstateError, describe
 from devstate.lifecycle import no_gc_pauses
 from devstate.net import fdio
@@ -296,7 +296,8 @@ def migrate(spec: MachineConfig) -> BaselineReport:
     table = device_table(spec)
     if any(d.backend not in (Backend.SIM_VCPU, Backend.VFIO_SIM) for d in table):
         raise BaselineError("the baseline migrates sim-vcpu and vfio-sim devices only")
-    records = [make_device(d, spec.seed, incoming=False) for d in table
+    host = DeviceHost()  # sim devices share nothing, but every owner has one
+    records = [make_device(d, spec.seed, incoming=False, host=host) for d in table
                if d.backend is Backend.SIM_VCPU]
     streams = [d for d in table if d.backend is Backend.VFIO_SIM]
     with contextlib.ExitStack() as stack:
@@ -309,7 +310,8 @@ def migrate(spec: MachineConfig) -> BaselineReport:
             fdio.tune_for_bulk(theirs)
         proc = stack.enter_context(destination(spec, their_main, [t for _, t in links]))
         stack.callback(main.close)  # before the wait for the destination: EOF ends it
-        threads = [stack.enter_context(DeviceThread(make_device(d, spec.seed, incoming=False),
+        threads = [stack.enter_context(DeviceThread(make_device(d, spec.seed, incoming=False,
+                                                                host=host),
                                                     ours))
                    for d, (ours, _) in zip(streams, links, strict=True)]
         ids = [t.device.id for t in threads]
@@ -424,13 +426,15 @@ def _reap(proc: subprocess.Popen[bytes]) -> None:
 def serve(spec: MachineConfig, main: socket.socket, channels: Sequence[socket.socket]) -> None:
     """Runs in: the destination process's main thread. Receive, load, resume, compare."""
     table = device_table(spec)
-    records = [make_device(d, spec.seed, incoming=True) for d in table
+    host = DeviceHost()
+    records = [make_device(d, spec.seed, incoming=True, host=host) for d in table
                if d.backend is Backend.SIM_VCPU]
     streams = [d for d in table if d.backend is Backend.VFIO_SIM]
     if len(streams) != len(channels):
         raise BaselineError(f"{len(channels)} device channels for {len(streams)} devices")
     with contextlib.ExitStack() as stack:
-        threads = [stack.enter_context(DeviceThread(make_device(d, spec.seed, incoming=True),
+        threads = [stack.enter_context(DeviceThread(make_device(d, spec.seed, incoming=True,
+                                                                host=host),
                                                     channel))
                    for d, channel in zip(streams, channels, strict=True)]
         ids = [t.device.id for t in threads]

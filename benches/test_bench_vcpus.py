@@ -72,7 +72,14 @@ import uvloop
 from benches.conftest import median_s
 from devstate.config.params import MigrationParams
 from devstate.config.spec import Backend, DeviceSpec, MachineConfig, parse_spec
-from devstate.devices import Device, RecordDevice, device_table, make_device, record_size
+from devstate.devices import (
+    Device,
+    DeviceHost,
+    RecordDevice,
+    device_table,
+    make_device,
+    record_size,
+)
 from devstate.lifecycle import no_gc_pauses
 from devstate.migration.source import SourceVM
 from devstate.worker import jobs as m
@@ -120,8 +127,8 @@ def _without_gc(fn: Callable[[], None]) -> Callable[[], None]:
     return run
 
 
-def _vcpu(spec: DeviceSpec, seed: int) -> RecordDevice:
-    device = make_device(spec, seed, incoming=False)
+def _vcpu(spec: DeviceSpec, seed: int, host: DeviceHost) -> RecordDevice:
+    device = make_device(spec, seed, incoming=False, host=host)
     assert isinstance(device, RecordDevice), spec.id
     return device
 
@@ -140,13 +147,14 @@ class VcpuShare:
     their records, back to back.
 
     Runs in: the process that built it, the only one that may touch its vCPUs. A kvm vCPU
-    lives in its process's one KVM VM (:func:`devstate.devices.kvm.device.shard`), so a
-    process holds one share at a time.
+    lives in the KVM VM of the share's :class:`~devstate.devices.host.DeviceHost`, which
+    only this process may drive.
     """
 
     def __init__(self, spec: MachineConfig, ids: Iterable[int]) -> None:
         table = {d.id: d for d in device_table(spec)}
-        self.devices = [_vcpu(table[f"cpu/{i}"], spec.seed) for i in ids]
+        self.host = DeviceHost()
+        self.devices = [_vcpu(table[f"cpu/{i}"], spec.seed, self.host) for i in ids]
         self.size = record_size(spec.vcpus.backend, "cpu/0")
         self.state = bytearray(self.size * len(self.devices))
         self.records = self.views(self.state)

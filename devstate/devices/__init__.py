@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from devstate.config.spec import Backend, DeviceSpec, DeviceTable, MachineConfig
 from devstate.devices.base import Device, RecordDevice, StreamDevice
+from devstate.devices.host import DeviceHost
 
 
 def record_size(backend: Backend, device_id: str) -> int:
@@ -38,11 +39,13 @@ def device_table(machine: MachineConfig) -> DeviceTable:
     return machine.table(record_size)
 
 
-def make_device(spec: DeviceSpec, machine_seed: int, *, incoming: bool) -> Device:
+def make_device(spec: DeviceSpec, machine_seed: int, *, incoming: bool,
+                host: DeviceHost) -> Device:
     """Build (not yet open) the device object for one device of the machine.
 
     An ``incoming`` device starts blank, waiting for a migration to load it; otherwise it
-    starts with the machine's seeded state.
+    starts with the machine's seeded state. ``host`` is what the process's devices share
+    (its KVM VM): one per owner process.
     """
     if spec.backend is Backend.SIM_VCPU:
         from devstate.devices.vcpu_sim import SimVcpu
@@ -51,11 +54,11 @@ def make_device(spec: DeviceSpec, machine_seed: int, *, incoming: bool) -> Devic
     if spec.backend is Backend.KVM:
         from devstate.devices.kvm.device import KvmVcpuDevice
 
-        return KvmVcpuDevice(spec, machine_seed, incoming=incoming)
+        return KvmVcpuDevice(spec, machine_seed, incoming=incoming, host=host)
     if spec.backend is Backend.KVM_VM:
         from devstate.devices.kvm.device import KvmVmPartDevice
 
-        return KvmVmPartDevice(spec, machine_seed, incoming=incoming)
+        return KvmVmPartDevice(spec, machine_seed, incoming=incoming, host=host)
     if spec.backend is Backend.VFIO_SIM:
         from devstate.devices.vfio.sim import VfioSimDevice
 
@@ -63,5 +66,5 @@ def make_device(spec: DeviceSpec, machine_seed: int, *, incoming: bool) -> Devic
     raise AssertionError(f"no device class for backend {spec.backend}")
 
 
-__all__ = ["Device", "RecordDevice", "StreamDevice", "device_table", "make_device",
+__all__ = ["Device", "DeviceHost", "RecordDevice", "StreamDevice", "device_table", "make_device",
            "record_size"]

@@ -40,7 +40,7 @@ import uvloop
 from devstate.arena.slots import Arena, Layout, Slot
 from devstate.config.params import Schedule
 from devstate.config.spec import DeviceTable
-from devstate.devices import Device, StreamDevice, make_device
+from devstate.devices import Device, DeviceHost, StreamDevice, make_device
 from devstate.errors import ChannelError, DeviceError
 from devstate.lifecycle import no_gc_pauses
 from devstate.net import channels, fdio
@@ -114,6 +114,7 @@ class Worker:
         self._arena = arena.view(0, layout.total_bytes)
         self._mesh: Mesh | None = None
         self._devices: dict[int, Device] = {}
+        self._host = DeviceHost()  # what this process's devices share (its KVM VM)
         self._channels: dict[int, socket.socket] = {}
         self._saver: Saver | None = None  # the Save in progress (precopy asks it)
         self._saved = (0, 0)  # the last Save's progress, once it ended
@@ -206,7 +207,7 @@ class Worker:
         for i in job.devices:
             if i not in self._devices:
                 self._devices[i] = make_device(self._table[i], self._table.machine.seed,
-                                               incoming=job.incoming)
+                                               incoming=job.incoming, host=self._host)
         await asyncio.gather(*(self._devices[i].open() for i in job.devices))
 
     @handles(m.JoinMesh)

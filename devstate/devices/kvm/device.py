@@ -6,7 +6,8 @@ sharded model the machine's VM-level state is that of worker 0's VM.
 
 Runs in: the worker that owns the vCPUs. A KVM VM answers only the process that created
 it (any other gets EIO: the owner rule), so every worker creates its own VM, the
-*shard*, on the first vCPU it opens, and ``cpu/17`` is vCPU id 17 in whichever shard owns
+*shard* (held by the worker's :class:`~devstate.devices.host.DeviceHost`), on the first
+vCPU it opens, and ``cpu/17`` is vCPU id 17 in whichever shard owns
 it, on either side, whatever the two sides' worker counts.
 
 A put is verified where it happens: the destination reads the vCPU back and compares it
@@ -23,6 +24,7 @@ import xxhash
 
 from devstate.config.spec import KVM_VM_DEVICES, DeviceSpec
 from devstate.devices.base import RecordDevice
+from devstate.devices.host import DeviceHost
 from devstate.devices.kvm.vcpu import KvmVcpu
 from devstate.devices.kvm.vm import VM_SAVE_ORDER, VOLATILE_FIELDS, KvmVm, VmSection, vm_state_bytes
 from devstate.errors import DeviceError
@@ -44,28 +46,6 @@ def vm_device_bytes(device_id: str) -> int:
     """The record size of a VM-level device."""
     return vm_state_bytes(VM_DEVICES[device_id])
 
-_shard: KvmVm | None = None
-
-
-def shard() -> KvmVm:
-    """This process's KVM VM, created on first use (irqchip and PIT before any vCPU)."""
-    global _shard
-    if _shard is None:
-        _shard = KvmVm(name="kvm-shard")
-    return _shard
-
-
-def release_vcpu(vcpu_id: int) -> None:
-    """Close a vCPU of this process's VM, and the VM with its last vCPU."""
-    global _shard
-    if _shard is None:
-        return
-    _shard.close_vcpu(vcpu_id)
-    if not _shard.vcpus:
-        _shard.close()
-        _shard = None
-
-
 @functools.cache
 def host_record_bytes() -> int:
     """The size of a vCPU record on this host (XSAVE size and usable MSRs vary by host).
@@ -82,8 +62,10 @@ class KvmVcpuDevice(RecordDevice):
 
     releases_gil = True  # its gets and puts are ioctls through ctypes
 
-    def __init__(self, spec: DeviceSpec, machine_seed: int, *, incoming: bool = False) -> None:
+    def __init__(self, spec: DeviceSpec, machine_seed: int, *, incoming: bool = False,
+                 host: DeviceHost) -> None:
         super().__init__(spec, machine_seed)
+        self._host = host
         self.vcpu_id = int(spec.id.split("/", 1)[1])
         self._incoming = incoming
         self._vcpu: KvmVcpu | None = None
@@ -93,7 +75,7 @@ class KvmVcpuDevice(RecordDevice):
         """Create the vCPU in this worker's VM; a source vCPU gets its seeded state."""
         if self._vcpu is not None:
             return
-        vm = shard()
+        vm = self._host.kvm_vm()
         self._vcpu = vm.create_vcpu(self.vcpu_id)
         self._scratch = bytearray(vm.layout.record_bytes)
         if not self._incoming:
@@ -103,7 +85,7 @@ class KvmVcpuDevice(RecordDevice):
         """Close the vCPU fd, and the VM with its last vCPU."""
         if self._vcpu is not None:
             self._vcpu = None
-            release_vcpu(self.vcpu_id)
+            self._host.release_vcpu(self.vcpu_id)
 
     def _opened(self) -> KvmVcpu:
         if self._vcpu is None:
@@ -136,23 +118,25 @@ class KvmVcpuDevice(RecordDevice):
 class KvmVmPartDevice(RecordDevice):
     """A part of the VM-level state of this worker's KVM VM (PIT, clock or irqchips)."""
 
-    def __init__(self, spec: DeviceSpec, machine_seed: int, *, incoming: bool = False) -> None:
+    def __init__(self, spec: DeviceSpec, machine_seed: int, *, incoming: bool = False,
+                 host: DeviceHost) -> None:
         super().__init__(spec, machine_seed)
+        self._host = host
         self._sections = VM_DEVICES[spec.id]
 
     async def open(self) -> None:
         """Make sure this worker's VM exists (its irqchip and PIT come with it)."""
-        shard()
+        self._host.kvm_vm()
 
     def get(self, out: memoryview) -> int:
         """Read this part of the VM state into ``out``."""
-        record = shard().get_state(self._sections)
+        record = self._host.kvm_vm().get_state(self._sections)
         out[:len(record)] = record
         return len(record)
 
     def put(self, data: memoryview) -> None:
         """Load this part, read it back, and fail unless only volatile fields moved."""
-        vm = shard()
+        vm = self._host.kvm_vm()
         vm.put_state(data, self._sections)
         readback = vm.get_state(self._sections)
         if self._stable(readback) != self._stable(data):
@@ -166,11 +150,11 @@ class KvmVmPartDevice(RecordDevice):
 
     async def digest(self) -> bytes:
         """Digest of this part with its volatile fields zeroed."""
-        return self._stable(shard().get_state(self._sections))
+        return self._stable(self._host.kvm_vm().get_state(self._sections))
 
     def _stable(self, record: bytes | memoryview) -> bytes:
         copy = bytearray(record)
-        sections = shard().parse_state(copy, self._sections)
+        sections = self._host.kvm_vm().parse_state(copy, self._sections)
         for section, offset, size in VOLATILE_FIELDS:
             if section in sections:
                 sections[section][offset:offset + size] = bytes(size)
