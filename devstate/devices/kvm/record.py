@@ -159,6 +159,14 @@ class VcpuLayout:
         """The sections of a record, in SAVE_ORDER."""
         return tuple(self.resolve(s) for s in SAVE_ORDER)
 
+    def payload_offsets(self) -> dict[Section, int]:
+        """Where each section's payload starts in a record (after its section header)."""
+        offsets, pos = {}, HEADER.size
+        for section in self.sections:
+            offsets[section] = pos + SECTION.size
+            pos += SECTION.size + self.section_bytes(section)
+        return offsets
+
     @property
     def record_bytes(self) -> int:
         """The exact length of every record of this layout."""

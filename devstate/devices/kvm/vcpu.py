@@ -167,8 +167,8 @@ class KvmVcpu:
         seed_sections(self.parse(memoryview(record)), self.vcpu_id, seed, self.layout)
         self.put(memoryview(record))
 
-    def compare(self, saved: bytes | memoryview,
-                readback: bytes | memoryview) -> list[Difference]:
+    def compare(self, saved: bytes | bytearray | memoryview,
+                readback: bytes | bytearray | memoryview) -> list[Difference]:
         """Every field where ``readback`` differs from ``saved``, explained or not.
 
         A difference within a :data:`TOLERANCES` entry comes back with ``tolerance`` set;
