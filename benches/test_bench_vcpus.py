@@ -1,35 +1,35 @@
-"""vCPUs: get and put every vCPU of a 128-, 512- and 1024-vCPU machine, four ways.
+"""Record devices through the pool: get and put every vCPU of a 128-, 512- and 1024-vCPU
+machine of ``sim-vcpu`` records, four ways.
 
-Backend: real KVM vCPUs where ``/dev/kvm`` is usable (:func:`devstate.cli.kvm_usable`),
-else ``sim-vcpu`` (:mod:`devstate.devices.vcpu_sim`: a get or a put copies the record and
-burns 45 us of CPU, what a KVM get cost on this machine kind); the environment variable
-``DEVSTATE_BENCH_BACKEND=sim-vcpu`` forces sim on a KVM host. ``extra_info["backend"]``
-says which one ran, and ``extra_info["backend_reason"]`` why.
+``sim-vcpu`` (:mod:`devstate.devices.vcpu_sim`): a get or a put copies the record and burns
+45 us of CPU holding the GIL, what a KVM get cost on this machine kind. This measures the
+process pool's architecture (shared-memory slots vs pickling executors vs threads) on
+Python-bound record devices. Real KVM vCPUs are not measured here: a guest is ONE KVM VM
+owned by one process, so they are ``benches/test_bench_kvm.py``'s (one VM per side, the
+native engine beside the physical limit); spreading them over a VM per worker, as this
+pool variant would, is not a shape any guest has.
 
 Both sides of a migration on one 2-core host would share its cores, so one side is
 measured alone. A round *gets* every vCPU into memory, then *puts* every vCPU back from
 it, with
 
-* ``devstate-pool``: devstate's pool (:class:`devstate.migration.source.SourceVM`, 2 workers); each
-  worker owns its share of the vCPUs (kvm: in a VM of its own) and gets into, and puts
-  from, its arena slots (``SnapshotRecords`` / ``RestoreRecords``): no byte crosses a pipe;
+* ``devstate-pool``: devstate's pool (:class:`devstate.migration.source.SourceVM`, 2
+  workers); each worker owns its share of the vCPUs and gets into, and puts from, its
+  arena slots (``SnapshotRecords`` / ``RestoreRecords``): no byte crosses a pipe;
 * ``sequential``: one process, one thread (what a one-thread VMM does);
-* ``threads``: the same process, a thread per core. ctypes drops the GIL during a KVM
-  ioctl, so this is the best a one-process VMM can do, since only the VM's creator may
-  drive it; sim-vcpu's get is Python holding the GIL, so its threads cannot overlap;
+* ``threads``: the same process, a thread per core; sim-vcpu's get is Python holding the
+  GIL, so its threads cannot overlap;
 * ``executor``: plain ``concurrent.futures.ProcessPoolExecutor`` workers (forkserver, not
   pinned to CPUs), the pool without shared memory, drawn below.
 
 Every variant calls devstate's own device objects (``RecordDevice.get``/``put``, what a
 pool worker calls), so each does the same per-vCPU work and the variants differ only in
-where it runs and how the state moves. A kvm put loads, reads back and compares field by
-field (:meth:`devstate.devices.kvm.device.KvmVcpuDevice.put`), and fails on a difference.
-A sim-vcpu put loads and checks the record's layout, but does not read back: the pool
-runs exactly that, and a readback in the other variants alone would cost them a second
-45 us per vCPU. Instead, after the timed rounds, each variant's vCPUs are read back and
-their digests compared with the ones that machine had when freshly seeded (untimed, and
-in quick mode, ``--benchmark-disable``, too): the check that every put loaded what the get
-took.
+where it runs and how the state moves. A sim-vcpu put loads and checks the record's
+layout, but does not read back: the pool runs exactly that, and a readback in the other
+variants alone would cost them a second 45 us per vCPU. Instead, after the timed rounds,
+each variant's vCPUs are read back and their digests compared with the ones that machine
+had when freshly seeded (untimed, and in quick mode, ``--benchmark-disable``, too): the
+check that every put loaded what the get took.
 
 The executor variant, one round::
 
@@ -39,11 +39,11 @@ The executor variant, one round::
     states[k] = result()      <---pickled----- the share's records, one bytearray
       ... the coordinator holds every share's bytes, as a migration's would ...
     submit(_put_share, states[k]) --pickled--> put each record from the received bytes
-    result()                  <----None------- (kvm: load, read back, compare)
+    result()                  <----None------- (the share loaded)
 
-It is two one-worker executors, not one with two workers: the owner rule (a KVM VM answers
-only the process that created it) fixes which process may get or put a vCPU, and a
-ProcessPoolExecutor gives a task to whichever worker is idle, with no way to choose one.
+It is two one-worker executors, not one with two workers: the owner rule fixes which
+process may get or put a device, and a ProcessPoolExecutor gives a task to whichever
+worker is idle, with no way to choose one.
 
 ``extra_info``: ``per_vcpu_us`` (a round's median over the vCPUs), ``get_us_per_vcpu`` and
 ``put_us_per_vcpu`` (the medians of the round's two halves, per vCPU), and
@@ -58,7 +58,6 @@ import asyncio
 import contextlib
 import functools
 import multiprocessing
-import os
 import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -90,7 +89,6 @@ WORKERS = 2
 # Rounds per benchmark: few, so that the whole file stays within ~90 s on 2 cores.
 ROUNDS = 5
 SEED = 7
-FORCE_BACKEND = "DEVSTATE_BENCH_BACKEND"
 POOL = "devstate-pool"
 # devstate's pool first: every other variant's ratio needs its median.
 VARIANTS = (POOL, "sequential", "threads", "executor")
@@ -98,15 +96,9 @@ VARIANTS = (POOL, "sequential", "threads", "executor")
 
 @functools.cache
 def vcpu_backend() -> tuple[Backend, str]:
-    """The backend this run measures, and why: kvm where it is usable, else sim-vcpu."""
-    if os.environ.get(FORCE_BACKEND) == Backend.SIM_VCPU:
-        return Backend.SIM_VCPU, f"{FORCE_BACKEND}={Backend.SIM_VCPU}"
-    # Imported here: executor workers import this module, and the CLI's imports would
-    # add ~0.2 s to each one's start.
-    from devstate.cli import kvm_usable
-
-    usable, why = kvm_usable()
-    return (Backend.KVM if usable else Backend.SIM_VCPU), why
+    """The backend this file measures, and why."""
+    return Backend.SIM_VCPU, ("record devices through the pool; kvm vCPUs are one VM per "
+                              "side: benches/test_bench_kvm.py")
 
 
 def machine(count: int, backend: Backend) -> MachineConfig:
@@ -294,7 +286,7 @@ class PicklingPool:
             executor.shutdown()
 
 
-class Sharded:
+class Pool:
     """devstate's source side: a pool whose workers each own their share of the vCPUs."""
 
     def __init__(self, count: int, backend: Backend = Backend.KVM) -> None:
@@ -352,7 +344,7 @@ def build_variants(count: int, backend: Backend,
                    stack: contextlib.ExitStack) -> dict[str, Variant]:
     """Every variant's machine, closed by ``stack``. Idle ones use no CPU."""
     # devstate's pool first: it sets the forkserver's preload, which only its first start uses.
-    pool = stack.enter_context(contextlib.closing(Sharded(count, backend)))
+    pool = stack.enter_context(contextlib.closing(Pool(count, backend)))
     executor = stack.enter_context(contextlib.closing(PicklingPool(count, backend)))
     one = stack.enter_context(contextlib.closing(OneProcess(count, backend)))
     everyone = range(count)

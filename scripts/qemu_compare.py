@@ -259,14 +259,15 @@ def migrate_devstate(vcpus: int, backend: str, workers: int,
                      sides: SideCpus) -> dict[str, Any]:
     """One devstate migration of the same vCPUs, no devices; the CSV fields."""
     import uvloop
-    from sweep import Point, pinned_settings
+    from sweep import Point, pinned_params
 
+    from devstate.config.params import Schedule
     from devstate.config.spec import parse_spec
     from devstate.migration.local import migrate_locally
 
     spec = parse_spec({"name": f"qemu-compare-{vcpus}", "seed": 7,
                        "vcpus": {"count": vcpus, "backend": backend}})
-    source, dest = pinned_settings(Point(vcpus, 0, workers, True), sides)
+    source, dest = pinned_params(Point(vcpus, 0, workers, Schedule.CONCURRENT), sides)
     report = uvloop.run(migrate_locally(spec, source, dest_params=dest))
     return {"devstate_downtime_ms": round(report.downtime_ms, 3),
             "devstate_expected_ms": round(report.expected_ms, 3),

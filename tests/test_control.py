@@ -31,7 +31,8 @@ EXAMPLES: list[Control] = [
     Ready(), Loaded(516), Commit(), Resumed(),
     Failed("device model died"), Failed("resume failed", running=False),
     Abort("cancelled"),
-    Report([{"index": 0, "id": "cpu/0"}], 123, {"workers": 2}, {"cpu/0": "ab"}),
+    Report([{"index": 0, "id": "cpu/0"}], 123, {"workers": 2}, {"cpu/0": "ab"},
+           {"engine": "native", "threads": 2, "vms": 1, "state_ns": 5, "verify_ns": 0}),
 ]
 
 

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from devstate.config.params import MigrationParams, Overrun, Routing, Schedule
+from devstate.config.params import MigrationParams, Overrun, Readback, Routing, Schedule
 from devstate.config.spec import parse_spec
 from devstate.errors import SpecError
 from devstate.migration.local import migrate_locally
@@ -17,7 +17,8 @@ from devstate.migration.local import migrate_locally
 CPUS = tuple(sorted(os.sched_getaffinity(0)))
 EVERY_FIELD = MigrationParams(
     workers=1, schedule=Schedule.SEQUENTIAL, chunk_bytes=256 << 10, chunk_slots=7,
-    record_slots=100, window_bytes=128 << 10, cpus=CPUS, single_vm=True, channels=3,
+    record_slots=100, window_bytes=128 << 10, cpus=CPUS, vcpu_threads=3,
+    vcpu_readback=Readback.BEFORE_COMMIT, sharded_vms=True, channels=3,
     routing=Routing.SPREAD, window_slots=5, bandwidth_limit=4e9, spec_order=True,
     precopy=True, precopy_timeout_s=7.5, downtime_limit_ms=60_000.0, overrun=Overrun.ABORT,
     force_switchover=True, fault="resume:kill-worker:1000000")

@@ -20,7 +20,7 @@ from typing import Any
 import uvloop
 
 from devstate.cli.machines import default_workers, demo_machine
-from devstate.cli.parser import parse_args, tls_config
+from devstate.cli.parser import parse_args, tls_config, vcpu_params
 from devstate.cli.vm import vm_command
 from devstate.config.params import MigrationParams, Overrun, Routing, Schedule
 from devstate.config.spec import MachineConfig, load_spec
@@ -106,7 +106,7 @@ async def _migrate(args: argparse.Namespace) -> int:
     workers = args.workers or (1 if args.sequential else default_workers())
     schedule = Schedule.SEQUENTIAL if args.sequential else Schedule.CONCURRENT
     params = MigrationParams(workers=workers, schedule=schedule,
-                        single_vm=args.single_vm, channels=args.channels,
+                        channels=args.channels, **vcpu_params(args),
                         routing=Routing(args.routing), bandwidth_limit=args.bandwidth_limit,
                         downtime_limit_ms=args.downtime_limit,
                         overrun=Overrun(args.on_overrun),

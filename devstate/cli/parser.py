@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Sequence
+from typing import Any
 
 from devstate.cli.machines import default_workers
 from devstate.config.fields import parse_quantity
-from devstate.config.params import Overrun, Routing
+from devstate.config.params import MigrationParams, Overrun, Readback, Routing
 from devstate.errors import DevstateError, SpecError
 from devstate.net.tls import TlsConfig
 
@@ -69,9 +70,7 @@ def _migrate_arguments(sub: argparse._SubParsersAction[argparse.ArgumentParser])
                          help="workers per side (default: usable CPUs; 1 with --sequential)")
     migrate.add_argument("--sequential", action="store_true",
                          help="one device after another, as VMMs do today")
-    migrate.add_argument("--single-vm", action="store_true",
-                         help="kvm: one VM in one worker, vCPUs on a thread per CPU, "
-                              "instead of a VM per worker")
+    _vcpu_arguments(migrate)
     migrate.add_argument("--channels", type=_positive, default=None,
                          help="data channels (default: one per worker)")
     migrate.add_argument("--routing", choices=[r.value for r in Routing],
@@ -131,8 +130,7 @@ def _vm_arguments(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                          "default 1MiB)")
     vm.add_argument("--cpus", type=_cpu_list, default=None,
                     help="comma-separated CPUs to pin workers to (default: usable CPUs)")
-    vm.add_argument("--single-vm", action="store_true",
-                    help="kvm: one VM in one worker, vCPUs put on a thread per CPU")
+    _vcpu_arguments(vm)
     vm.add_argument("--spec-order", action="store_true",
                     help="baseline: devices in spec order, dealt round-robin")
     _tls_arguments(vm, server=True)
@@ -241,9 +239,34 @@ def _cpu_list(text: str) -> tuple[int, ...]:
     return cpus
 
 
+def _vcpu_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags for how the KVM VM's owner gets and puts its vCPUs (migrate and vm)."""
+    parser.add_argument("--vcpu-threads", type=_positive, default=None, metavar="N",
+                        help="kvm: threads the VM's owner gets/puts vCPUs with, one per CPU "
+                             "(default: every usable CPU with the native engine, 1 with ctypes)")
+    parser.add_argument("--vcpu-readback", choices=[r.value for r in Readback], default=None,
+                        help="kvm destination: before-commit reads every vCPU back in its "
+                             "put (a difference fails the migration; costs downtime); digest "
+                             "leaves it to the digests compared after the resume "
+                             f"(default {MigrationParams().vcpu_readback})")
+    parser.add_argument("--experimental-sharded-vms", action="store_true",
+                        help="kvm experiment, not a real guest shape: a KVM VM per worker, "
+                             "each with its share of the vCPUs")
+
+
+def vcpu_params(args: argparse.Namespace) -> dict[str, Any]:
+    """The MigrationParams fields :func:`_vcpu_arguments`' flags give."""
+    default = MigrationParams()
+    return {"vcpu_threads": args.vcpu_threads,
+            "vcpu_readback": Readback(args.vcpu_readback or default.vcpu_readback),
+            "sharded_vms": args.experimental_sharded_vms}
+
+
 def vm_flags(args: argparse.Namespace) -> list[str]:
     """The parameter flags given to ``devstate vm`` (which --params replaces)."""
     given = {"--workers": args.workers, "--chunk-size": args.chunk_size, "--cpus": args.cpus,
-             "--single-vm": args.single_vm or None, "--spec-order": args.spec_order or None,
+             "--vcpu-threads": args.vcpu_threads, "--vcpu-readback": args.vcpu_readback,
+             "--experimental-sharded-vms": args.experimental_sharded_vms or None,
+             "--spec-order": args.spec_order or None,
              "--fault": args.fault}
     return [flag for flag, value in given.items() if value is not None]

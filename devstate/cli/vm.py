@@ -11,7 +11,7 @@ import sys
 from typing import Any
 
 from devstate.cli.machines import default_workers
-from devstate.cli.parser import tls_config
+from devstate.cli.parser import tls_config, vcpu_params
 from devstate.config.params import MigrationParams
 from devstate.config.spec import MachineConfig, load_spec
 from devstate.errors import SpecError
@@ -58,7 +58,7 @@ def _vm_params(args: argparse.Namespace) -> MigrationParams:
             raise SpecError("", f"cannot read --params {args.params}: {exc}") from exc
     return MigrationParams(workers=args.workers or default_workers(), cpus=args.cpus,
                            chunk_bytes=args.chunk_size or MigrationParams().chunk_bytes,
-                           single_vm=args.single_vm, spec_order=args.spec_order,
+                           spec_order=args.spec_order, **vcpu_params(args),
                            fault=args.fault)
 
 

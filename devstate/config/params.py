@@ -42,6 +42,19 @@ class Overrun(enum.StrEnum):
     ABORT = "abort"    # cancel: the destination discards, the source resumes unchanged
 
 
+class Readback(enum.StrEnum):
+    """When the destination checks that KVM took each vCPU's state as it was sent."""
+
+    # In the put's own batch, natively: every vCPU is read back and compared before
+    # LOADED, so a difference fails the migration and the source resumes. Costs a get
+    # per vCPU of downtime (the report's kvm.readback_ms).
+    BEFORE_COMMIT = "before-commit"
+    # No readback in the put: the digests compared after the resume (each side reads its
+    # vCPUs and hashes them) verify every vCPU, off the downtime, but a difference found
+    # then can only be reported: the VM already runs on the destination.
+    DIGEST = "digest"
+
+
 @dataclass(frozen=True, slots=True)
 class MigrationParams:
     """How one side runs a migration: workers, schedule, channels, limits, policy, and the
@@ -57,9 +70,14 @@ class MigrationParams:
     window for small packets (records, END markers), read in one syscall; a destination
     worker receives on at most ``window_slots`` channels (a receive window each). Together
     these are the arena's memory budget.
-    ``single_vm`` gives every kvm vCPU to worker 0, in one KVM VM, whose gets and puts run
-    on a thread per usable CPU (ctypes drops the GIL during the ioctl): what a one-process
-    VMM can do. The default is sharded: each worker's own VM holds its share.
+    ``vcpu_threads``: the threads the VM's owner gets and puts kvm vCPUs with, each pinned
+    to one of ``cpus`` (None: one per CPU the side may use, 1 with the ctypes engine, where
+    more threads only fight over the GIL). A guest is one KVM VM, owned by one process
+    (ARCHITECTURE.md section 3), so every kvm vCPU belongs to worker 0.
+    ``vcpu_readback`` (a destination's): when it checks the vCPUs it put (:class:`Readback`).
+    ``sharded_vms`` is an experiment, not a real guest shape: each worker creates a KVM VM
+    of its own for its share of the vCPUs (KVM_SET_LAPIC is cheaper in smaller VMs, so it
+    flatters put); kept for comparison, never a default.
     ``channels`` is the number of data channels (None: one per worker), the same setting
     for every device; ``routing`` puts a device's packets on its home channel (affinity) or
     spreads a stream's packets over all of them.
@@ -83,7 +101,9 @@ class MigrationParams:
     record_slots: int = 128
     window_bytes: int = 256 << 10
     cpus: tuple[int, ...] | None = None  # worker i runs on cpus[i % len]; None: usable CPUs
-    single_vm: bool = False
+    vcpu_threads: int | None = None
+    vcpu_readback: Readback = Readback.DIGEST
+    sharded_vms: bool = False
     channels: int | None = None
     routing: Routing = Routing.AFFINITY
     window_slots: int = 4
@@ -101,8 +121,9 @@ class MigrationParams:
                      "window_slots"):
             if getattr(self, name) < 1:
                 raise SpecError(f"params.{name}", "must be at least 1")
-        if self.channels is not None and self.channels < 1:
-            raise SpecError("params.channels", "must be at least 1")
+        for name in ("channels", "vcpu_threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise SpecError(f"params.{name}", "must be at least 1")
 
     @property
     def concurrent(self) -> bool:
@@ -115,9 +136,13 @@ class MigrationParams:
         return self.channels or self.workers
 
     @property
-    def record_threads(self) -> int:
-        """Threads a worker gets and puts kvm vCPUs with: one per usable CPU if single-vm."""
-        return len(self.cpus or os.sched_getaffinity(0)) if self.single_vm else 1
+    def vcpu_cpus(self) -> tuple[int, ...]:
+        """The CPUs the vCPU owner's threads may be pinned to, in order."""
+        return tuple(self.cpus or sorted(os.sched_getaffinity(0)))
+
+    def vcpu_threads_for(self, concurrent: bool) -> int | None:
+        """``vcpu_threads``, except that a sequential migration takes one vCPU at a time."""
+        return self.vcpu_threads if concurrent else 1
 
     def to_json(self) -> dict[str, Any]:
         """Every field as plain JSON data, read back equal by :meth:`from_json`."""

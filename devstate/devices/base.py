@@ -13,6 +13,7 @@ session (VFIO's data fd), so a worker can drive many of them at once.
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 
 from devstate.config.spec import DeviceSpec, Shape
 
@@ -55,10 +56,12 @@ class RecordDevice(Device):
     """Small state produced and consumed whole."""
 
     shape = Shape.RECORD
-    # True when get and put spend their time in calls that drop the GIL (KVM ioctls), so
-    # a worker may run them on threads (single-vm mode); Python-bound gets would only
-    # contend for the GIL there.
-    releases_gil = False
+
+    @property
+    def batch(self) -> RecordBatch | None:
+        """The batch this record gets and puts with, many to a call on the owner's threads
+        (a KVM VM's vCPUs); None: one at a time, on the worker's loop."""
+        return None
 
     @abc.abstractmethod
     def get(self, out: memoryview) -> int:
@@ -124,9 +127,24 @@ class StreamDevice(Device):
         """Discard whatever a failed or cancelled session left and return to running."""
 
 
-def on_thread(device: Device | None, executor: object | None) -> bool:
-    """Whether ``device``'s get or put runs on a single-vm thread: it is a record whose
-    calls drop the GIL, and the worker has threads for them."""
-    return (executor is not None and isinstance(device, RecordDevice)
-            and device.releases_gil)
+class RecordBatch(abc.ABC):
+    """Records of one owner whose gets and puts run many to a call, off the event loop,
+    each call on one of the owner's threads with the GIL released (a KVM VM's vCPUs).
 
+    Runs in: the owner worker, on any of its threads; calls on different threads take
+    disjoint devices.
+    """
+
+    @abc.abstractmethod
+    def get_many(self, devices: Sequence[RecordDevice], outs: Sequence[memoryview]) -> int:
+        """Get each device into its ``outs`` entry; return the length of every record."""
+
+    @abc.abstractmethod
+    def put_many(self, devices: Sequence[RecordDevice], records: Sequence[memoryview], *,
+                 readback: bool = True) -> None:
+        """Put each record into its device; with ``readback``, read the device back and
+        verify it against the record (DeviceError naming the device)."""
+
+    @abc.abstractmethod
+    def threads(self, cpus: int, wanted: int | None) -> int:
+        """How many threads to split a batch over, of ``cpus`` usable, ``wanted`` if given."""

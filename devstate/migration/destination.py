@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from devstate.config.params import MigrationParams, Routing, Schedule
+from devstate.config.params import MigrationParams, Readback, Routing, Schedule
 from devstate.config.spec import MachineConfig
 from devstate.errors import ChannelError, DevstateError, ProtocolError, WorkerFailed, describe
 from devstate.lifecycle import background, no_gc_pauses
@@ -123,9 +123,11 @@ class Incoming(OnMachine):
             await commit.resumed(main)
             results = m.unpack_results(await self.pool.call_all(
                 {w: m.Results() for w in range(self.plan.workers)}))
+            cost = await self.machine.vcpu_cost()
             await channels.send(main, Report(
                 [r.to_json() for r in results], self._ready_ns, self.params.to_json(),
-                await self.machine.digests() if send_digests else {}))
+                await self.machine.digests() if send_digests else {},
+                cost.to_json() if cost else {}))
         except (DevstateError, OSError) as exc:
             # Running here, and the source has committed: a report that cannot be sent
             # changes nothing; say why.
@@ -210,7 +212,8 @@ class Incoming(OnMachine):
         schedule = Schedule.CONCURRENT if concurrent else Schedule.SEQUENTIAL
         async with background(self.pool.call_all({
                 w: m.Load(self.plan.devices_of(w), schedule, self.plan.owner, gen,
-                          self.params.record_threads)
+                          self.params.vcpu_cpus, self.params.vcpu_threads_for(concurrent),
+                          self.params.vcpu_readback is Readback.BEFORE_COMMIT)
                 for w in range(self.plan.workers)})) as (loading,):
             self._ready_ns = time.monotonic_ns()
             await channels.send(main, Ready())

@@ -9,6 +9,7 @@ from devstate.config.spec import DeviceTable, MachineConfig
 from devstate.devices import device_table
 from devstate.lifecycle import AsyncLifecycle
 from devstate.planning.plan import Plan, make_plan, spec_order_plan
+from devstate.report.vcpus import VcpuCost
 from devstate.worker import jobs as m
 from devstate.worker.layout import arena_layout
 from devstate.worker.pool import WorkerPool
@@ -28,9 +29,8 @@ class Machine(AsyncLifecycle):
         self.spec = spec
         self.table: DeviceTable = device_table(spec)  # once: a kvm record size is probed
         self.params = params
-        self.plan: Plan = (spec_order_plan(self.table, params.workers) if params.spec_order
-                           else make_plan(self.table, params.workers,
-                                     single_vm=params.single_vm))
+        plan = spec_order_plan if params.spec_order else make_plan
+        self.plan: Plan = plan(self.table, params.workers, sharded_vms=params.sharded_vms)
         self.pool = WorkerPool(self.table, arena_layout(params, self.table), name=self.side,
                                cpus=list(params.cpus) if params.cpus else None)
         self.running = False
@@ -75,6 +75,12 @@ class Machine(AsyncLifecycle):
     async def close(self) -> None:
         """Stop the pool (its workers close the devices). Idempotent."""
         await self.pool.close()
+
+
+    async def vcpu_cost(self) -> VcpuCost | None:
+        """What this side's KVM vCPUs cost in its last Save or Load (None: it has none)."""
+        costs = await self.pool.call_all({w: m.VcpuCosts() for w in range(self.plan.workers)})
+        return VcpuCost.total(costs.values())
 
 
 class OnMachine:

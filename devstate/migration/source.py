@@ -56,6 +56,7 @@ from devstate.protocol import wire
 from devstate.protocol.control import Abort, Loaded, MigrationHello, Ready, Report
 from devstate.report.migration import DeviceReport, DeviceResult, MigrationReport
 from devstate.report.progress import SaveProgress
+from devstate.report.vcpus import KvmReport, VcpuCost
 from devstate.worker import jobs as m
 
 log = logging.getLogger("devstate.migration.source")
@@ -142,8 +143,9 @@ class Outgoing(OnMachine):
         gen = self.machine.next_gen()
         save = self.pool.call_all({
             w: m.Save(self.plan.devices_of(w), self.params.schedule, self.routes, gen,
-                      self.params.record_threads, self.params.bandwidth_limit, precopy,
-                      self.deadline.transfer_order(costs))
+                      self.params.vcpu_cpus,
+                      self.params.vcpu_threads_for(self.params.concurrent),
+                      self.params.bandwidth_limit, precopy, self.deadline.transfer_order(costs))
             for w in range(self.plan.workers)})
         async with background(save, channels.expect(sock, Loaded)) as (saving, loading):
             if precopy:
@@ -170,10 +172,11 @@ class Outgoing(OnMachine):
             report = await channels.expect(sock, Report)
         saved = m.unpack_results(await self.pool.call_all(
             {w: m.Results() for w in range(self.plan.workers)}))
+        kvm = KvmReport.of(await self.machine.vcpu_cost(), VcpuCost.from_json(report.kvm))
         # Stopped for good, the source's state is final (precopy devices kept running, and
         # changing, until the stop): compare its digests with the destination's now.
         ours = await self.machine.digests() if compare_digests else {}
-        return self._report(t0, t1, saved, report, ours, made)
+        return self._report(t0, t1, saved, report, ours, made, kvm)
 
     async def _fail(self, sock: channels.Channel, exc: BaseException, commit: SourceCommit,
                     status: Callable[[Phase], None]) -> NoReturn:
@@ -289,7 +292,8 @@ class Outgoing(OnMachine):
         return broken
 
     def _report(self, t0: int, t1: int, saved: list[DeviceResult], report: Report,
-                ours: dict[str, str], made: Estimate) -> MigrationReport:
+                ours: dict[str, str], made: Estimate, kvm: KvmReport | None
+                ) -> MigrationReport:
         loaded = map(DeviceResult.from_json, report.devices)
         dest = {r.id: r for r in loaded}
         after = report.digests
@@ -304,12 +308,12 @@ class Outgoing(OnMachine):
             verified = bool(ours) and ours.get(r.id) == after.get(r.id)
             rows.append(DeviceReport.join(r, d, t0=t0, shift=shift, verified=verified))
         mode = ("sequential" if not self.params.concurrent
-                else "single-vm" if self.params.single_vm else "concurrent")
+                else "sharded-vms" if self.params.sharded_vms else "concurrent")
         return MigrationReport(mode, self.plan.workers, (t1 - t0) / 1e6, tuple(rows),
                                digests_compared=bool(ours), expected_ms=made.expected_ms,
                                critical_path=made.explain(),
                                downtime_limit_ms=self.params.downtime_limit_ms,
-                               destination_params=report.params)
+                               destination_params=report.params, kvm=kvm)
 
 
 async def _peer_reason_first(reply: asyncio.Future[Any], ours: BaseException) -> None:

@@ -5,12 +5,13 @@ longest tail first (:func:`tail_s`: what must still happen after a stream's last
 firmware and what loads after it), so the longest firmware overlaps the others' bytes.
 
 Owners: streams go longest own path first (:func:`path_s`: state at the slower rate, then
-firmware) to the worker whose paths end soonest (LPT), the simplest list schedule that
-puts the critical path first and keeps the longest devices apart; records are dealt
-evenly. Order in each worker: lower load classes first, VM-level state before the
-vCPUs of its VM, what others load ``after`` before them, then streams, the longest own
-path (:func:`path_s`: rates and firmware) first. What the plan will cost is
-:mod:`devstate.planning.cost`'s to say. :func:`spec_order_plan` is the baseline it must beat.
+firmware) to the worker whose paths end soonest (LPT), the simplest list schedule that puts
+the critical path first and keeps the longest devices apart; records are dealt evenly,
+except a KVM VM's vCPUs, which all belong to its owner, worker 0. Order in each worker:
+lower load classes first, VM-level state before the vCPUs of its VM, what others load
+``after`` before them, then streams, the longest own path (:func:`path_s`: rates and
+firmware) first. What the plan will cost is :mod:`devstate.planning.cost`'s to say.
+:func:`spec_order_plan` is the baseline it must beat.
 """
 
 from __future__ import annotations
@@ -78,29 +79,36 @@ def _depths(table: DeviceTable) -> list[int]:
     return [of(d) for d in table]
 
 
-def spec_order_plan(table: DeviceTable, workers: int) -> Plan:
+def spec_order_plan(table: DeviceTable, workers: int, *, sharded_vms: bool = False) -> Plan:
     """The baseline a plan must beat: devices dealt to workers round-robin in table order,
-    each worker saving them in that order (as a VMM walks its device list)."""
+    each worker saving them in that order (as a VMM walks its device list); the KVM VM's
+    state and vCPUs stay with worker 0, their owner."""
     if workers < 1:
         raise ValueError("a plan needs at least one worker")
-    kvm_vm = {d.index for d in table if d.backend is Backend.KVM_VM}
-    owner = tuple(0 if d.index in kvm_vm else d.index % workers for d in table)
+    on_vm = set(_vm_owner_backends(sharded_vms))
+    owner = tuple(0 if d.backend in on_vm else d.index % workers for d in table)
     order = tuple(tuple(d.index for d in table if owner[d.index] == w) for w in range(workers))
     return Plan(workers, owner, order, tuple(d.index for d in table if d.vfio is not None))
 
 
-def make_plan(table: DeviceTable, workers: int, *, single_vm: bool = False) -> Plan:
+def _vm_owner_backends(sharded_vms: bool) -> tuple[Backend, ...]:
+    """What worker 0, the KVM VM's owner, must hold: the VM-level state, and the vCPUs
+    unless the experiment shards them over a VM per worker."""
+    return (Backend.KVM_VM,) if sharded_vms else (Backend.KVM_VM, Backend.KVM)
+
+
+def make_plan(table: DeviceTable, workers: int, *, sharded_vms: bool = False) -> Plan:
     """Assign every device to one of ``workers`` owners and give each owner an order
-    (see the module's docstring). With ``single_vm`` every kvm vCPU goes to worker 0,
-    whose one VM holds them all.
+    (see the module's docstring). Every kvm vCPU goes to worker 0, whose one VM holds them
+    all, unless ``sharded_vms`` (an experiment, not a guest's shape) deals them out.
     """
     if workers < 1:
         raise ValueError("a plan needs at least one worker")
     load = [0.0] * workers
     owner = [0] * len(table)
-    # VM-level state belongs to one VM: worker 0's (it goes first in that worker's order,
-    # so it loads before the VM's vCPUs).
-    to_worker_0 = {Backend.KVM_VM, Backend.KVM} if single_vm else {Backend.KVM_VM}
+    # A KVM VM answers only its creator (the owner rule): worker 0 holds its VM-level
+    # state (first in its order, so it loads before the VM's vCPUs) and its vCPUs.
+    to_worker_0 = _vm_owner_backends(sharded_vms)
     pinned = [d for d in table if d.backend in to_worker_0]
     # Streams: the longest own path first, to the worker whose paths end soonest.
     free = [d for d in table if d not in pinned]

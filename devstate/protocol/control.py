@@ -109,6 +109,7 @@ class Report(Control):
     ready_ns: int
     params: dict[str, JsonValue]  # MigrationParams.to_json()
     digests: dict[str, str]  # device id -> hex digest
+    kvm: dict[str, JsonValue]  # VcpuCost.to_json() of the destination ({}: no kvm vCPUs)
 
 
 MESSAGES: dict[ControlType, type[Control]] = {

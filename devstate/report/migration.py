@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from devstate.errors import ProtocolError
+from devstate.report.vcpus import KvmReport
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +107,7 @@ class MigrationReport:
     downtime_limit_ms: float | None = None  # the downtime limit, if one was set
     # What the destination ran with (MigrationParams.to_json), as it said in its report.
     destination_params: dict[str, Any] = field(default_factory=dict)
+    kvm: KvmReport | None = None  # the KVM vCPUs' engine, threads and cost, if any
 
     @property
     def overrun_ms(self) -> float:
@@ -135,6 +137,7 @@ class MigrationReport:
             "overrun_ms": round(self.overrun_ms, 3),
             "total_bytes": self.total_bytes,
             "verified": self.verified,
+            "kvm": self.kvm.to_json() if self.kvm else None,
             "devices": [
                 {**asdict(d), "save_ms": round(d.save_ms, 3), "load_ms": round(d.load_ms, 3)}
                 for d in self.devices
@@ -161,6 +164,8 @@ def format_table(reports: Iterable[MigrationReport]) -> str:
                      f"{report.downtime_ms:.1f} ms (expected {report.expected_ms:.0f}), "
                      f"{_mib(report.total_bytes)}, "
                      f"{'verified bit-exact' if report.verified else 'NOT verified'}")
+        if report.kvm is not None:
+            lines.append(f"  {report.kvm.describe()}")
         if report.downtime_limit_ms is not None:
             lines.append(f"  limit {report.downtime_limit_ms:.0f} ms: " + (
                 f"overrun by {report.overrun_ms:.1f} ms; critical path: "

@@ -223,6 +223,10 @@ def _panel_title(report: dict[str, Any]) -> str:
         overrun = report["downtime_ms"] - limit
         text += f", limit {limit:g} ms" + (f", overrun {overrun:.1f} ms" if overrun > 0
                                            else ", met")
+    kvm = report.get("kvm")
+    if kvm:
+        text += (f"; kvm: {kvm['vms_per_side']} VM/side, {kvm['engine']} x"
+                 f"{kvm['threads']} thread(s)")
     return text + ")"
 
 

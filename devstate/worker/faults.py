@@ -14,12 +14,15 @@ Points, by the step of a migration they belong to::
     get       source: a stream's first bytes read from its device after the stop
     send      source: a packet about to go out on a data channel
     put       destination: a stream's bytes written to its device
+    record-put  destination: a batch of records (a KVM VM's vCPUs) about to be put
     complete  destination: a stream about to complete its load (firmware)
     resume    destination: devices about to resume, after COMMIT
 
 Faults: ``kill-worker`` (SIGKILL of the worker itself), ``kill-model`` (SIGKILL of the
 device model the point is about), ``cut-channels`` (the worker's data channels shut down
-both ways), ``corrupt`` (one byte of the packet flipped after its checksum was taken),
+both ways), ``corrupt`` (one byte of the packet flipped after its checksum was taken; at record-put,
+the first byte of the batch's first record, after its checksum was verified: a record its
+device must refuse),
 ``truncate`` (half the packet sent, then its channel shut down). ``SKIP`` lets that many
 hits of the point pass first, e.g. to strike in the middle of a stream.
 """
@@ -45,9 +48,11 @@ class Fault(enum.StrEnum):
     TRUNCATE = "truncate"
 
 
-POINTS = ("setup", "precopy", "get", "send", "put", "complete", "resume")
-# Faults that need the packet in hand: only the send point has one.
+POINTS = ("setup", "precopy", "get", "send", "put", "record-put", "complete", "resume")
+# Faults that need the bytes in hand: the send point has a packet, record-put its records
+# (which cannot be truncated).
 PACKET_FAULTS = (Fault.CORRUPT, Fault.TRUNCATE)
+BYTES_AT = {"send": PACKET_FAULTS, "record-put": (Fault.CORRUPT,)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,8 +77,9 @@ class Armed:
         except ValueError:
             raise ValueError(f"fault {text!r}: fault must be one of "
                              f"{', '.join(f.value for f in Fault)}") from None
-        if kind in PACKET_FAULTS and point != "send":
-            raise ValueError(f"fault {text!r}: {kind} needs a packet: only at 'send'")
+        if kind in PACKET_FAULTS and kind not in BYTES_AT.get(point, ()):
+            raise ValueError(f"fault {text!r}: {kind} needs the bytes in hand: only at "
+                             f"{' or '.join(p for p, k in BYTES_AT.items() if kind in k)}")
         skip = int(parts[2]) if len(parts) == 3 else 0
         if skip < 0:
             raise ValueError(f"fault {text!r}: SKIP must be >= 0")

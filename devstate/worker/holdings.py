@@ -17,7 +17,8 @@ class Holdings:
     """One worker's share of the side, as its Save or Load uses it.
 
     ``arena`` is a view of the whole arena (handoffs reach other workers' slots);
-    ``executor`` runs single-vm record gets and puts on threads (None: on the loop).
+    ``executor`` runs batched record gets and puts (a KVM VM's vCPUs) on the owner's
+    threads, each batch split over ``threads`` calls (None: no batched records here).
     """
 
     worker: int
@@ -27,5 +28,6 @@ class Holdings:
     channels: dict[int, socket.socket]
     mesh: Mesh | None
     executor: Executor | None = None
+    threads: int = 1
     record_class: int = RECORD_CLASS
     chunk_class: int = CHUNK_CLASS

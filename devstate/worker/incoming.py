@@ -103,16 +103,21 @@ class Incoming:
             raise IntegrityError("end.digest", f"{self.device.id}: state digest mismatch")
 
     def put_record(self, payload: memoryview) -> None:
-        """Put the device's one record. Runs in: the loop, or a single-vm put thread."""
+        """Put the device's one record, on the loop."""
         # A record is its device's whole state in one packet, whose verified checksum is
         # its digest: it needs no END of its own.
         device = self.device
         assert isinstance(device, RecordDevice)
-        self.start_ns = time.monotonic_ns()
+        start = time.monotonic_ns()
         device.put(payload)
-        self.bytes = len(payload)
+        self.record_loaded(len(payload), start, time.monotonic_ns())
+
+    def record_loaded(self, length: int, start_ns: int, end_ns: int) -> None:
+        """The device's record of ``length`` B was put from ``start_ns`` to ``end_ns``."""
+        self.start_ns = start_ns
+        self.bytes = length
         self.packets = 1
-        self.end_ns = self.done_ns = time.monotonic_ns()
+        self.end_ns = self.done_ns = end_ns
 
     def release_early(self) -> None:
         """After a failed load: give back the slots of packets held early."""

@@ -80,14 +80,16 @@ class Save(Job):
     (operation number ``gen`` tags the handoffs between workers). With ``precopy``,
     devices that support it stream while the VM runs, the rest wait for SwitchOver.
 
-    ``record_threads`` > 1 gets kvm vCPUs on that many threads (single-vm mode).
+    ``vcpu_cpus`` and ``vcpu_threads`` say what the KVM VM's owner gets its vCPUs with
+    (MigrationParams.vcpu_cpus, vcpu_threads).
     """
 
     order: tuple[int, ...]
     schedule: Schedule
     routes: Routes
     gen: int
-    record_threads: int = 1
+    vcpu_cpus: tuple[int, ...] = ()
+    vcpu_threads: int | None = None
     bandwidth_limit: float | None = None  # bytes/s over all channels, None: unlimited
     precopy: bool = False  # stream precopy devices while running, until SwitchOver
     transfer: TransferOrder | None = None  # stop-and-copy's order; None: all at once
@@ -120,15 +122,22 @@ class Load(Job):
     """Destination: receive and put these devices, verifying each one's digest.
 
     ``owner`` maps every device of the table to its destination worker: packets of devices
-    owned elsewhere are handed over (operation number ``gen``). ``record_threads`` > 1 puts
-    kvm vCPUs on that many threads (single-vm mode).
+    owned elsewhere are handed over (operation number ``gen``). ``vcpu_cpus`` and
+    ``vcpu_threads``: what the KVM VM's owner puts its vCPUs with, as for :class:`Save`.
     """
 
     devices: tuple[int, ...]
     schedule: Schedule
     owner: tuple[int, ...]
     gen: int
-    record_threads: int = 1
+    vcpu_cpus: tuple[int, ...] = ()
+    vcpu_threads: int | None = None
+    vcpu_readback: bool = True  # read each vCPU back in its put's batch
+
+
+@dataclass(frozen=True, slots=True)
+class VcpuCosts(Job):
+    """What this worker's KVM vCPUs cost since the last ask (VcpuCost, or None)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,8 +5,10 @@ partition of the arena and its data channels (none, one or several: :mod:`devsta
 
 Receiving: small packets (records, END markers) arrive batched into a channel's receive
 *window*, a slot of the arena, and records of this worker's devices are put straight from
-there (in single-vm mode each is copied to a record slot of its own first, to be put on a
-thread). A stream CHUNK's payload goes to a chunk slot of its own: after a chunk header, the
+there, except a KVM VM's vCPUs: each is copied to a record slot of its own and queued, and
+whatever has arrived is put in one batch, split over the owner's threads, while the
+channels go on receiving (the source sends them a batch at a time, so get, transfer and
+put overlap). A stream CHUNK's payload goes to a chunk slot of its own: after a chunk header, the
 receiver reads only up to the next header, so payloads land in their slot by ``recv_into``
 without a copy (a copy happens only for payload bytes that shared one read with small
 packets before them). When no chunk slot is free the receiver stops reading: the channel
@@ -39,20 +41,22 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from functools import partial
 
 from devstate.arena.slots import Slot
-from devstate.devices.base import RecordDevice, StreamDevice, on_thread
+from devstate.devices.base import Device, RecordBatch, RecordDevice, StreamDevice
 from devstate.errors import ChannelError, IntegrityError, ProtocolError
 from devstate.net import fdio
 from devstate.protocol import wire
 from devstate.worker.completion import CompletionOrder
-from devstate.worker.faults import injector
+from devstate.worker.faults import Fault, injector
 from devstate.worker.handoff import Note, Op, raise_when_set
 from devstate.worker.holdings import Holdings
 from devstate.worker.incoming import Incoming, Release
 from devstate.worker.jobs import ResultRow
+from devstate.worker.threads import RECORD_BATCH, finish_on_thread
 
 HDR = wire.PACKET_HEADER_BYTES
 
@@ -61,7 +65,8 @@ class Loader:
     """Receives one worker's channels and loads the devices it owns."""
 
     def __init__(self, held: Holdings, windows: dict[int, Slot], owner: tuple[int, ...],
-                 gen: int, *, after: tuple[tuple[int, ...], ...] | None = None) -> None:
+                 gen: int, *, after: tuple[tuple[int, ...], ...] | None = None,
+                 readback: bool = True) -> None:
         self.worker = held.worker
         self._devices = held.devices
         self._slots = slots = held.slots
@@ -74,6 +79,11 @@ class Loader:
         self._record_class = held.record_class
         self._chunk_class = chunk_class = held.chunk_class
         self._executor = held.executor
+        self._threads = held.threads
+        self._readback = readback  # batched puts read each record's device back
+        self._to_put: list[_QueuedPut] = []  # batched records waiting for their put
+        self._queued = asyncio.Event()
+        self._putting: list[asyncio.Task[None]] = []
         self._max_chunk = slots.sizes[chunk_class] - HDR
         share = slots.counts[chunk_class] // max(1, len(channels))
         if channels and share < 1:
@@ -113,7 +123,7 @@ class Loader:
                     self._mesh.serve(self._gen, self._on_note)
                 await asyncio.gather(*(tg.create_task(self._receive(k, sock))
                                        for k, sock in self._channels.items()))
-                await self._all_loaded.wait()  # single-vm puts included: see their done()
+                await self._all_loaded.wait()  # batched puts included
                 await self._all_back.wait()
                 watch.cancel()
         finally:
@@ -227,8 +237,8 @@ class Loader:
             self._lend(owner, header, slot)
             return
         release: Release | None = None
-        if header.kind is wire.PacketKind.RECORD and self._threaded(header.device):
-            # Put on a thread while the window is reused: the record moves to a slot of its
+        if header.kind is wire.PacketKind.RECORD and self._batched(header.device):
+            # Put in a batch while the window is reused: the record moves to a slot of its
             # own, and the record slots bound how many puts are in flight.
             slot = await self._slots.acquire(self._record_class)
             slot.view[:len(payload)] = payload
@@ -244,8 +254,11 @@ class Loader:
         if not self._concurrent and state.queue is not None and self._order.ready(index):
             await state.queue.join()
 
-    def _threaded(self, index: int) -> bool:
-        return on_thread(self._devices.get(index), self._executor)
+    def _batched(self, index: int) -> bool:
+        """Whether device ``index`` is put in batches on the owner's threads."""
+        device = self._devices.get(index)
+        return (self._executor is not None and isinstance(device, RecordDevice)
+                and device.batch is not None)
 
     def _give_back(self, slot: Slot, share: asyncio.Semaphore | None = None) -> None:
         """A slot is free again (and back in its channel's share, if it counts in one)."""
@@ -319,8 +332,8 @@ class Loader:
                 assert self._tasks is not None
                 self._tasks.create_task(self._put_when_ready(state, index, data))
                 return state
-            if release is not None and self._threaded(index):
-                self._put_record_on_thread(state, index, payload, release)
+            if release is not None and self._batched(index):
+                self._queue_put(_QueuedPut(state, index, payload, release))
                 return state
             try:
                 state.put_record(payload)
@@ -373,35 +386,73 @@ class Loader:
         self._unloaded -= 1
         if not self._unloaded:
             self._all_loaded.set()
+            self._queued.set()  # the batch putter ends
         self._order.loaded_here(index)
 
     async def _put_when_ready(self, state: Incoming, index: int, data: memoryview) -> None:
         await self._order.wait(index)
-        if self._threaded(index):
-            await asyncio.get_running_loop().run_in_executor(self._executor,
-                                                             state.put_record, data)
+        if self._batched(index):
+            self._queue_put(_QueuedPut(state, index, data, None))
         else:
             state.put_record(data)
-        self._loaded_one(index)
+            self._loaded_one(index)
 
-    def _put_record_on_thread(self, state: Incoming, index: int, payload: memoryview,
-                              release: Release) -> None:
-        """Single-vm: put on a thread (the ioctls drop the GIL) while receiving goes on."""
-        put = asyncio.get_running_loop().run_in_executor(
-            self._executor, state.put_record, payload)
+    def _queue_put(self, put: _QueuedPut) -> None:
+        """Queue a batched record; a put lane (one per owner thread, started with the
+        first record) takes it."""
+        self._to_put.append(put)
+        if not self._putting:
+            assert self._tasks is not None
+            self._putting = [self._tasks.create_task(self._put_lane())
+                             for _ in range(self._threads)]
+        self._queued.set()
 
-        def done(fut: asyncio.Future[None]) -> None:  # on the loop, not the thread
-            release()
-            if fut.cancelled():
-                return
-            exc = fut.exception()
-            if exc is not None:
-                self._fail(exc)
-            else:
-                self._loaded_one(index)
+    async def _put_lane(self) -> None:
+        """One owner thread's lane: put whatever is queued, up to RECORD_BATCH records in
+        one call on its thread, while the channels go on receiving; the lanes never wait
+        for each other."""
+        while not self._all_loaded.is_set():
+            if not self._to_put:
+                self._queued.clear()
+                await self._queued.wait()
+                continue
+            taken = self._to_put[:RECORD_BATCH]
+            del self._to_put[:RECORD_BATCH]
+            device = self._devices[taken[0].index]
+            assert isinstance(device, RecordDevice) and device.batch is not None
+            if injector.strike("record-put") is Fault.CORRUPT:
+                taken[0].record[0] ^= 0xFF  # verified on arrival: only the device can refuse
+            try:
+                start_ns, end_ns = await finish_on_thread(
+                    self._executor, _put_many, device.batch,
+                    [self._devices[p.index] for p in taken], [p.record for p in taken],
+                    self._readback)
+            finally:
+                for put in taken:
+                    if put.release is not None:
+                        put.release()
+            for put in taken:
+                put.state.record_loaded(len(put.record), start_ns, end_ns)
+                self._loaded_one(put.index)
 
-        put.add_done_callback(done)
 
+@dataclass(frozen=True, slots=True)
+class _QueuedPut:
+    """A batched record waiting for its put: in ``record`` (a slot ``release`` gives back,
+    or a copy of its own if None)."""
+
+    state: Incoming
+    index: int
+    record: memoryview
+    release: Release | None
+
+
+def _put_many(group: RecordBatch, devices: Sequence[Device], records: Sequence[memoryview],
+              readback: bool) -> tuple[int, int]:
+    """Runs in: one of the owner's threads. Put ``records`` in one call of their batch."""
+    start = time.monotonic_ns()
+    group.put_many(devices, records, readback=readback)  # type: ignore[arg-type]
+    return start, time.monotonic_ns()
 
 
 def _check_fin(channel: int, fin: wire.PacketHeader, received: int, after: int) -> None:

@@ -29,7 +29,6 @@ import signal
 import socket
 import traceback
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle
 from typing import Any, TypeVar
@@ -40,10 +39,11 @@ import uvloop
 from devstate.arena.slots import Arena, Layout, Slot
 from devstate.config.params import Schedule
 from devstate.config.spec import DeviceTable
-from devstate.devices import Device, DeviceHost, StreamDevice, make_device
+from devstate.devices import Device, DeviceHost, RecordDevice, StreamDevice, make_device
 from devstate.errors import ChannelError, DeviceError
 from devstate.lifecycle import no_gc_pauses
 from devstate.net import channels, fdio
+from devstate.report.vcpus import VcpuCost
 from devstate.worker import jobs as m
 from devstate.worker.faults import injector
 from devstate.worker.handoff import Mesh
@@ -52,6 +52,7 @@ from devstate.worker.layout import CHUNK_CLASS, RECORD_CLASS, WINDOW_CLASS
 from devstate.worker.load import Loader
 from devstate.worker.probe import RecordProbe
 from devstate.worker.save import Saver
+from devstate.worker.threads import OwnerThreads
 
 
 def worker_main(index: int, conn: Connection, arena_name: str, arena_size: int,
@@ -122,7 +123,7 @@ class Worker:
         self._busy: asyncio.Task[Any] | None = None
         self._results: list[m.ResultRow] = []  # of the last Save or Load
         self._probe = RecordProbe(index, self._slots, RECORD_CLASS)  # SnapshotRecords' records
-        self._executor: ThreadPoolExecutor | None = None
+        self._threads: OwnerThreads | None = None  # the VM owner's, made on first use
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stop = asyncio.Event()
 
@@ -141,8 +142,8 @@ class Worker:
             self._drop_channels()
             if self._mesh is not None:
                 self._mesh.close()
-            if self._executor is not None:
-                self._executor.shutdown()
+            if self._threads is not None:
+                self._threads.shutdown()
 
     def _on_request(self) -> None:
         try:
@@ -240,7 +241,8 @@ class Worker:
     @handles(m.Save)
     async def _save(self, job: m.Save, _: int | None) -> int:
         concurrent = job.schedule is Schedule.CONCURRENT
-        saver = Saver(self._holdings(job.record_threads), job.routes, job.gen,
+        self._host.vcpu_cost()  # VcpuCosts counts this run's work only
+        saver = Saver(self._holdings(job), job.routes, job.gen,
                       bandwidth_limit=job.bandwidth_limit,
                       transfer=job.transfer if concurrent else None)
         self._saver = saver
@@ -278,8 +280,9 @@ class Worker:
     @handles(m.Load)
     async def _load(self, job: m.Load, _: int | None) -> int:
         windows = self._windows()
-        loader = Loader(self._holdings(job.record_threads), windows, job.owner, job.gen,
-                        after=self._table.dependencies())
+        self._host.vcpu_cost()  # VcpuCosts counts this run's work only
+        loader = Loader(self._holdings(job), windows, job.owner, job.gen,
+                        after=self._table.dependencies(), readback=job.vcpu_readback)
         try:
             self._results = await loader.run(job.devices,
                                              job.schedule is Schedule.CONCURRENT)
@@ -309,6 +312,10 @@ class Worker:
         injector.strike("resume")
         await self._each_device("resume")
 
+    @handles(m.VcpuCosts)
+    async def _vcpu_costs(self, _job: m.VcpuCosts, _: int | None) -> VcpuCost | None:
+        return self._host.vcpu_cost()
+
     @handles(m.Pause)
     async def _pause(self, _job: m.Pause, _: int | None) -> None:
         await self._each_device("stop")
@@ -330,18 +337,21 @@ class Worker:
 
     # -- what the handlers share -------------------------------------------------------
 
-    def _holdings(self, record_threads: int) -> Holdings:
-        """What this worker lends a Save or Load, with ``record_threads`` put threads."""
+    def _holdings(self, job: m.Save | m.Load) -> Holdings:
+        """What this worker lends a Save or Load: with its batched records (a KVM VM's
+        vCPUs), the owner's threads that get or put them."""
+        batch = next((d.batch for d in self._devices.values()
+                      if isinstance(d, RecordDevice) and d.batch is not None), None)
+        if batch is None:
+            return Holdings(self.index, self._devices, self._slots, self._arena,
+                            self._channels, self._mesh)
+        count = batch.threads(len(job.vcpu_cpus), job.vcpu_threads)
+        if self._threads is None or not self._threads.fits(job.vcpu_cpus, count):
+            if self._threads is not None:
+                self._threads.shutdown()
+            self._threads = OwnerThreads(job.vcpu_cpus, count)
         return Holdings(self.index, self._devices, self._slots, self._arena, self._channels,
-                        self._mesh, self._record_executor(record_threads))
-
-    def _record_executor(self, threads: int) -> ThreadPoolExecutor | None:
-        """The single-vm get/put threads (made once, before they are needed), or None."""
-        if threads <= 1:
-            return None
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(threads, thread_name_prefix="vcpu")
-        return self._executor
+                        self._mesh, self._threads.executor, count)
 
     async def _each_device(self, step: str) -> None:
         """Call ``step`` (``stop`` or ``resume``) on every owned device. Streams go

@@ -33,12 +33,13 @@ from __future__ import annotations
 import asyncio
 import errno
 import time
+from collections import deque
 from collections.abc import Sequence
 from functools import partial
 
 from devstate.arena.slots import Slot
 from devstate.config.params import Routing
-from devstate.devices.base import Device, RecordDevice, StreamDevice, on_thread
+from devstate.devices.base import Device, RecordBatch, RecordDevice, StreamDevice
 from devstate.errors import ChannelError, ProtocolError
 from devstate.lifecycle import background
 from devstate.net.bandwidth import Pacer
@@ -50,12 +51,9 @@ from devstate.worker.handoff import Note, Op, raise_when_set
 from devstate.worker.holdings import Holdings
 from devstate.worker.jobs import ResultRow
 from devstate.worker.sender import PacketSender
+from devstate.worker.threads import RECORD_BATCH, finish_on_thread
 
 HDR = wire.PACKET_HEADER_BYTES
-# Records per batch: after each, the sender ships what is ready (so the destination starts
-# putting at once) and stream devices get served, for one loop pass per 16 records; in
-# single-vm mode a batch is what the get threads share.
-RECORD_BATCH = 16
 # How often a precopy stream with nothing to read looks again for dirtied state.
 PRECOPY_POLL_S = 0.02
 
@@ -76,6 +74,7 @@ class Saver:
         self._record_class = held.record_class
         self._chunk_class = held.chunk_class
         self._executor = held.executor
+        self._threads = held.threads
         self._senders = {
             k: PacketSender(sock, Pacer.for_channel(bandwidth_limit, routes.channels))
             for k, sock in held.channels.items()}
@@ -232,35 +231,81 @@ class Saver:
             self._fault.set_exception(exc)
 
     async def _save_records(self, indices: Sequence[int]) -> list[ResultRow]:
-        results = []
-        for start in range(0, len(indices), RECORD_BATCH):
-            batch = indices[start:start + RECORD_BATCH]
-            slots = [await self._slots.acquire(self._record_class) for _ in batch]
-            loop = asyncio.get_running_loop()
-            # Single-vm: gets that drop the GIL start on the worker's threads, the rest run
-            # here meanwhile; then the threads' results are collected in order.
-            pending = [loop.run_in_executor(self._executor, self._get_record, i, slot)
-                       if on_thread(self._devices[i], self._executor)
-                       else self._get_record(i, slot)
-                       for i, slot in zip(batch, slots, strict=True)]
-            timed = [await p if isinstance(p, asyncio.Future) else p for p in pending]
-            for index, slot, (length, start_ns, end_ns) in zip(batch, slots, timed, strict=True):
-                payload = slot.view[HDR:HDR + length]
-                # One packet is the whole record; its checksum is its digest: no END follows.
-                wire.pack_packet_header(slot.view, wire.PacketKind.RECORD, index, 0, payload)
-                # Records need no order among themselves: none waits for a QUEUED.
-                channel = self._routes.channel(self.worker, self._records_routed)
-                self._emit(index, 0, slot, HDR + length, channel, ordered=False)
-                self._records_routed += 1
-                self.devices_done += 1
-                self.bytes_read += length
-                results.append((index, self._devices[index].id, length, 1, start_ns, end_ns,
-                                self.worker, 0, channel))
-            await asyncio.sleep(0)  # let the senders ship the batch and streams progress
+        """Get the records and ship each batch as soon as it is got.
+
+        Batched records (a KVM VM's vCPUs) are got by one *lane* per owner thread: each
+        takes the next RECORD_BATCH of them, gets them in one call on its thread and ships
+        them, then takes more, so the threads never wait for each other and the loop sends
+        one lane's batch while the others' are being got: get and transfer overlap, and the
+        destination starts putting with the first batch. The other records are got on the
+        loop meanwhile, a batch at a time.
+        """
+        results: list[ResultRow] = []
+        batched: dict[RecordBatch, deque[int]] = {}
+        alone = []
+        for index in indices:
+            device = self._devices[index]
+            assert isinstance(device, RecordDevice)
+            group = device.batch if self._executor is not None else None
+            if group is None:
+                alone.append(index)
+            else:
+                batched.setdefault(group, deque()).append(index)
+        lanes = [asyncio.ensure_future(self._get_lane(group, queue, results))
+                 for group, queue in batched.items() for _ in range(self._threads)]
+        try:
+            for start in range(0, len(alone), RECORD_BATCH):
+                batch = alone[start:start + RECORD_BATCH]
+                slots = [await self._slots.acquire(self._record_class) for _ in batch]
+                timed = [self._get_record(i, slot) for i, slot in zip(batch, slots, strict=True)]
+                results += self._ship_records(batch, slots, timed)
+                await asyncio.sleep(0)  # let the senders ship and streams progress
+        finally:
+            # Every lane ends before this returns or raises: a thread must not write into
+            # a slot after the save is over.
+            ended = await asyncio.gather(*lanes, return_exceptions=True)
+        for outcome in ended:
+            if isinstance(outcome, BaseException):
+                raise outcome
         return results
 
-    def _get_record(self, index: int, slot: Slot) -> tuple[int, int, int]:
-        """Get one record into its slot. Runs in: the loop, or a single-vm get thread."""
+    async def _get_lane(self, group: RecordBatch, queue: deque[int],
+                        results: list[ResultRow]) -> None:
+        """One owner thread's lane: get and ship batches from ``queue`` until it is empty
+        (or another lane failed, which empties it)."""
+        while queue:
+            batch = [queue.popleft() for _ in range(min(RECORD_BATCH, len(queue)))]
+            slots = [await self._slots.acquire(self._record_class) for _ in batch]
+            try:
+                timed = await finish_on_thread(
+                    self._executor, _get_many, group, [self._devices[i] for i in batch],
+                    [slot.view[HDR:] for slot in slots])
+            except BaseException:
+                queue.clear()
+                raise
+            results += self._ship_records(batch, slots, [timed] * len(batch))
+            await asyncio.sleep(0)
+
+    def _ship_records(self, batch: Sequence[int], slots: Sequence[Slot],
+                      timed: Sequence[Timed]) -> list[ResultRow]:
+        """Make each got record a RECORD packet in its slot and queue it on its channel."""
+        results = []
+        for index, slot, (length, start_ns, end_ns) in zip(batch, slots, timed, strict=True):
+            payload = slot.view[HDR:HDR + length]
+            # One packet is the whole record; its checksum is its digest: no END follows.
+            wire.pack_packet_header(slot.view, wire.PacketKind.RECORD, index, 0, payload)
+            # Records need no order among themselves: none waits for a QUEUED.
+            channel = self._routes.channel(self.worker, self._records_routed)
+            self._emit(index, 0, slot, HDR + length, channel, ordered=False)
+            self._records_routed += 1
+            self.devices_done += 1
+            self.bytes_read += length
+            results.append((index, self._devices[index].id, length, 1, start_ns, end_ns,
+                            self.worker, 0, channel))
+        return results
+
+    def _get_record(self, index: int, slot: Slot) -> Timed:
+        """Get one record into its slot, on the loop."""
         device = self._devices[index]
         assert isinstance(device, RecordDevice)
         start = time.monotonic_ns()
@@ -382,6 +427,17 @@ class Saver:
             await hop.queued
         hop.channel = channel
         hop.queued = self._emit(index, seq, slot, length, channel)
+
+
+Timed = tuple[int, int, int]  # a got record's (length, start ns, end ns)
+
+
+def _get_many(group: RecordBatch, devices: Sequence[Device],
+              outs: Sequence[memoryview]) -> Timed:
+    """Runs in: one of the owner's threads. Get ``devices`` in one call of their batch."""
+    start = time.monotonic_ns()
+    length = group.get_many(devices, outs)  # type: ignore[arg-type]
+    return length, start, time.monotonic_ns()
 
 
 class _Hop:

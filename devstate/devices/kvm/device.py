@@ -1,19 +1,19 @@
-"""``kvm``: real vCPUs in KVM, sharded: each worker owns one KVM VM holding its vCPUs.
+"""``kvm``: real vCPUs in KVM, all in one KVM VM owned by worker 0, as a guest's are.
 
 With them come the VM-level devices (``vm/pit``, ``vm/clock``, ``vm/irqchip``: the PIT,
-kvmclock, and the PICs and IOAPIC), owned by worker 0 and loaded before its vCPUs; in the
-sharded model the machine's VM-level state is that of worker 0's VM.
+kvmclock, and the PICs and IOAPIC), owned by the same worker and loaded before its vCPUs.
 
-Runs in: the worker that owns the vCPUs. A KVM VM answers only the process that created
-it (any other gets EIO: the owner rule), so every worker creates its own VM, the
-*shard* (held by the worker's :class:`~devstate.devices.host.DeviceHost`), on the first
-vCPU it opens, and ``cpu/17`` is vCPU id 17 in whichever shard owns
-it, on either side, whatever the two sides' worker counts.
+Runs in: the worker that owns the VM. A KVM VM answers only the process that created
+it (any other gets EIO: the owner rule), so the VM is created, held and closed by that
+worker's :class:`~devstate.devices.host.DeviceHost`; ``cpu/17`` is vCPU id 17 on either
+side. (The ``sharded_vms`` experiment gives each worker a VM of its own for its share.)
 
-A put is verified where it happens: the destination reads the vCPU back and compares it
-field by field with the record it loaded (:meth:`devstate.devices.kvm.vcpu.KvmVcpu.compare`);
-any difference not covered by a listed tolerance fails the put. The device digest is the
-record's stable digest (tolerated fields zeroed), so both sides can be compared after.
+The vCPUs of a VM get and put as a :class:`VcpuBatch`: many to a call of the VM's engine
+(:mod:`.engine`: native steps with the GIL released, or ctypes), on the owner's threads,
+records read and written in their arena slots. A put is verified where it happens: the
+engine reads the vCPU back and compares it with the record it loaded; any difference not
+covered by a listed tolerance fails the put. The device digest is the record's stable
+digest (tolerated fields zeroed), so both sides can be compared after.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import xxhash
 from devstate.config.spec import KVM_VM_DEVICES, DeviceSpec
 from devstate.devices.base import RecordDevice
 from devstate.devices.host import DeviceHost
+from devstate.devices.kvm.batch import VcpuBatch
 from devstate.devices.kvm.vcpu import KvmVcpu
 from devstate.devices.kvm.vm import VM_SAVE_ORDER, VOLATILE_FIELDS, KvmVm, VmSection, vm_state_bytes
 from devstate.errors import DeviceError
@@ -60,8 +61,6 @@ def host_record_bytes() -> int:
 class KvmVcpuDevice(RecordDevice):
     """One real vCPU, in its owner worker's KVM VM."""
 
-    releases_gil = True  # its gets and puts are ioctls through ctypes
-
     def __init__(self, spec: DeviceSpec, machine_seed: int, *, incoming: bool = False,
                  host: DeviceHost) -> None:
         super().__init__(spec, machine_seed)
@@ -71,11 +70,17 @@ class KvmVcpuDevice(RecordDevice):
         self._vcpu: KvmVcpu | None = None
         self._scratch = bytearray()
 
+    @property
+    def batch(self) -> VcpuBatch:
+        """The VM's batch: its vCPUs get and put together."""
+        return self._host.vcpu_batch()
+
     async def open(self) -> None:
         """Create the vCPU in this worker's VM; a source vCPU gets its seeded state."""
         if self._vcpu is not None:
             return
         vm = self._host.kvm_vm()
+        self._host.vcpu_batch()  # its engine's programs are made now, not at the stop
         self._vcpu = vm.create_vcpu(self.vcpu_id)
         self._scratch = bytearray(vm.layout.record_bytes)
         if not self._incoming:
@@ -87,32 +92,25 @@ class KvmVcpuDevice(RecordDevice):
             self._vcpu = None
             self._host.release_vcpu(self.vcpu_id)
 
-    def _opened(self) -> KvmVcpu:
+    def opened(self) -> KvmVcpu:
+        """The vCPU; DeviceError if it is not open."""
         if self._vcpu is None:
             raise DeviceError(self.id, "the vCPU is not open")
         return self._vcpu
 
     async def digest(self) -> bytes:
         """The stable digest of the vCPU's current state."""
-        vcpu = self._opened()
+        vcpu = self.opened()
         vcpu.get(memoryview(self._scratch))
         return vcpu.stable_digest(self._scratch)
 
     def get(self, out: memoryview) -> int:
         """Read the vCPU from KVM into ``out`` (the VM is stopped)."""
-        return self._opened().get(out)
+        return self.batch.get_many([self], [out])
 
     def put(self, data: memoryview) -> None:
         """Load a record into KVM, read it back, and fail on any unexplained difference."""
-        vcpu = self._opened()
-        vcpu.put(data)
-        vcpu.get(memoryview(self._scratch))
-        unexplained = [d for d in vcpu.compare(data, memoryview(self._scratch))
-                       if not d.explained]
-        if unexplained:
-            shown = "; ".join(str(d) for d in unexplained[:3])
-            raise DeviceError(self.id, f"put: the readback differs in {len(unexplained)} "
-                                       f"field(s): {shown}")
+        self.batch.put_many([self], [data])
 
 
 class KvmVmPartDevice(RecordDevice):

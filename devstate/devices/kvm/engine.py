@@ -382,6 +382,11 @@ class NativeEngine(VcpuEngine):
 
     def _call(self, op: str, program: Program, vcpus: Sequence[KvmVcpu],
               records: Sequence[memoryview], *, writable: bool) -> BatchCost:
+        size = len(self._template)
+        for vcpu, record in zip(vcpus, records, strict=True):
+            if len(record) != size and not (writable and len(record) > size):
+                raise DeviceError(vcpu.id, f"{op}: a record of {len(record)} B where this "
+                                           f"VM's are {size} B")
         at, step, err, result, state_ns, verify_ns = self._run(
             program.packed, self._template, self._mask, [v.fd for v in vcpus],
             [v.vcpu_id for v in vcpus], records, writable)

@@ -1,0 +1,65 @@
+"""The VM owner's threads: where a worker runs its batched vCPU gets and puts.
+
+Each call of a :class:`~devstate.devices.base.RecordBatch` drops the GIL for a whole batch,
+so threads run the KVM ioctls truly at once, as many as there are cores to run them: the
+threads are pinned one per CPU of the side (as the physical-limit probe pins them,
+shared/tools/kvm-limit), not left on the one CPU the worker process itself is pinned to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+# Batched records per batch and owner thread. The source's threads get one batch while the
+# loop ships the one before (so the destination starts putting at once); the destination
+# puts whatever has arrived, up to this many per thread in one call.
+RECORD_BATCH = 16
+
+
+class OwnerThreads:
+    """``count`` threads, the i-th started pinned to ``cpus[i % len(cpus)]`` (none pinned
+    if ``cpus`` is empty)."""
+
+    def __init__(self, cpus: Sequence[int], count: int) -> None:
+        self.cpus = tuple(cpus)
+        self.count = count
+        self._started = itertools.count()  # next() is atomic under the GIL
+        self.executor = ThreadPoolExecutor(count, thread_name_prefix="vcpu",
+                                           initializer=self._pin)
+        # Start (and pin) every thread now, not on the first batch of a stop-and-copy:
+        # each task waits for all the others, so no thread can take two.
+        started = threading.Barrier(count)
+        for _ in range(count):
+            self.executor.submit(started.wait)
+
+    def _pin(self) -> None:
+        if self.cpus:
+            os.sched_setaffinity(0, {self.cpus[next(self._started) % len(self.cpus)]})
+
+    def fits(self, cpus: Sequence[int], count: int) -> bool:
+        """Whether these threads are the ones a job asks for."""
+        return self.cpus == tuple(cpus) and self.count == count
+
+    def shutdown(self) -> None:
+        """Wait for the threads to finish what they run, and end them."""
+        self.executor.shutdown()
+
+
+async def finish_on_thread(executor: Executor | None, fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn(*args)`` on ``executor`` and return its result; if cancelled meanwhile,
+    wait for the thread to finish before re-raising: it writes into arena slots, which must
+    not be reused (or unmapped) while it runs."""
+    running = asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+    try:
+        return await asyncio.shield(running)
+    except asyncio.CancelledError:
+        await asyncio.wait({running})
+        raise
