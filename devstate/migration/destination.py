@@ -77,6 +77,7 @@ class Incoming(OnMachine):
         try:
             main, concurrent, send_digests = await self._handshake(main, listener, tls)
             async with _refusing_late_connections(listener):
+                await self.machine.prepare_vcpus(concurrent)
                 await self.pool.call_all({w: m.PrepareLoad(self.plan.devices_of(w))
                                           for w in range(self.plan.workers)})
                 with no_gc_pauses():  # the source has stopped: no collection pauses until

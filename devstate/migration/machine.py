@@ -77,6 +77,12 @@ class Machine(AsyncLifecycle):
         await self.pool.close()
 
 
+    async def prepare_vcpus(self, concurrent: bool) -> None:
+        """Before the stop: start the threads each worker will get or put vCPUs with."""
+        await self.pool.call_all({
+            w: m.PrepareVcpus(self.params.vcpu_cpus, self.params.vcpu_threads_for(concurrent))
+            for w in range(self.plan.workers)})
+
     async def vcpu_cost(self) -> VcpuCost | None:
         """What this side's KVM vCPUs cost in its last Save or Load (None: it has none)."""
         costs = await self.pool.call_all({w: m.VcpuCosts() for w in range(self.plan.workers)})

@@ -141,6 +141,7 @@ class Outgoing(OnMachine):
         """Save (precopy first, if any), stop the VM, finish the save, commit; return the
         stop and resume times (ns) and the estimate the switchover was made on."""
         gen = self.machine.next_gen()
+        await self.machine.prepare_vcpus(self.params.concurrent)
         save = self.pool.call_all({
             w: m.Save(self.plan.devices_of(w), self.params.schedule, self.routes, gen,
                       self.params.vcpu_cpus,

@@ -136,6 +136,16 @@ class Load(Job):
 
 
 @dataclass(frozen=True, slots=True)
+class PrepareVcpus(Job):
+    """Before the stop: start (and pin) the threads the next Save or Load gets or puts the
+    KVM VM's vCPUs with (``cpus`` and ``threads`` as :class:`Save` will say), so that the
+    stop-and-copy does not wait for them to start."""
+
+    cpus: tuple[int, ...]
+    threads: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class VcpuCosts(Job):
     """What this worker's KVM vCPUs cost since the last ask (VcpuCost, or None)."""
 

@@ -418,6 +418,8 @@ class Loader:
                 continue
             taken = self._to_put[:RECORD_BATCH]
             del self._to_put[:RECORD_BATCH]
+            if self._to_put:
+                self._queued.set()  # more than this lane takes: wake a waiting one
             device = self._devices[taken[0].index]
             assert isinstance(device, RecordDevice) and device.batch is not None
             if injector.strike("record-put") is Fault.CORRUPT:

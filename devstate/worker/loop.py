@@ -312,6 +312,12 @@ class Worker:
         injector.strike("resume")
         await self._each_device("resume")
 
+    @handles(m.PrepareVcpus)
+    async def _prepare_vcpus(self, job: m.PrepareVcpus, _: int | None) -> None:
+        threads = self._owner_threads(job.cpus, job.threads)
+        if threads is not None:
+            await asyncio.wrap_future(threads.started)
+
     @handles(m.VcpuCosts)
     async def _vcpu_costs(self, _job: m.VcpuCosts, _: int | None) -> VcpuCost | None:
         return self._host.vcpu_cost()
@@ -340,26 +346,37 @@ class Worker:
     def _holdings(self, job: m.Save | m.Load) -> Holdings:
         """What this worker lends a Save or Load: with its batched records (a KVM VM's
         vCPUs), the owner's threads that get or put them."""
+        threads = self._owner_threads(job.vcpu_cpus, job.vcpu_threads)
+        if threads is None:
+            return Holdings(self.index, self._devices, self._slots, self._arena,
+                            self._channels, self._mesh)
+        return Holdings(self.index, self._devices, self._slots, self._arena, self._channels,
+                        self._mesh, threads.executor, threads.count)
+
+    def _owner_threads(self, cpus: tuple[int, ...], wanted: int | None) -> OwnerThreads | None:
+        """The threads this worker's batched records run on (started now if they are not
+        the ones asked for), or None if it has none (no KVM VM)."""
         batch = next((d.batch for d in self._devices.values()
                       if isinstance(d, RecordDevice) and d.batch is not None), None)
         if batch is None:
-            return Holdings(self.index, self._devices, self._slots, self._arena,
-                            self._channels, self._mesh)
-        count = batch.threads(len(job.vcpu_cpus), job.vcpu_threads)
-        if self._threads is None or not self._threads.fits(job.vcpu_cpus, count):
+            return None
+        count = batch.threads(len(cpus), wanted)
+        if self._threads is None or not self._threads.fits(cpus, count):
             if self._threads is not None:
                 self._threads.shutdown()
-            self._threads = OwnerThreads(job.vcpu_cpus, count)
-        return Holdings(self.index, self._devices, self._slots, self._arena, self._channels,
-                        self._mesh, self._threads.executor, count)
+            self._threads = OwnerThreads(cpus, count)
+        return self._threads
 
     async def _each_device(self, step: str) -> None:
         """Call ``step`` (``stop`` or ``resume``) on every owned device. Streams go
         concurrently (each is a round trip to its model); records one after another: a
-        task per vCPU would cost more than its step."""
+        task per vCPU would cost more than its step. A device whose step is the base
+        class's no-op is skipped: a resume after COMMIT is downtime, and 1024 awaits of
+        nothing are a measurable part of it."""
         streams = [d for d in self._devices.values() if isinstance(d, StreamDevice)]
         for device in self._devices.values():
-            if not isinstance(device, StreamDevice):
+            if not isinstance(device, StreamDevice) and \
+                    getattr(type(device), step) is not getattr(Device, step):
                 await getattr(device, step)()
         await asyncio.gather(*(getattr(d, step)() for d in streams))
 

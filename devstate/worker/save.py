@@ -51,7 +51,7 @@ from devstate.worker.handoff import Note, Op, raise_when_set
 from devstate.worker.holdings import Holdings
 from devstate.worker.jobs import ResultRow
 from devstate.worker.sender import PacketSender
-from devstate.worker.threads import RECORD_BATCH, finish_on_thread
+from devstate.worker.threads import FIRST_BATCH, RECORD_BATCH, finish_on_thread
 
 HDR = wire.PACKET_HEADER_BYTES
 # How often a precopy stream with nothing to read looks again for dirtied state.
@@ -273,8 +273,10 @@ class Saver:
                         results: list[ResultRow]) -> None:
         """One owner thread's lane: get and ship batches from ``queue`` until it is empty
         (or another lane failed, which empties it)."""
+        size = FIRST_BATCH
         while queue:
-            batch = [queue.popleft() for _ in range(min(RECORD_BATCH, len(queue)))]
+            batch = [queue.popleft() for _ in range(min(size, len(queue)))]
+            size = RECORD_BATCH
             slots = [await self._slots.acquire(self._record_class) for _ in batch]
             try:
                 timed = await finish_on_thread(
