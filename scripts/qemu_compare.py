@@ -19,8 +19,10 @@ its guest RAM dirtied since the last pass and its chipset devices, and syncs its
 bitmap; the guest RAM is kept tiny (``--memory``, default 64 MiB, SeaBIOS idling in a halt
 loop dirties almost nothing) so that RAM does not dominate. QEMU's ``downtime`` field is
 the source's view (stop to the source's completion); stop-to-resume includes the
-destination's load and is the number devstate's ``downtime_ms`` corresponds to. devstate
-also reads every put back and compares it, which QEMU does not.
+destination's load and is the number devstate's ``downtime_ms`` corresponds to. Both
+stacks have the same shape: one KVM VM per side, its vCPUs driven by the one process that
+owns it (devstate's native engine on the side's CPUs). devstate compares every vCPU's
+digest on both sides after the resume, which QEMU does not.
 
 What it does not measure: RAM-heavy guests, precopy convergence, real devices (virtio,
 VFIO), a network between hosts, QEMU's multifd, or process start-up (neither side's).
