@@ -2,8 +2,11 @@
 
 :mod:`.uapi` is the ABI (ctypes structs, ioctl numbers, the one ioctl call); :mod:`.record`
 a vCPU record's sections, order and framing; :mod:`.vcpu` gets and puts one vCPU's state
-as a record; :mod:`.seed` gives a vCPU distinct test state; :mod:`.verify` compares a
+as a record through ctypes; :mod:`.engine` gets and puts a batch of vCPUs, natively (the C
+extension ``_steps``, running programs it builds from the record's order) or through
+:mod:`.vcpu`; :mod:`.seed` gives a vCPU distinct test state; :mod:`.verify` compares a
 readback field by field; :mod:`.vm` owns a KVM VM and what it learned about the host;
-:mod:`.device` is the backend the workers drive. Arrows point one way: uapi <- record <-
-seed, verify <- vcpu <- vm <- device. A KVM VM may only be driven by the process that created it.
+:mod:`.batch` is a VM's vCPUs as one batch; :mod:`.device` is the backend the workers
+drive. Arrows point one way: uapi <- record <- seed, verify <- vcpu <- engine, vm <- batch
+<- device. A KVM VM may only be driven by the process that created it.
 """

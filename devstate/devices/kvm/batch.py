@@ -32,7 +32,8 @@ class VcpuBatch(RecordBatch):
         self._threads = 1
 
     def threads(self, cpus: int, wanted: int | None) -> int:
-        """``wanted``, else one per CPU natively; ctypes gains nothing from more than one."""
+        """``wanted``, else one per CPU natively; ctypes gains nothing from more than one.
+        The count is remembered: the cost report says how many threads ran."""
         self._threads = wanted or (cpus if self.engine.name is EngineName.NATIVE else 1)
         return self._threads
 
