@@ -208,3 +208,15 @@ def test_one_vm_spread_routing_sends_worker_0s_vcpus_on_every_channel(
     assert len(on_1) >= 0.3 * count and len(on_0) >= 0.3 * count, (len(on_0), len(on_1))
     total = sum(t.bytes for t in proxy.data.values())
     assert proxy.data[1].bytes >= 0.3 * total, (proxy.data[0].bytes, proxy.data[1].bytes)
+
+
+@pytest.mark.parametrize("readback", list(Readback))
+def test_the_destination_reads_vcpus_back_before_commit_only_when_asked(
+        run, readback: Readback) -> None:
+    spec = parse_spec({"seed": 10, "vcpus": {"count": 32, "backend": "kvm"}})
+    report = run(migrate_locally(spec, MigrationParams(workers=2, vcpu_readback=readback)))
+    assert report.verified  # the digests after the resume, in both modes
+    assert report.kvm is not None and report.kvm.put_ms > 0
+    # The readback is its own stage of the put's program, timed apart.
+    assert (report.kvm.readback_ms > 0) == (readback is Readback.BEFORE_COMMIT)
+    assert report.destination_params["vcpu_readback"] == readback.value
