@@ -22,6 +22,7 @@ from devstate.devices import device_table
 from devstate.errors import MigrationFailed
 from devstate.migration.local import migrate_locally
 from devstate.net.transport import parse_uri
+from devstate.report.migration import format_table
 from tests.faulty_proxy import Proxy, faulty_proxy
 
 USABLE, WHY = kvm_usable()
@@ -115,6 +116,7 @@ def test_the_sharded_experiment_is_labelled_and_gives_each_worker_a_vm(run) -> N
     cpus = [d for d in report.devices if d.id.startswith("cpu/")]
     assert {d.source_worker for d in cpus} == {0, 1} == {d.dest_worker for d in cpus}
     assert report.kvm is not None and report.kvm.vms_per_side == 2
+    assert "not a real guest shape" in format_table([report])
 
 
 @pytest.mark.parametrize("readback", list(Readback))

@@ -54,7 +54,12 @@ from devstate.phase import Phase
 from devstate.planning.cost import Estimate, HostCosts
 from devstate.protocol import wire
 from devstate.protocol.control import Abort, Loaded, MigrationHello, Ready, Report
-from devstate.report.migration import DeviceReport, DeviceResult, MigrationReport
+from devstate.report.migration import (
+    SHARDED_MODE,
+    DeviceReport,
+    DeviceResult,
+    MigrationReport,
+)
 from devstate.report.progress import SaveProgress
 from devstate.report.vcpus import KvmReport, VcpuCost
 from devstate.worker import jobs as m
@@ -309,7 +314,7 @@ class Outgoing(OnMachine):
             verified = bool(ours) and ours.get(r.id) == after.get(r.id)
             rows.append(DeviceReport.join(r, d, t0=t0, shift=shift, verified=verified))
         mode = ("sequential" if not self.params.concurrent
-                else "sharded-vms" if self.params.sharded_vms else "concurrent")
+                else SHARDED_MODE if self.params.sharded_vms else "concurrent")
         return MigrationReport(mode, self.plan.workers, (t1 - t0) / 1e6, tuple(rows),
                                digests_compared=bool(ours), expected_ms=made.expected_ms,
                                critical_path=made.explain(),

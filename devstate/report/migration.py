@@ -93,6 +93,10 @@ class DeviceReport:
         return self.load_done_ms - self.load_start_ms
 
 
+# The mode of a migration whose kvm vCPUs were spread over a KVM VM per worker.
+SHARDED_MODE = "sharded-vms"
+
+
 @dataclass(frozen=True, slots=True)
 class MigrationReport:
     """A finished migration: mode, downtime (source stop to destination resume), devices."""
@@ -160,7 +164,9 @@ def format_table(reports: Iterable[MigrationReport]) -> str:
     lines = []
     reports = list(reports)
     for report in reports:
-        lines.append(f"{report.mode}: {report.workers} worker(s), downtime "
+        shape = " (sharded VMs: an experiment, not a real guest shape)" \
+            if report.mode == SHARDED_MODE else ""
+        lines.append(f"{report.mode}{shape}: {report.workers} worker(s), downtime "
                      f"{report.downtime_ms:.1f} ms (expected {report.expected_ms:.0f}), "
                      f"{_mib(report.total_bytes)}, "
                      f"{'verified bit-exact' if report.verified else 'NOT verified'}")

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from devstate.errors import DevstateError
+from devstate.report.migration import SHARDED_MODE
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -216,7 +217,8 @@ def _lanes(items: list[_Item]) -> list[list[_Item]]:
 
 
 def _panel_title(report: dict[str, Any]) -> str:
-    text = (f"{report['mode']}, {report['workers']} worker(s): downtime "
+    shape = " (not a real guest shape)" if report["mode"] == SHARDED_MODE else ""
+    text = (f"{report['mode']}{shape}, {report['workers']} worker(s): downtime "
             f"{report['downtime_ms']:.1f} ms (expected {report['expected_ms']:.1f} ms")
     limit = report.get("downtime_limit_ms")
     if limit is not None:
