@@ -192,3 +192,23 @@ def test_demo_falls_back_to_sim_vcpu_where_dev_kvm_cannot_be_opened() -> None:
     backend, _, why = done.stdout.strip().partition(" | ")
     assert backend == "sim-vcpu"
     assert "/dev/kvm cannot be opened" in why
+
+
+def test_vcpu_flags_reach_the_parameters_and_params_file_refuses_them(tmp_path: Path) -> None:
+    from devstate.cli.parser import parse_args, vcpu_params
+    from devstate.config.params import Readback
+
+    args = parse_args(["migrate", "--spec", "x.toml", "--vcpu-threads", "3",
+                       "--vcpu-readback", "before-commit", "--experimental-sharded-vms"])
+    assert vcpu_params(args) == {"vcpu_threads": 3, "vcpu_readback": Readback.BEFORE_COMMIT,
+                                 "sharded_vms": True}
+    assert vcpu_params(parse_args(["migrate", "--spec", "x.toml"])) == {
+        "vcpu_threads": None, "vcpu_readback": Readback.DIGEST, "sharded_vms": False}
+    # A destination given every parameter as JSON takes no parameter flag beside it.
+    done = devstate("vm", "--spec", "x.toml", "--incoming", f"unix:{tmp_path / 's'}",
+                    "--params", str(tmp_path / "p.json"), "--vcpu-threads", "2",
+                    "--vcpu-readback", "digest")
+    assert done.returncode == 2
+    assert "drop --vcpu-threads, --vcpu-readback" in done.stderr
+    bad = devstate("migrate", "--spec", "x.toml", "--vcpu-threads", "0")
+    assert bad.returncode == 2 and "--vcpu-threads" in bad.stderr
