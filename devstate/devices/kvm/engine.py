@@ -134,7 +134,7 @@ class CtypesEngine(VcpuEngine):
     name = EngineName.CTYPES
 
     def __init__(self, layout: VcpuLayout) -> None:
-        self._scratch = bytearray(layout.record_bytes)
+        self._record_bytes = layout.record_bytes
 
     def get(self, vcpus: Sequence[KvmVcpu], outs: Sequence[memoryview]) -> BatchCost:
         """Read each vCPU into its ``outs`` entry."""
@@ -147,7 +147,7 @@ class CtypesEngine(VcpuEngine):
             verify: bool) -> BatchCost:
         """Load each record; with ``verify``, read back and compare field by field."""
         # One scratch per call: calls on other threads must not share it.
-        scratch = bytearray(len(self._scratch)) if verify else self._scratch
+        scratch = bytearray(self._record_bytes)
         state = checking = 0
         for vcpu, record in zip(vcpus, records, strict=True):
             start = monotonic_ns()
