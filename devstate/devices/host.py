@@ -40,6 +40,11 @@ class DeviceHost:
             self._batch = VcpuBatch(self.kvm_vm())
         return self._batch
 
+    @property
+    def batch(self) -> VcpuBatch | None:
+        """The VM's batch, if this process has a VM (None: no batched records here)."""
+        return self._batch
+
     def vcpu_cost(self) -> VcpuCost | None:
         """What the vCPUs cost since the last ask (None: this process has no vCPUs)."""
         return self._batch.take_cost() if self._batch is not None else None

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from devstate.arena.slots import SlotPool
 from devstate.devices import Device
+from devstate.devices.base import RecordBatch
 from devstate.worker.handoff import Mesh
 from devstate.worker.layout import CHUNK_CLASS, RECORD_CLASS
 
@@ -17,8 +18,9 @@ class Holdings:
     """One worker's share of the side, as its Save or Load uses it.
 
     ``arena`` is a view of the whole arena (handoffs reach other workers' slots);
-    ``executor`` runs batched record gets and puts (a KVM VM's vCPUs) on the owner's
-    threads, each batch split over ``threads`` calls (None: no batched records here).
+    ``batch`` gets and puts the worker's batched records (its KVM VM's vCPUs: a worker
+    owns one VM at most) on ``executor``, the owner's threads, in ``threads`` lanes
+    (None: no batched records here).
     """
 
     worker: int
@@ -27,6 +29,7 @@ class Holdings:
     arena: memoryview
     channels: dict[int, socket.socket]
     mesh: Mesh | None
+    batch: RecordBatch | None = None
     executor: Executor | None = None
     threads: int = 1
     record_class: int = RECORD_CLASS

@@ -56,7 +56,7 @@ from devstate.worker.handoff import Note, Op, raise_when_set
 from devstate.worker.holdings import Holdings
 from devstate.worker.incoming import Incoming, Release
 from devstate.worker.jobs import ResultRow
-from devstate.worker.threads import RECORD_BATCH, finish_on_thread
+from devstate.worker.threads import RECORD_BATCH, batched_records, finish_on_thread
 
 HDR = wire.PACKET_HEADER_BYTES
 
@@ -80,6 +80,8 @@ class Loader:
         self._chunk_class = chunk_class = held.chunk_class
         self._executor = held.executor
         self._threads = held.threads
+        self._batch = held.batch
+        self._batched_ids = batched_records(held)
         self._readback = readback  # batched puts read each record's device back
         self._to_put: list[_QueuedPut] = []  # batched records waiting for their put
         self._queued = asyncio.Event()
@@ -256,9 +258,7 @@ class Loader:
 
     def _batched(self, index: int) -> bool:
         """Whether device ``index`` is put in batches on the owner's threads."""
-        device = self._devices.get(index)
-        return (self._executor is not None and isinstance(device, RecordDevice)
-                and device.batch is not None)
+        return index in self._batched_ids
 
     def _give_back(self, slot: Slot, share: asyncio.Semaphore | None = None) -> None:
         """A slot is free again (and back in its channel's share, if it counts in one)."""
@@ -420,13 +420,12 @@ class Loader:
             del self._to_put[:RECORD_BATCH]
             if self._to_put:
                 self._queued.set()  # more than this lane takes: wake a waiting one
-            device = self._devices[taken[0].index]
-            assert isinstance(device, RecordDevice) and device.batch is not None
+            assert self._batch is not None  # only batched records are queued
             if injector.strike("record-put") is Fault.CORRUPT:
                 taken[0].record[0] ^= 0xFF  # verified on arrival: only the device can refuse
             try:
                 start_ns, end_ns = await finish_on_thread(
-                    self._executor, _put_many, device.batch,
+                    self._executor, _put_many, self._batch,
                     [self._devices[p.index] for p in taken], [p.record for p in taken],
                     self._readback)
             finally:

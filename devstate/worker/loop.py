@@ -39,7 +39,7 @@ import uvloop
 from devstate.arena.slots import Arena, Layout, Slot
 from devstate.config.params import Schedule
 from devstate.config.spec import DeviceTable
-from devstate.devices import Device, DeviceHost, RecordDevice, StreamDevice, make_device
+from devstate.devices import Device, DeviceHost, StreamDevice, make_device
 from devstate.errors import ChannelError, DeviceError
 from devstate.lifecycle import no_gc_pauses
 from devstate.net import channels, fdio
@@ -351,13 +351,12 @@ class Worker:
             return Holdings(self.index, self._devices, self._slots, self._arena,
                             self._channels, self._mesh)
         return Holdings(self.index, self._devices, self._slots, self._arena, self._channels,
-                        self._mesh, threads.executor, threads.count)
+                        self._mesh, self._host.batch, threads.executor, threads.count)
 
     def _owner_threads(self, cpus: tuple[int, ...], wanted: int | None) -> OwnerThreads | None:
         """The threads this worker's batched records run on (started now if they are not
         the ones asked for), or None if it has none (no KVM VM)."""
-        batch = next((d.batch for d in self._devices.values()
-                      if isinstance(d, RecordDevice) and d.batch is not None), None)
+        batch = self._host.batch
         if batch is None:
             return None
         count = batch.threads(len(cpus), wanted)

@@ -51,7 +51,12 @@ from devstate.worker.handoff import Note, Op, raise_when_set
 from devstate.worker.holdings import Holdings
 from devstate.worker.jobs import ResultRow
 from devstate.worker.sender import PacketSender
-from devstate.worker.threads import FIRST_BATCH, RECORD_BATCH, finish_on_thread
+from devstate.worker.threads import (
+    FIRST_BATCH,
+    RECORD_BATCH,
+    batched_records,
+    finish_on_thread,
+)
 
 HDR = wire.PACKET_HEADER_BYTES
 # How often a precopy stream with nothing to read looks again for dirtied state.
@@ -75,6 +80,8 @@ class Saver:
         self._chunk_class = held.chunk_class
         self._executor = held.executor
         self._threads = held.threads
+        self._batch = held.batch
+        self._batched = batched_records(held)
         self._senders = {
             k: PacketSender(sock, Pacer.for_channel(bandwidth_limit, routes.channels))
             for k, sock in held.channels.items()}
@@ -241,18 +248,10 @@ class Saver:
         loop meanwhile, a batch at a time.
         """
         results: list[ResultRow] = []
-        batched: dict[RecordBatch, deque[int]] = {}
-        alone = []
-        for index in indices:
-            device = self._devices[index]
-            assert isinstance(device, RecordDevice)
-            group = device.batch if self._executor is not None else None
-            if group is None:
-                alone.append(index)
-            else:
-                batched.setdefault(group, deque()).append(index)
-        lanes = [asyncio.ensure_future(self._get_lane(group, queue, results))
-                 for group, queue in batched.items() for _ in range(self._threads)]
+        batched = deque(i for i in indices if i in self._batched)
+        alone = [i for i in indices if i not in self._batched]
+        lanes = [asyncio.ensure_future(self._get_lane(batched, results))
+                 for _ in range(self._threads)] if batched else []
         try:
             for start in range(0, len(alone), RECORD_BATCH):
                 batch = alone[start:start + RECORD_BATCH]
@@ -269,10 +268,10 @@ class Saver:
                 raise outcome
         return results
 
-    async def _get_lane(self, group: RecordBatch, queue: deque[int],
-                        results: list[ResultRow]) -> None:
+    async def _get_lane(self, queue: deque[int], results: list[ResultRow]) -> None:
         """One owner thread's lane: get and ship batches from ``queue`` until it is empty
         (or another lane failed, which empties it)."""
+        assert self._batch is not None  # only batched records are queued
         size = FIRST_BATCH
         while queue:
             batch = [queue.popleft() for _ in range(min(size, len(queue)))]
@@ -280,7 +279,7 @@ class Saver:
             slots = [await self._slots.acquire(self._record_class) for _ in batch]
             try:
                 timed = await finish_on_thread(
-                    self._executor, _get_many, group, [self._devices[i] for i in batch],
+                    self._executor, _get_many, self._batch, [self._devices[i] for i in batch],
                     [slot.view[HDR:] for slot in slots])
             except BaseException:
                 queue.clear()

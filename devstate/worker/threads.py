@@ -14,7 +14,12 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from devstate.devices.base import RecordDevice
+
+if TYPE_CHECKING:
+    from devstate.worker.holdings import Holdings
 
 T = TypeVar("T")
 
@@ -66,3 +71,12 @@ async def finish_on_thread(executor: Executor | None, fn: Callable[..., T], *arg
     except asyncio.CancelledError:
         await asyncio.wait({running})
         raise
+
+
+def batched_records(held: Holdings) -> frozenset[int]:
+    """The indices of the records ``held`` gets or puts through its batch (none without
+    one): worked out once per Save or Load, not per record on the critical path."""
+    if held.batch is None or held.executor is None:
+        return frozenset()
+    return frozenset(i for i, d in held.devices.items()
+                     if isinstance(d, RecordDevice) and d.batch is not None)
