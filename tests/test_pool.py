@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import time
 
 import psutil
@@ -15,6 +16,7 @@ from devstate.config.spec import parse_spec
 from devstate.devices import device_table
 from devstate.errors import WorkerFailed, WorkerLost
 from devstate.net.route import Routes
+from devstate.net.transport import parse_uri
 from devstate.worker import jobs as m
 from devstate.worker.layout import arena_layout
 from devstate.worker.pool import WorkerPool, usable_cpus
@@ -91,3 +93,59 @@ def test_close_is_idempotent_and_safe_before_start(run) -> None:
         await started.close()
 
     run(scenario())
+
+
+def test_a_save_is_set_up_before_the_stop_and_gets_nothing_until_switchover(
+        run, tmp_path) -> None:
+    """Save arms (Armed replies True) and reads no state and sends no byte until SwitchOver;
+    then every device is sent. An Armed after a Save that failed says False."""
+    hello = b"hello-of-channel-0"
+
+    async def scenario() -> tuple[bool, tuple[int, int], bytes, int, int, bool]:
+        path = str(tmp_path / "data.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(1)
+        listener.setblocking(False)
+        loop = asyncio.get_running_loop()
+        async with _pool(workers=1) as pool:
+            await pool.call(0, m.OpenDevices(tuple(range(8)), incoming=False))
+
+            async def destination() -> socket.socket:
+                conn, _ = await loop.sock_accept(listener)
+                assert await loop.sock_recv(conn, len(hello)) == hello
+                await loop.sock_sendall(conn, hello)  # adopted: the echo
+                return conn
+
+            accepting = asyncio.ensure_future(destination())
+            await pool.call(0, m.ConnectChannels(parse_uri(f"unix:{path}"), ((0, hello),)))
+            conn = await accepting
+            saving = asyncio.ensure_future(
+                pool.call(0, m.Save(tuple(range(8)), Schedule.CONCURRENT, Routes(1, 1), 1)))
+            armed = await pool.call(0, m.Armed(1))
+            progress = await pool.call(0, m.Progress())
+            try:  # nothing on the channel before the stop
+                async with asyncio.timeout(0.3):
+                    early = await loop.sock_recv(conn, 1 << 16)
+            except TimeoutError:
+                early = b""
+            assert not saving.done()
+            await pool.call(0, m.SwitchOver())
+            received = 0
+            while not saving.done() or received == 0:
+                chunk = await loop.sock_recv(conn, 1 << 20)
+                if not chunk:
+                    break
+                received += len(chunk)
+            saved = await saving
+            conn.close()
+            listener.close()
+            with pytest.raises(WorkerFailed, match="no data channel"):
+                await pool.call(0, m.Save((0,), Schedule.CONCURRENT, Routes(2, 2), 2))
+            after_failure = await pool.call(0, m.Armed(2))
+            return armed, progress, early, saved, received, after_failure
+
+    armed, progress, early, saved, received, after_failure = run(scenario())
+    assert armed is True and progress == (0, 0) and early == b""
+    assert saved == 8 and received > 8 * 16  # every vCPU's record, then the channel's FIN
+    assert after_failure is False

@@ -154,22 +154,34 @@ class Outgoing(OnMachine):
                       self.params.bandwidth_limit, precopy, self.deadline.transfer_order(costs))
             for w in range(self.plan.workers)})
         async with background(save, channels.expect(sock, Loaded)) as (saving, loading):
-            if precopy:
-                try:
+            try:
+                if precopy:
                     made = self.last_estimate = await self.deadline.converge(saving, costs)
-                except DevstateError as exc:
-                    await _peer_reason_first(loading, exc)
-                    raise
+                else:
+                    await self._armed(saving, gen)
+            except DevstateError as exc:
+                await _peer_reason_first(loading, exc)
+                raise
             t0 = time.monotonic_ns()
             self.machine.running = False
             status(Phase.DEVICE)
             with no_gc_pauses():
-                if precopy:
-                    await self.pool.call_all({w: m.SwitchOver()
-                                              for w in range(self.plan.workers)})
+                await self.pool.call_all({w: m.SwitchOver() for w in range(self.plan.workers)})
                 await self.deadline.within_limit(self._alongside_peer(saving, loading), t0, made)
                 t1 = await commit.commit(sock)
         return t0, t1, made
+
+    async def _armed(self, saving: asyncio.Future[Any], gen: int) -> None:
+        """Return once every worker's Save is set up and waits for the stop (its set-up is
+        then not part of the downtime); a Save that ended first raises its error."""
+        async with background(self.pool.call_all({w: m.Armed(gen)
+                                                  for w in range(self.plan.workers)})) as (armed,):
+            await asyncio.wait({armed, saving}, return_when=asyncio.FIRST_COMPLETED)
+            if armed.done() and all(armed.result().values()):
+                return
+            await asyncio.wait({saving})
+            saving.result()
+            raise MigrationFailed("the save ended before the stop")
 
     async def _finish(self, sock: channels.Channel, t0: int, t1: int, made: Estimate,
                       compare_digests: bool) -> MigrationReport:

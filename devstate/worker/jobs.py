@@ -77,8 +77,10 @@ class JoinMesh(Job):
 @dataclass(frozen=True, slots=True)
 class Save(Job):
     """Source: get and send these devices in this order, on the channels ``routes`` gives
-    (operation number ``gen`` tags the handoffs between workers). With ``precopy``,
-    devices that support it stream while the VM runs, the rest wait for SwitchOver.
+    (operation number ``gen`` tags the handoffs between workers). Sent while the VM runs:
+    the worker sets everything up and waits for SwitchOver (the stop), so that none of the
+    set-up counts in the downtime. With ``precopy``, devices that support it stream
+    meanwhile.
 
     ``vcpu_cpus`` and ``vcpu_threads`` say what the KVM VM's owner gets its vCPUs with
     (MigrationParams.vcpu_cpus, vcpu_threads).
@@ -96,8 +98,17 @@ class Save(Job):
 
 
 @dataclass(frozen=True, slots=True)
+class Armed(Job):
+    """Source: reply once this worker's Save of operation ``gen`` waits for SwitchOver
+    (True), or has ended without (False: its own reply says why)."""
+
+    gen: int
+
+
+@dataclass(frozen=True, slots=True)
 class SwitchOver(Job):
-    """Source, during a precopy Save: the VM stops now; save everything that is left."""
+    """Source, during a Save: the VM stops now; save everything (that is left, after a
+    precopy)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,8 @@ fork from the threaded coordinator). Life of a worker::
                      ever touches them; a vfio-sim model process is a child of this one)
       JoinMesh       -> its link to another worker of the side (handoffs through the arena)
       ConnectChannels / AdoptChannel -> its data channels (none, one or several)
-      PrepareLoad, then Save / Load -> save.Saver / load.Loader over its channels, which
+      Save (set up, then Armed replies) ... SwitchOver (the stop) -> save.Saver, and
+      PrepareLoad, then Load -> load.Loader, over its channels, which
                      close after; the reply is a count, the per-device rows wait for Results
       Pause / Resume / Discard / Digests / Cancel / SnapshotRecords / RestoreRecords
     Shutdown, or EOF on its pipe (the coordinator died) -> close devices, exit
@@ -120,6 +121,8 @@ class Worker:
         self._saver: Saver | None = None  # the Save in progress (precopy asks it)
         self._saved = (0, 0)  # the last Save's progress, once it ended
         self._switchover: asyncio.Event | None = None
+        # Per Save (by gen): whether it armed (True) or ended first (False); the latest only.
+        self._arming: dict[int, asyncio.Future[bool]] = {}
         self._busy: asyncio.Task[Any] | None = None
         self._results: list[m.ResultRow] = []  # of the last Save or Load
         self._probe = RecordProbe(index, self._slots, RECORD_CLASS)  # SnapshotRecords' records
@@ -246,20 +249,44 @@ class Worker:
                       bandwidth_limit=job.bandwidth_limit,
                       transfer=job.transfer if concurrent else None)
         self._saver = saver
-        self._switchover = asyncio.Event() if job.precopy else None
+        self._switchover = asyncio.Event()
+        arming = self._arming_of(job.gen)
+        for gen in [g for g in self._arming if g < job.gen]:  # a newer Save: drop older
+            self._settle(self._arming.pop(gen), False)
         try:
-            self._results = await saver.run(job.order, concurrent, self._switchover)
+            self._results = await saver.run(job.order, concurrent, self._switchover,
+                                            precopy=job.precopy,
+                                            on_armed=lambda: self._settle(arming, True))
         finally:
+            self._settle(arming, False)  # ended without arming: nobody waits in vain
             self._saved = saver.devices_done, saver.bytes_read
             self._saver = self._switchover = None
             self._drop_channels()
             self._reclaim_slots()
         return len(self._results)
 
+    def _arming_of(self, gen: int) -> asyncio.Future[bool]:
+        arming = self._arming.get(gen)
+        if arming is None:
+            arming = self._arming[gen] = asyncio.get_running_loop().create_future()
+        return arming
+
+    @staticmethod
+    def _settle(arming: asyncio.Future[bool], armed: bool) -> None:
+        if not arming.done():
+            arming.set_result(armed)
+
+    @handles(m.Armed)
+    async def _armed(self, job: m.Armed, _: int | None) -> bool:
+        # Its Save may not have begun yet (the two travel in separate requests).
+        if any(gen > job.gen for gen in self._arming):
+            return False  # a newer Save began: that one ended long ago
+        return await asyncio.shield(self._arming_of(job.gen))
+
     @handles(m.SwitchOver)
     async def _switch_over(self, _job: m.SwitchOver, _: int | None) -> None:
         if self._switchover is None:
-            raise RuntimeError(f"worker {self.index}: no precopy to switch over from")
+            raise RuntimeError(f"worker {self.index}: no Save to switch over")
         self._switchover.set()
 
     @handles(m.PrecopyRemaining)

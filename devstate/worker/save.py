@@ -34,7 +34,7 @@ import asyncio
 import errno
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 
 from devstate.arena.slots import Slot
@@ -102,11 +102,14 @@ class Saver:
         self._in_precopy: set[int] = set()
 
     async def run(self, order: Sequence[int], concurrent: bool,
-                  switchover: asyncio.Event | None = None) -> list[ResultRow]:
+                  switchover: asyncio.Event | None = None, *, precopy: bool = False,
+                  on_armed: Callable[[], None] = lambda: None) -> list[ResultRow]:
         """Save every device in ``order``; return their results once all bytes are sent.
 
-        With ``switchover``, precopy first: only devices that support it stream until the
-        event is set (the VM stops), then everything is saved.
+        With ``switchover``, everything is set up first (channels' senders, the peers'
+        notes served) and nothing is got before the event is set (the VM stops), except,
+        with ``precopy``, what the devices that support it stream meanwhile; ``on_armed``
+        is called once it waits.
         """
         missing = set(self._routes.channels_of(self.worker)) - set(self._senders)
         if missing:
@@ -124,8 +127,12 @@ class Saver:
                     self._mesh.serve(self._gen, self._on_note)
                 sending = [tg.create_task(s.run()) for s in self._senders.values()]
                 try:
+                    if switchover is not None and not precopy:
+                        on_armed()
+                        await switchover.wait()
+                        switchover = None  # stopped: save as if there never was a wait
                     if concurrent:
-                        results = await self._save_at_once(tg, order, switchover)
+                        results = await self._save_at_once(tg, order, switchover, on_armed)
                     else:
                         results = await self._save_one_by_one(order)
                     if self._mesh is not None:
@@ -149,13 +156,15 @@ class Saver:
         return results
 
     async def _save_at_once(self, tg: asyncio.TaskGroup, order: Sequence[int],
-                            switchover: asyncio.Event | None) -> list[ResultRow]:
+                            switchover: asyncio.Event | None,
+                            on_armed: Callable[[], None]) -> list[ResultRow]:
         """Concurrent mode: every stream in a task of its own (in precopy from the start),
         the records once the VM has stopped."""
         records = [i for i in order if isinstance(self._devices[i], RecordDevice)]
         streams = [i for i in order if isinstance(self._devices[i], StreamDevice)]
         jobs = [tg.create_task(self._save_stream(i, switchover)) for i in streams]
         if switchover is not None:
+            on_armed()
             await switchover.wait()
         results = await self._save_records(records) if records else []
         return results + [await job for job in jobs]
@@ -253,6 +262,8 @@ class Saver:
         lanes = [asyncio.ensure_future(self._get_lane(batched, results))
                  for _ in range(self._threads)] if batched else []
         try:
+            if lanes:  # their first batches go to the threads before the loop gets the rest
+                await asyncio.sleep(0)
             for start in range(0, len(alone), RECORD_BATCH):
                 batch = alone[start:start + RECORD_BATCH]
                 slots = [await self._slots.acquire(self._record_class) for _ in batch]
