@@ -16,6 +16,7 @@ class Phase(enum.StrEnum):
     NONE = "none"              # no migration yet
     SETUP = "setup"            # estimating, connecting, both sides getting ready
     ACTIVE = "active"          # the VM still runs (precopy streams, or waiting to switch over)
+    PRE_SWITCHOVER = "pre-switchover"  # ready to stop; waits for the controller's go-ahead
     DEVICE = "device"          # the VM is stopped: stop-and-copy of the device state
     COMPLETED = "completed"    # the destination runs the VM
     FAILED = "failed"          # ended; the VM runs where the error says

@@ -28,9 +28,11 @@ MIGRATION_TIMEOUT_S = 120.0
 
 
 @contextlib.asynccontextmanager
-async def vm_process(spec_path: Path, qmp: Path, *extra: str) -> AsyncIterator[Path]:
+async def vm_process(spec_path: Path, qmp: Path, *extra: str,
+                     exit_code: int | None = 0) -> AsyncIterator[Path]:
     """A ``devstate vm --qmp`` process; yields its socket once it serves. It must end
-    by ``quit``; it is killed (and the test fails) if it does not."""
+    by itself with ``exit_code`` (None: the test kills it); it is killed (and the test
+    fails) if it does not."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "devstate", "vm", "--spec", str(spec_path),
         "--qmp", f"unix:{qmp}", "--workers", "2", *extra,
@@ -42,7 +44,8 @@ async def vm_process(spec_path: Path, qmp: Path, *extra: str) -> AsyncIterator[P
         assert line.strip() == f"qmp unix:{qmp}", line
         yield qmp
         async with asyncio.timeout(30):
-            assert await proc.wait() == 0
+            code = await proc.wait()
+        assert exit_code is None or code == exit_code
     finally:
         if proc.returncode is None:
             proc.kill()
@@ -130,17 +133,18 @@ SLOW: dict[str, Any] = {"seed": 9, "vcpus": {"count": 64},
 
 def test_migrate_cancel_mid_way_leaves_the_source_running(run, tmp_path: Path) -> None:
     """Cancelled during stop-and-copy (2 s of it): cancelling, then cancelled; the source
-    runs again (RESUME), the destination discarded and exited (exit-on-error)."""
+    runs again (RESUME), the destination discarded and exited 1 (exit-on-error, as QEMU)."""
     spec_path = _write_spec(tmp_path, parse_spec(SLOW))
     incoming = tmp_path / "incoming.sock"
 
     async def scenario() -> dict[str, Any]:
         async with vm_process(spec_path, tmp_path / "src.qmp") as src_path, \
                 vm_process(spec_path, tmp_path / "dst.qmp",
-                           "--incoming", f"unix:{incoming}"):
+                           "--incoming", f"unix:{incoming}", exit_code=1):
             async with client(src_path, "source") as src:
                 await src.execute("migrate-set-capabilities", {"capabilities": [
                     {"capability": "events", "state": True}]})
+                await src.execute("migrate-set-parameters", {"downtime-limit": 60_000})
                 listener = EventListener(("MIGRATION", "STOP", "RESUME"))
                 with src.listen(listener):
                     await src.execute("migrate", {"uri": f"unix:{incoming}"})
@@ -174,6 +178,7 @@ def test_a_client_that_leaves_mid_migration_does_not_disturb_it(run, tmp_path: P
                 vm_process(spec_path, tmp_path / "dst.qmp",
                            "--incoming", f"unix:{incoming}") as dst_path:
             async with client(src_path, "leaving") as src:
+                await src.execute("migrate-set-parameters", {"downtime-limit": 60_000})
                 await src.execute("migrate", {"uri": f"unix:{incoming}"})
             expected = set()
             async with client(src_path, "returning") as src:
@@ -209,7 +214,7 @@ def test_commands_refuse_what_does_not_apply_and_the_server_keeps_serving(
                                    {"capabilities": [{"capability": "postcopy-ram",
                                                       "state": True}]}),
                                   ("migrate-set-capabilities",
-                                   {"capabilities": [{"capability": "return-path",
+                                   {"capabilities": [{"capability": "x-nonsense",
                                                       "state": False}]}),
                                   ("migrate-set-parameters", {"x-routing": "sideways"}),
                                   ("migrate-set-parameters", {"downtime-limit": -1}),
@@ -236,14 +241,15 @@ def test_commands_refuse_what_does_not_apply_and_the_server_keeps_serving(
     out = run(scenario())
     assert out["states"] == ["running", "paused", "paused", "running", "running"]
     messages = " | ".join(desc for _, desc in out["errors"].values())
-    assert "not supported by devstate" in messages and "two-phase commit" in messages
+    assert "not supported by devstate" in messages and "does not accept value" in messages
     assert "affinity, spread" in messages and "between 0 and" in messages
     assert "fixed at 2" in messages and "Invalid migration URI" in messages
     assert "--incoming defer" in messages
     assert out["errors"]['no-such-command{}'][0] == "CommandNotFound"
     assert out["params"] == {"downtime-limit": 450, "max-bandwidth": 64 << 20,
-                             "multifd-channels": 2, "x-routing": "spread",
-                             "x-overrun": "abort", "x-workers": 2}
+                             "multifd-channels": 2, "tls-creds": "", "tls-hostname": "",
+                             "tls-authz": "", "x-routing": "spread", "x-overrun": "abort",
+                             "x-workers": 2}
     assert {"capability": "return-path", "state": True} in out["caps"]
     assert {"migrate", "migrate-incoming", "query-migrate", "migrate_cancel", "quit",
             "qmp_capabilities", "query-commands", "stop", "cont"} <= out["names"]
@@ -254,7 +260,8 @@ def test_commands_refuse_what_does_not_apply_and_the_server_keeps_serving(
 FUZZ_COMMANDS = ["query-status", "stop", "cont", "migrate", "migrate-incoming",
                  "query-migrate", "migrate-set-parameters", "query-migrate-parameters",
                  "migrate-set-capabilities", "query-migrate-capabilities",
-                 "query-commands", "qmp_capabilities"]
+                 "query-commands", "qmp_capabilities", "migrate-continue", "object-add",
+                 "object-del", "query-version", "query-qmp-schema"]
 FUZZ_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=6),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner,
@@ -301,6 +308,7 @@ def test_fuzzing_qmp_disturbs_neither_the_server_nor_a_migration_in_flight(
     incoming = tmp_path / "incoming.sock"
 
     async def start(src: QMPClient) -> None:
+        await src.execute("migrate-set-parameters", {"downtime-limit": 60_000})
         await src.execute("migrate", {"uri": f"unix:{incoming}"})
         async with asyncio.timeout(MIGRATION_TIMEOUT_S):
             while (await src.execute("query-migrate"))["status"] != "device":
@@ -346,3 +354,223 @@ def test_vm_needs_incoming_or_qmp(tmp_path: Path) -> None:
                               timeout=60)
         assert done.returncode == 2 and ("--incoming URI" in done.stderr
                                          or "--qmp takes unix:PATH" in done.stderr)
+
+
+SMALL: dict[str, Any] = {"seed": 3, "vcpus": {"count": 8},
+                         "devices": [{"name": "nic", "size": "4MiB"}]}
+
+
+def test_a_libvirt_probe_reads_qemu_9_1_defaults_and_its_capabilities_are_accepted(
+        run, tmp_path: Path) -> None:
+    """What libvirt reads and sets before a migration, on one VM: version and schema,
+    QEMU's default parameters and capabilities, the capabilities of a plain live migration
+    and their reset to false, the parameters' full ranges, and QEMU's refusals."""
+    spec_path = _write_spec(tmp_path, parse_spec(SMALL))
+
+    async def scenario() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        async with vm_process(spec_path, tmp_path / "src.qmp") as path, \
+                client(path, "libvirt") as qmp:
+            out["greeting"] = qmp.greeting.QMP.version["qemu"]
+            out["version"] = await qmp.execute("query-version")
+            out["schema"] = await qmp.execute("query-qmp-schema")
+            out["commands"] = {c["name"] for c in await qmp.execute("query-commands")}
+            out["caps"] = await qmp.execute("query-migrate-capabilities")
+            out["params"] = await qmp.execute("query-migrate-parameters")
+            for caps in ([{"capability": "pause-before-switchover", "state": True}],
+                         [{"capability": "late-block-activate", "state": True}],
+                         [{"capability": c["capability"], "state": False}
+                          for c in out["caps"]],
+                         [{"capability": "xbzrle", "state": False}]):
+                assert await qmp.execute("migrate-set-capabilities",
+                                         {"capabilities": caps}) == {}
+            out["caps_after"] = await qmp.execute("query-migrate-capabilities")
+            await qmp.execute("migrate-set-parameters", {"max-bandwidth": -1})
+            out["negative"] = (await qmp.execute("query-migrate-parameters"))["max-bandwidth"]
+            await qmp.execute("migrate-set-parameters", out["params"])  # libvirt's restore
+            out["restored"] = await qmp.execute("query-migrate-parameters")
+            errors = []
+            for command, args in (("migrate-set-parameters", {"max-bandwidth": 1 << 64}),
+                                  ("migrate-set-parameters", {"tls-authz": "authz0"}),
+                                  ("migrate-continue", {"state": "pre-switchover"}),
+                                  ("object-add", {"qom-type": "memory-backend-ram",
+                                                  "id": "m0"}),
+                                  ("object-del", {"id": "nothing"}),
+                                  ("migrate", {"uri": "unix:/nowhere", "blk": True})):
+                with pytest.raises(ExecuteError) as info:
+                    await qmp.execute(command, args)
+                errors.append(str(info.value))
+            # qemu.qmp enabled oob (the greeting offers it); no devstate command is OOB
+            with pytest.raises(ExecuteError) as info:
+                await qmp.execute_msg(qmp.make_execute_msg("query-status", oob=True))
+            errors.append(str(info.value))
+            await qmp.execute("quit")
+        out["errors"] = errors
+        return out
+
+    out = run(scenario())
+    assert out["greeting"] == {"major": 9, "minor": 1, "micro": 0}
+    assert out["version"]["qemu"] == {"major": 9, "minor": 1, "micro": 0}
+    schema = {info["name"]: info for info in out["schema"]}
+    assert {n for n, i in schema.items() if i["meta-type"] == "command"} == out["commands"]
+    assert {n for n, i in schema.items() if i["meta-type"] == "event"} == {
+        "MIGRATION", "STOP", "RESUME", "SHUTDOWN"}
+    for info in out["schema"]:
+        for key in ("arg-type", "ret-type"):
+            assert key not in info or info[key] in schema  # every type named is defined
+    assert {c["capability"]: c["state"] for c in out["caps"]} == {
+        "events": False, "multifd": False, "return-path": True, "dirty-bitmaps": False,
+        "late-block-activate": False, "pause-before-switchover": False,
+        "switchover-ack": False}
+    assert out["caps_after"] == out["caps"]  # after the reset; return-path stays on
+    assert out["params"] == {"downtime-limit": 300, "max-bandwidth": 134217728,
+                             "multifd-channels": 2, "tls-creds": "", "tls-hostname": "",
+                             "tls-authz": "", "x-routing": "affinity", "x-overrun": "finish",
+                             "x-workers": 2}
+    assert out["negative"] == (1 << 64) - 1  # QEMU stores a negative size modulo 2**64
+    assert out["restored"] == out["params"]
+    assert out["errors"] == [
+        "Parameter 'max-bandwidth' expects a value between -9223372036854775808 and "
+        "18446744073709551615",
+        "Parameter 'tls-authz': devstate has no authz objects; authorise clients with "
+        "tls-creds' verify-peer and the CA instead",
+        "Migration not in expected state: none",
+        "Parameter 'qom-type' does not accept value 'memory-backend-ram' (devstate has "
+        "tls-creds-x509 only)",
+        "object 'nothing' not found",
+        "Parameter 'blk' is unexpected",
+        "The command query-status does not support OOB"]
+
+
+def test_cancel_while_waiting_for_the_limit_and_at_pre_switchover(run, tmp_path: Path
+                                                                   ) -> None:
+    """A limit below the estimate keeps the migration active, the VM running, until
+    migrate_cancel; at pre-switchover a wrong migrate-continue is refused and migrate_cancel
+    cancels cleanly: the source runs, never stopped, and the destination, told to discard,
+    exits 1 (exit-on-error)."""
+    spec_path = _write_spec(tmp_path, parse_spec(SMALL))
+    uri = f"unix:{tmp_path / 'incoming.sock'}"
+
+    async def scenario() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        async with vm_process(spec_path, tmp_path / "src.qmp") as src_path, \
+                vm_process(spec_path, tmp_path / "dst.qmp", "--incoming", "defer",
+                           exit_code=1) as dst_path, \
+                client(src_path, "source") as src, client(dst_path, "dest") as dst:
+            for qmp in (src, dst):
+                await qmp.execute("migrate-set-capabilities", {"capabilities": [
+                    {"capability": "events", "state": True}]})
+            await src.execute("migrate-set-capabilities", {"capabilities": [
+                {"capability": "pause-before-switchover", "state": True}]})
+            await src.execute("migrate-set-parameters", {"downtime-limit": 0})
+            dst_events = EventListener(("MIGRATION",))
+            src_events = EventListener(("MIGRATION", "STOP", "RESUME"))
+            with src.listen(src_events), dst.listen(dst_events):
+                await dst.execute("migrate-incoming", {"uri": uri})
+                await src.execute("migrate", {"uri": uri})
+                first = await _statuses(src_events, ("active",))
+                info = await src.execute("query-migrate")
+                while "expected-downtime" not in info:
+                    info = await src.execute("query-migrate")
+                out["waiting"] = (info["status"], await src.execute("query-status"))
+                with pytest.raises(ExecuteError) as refused:
+                    await src.execute("migrate-set-parameters", {"multifd-channels": 4})
+                out["refused"] = str(refused.value)
+                await src.execute("migrate_cancel")
+                first += await _statuses(src_events, ("cancelled",))
+                out["after_first"] = await src.execute("query-status")
+                # The destination was never connected to: it still listens.
+                await src.execute("migrate-set-parameters", {"downtime-limit": 60_000})
+                await src.execute("migrate", {"uri": uri})
+                second = await _statuses(src_events, ("pre-switchover",))
+                with pytest.raises(ExecuteError) as wrong:
+                    await src.execute("migrate-continue", {"state": "active"})
+                out["wrong"] = str(wrong.value)
+                await src.execute("migrate_cancel")
+                second += await _statuses(src_events, ("cancelled",))
+                dst_seen = await _statuses(dst_events, ("failed",))
+            out.update(first=first, second=second, dst_seen=dst_seen,
+                       status=await src.execute("query-status"),
+                       events=[e["event"] for e in src_events.history])
+            await src.execute("quit")
+        return out
+
+    out = run(scenario())
+    assert out["waiting"][0] == "active" and out["waiting"][1]["status"] == "running"
+    assert "cannot change while a migration is in progress" in out["refused"]
+    assert out["first"] == ["setup", "active", "cancelling", "cancelled"]
+    assert out["after_first"]["status"] == "running"
+    assert out["second"] == ["setup", "active", "pre-switchover", "cancelling", "cancelled"]
+    assert out["wrong"] == "Migration not in expected state: pre-switchover"
+    assert out["dst_seen"] == ["setup", "active", "failed"]
+    assert out["status"]["status"] == "running" and "STOP" not in out["events"]
+
+
+def _tls_dirs(tmp_path: Path) -> tuple[Path, Path]:
+    """QEMU's tls-creds-x509 directories: the destination's (server) and the source's
+    (client), one CA."""
+    import trustme
+
+    ca = trustme.CA()
+    server, source = ca.issue_cert("localhost"), ca.issue_cert("devstate-source")
+    dirs = tmp_path / "server", tmp_path / "client"
+    for directory, leaf, name in ((dirs[0], server, "server"), (dirs[1], source, "client")):
+        directory.mkdir()
+        ca.cert_pem.write_to_path(str(directory / "ca-cert.pem"))
+        leaf.cert_chain_pems[0].write_to_path(str(directory / f"{name}-cert.pem"))
+        leaf.private_key_pem.write_to_path(str(directory / f"{name}-key.pem"))
+    return dirs
+
+
+def test_tls_creds_objects_secure_the_migration(run, tmp_path: Path) -> None:
+    """libvirt's TLS migration: object-add tls-creds-x509 on both sides (the destination
+    verifying the source), tls-creds naming them, tls-hostname for the certificate."""
+    spec_path = _write_spec(tmp_path, parse_spec(SMALL))
+    server_dir, client_dir = _tls_dirs(tmp_path)
+    uri = f"unix:{tmp_path / 'incoming.sock'}"
+
+    async def scenario() -> dict[str, Any]:
+        async with vm_process(spec_path, tmp_path / "src.qmp") as src_path, \
+                vm_process(spec_path, tmp_path / "dst.qmp", "--incoming", "defer") as dst_path, \
+                client(src_path, "source") as src, client(dst_path, "dest") as dst:
+            await dst.execute("object-add", {"qom-type": "tls-creds-x509",
+                                             "id": "objlibvirt_migrate_tls0",
+                                             "dir": str(server_dir),
+                                             "endpoint": "server", "verify-peer": True})
+            await src.execute("object-add", {"qom-type": "tls-creds-x509",
+                                             "id": "objlibvirt_migrate_tls0",
+                                             "dir": str(client_dir),
+                                             "endpoint": "client", "verify-peer": True})
+            for qmp in (src, dst):
+                await qmp.execute("migrate-set-parameters", {
+                    "tls-creds": "objlibvirt_migrate_tls0", "tls-hostname": "localhost",
+                    "downtime-limit": 60_000})
+            refusals = []
+            await src.execute("object-add", {"qom-type": "tls-creds-x509", "id": "srv",
+                                             "dir": str(server_dir),
+                                             "endpoint": "server"})
+            for creds in ("srv", "missing"):
+                await src.execute("migrate-set-parameters", {"tls-creds": creds})
+                with pytest.raises(ExecuteError) as refused:
+                    await src.execute("migrate", {"uri": uri})
+                refusals.append(str(refused.value))
+            await src.execute("migrate-set-parameters",
+                              {"tls-creds": "objlibvirt_migrate_tls0"})
+            await dst.execute("migrate-incoming", {"uri": uri})
+            await src.execute("migrate", {"uri": uri})
+            async with asyncio.timeout(MIGRATION_TIMEOUT_S):
+                while (info := await src.execute("query-migrate"))["status"] not in (
+                        "completed", "failed", "cancelled"):
+                    await asyncio.sleep(0.05)
+            for qmp in (src, dst):
+                await qmp.execute("migrate-set-parameters", {"tls-creds": ""})
+                await qmp.execute("object-del", {"id": "objlibvirt_migrate_tls0"})
+            await src.execute("quit")
+            await dst.execute("quit")
+        return {"info": info, "refusals": refusals}
+
+    out = run(scenario())
+    assert out["refusals"] == ["Expecting TLS credentials with a client endpoint",
+                               "No TLS credentials with id 'missing'"]
+    assert out["info"]["status"] == "completed", out["info"]
+    assert out["info"]["devstate"]["verified"]

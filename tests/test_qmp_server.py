@@ -162,7 +162,8 @@ def test_qemu_qmp_client_executes_commands(any_loop: Runner, sock_path: Path,
             assert await qmp.execute("nothing") == {}
             names = {c["name"] for c in await qmp.execute("query-commands")}
             assert names == {"echo", "add", "nothing", "slow", "boom", "fail", "refuse",
-                             "opaque", "qmp_capabilities", "query-commands"}
+                             "opaque", "qmp_capabilities", "query-commands", "query-version",
+                             "query-qmp-schema"}
             for command, args, error_class, desc in [
                 ("no-such", None, "CommandNotFound", "The command no-such has not been found"),
                 ("echo", None, "GenericError", "Parameter 'text' is missing"),
@@ -290,7 +291,7 @@ def test_ids_are_echoed_verbatim(run: Runner, sock_path: Path, request_id: Any) 
     ("execute", "QMP input must be a JSON object"),
     ({"arguments": {}}, "QMP input lacks member 'execute'"),
     ({"execute": 5}, "QMP input member 'execute' must be a string"),
-    ({"exec-oob": None}, "QMP input member 'exec-oob' must be a string"),
+    ({"exec-oob": None}, "QMP input member 'exec-oob' is unexpected"),
     ({"execute": "nothing", "arguments": [1]}, "QMP input member 'arguments' must be an object"),
     ({"execute": "nothing", "argument": {}}, "QMP input member 'argument' is unexpected"),
     ({"execute": "nothing", "exec-oob": "nothing"}, "QMP input member 'exec-oob' is unexpected"),
@@ -315,10 +316,59 @@ def test_bad_requests_get_generic_errors(run: Runner, sock_path: Path, request_:
             client = await RawClient.connect(sock_path)
             await client.send(json.dumps(request_).encode())
             assert await client.recv() == {"error": {"class": "GenericError", "desc": desc}}
-            # exec-oob runs like execute; the session still serves.
-            assert await client.call({"exec-oob": "add", "arguments": {"a": 1, "b": 2},
+            # The session still serves.
+            assert await client.call({"execute": "add", "arguments": {"a": 1, "b": 2},
                                       "id": "ok"}) == {"return": 3, "id": "ok"}
             await client.close()
+
+    run(main())
+
+
+def test_exec_oob_needs_the_oob_capability_and_no_command_allows_it(
+        run: Runner, sock_path: Path) -> None:
+    """As QEMU's qmp-dispatch: without oob negotiated, exec-oob is an unexpected member;
+    with it, a command that is not OOB-capable (none here is) is refused, not run."""
+    async def main() -> None:
+        async with await serve(sock_path, toy := Toy()):
+            plain = await RawClient.connect(sock_path)
+            assert await plain.call({"exec-oob": "nothing", "id": 1}) == {"error": {
+                "class": "GenericError",
+                "desc": "QMP input member 'exec-oob' is unexpected"}, "id": 1}
+            oob = await RawClient.connect(sock_path, negotiate=False)
+            assert await oob.call({"execute": "qmp_capabilities",
+                                   "arguments": {"enable": ["oob"]}}) == {"return": {}}
+            for request, desc in (
+                    ({"exec-oob": "slow", "id": 2}, "The command slow does not support OOB"),
+                    ({"exec-oob": 5, "id": 3}, "QMP input member 'exec-oob' must be a string"),
+                    ({"execute": "nothing", "exec-oob": "nothing", "id": 4},
+                     "QMP input member 'exec-oob' clashes with 'execute'")):
+                assert await oob.call(request) == {
+                    "error": {"class": "GenericError", "desc": desc}, "id": request["id"]}
+            assert not toy.slow_started.is_set()
+            await plain.close()
+            await oob.close()
+
+    run(main())
+
+
+def test_query_version_and_schema(run: Runner, sock_path: Path) -> None:
+    """query-version repeats the greeting's version; query-qmp-schema lists every command
+    and event with argument types that say which members are optional."""
+    async def main() -> None:
+        events = {"THING": (Param("n", int),)}
+        async with await serve(sock_path, version=(9, 1, 0), package="p", events=events):
+            qmp = QMPClient("devstate-test")
+            await qmp.connect(str(sock_path))
+            version = await qmp.execute("query-version")
+            schema = {i["name"]: i for i in await qmp.execute("query-qmp-schema")}
+            await qmp.disconnect()
+        assert version == {"qemu": {"major": 9, "minor": 1, "micro": 0}, "package": "p"}
+        assert schema["add"]["meta-type"] == "command"
+        assert schema[schema["add"]["arg-type"]]["members"] == [
+            {"name": "a", "type": "int"}, {"name": "b", "type": "number", "default": None}]
+        assert schema["THING"]["meta-type"] == "event"
+        assert schema[schema["THING"]["arg-type"]]["members"] == [{"name": "n", "type": "int"}]
+        assert {"query-version", "query-qmp-schema", "qmp_capabilities"} <= set(schema)
 
     run(main())
 

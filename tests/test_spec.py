@@ -133,3 +133,23 @@ def test_any_spec_data_gives_a_machine_or_a_spec_error(data: object) -> None:
         assert exc.path is not None
         return
     assert spec.vcpus.count <= 1024 and all(v.size <= 64 << 30 for v in spec.vfio)
+
+
+def test_an_after_by_bare_name_hints_the_device_id() -> None:
+    machine = {"devices": [{"name": "nic0", "size": "1MiB"},
+                           {"name": "nic1", "size": "1MiB", "after": ["nic0"]}]}
+    with pytest.raises(SpecError, match=r"'nic0' is not a device of this machine "
+                                        r"\(did you mean 'vfio/nic0'\?\)"):
+        parse_spec(machine)
+    machine["devices"][1]["after"] = ["vfio/nci0"]  # a typo: the closest id
+    with pytest.raises(SpecError, match=r"did you mean 'vfio/nic0'"):
+        parse_spec(machine)
+
+
+def test_decimal_and_binary_units_mean_what_they_say() -> None:
+    """One convention (docs: spec.py, README): MB is 10^6 bytes, MiB 2^20, as written."""
+    assert parse_quantity("32 MB", "x") == 32_000_000
+    assert parse_quantity("32MiB", "x") == 32 << 20
+    assert parse_quantity("1.5GB", "x") == 1_500_000_000
+    assert parse_quantity("2GiB/s", "x", per_second=True) == 2 << 30
+    assert parse_quantity("4 kib", "x") == 4096 and parse_quantity("4KB", "x") == 4000

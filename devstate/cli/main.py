@@ -1,8 +1,10 @@
-"""The ``devstate`` command: ``demo``, ``migrate``, ``report`` and ``vm``.
+"""The ``devstate`` command: ``demo``, ``migrate``, ``report``, ``vm`` and ``costs``.
 
 Runs in: the process a person or a script starts; it starts the pools (and, for a local
 migration, the destination process) and ends them on every exit, Ctrl-C and SIGTERM
-included.
+included. Exit statuses are :class:`devstate.cli.exits.Exit`'s; with ``--json`` a failure
+is also a JSON object on standard output, ``{"error": {"class": ..., "desc": ...}}`` (QMP's
+error shape), so a script reading stdout always gets JSON.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from typing import Any
 
 import uvloop
 
+from devstate.cli import startup
+from devstate.cli.costs import costs_command, history
+from devstate.cli.exits import Exit, status_of
 from devstate.cli.machines import default_workers, demo_machine
 from devstate.cli.parser import parse_args, tls_config, vcpu_params
 from devstate.cli.vm import vm_command
@@ -26,9 +31,12 @@ from devstate.config.params import MigrationParams, Overrun, Routing, Schedule
 from devstate.config.spec import MachineConfig, load_spec
 from devstate.devices import device_table
 from devstate.errors import DevstateError
-from devstate.planning.cost import CostHistory
 from devstate.report.migration import MigrationReport, format_table
 from devstate.report.progress import MigrationProgress, following, wanted
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, unwound like Ctrl-C but told apart in the exit status (143, not 130)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -36,28 +44,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="devstate: %(name)s: %(message)s")
     command = {"demo": _demo, "migrate": _migrate, "vm": vm_command,
-               "report": _report}[args.command]
+               "report": _report, "costs": costs_command}[args.command]
     try:
+        startup.ready()
         return uvloop.run(_stoppable(command(args)))
     except DevstateError as exc:
-        print(f"devstate: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        if getattr(args, "parent", None) is None:  # a local destination ends quietly
-            print("devstate: interrupted; everything it started was stopped", file=sys.stderr)
-        return 130
+        return _failed(args, exc, f"error: {exc}", Exit.ERROR)
+    except KeyboardInterrupt as exc:
+        how = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        status = Exit.TERMINATED if isinstance(exc, Terminated) else Exit.INTERRUPTED
+        if getattr(args, "parent", None) is not None:
+            return status  # a local destination ends quietly: its source says why
+        return _failed(args, exc, f"{how}; everything it started was stopped", status)
+
+
+def _failed(args: argparse.Namespace, exc: BaseException, said: str, status: Exit) -> int:
+    """Say why the command failed (and with --json, as a JSON object on stdout)."""
+    print(f"devstate: {said}", file=sys.stderr)
+    if getattr(args, "json", False):
+        print(json.dumps({"error": {"class": type(exc).__name__,
+                                    "desc": str(exc) or said}}, indent=1))
+    return status
 
 
 async def _stoppable(main: Coroutine[Any, Any, int]) -> int:
     """Run ``main`` so that SIGTERM unwinds it like Ctrl-C: every ``async with`` closes."""
     task = asyncio.ensure_future(main)
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    terminated = False
+
+    def terminate() -> None:
+        nonlocal terminated
+        terminated = True
+        task.cancel()
+
+    loop.add_signal_handler(signal.SIGTERM, terminate)
     try:
         return await task
     except asyncio.CancelledError:
         if task.cancelled():
-            raise KeyboardInterrupt from None  # reported like Ctrl-C, after the clean-up
+            # Reported like Ctrl-C, after the clean-up.
+            raise (Terminated if terminated else KeyboardInterrupt) from None
         raise
     finally:
         loop.remove_signal_handler(signal.SIGTERM)
@@ -83,7 +110,7 @@ async def _run_mode(args: argparse.Namespace, spec: MachineConfig,
     mode = params.schedule
     _status(args, f"migrating {spec.name} ({len(device_table(spec))} devices), {mode}, "
                   f"{params.workers} worker(s) per side ...")
-    report = await migrate_locally(spec, params, history=CostHistory(),
+    report = await migrate_locally(spec, params, history=history(args),
                                    progress=_progress(args, params))
     _status(args, f"{mode}: downtime {report.downtime_ms:.1f} ms")
     return report
@@ -122,8 +149,8 @@ async def _migrate(args: argparse.Namespace) -> int:
     from devstate.net.channels import parse_uri
 
     address = parse_uri(args.to)
-    history = CostHistory()
-    costs = history.load()
+    learned = history(args)
+    costs = learned.load().capped(params)
     progress = _progress(args, params)
     async with SourceVM(spec, params) as source:
         _status(args, f"migrating {spec.name} to {address} over {params.data_channels} "
@@ -132,7 +159,7 @@ async def _migrate(args: argparse.Namespace) -> int:
             report = await source.migrate(address, tls=tls, compare_digests=True, costs=costs,
                                           on_status=progress.status if progress else None)
     if source.last_estimate is not None:
-        history.save_run(costs, source.last_estimate, report.downtime_ms)
+        learned.save_run(costs, source.last_estimate, report.downtime_ms)
     return _print(args, [report])
 
 
@@ -149,12 +176,12 @@ def _print(args: argparse.Namespace, reports: list[MigrationReport],
         print(json.dumps(out, indent=1))
     else:
         print(format_table(reports), end="")
-    return 0 if all(r.verified for r in reports) else 2
+    return status_of(reports)
 
 
 async def _report(args: argparse.Namespace) -> int:
     from devstate.report.timeline import draw_timeline, load_reports
 
-    draw_timeline(load_reports(args.file), args.png, title=args.title)
-    print(f"devstate: timeline of {args.file} written to {args.png}", file=sys.stderr)
-    return 0
+    draw_timeline(load_reports(args.file), args.out, title=args.title)
+    print(f"devstate: timeline of {args.file} written to {args.out}", file=sys.stderr)
+    return Exit.OK

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Sequence
+from importlib import metadata
 from typing import Any
 
 from devstate.cli.machines import default_workers
@@ -38,13 +40,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="devstate",
-        description="Save and load a VM's device state concurrently during live migration.")
+        description="Save and load a VM's device state concurrently during live migration.",
+        epilog="exit status: 0 done (verified), 1 error, 2 usage error, 3 migrated but not "
+               "verified, 130 Ctrl-C, 143 SIGTERM")
+    parser.add_argument("--version", action="version",
+                        version=f"devstate {metadata.version('devstate')}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _demo_arguments(sub)
     _migrate_arguments(sub)
     _report_arguments(sub)
     _vm_arguments(sub)
+    _costs_arguments(sub)
     return parser
+
+
+def _cost_model_arguments(parser: argparse.ArgumentParser, *, learning: bool) -> None:
+    """Which learned cost model a command uses (docs/costs.md), and whether it learns."""
+    parser.add_argument("--costs", metavar="PATH", default=None,
+                        help="the learned cost model's file (default: $DEVSTATE_COSTS, else "
+                             "~/.cache/devstate/costs-v2-HOST.json, shared by every run)")
+    if learning:
+        parser.add_argument("--no-learn", action="store_true",
+                            help="use the cost model without updating it from this run")
 
 
 def _demo_arguments(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -54,6 +71,7 @@ def _demo_arguments(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     demo.add_argument("--spec", help="machine spec (TOML or JSON) instead of the default")
     demo.add_argument("--workers", type=_positive, default=default_workers(),
                       help="workers per side in concurrent mode (default: usable CPUs)")
+    _cost_model_arguments(demo, learning=True)
     demo.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -79,7 +97,11 @@ def _migrate_arguments(sub: argparse._SubParsersAction[argparse.ArgumentParser])
                               "a stream's packets over every channel")
     migrate.add_argument("--max-bandwidth", type=_rate, default=None, metavar="RATE",
                          dest="bandwidth_limit",
-                         help="bytes per second over all channels together, e.g. 100MiB")
+                         help="cap on all channels together, e.g. 100MiB/s, 1GB/s; a bare "
+                              "number is bytes/s, as QEMU's max-bandwidth (virsh "
+                              "migrate-setspeed takes MiB/s). Each channel gets an even "
+                              "share: with affinity routing one device moves at "
+                              "RATE/channels at most (--routing spread: all of RATE)")
     migrate.add_argument("--downtime-limit", type=_milliseconds, default=None, metavar="MS",
                          help="no switchover while the expected downtime is above this")
     migrate.add_argument("--on-overrun", choices=[o.value for o in Overrun],
@@ -95,7 +117,10 @@ def _migrate_arguments(sub: argparse._SubParsersAction[argparse.ArgumentParser])
                          help="baseline: devices in spec order, dealt round-robin, streams "
                               "moving in table order, instead of the plan (longest first)")
     _tls_arguments(migrate, server=False)
-    migrate.add_argument("--json", action="store_true", help="print the report as JSON")
+    _cost_model_arguments(migrate, learning=True)
+    migrate.add_argument("--json", action="store_true",
+                         help="print the report as JSON (on failure: {\"error\": {\"class\", "
+                              "\"desc\"}})")
 
 
 def _report_arguments(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -103,15 +128,21 @@ def _report_arguments(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     report = sub.add_parser("report", help="draw the timeline of a finished migration from "
                                            "its JSON report (migrate --json, demo --json)")
     report.add_argument("file", metavar="FILE.json", help="the report")
-    report.add_argument("--png", metavar="OUT.png", required=True,
-                        help="where to write the picture")
+    report.add_argument("-o", "--out", "--png", dest="out", metavar="OUT.{png,svg,pdf}",
+                        required=True,
+                        help="where to write the picture, in the format its suffix names")
     report.add_argument("--title", default=None, help="a title above the panels")
 
 
 def _vm_arguments(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``devstate vm``'s flags."""
     vm = sub.add_parser("vm", help="host a machine's devices: a migration destination, or "
-                                   "with --qmp a VM a migration controller drives")
+                                   "with --qmp a VM a migration controller drives",
+                        usage="devstate vm --spec SPEC --incoming URI [options]\n"
+                              "       devstate vm --spec SPEC --qmp unix:PATH "
+                              "[--incoming URI|defer] [options]",
+                        description="A destination needs --incoming; a VM driven over QMP "
+                                    "needs --qmp (without --incoming it is a source).")
     vm.add_argument("--spec", required=True, help="machine spec (TOML or JSON)")
     vm.add_argument("--qmp", metavar="unix:PATH",
                     help="serve QMP on this Unix socket (mode 0600): a controller written "
@@ -140,6 +171,19 @@ def _vm_arguments(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                     help=argparse.SUPPRESS)  # started by a local migration: end with it
     vm.add_argument("--fault", default=None, type=_fault,
                     help=argparse.SUPPRESS)  # tests: arm a fault (devstate.worker.faults)
+
+
+def _costs_arguments(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``devstate costs``' actions and flags."""
+    costs = sub.add_parser("costs", help="show or forget the cost model learned on this host "
+                                         "(docs/costs.md)")
+    actions = costs.add_subparsers(dest="action", required=True, metavar="ACTION")
+    show = actions.add_parser("show", help="the file, and the constants it holds")
+    _cost_model_arguments(show, learning=False)
+    show.add_argument("--json", action="store_true", help="print the constants as JSON")
+    reset = actions.add_parser("reset", help="remove the file: the next run starts from "
+                                             "the defaults")
+    _cost_model_arguments(reset, learning=False)
 
 
 def _tls_arguments(parser: argparse.ArgumentParser, *, server: bool) -> None:
@@ -174,10 +218,15 @@ def tls_config(args: argparse.Namespace) -> TlsConfig | None:
                      verify_client=getattr(args, "tls_verify_client", False))
 
 
-def _rate(text: str) -> float:
+# "/s" is optional on the command line: --max-bandwidth is a rate whatever it says.
+_PER_SECOND = re.compile(r"\s*/\s*s\s*$", re.IGNORECASE)
 
+
+def _rate(text: str) -> float:
+    """``--max-bandwidth``: bytes/s, with or without a unit (B, KB, KiB, MB, MiB, GB,
+    GiB) and ``/s``."""
     try:
-        rate = parse_quantity(text, "--max-bandwidth")
+        rate = parse_quantity(_PER_SECOND.sub("", text), "--max-bandwidth")
     except SpecError as exc:
         raise argparse.ArgumentTypeError(exc.reason) from None
     if rate <= 0:
@@ -216,7 +265,6 @@ def _positive(text: str) -> int:
 
 
 def _chunk_size(text: str) -> int:
-
     try:
         size = parse_quantity(text, "--chunk-size")
     except SpecError as exc:

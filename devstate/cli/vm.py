@@ -17,6 +17,7 @@ from devstate.config.spec import MachineConfig, load_spec
 from devstate.errors import SpecError
 from devstate.lifecycle import end_with_parent
 from devstate.net.tls import TlsConfig
+from devstate.net.transport import refuse_live_socket
 
 
 async def vm_command(args: argparse.Namespace) -> int:
@@ -64,8 +65,10 @@ def _vm_params(args: argparse.Namespace) -> MigrationParams:
 
 async def _vm_qmp(args: argparse.Namespace, spec: MachineConfig, params: MigrationParams,
                   tls: TlsConfig | None) -> int:
-    """``devstate vm --qmp``: the VM runs until a controller says ``quit`` (or SIGTERM)."""
+    """``devstate vm --qmp``: the VM runs until a controller says ``quit`` (or SIGTERM);
+    exits 1 if a failed incoming migration ended it (QEMU's exit-on-error), else 0."""
     from devstate.qmp.controller import Controller
+    from devstate.qmp.schema import EVENTS
     from devstate.qmp.server import QmpServer
 
     path = args.qmp.removeprefix("unix:")
@@ -77,11 +80,12 @@ async def _vm_qmp(args: argparse.Namespace, spec: MachineConfig, params: Migrati
 
     async with Controller(spec, params, incoming=args.incoming, emit=emit,
                           tls=tls) as controller:
-        server = QmpServer(controller.commands())
+        server = QmpServer(controller.commands(), events=EVENTS)
         async with server:
+            refuse_live_socket(path)  # another VM's QMP socket: never take it over
             await server.start(path)
             print(f"qmp unix:{path}", flush=True)
             if controller.ready is not None:
                 print(f"ready {controller.ready}", flush=True)
             await controller.quitting.wait()
-    return 0
+    return controller.exit_code

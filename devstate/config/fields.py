@@ -21,7 +21,11 @@ _UNITS = {
 _QUANTITY = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 
 def parse_quantity(value: Any, path: str, *, per_second: bool = False) -> int:
-    """Parse a byte count (``64MiB``, ``1.5GB``, ``4096``) or a rate (``2GiB/s``)."""
+    """Parse a byte count (``64MiB``, ``1.5GB``, ``4096``) or a rate (``2GiB/s``).
+
+    One convention, SI's and IEC's: K, KB, M, MB, G, GB are powers of 1000; KiB, MiB, GiB
+    powers of 1024 (so ``32MB`` is 32,000,000 bytes, 30.5 MiB); B or no unit is bytes.
+    """
     if isinstance(value, bool):
         raise SpecError(path, "must be a number or a string such as '64MiB'")
     if isinstance(value, int | float):

@@ -91,7 +91,10 @@ class MigrationParams:
     ``downtime_limit_ms`` (QEMU's downtime-limit): no switchover while the cost model
     expects more (:mod:`devstate.planning.cost`), unless ``force_switchover``; during
     stop-and-copy, passing it either finishes and reports the overrun or aborts
-    (``overrun``).
+    (``overrun``). An unmet limit fails the migration at once (the CLI's one-shot
+    migration), unless ``wait_for_limit``: then the VM keeps running and the estimate is
+    re-made until it fits the limit, which may be raised meanwhile (QEMU's behaviour, for a
+    QMP controller; cancelling is the other way out).
     """
 
     workers: int = 2
@@ -114,6 +117,7 @@ class MigrationParams:
     downtime_limit_ms: float | None = None
     overrun: Overrun = Overrun.FINISH
     force_switchover: bool = False
+    wait_for_limit: bool = False
     fault: str | None = None  # tests: a fault for every worker to arm (devstate.worker.faults)
 
     def __post_init__(self) -> None:

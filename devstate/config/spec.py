@@ -20,10 +20,17 @@ Example (TOML)::
     write_bandwidth = "1GiB/s"
     firmware_latency_ms = 120
     precopy = true
+
+Sizes and rates (:func:`devstate.config.fields.parse_quantity`) are a number of bytes
+(bytes/s), or a string with a unit: KB, MB, GB are decimal (10^3, 10^6, 10^9: ``"32MB"``
+is 32,000,000 bytes, which reports show as 30.5 MiB), KiB, MiB, GiB binary (2^10, 2^20,
+2^30: ``"32MiB"`` is 33,554,432 bytes), as the IEC and SI prefixes mean them; case and a
+space before the unit do not matter. A rate ends in ``/s``.
 """
 
 from __future__ import annotations
 
+import difflib
 import enum
 import json
 import re
@@ -257,7 +264,8 @@ def _check_dependencies(spec: MachineConfig) -> None:
         path = where.get(d.id, "vcpus.after")
         for other in d.after:
             if other not in ids:
-                raise SpecError(path, f"{other!r} is not a device of this machine")
+                raise SpecError(path, f"{other!r} is not a device of this machine"
+                                      f"{_did_you_mean(other, ids)}")
             if other == d.id or (d.vcpu is not None and other.startswith("cpu/")):
                 raise SpecError(path, f"{d.id} cannot load after {other}: itself or a vCPU")
     # Cycles: a depth-first walk over the stream devices' edges (vCPUs share one list,
@@ -278,6 +286,17 @@ def _check_dependencies(spec: MachineConfig) -> None:
 
     for node in edges:
         visit(node, [])
+
+
+def _did_you_mean(name: str, ids: set[str]) -> str:
+    """A hint for an ``after`` entry that is no device id: ids are prefixed by kind
+    (``vfio/nic1``), which a spec's ``name = "nic1"`` does not show."""
+    if f"vfio/{name}" in ids:
+        return f" (did you mean 'vfio/{name}'?)"
+    close = difflib.get_close_matches(name, sorted(ids), n=1)
+    if close:
+        return f" (did you mean {close[0]!r}?)"
+    return " (ids look like 'vfio/NAME')"
 
 
 def _vcpus(data: Any) -> VcpuSpec:

@@ -95,11 +95,12 @@ class Deadline(OnMachine):
         precopy device is down to one chunk); return the estimate to switch over on.
 
         Past ``params.precopy_timeout_s`` it switches over anyway if the policy says so
-        (``force_switchover``, or no limit), else raises :class:`DowntimeLimitUnmet`.
+        (``force_switchover``, or no limit), else raises :class:`DowntimeLimitUnmet`;
+        with ``params.wait_for_limit`` it goes on until the limit (as it is then) is met.
         """
-        limit = self.params.downtime_limit_ms
         started = time.monotonic()
         while True:
+            limit = self.params.downtime_limit_ms  # a controller may change it meanwhile
             if saving.done():
                 saving.result()  # a failed precopy: its error
                 raise MigrationFailed("the save ended before the switchover")
@@ -115,7 +116,7 @@ class Deadline(OnMachine):
             if converged:
                 return made
             waited = time.monotonic() - started
-            if waited >= self.params.precopy_timeout_s:
+            if waited >= self.params.precopy_timeout_s and not self.params.wait_for_limit:
                 if limit is None or self.params.force_switchover:
                     return made
                 raise DowntimeLimitUnmet(limit, made.expected_ms, f"{made.explain()} (after "

@@ -28,7 +28,7 @@ import logging
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -57,6 +57,7 @@ class IncomingResult:
 
     completed: bool
     reason: str = ""
+    lease: channels.Channel | None = None  # the main channel, if kept (migration.lease)
 
 
 class Incoming(OnMachine):
@@ -67,13 +68,19 @@ class Incoming(OnMachine):
         self._ready_ns = 0  # when READY went out: the origin of the times this side reports
 
     async def accept_migration(self, listener: channels.Listener,
-                               tls: channels.TlsConfig | None = None) -> IncomingResult:
+                               tls: channels.TlsConfig | None = None, *,
+                               on_accepted: Callable[[], None] | None = None,
+                               keep_lease: bool = False) -> IncomingResult:
         """Take one incoming migration from ``listener`` to completion or failure.
 
         With ``tls`` every channel runs TLS with our certificate (and requires the source's,
-        if ``tls.verify_client``).
+        if ``tls.verify_client``). ``on_accepted`` is called once the source has connected.
+        With ``keep_lease`` a completed migration's main channel is returned open, as the
+        destination's lease on the VM (:mod:`devstate.migration.lease`); else it closes.
         """
         main: channels.Channel = await listener.accept()
+        if on_accepted is not None:
+            on_accepted()
         try:
             main, concurrent, send_digests = await self._handshake(main, listener, tls)
             async with _refusing_late_connections(listener):
@@ -89,7 +96,7 @@ class Incoming(OnMachine):
             if isinstance(exc, DevstateError | OSError):
                 return IncomingResult(False, describe(exc))
             raise
-        return await self._resume(main, send_digests)
+        return await self._resume(main, send_digests, keep_lease)
 
     async def _handshake(self, main: channels.Channel, listener: channels.Listener,
                          tls: channels.TlsConfig | None) -> tuple[channels.Channel, bool, bool]:
@@ -106,7 +113,8 @@ class Incoming(OnMachine):
             listener, hello.migration_id, hello.channels, tls), "channel setup")
         return main, concurrent, send_digests
 
-    async def _resume(self, main: channels.Channel, send_digests: bool) -> IncomingResult:
+    async def _resume(self, main: channels.Channel, send_digests: bool,
+                      keep_lease: bool) -> IncomingResult:
         """Committed: run the VM here, then report (off the critical path)."""
         try:
             with no_gc_pauses():
@@ -133,8 +141,12 @@ class Incoming(OnMachine):
             # Running here, and the source has committed: a report that cannot be sent
             # changes nothing; say why.
             log.warning("after resume: %s", exc)
-        finally:
+        except BaseException:
             main.close()
+            raise
+        if keep_lease:
+            return IncomingResult(True, lease=main)
+        main.close()
         return IncomingResult(True)
 
     def _check_hello(self, said: MigrationHello, hello: wire.Hello) -> None:
@@ -241,7 +253,7 @@ class Incoming(OnMachine):
         """Tell the source the migration failed and put every device back to blank. After
         COMMIT the devices are stopped first and the message says nothing runs here: only
         then may the source resume."""
-        log.warning("incoming migration failed: %s", describe(cause))
+        log.info("incoming migration failed: %s", describe(cause))  # its command says it
         if not committed:
             await _tell_failed(main, cause, committed=False)
         alive = [w for w in range(self.plan.workers) if w not in self.pool.lost()]

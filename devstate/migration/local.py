@@ -26,7 +26,7 @@ from devstate.errors import DevstateError
 from devstate.migration.source import SourceVM
 from devstate.net import channels
 from devstate.net.tls import TlsConfig
-from devstate.planning.cost import CostHistory
+from devstate.planning.cost import CostHistory, HostCosts
 from devstate.report.migration import MigrationReport
 from devstate.report.progress import MigrationProgress, following
 
@@ -142,11 +142,13 @@ async def migrate_locally(spec: MachineConfig, params: MigrationParams, *,
     """Start both sides, migrate once, and return the report (both sides shut down after).
 
     The destination runs with ``dest_params`` (default: the source's). With ``history``
-    the cost model starts from this host's stored constants and learns from the run; with
-    ``progress`` a live display follows the migration.
+    the cost model starts from this host's stored constants and learns from the run
+    (unless the history says not to, or the run is capped: :meth:`CostHistory.save_run`);
+    with ``progress`` a live display follows the migration. The estimate counts the
+    bandwidth cap of ``params``, if any.
     """
     source = SourceVM(spec, params)
-    costs = history.load() if history else None
+    costs = (history.load() if history else HostCosts()).capped(params)
     try:
         async with destination(spec, dest_params or params) as dest:
             await source.start()
@@ -156,6 +158,6 @@ async def migrate_locally(spec: MachineConfig, params: MigrationParams, *,
                     on_status=progress.status if progress else None)
     finally:
         await source.close()
-    if history and costs and source.last_estimate:
+    if history and source.last_estimate:
         history.save_run(costs, source.last_estimate, report.downtime_ms)
     return report

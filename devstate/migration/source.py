@@ -5,17 +5,20 @@ Runs in: the source coordinator process, on uvloop.
 Sequence of one migration (main channel messages in capitals)::
 
     setup   estimate the downtime (devstate.planning.cost); over the limit: stop here, VM running
+            (or, with params.wait_for_limit, re-estimate until it fits the limit as it is then)
             connect main channel, HELLO (id, device table, channels, mode) -> destination
             every worker connects the data channels it owns      (all before the stop)
             <- READY (destination validated, devices in RESUMING, channels adopted)
     active  Save starts; with precopy, devices that support it stream while the VM runs
             until the re-estimate meets the limit (or fail, VM running, past the bound)
+            [pre-switchover: await the controller's go-ahead, VM running]
     t0      stop (SwitchOver): every worker gets its devices in parallel and streams them
             <- LOADED (every device put and its digest verified)
             COMMIT -> (from here the source will not resume: the destination will)
             <- RESUMED, received at t1: downtime = t1 - t0, both on this host's clock (an
                upper bound by one main-channel latency; valid across hosts)
             <- REPORT: per-device results [and digests, if asked, compared here]
+            [on_lease: the main channel stays open, the destination's lease on the VM]
 
 Any failure before COMMIT cancels the workers, tells the destination to discard (ABORT),
 resumes every device here and raises :class:`MigrationFailed` naming the cause. A failure
@@ -67,11 +70,8 @@ from devstate.worker import jobs as m
 log = logging.getLogger("devstate.migration.source")
 T = TypeVar("T")
 
-# Records per worker the cost model's probe gets and puts back: enough for a stable mean,
-# few enough to fit the record slots and take milliseconds.
-PROBE_RECORDS = 64
-# How often precopy looks at what is left to send, against the limit.
-CONVERGE_POLL_S = 0.05
+# How often a migration waiting for its downtime limit re-makes the estimate.
+LIMIT_POLL_S = 0.1
 # How long a failed save waits for the destination's own account of the failure.
 PEER_REASON_WAIT_S = 1.0
 
@@ -87,19 +87,28 @@ class Outgoing(OnMachine):
 
     async def migrate(self, address: channels.Address, *, tls: channels.TlsConfig | None = None,
                       compare_digests: bool = False, costs: HostCosts | None = None,
-                      on_status: Callable[[Phase], None] | None = None) -> MigrationReport:
+                      on_status: Callable[[Phase], None] | None = None,
+                      before_stop: Callable[[], Awaitable[None]] | None = None,
+                      on_lease: Callable[[channels.Channel], None] | None = None
+                      ) -> MigrationReport:
         """Migrate the machine to the destination listening at ``address`` (over TLS with
         ``tls``: the destination's certificate is checked against ``tls.ca``).
 
         Before the stop, the cost model (``costs``: this host's constants) estimates the
         downtime; with ``params.downtime_limit_ms`` an estimate above the limit raises
-        :class:`DowntimeLimitUnmet` and nothing stops, unless ``params.force_switchover``.
-        A stop-and-copy that passes the limit finishes and reports the overrun, or with
-        ``Overrun.ABORT`` is cancelled (:class:`DowntimeOverrun`; the source resumes).
+        :class:`DowntimeLimitUnmet` and nothing stops, unless ``params.force_switchover``,
+        or ``params.wait_for_limit`` (the VM runs on, the estimate is re-made until it fits
+        the limit as it is then). A stop-and-copy that passes the limit finishes and reports
+        the overrun, or with ``Overrun.ABORT`` is cancelled (:class:`DowntimeOverrun`; the
+        source resumes).
 
         ``on_status`` is called with each :class:`Phase` the migration enters: SETUP,
-        ACTIVE (estimating, VM running), DEVICE (the VM stopped: stop-and-copy), then
-        COMPLETED, FAILED, or CANCELLING and CANCELLED on an abort.
+        ACTIVE (estimating, VM running), PRE_SWITCHOVER (with ``before_stop``), DEVICE (the
+        VM stopped: stop-and-copy), then COMPLETED, FAILED, or CANCELLING and CANCELLED on
+        an abort. ``before_stop`` is awaited with everything ready for the stop, the VM
+        still running (a controller's pause-before-switchover). ``on_lease`` takes the main
+        channel of a completed migration, open (:mod:`devstate.migration.lease`);
+        without it the channel closes.
         """
         status = on_status or (lambda _: None)
         status(Phase.SETUP)
@@ -108,24 +117,43 @@ class Outgoing(OnMachine):
         made = self.last_estimate = await self.deadline.estimate(costs)
         precopy = self.params.precopy and self.params.concurrent and any(
             d.vfio is not None and d.vfio.precopy for d in self.table)
-        limit = self.params.downtime_limit_ms
-        if (limit is not None and made.expected_ms > limit and not precopy
-                and not self.params.force_switchover):
-            status(Phase.FAILED)
-            raise DowntimeLimitUnmet(limit, made.expected_ms, made.explain())
+        if not precopy:
+            made = await self._within_limit(made, costs, status)
         migration_id = uuid.uuid4()
         sock = await self._open_main(address, tls, migration_id, status)
         commit = SourceCommit()
+        leased = False
         try:
             await self._setup(sock, address, tls, migration_id, compare_digests)
-            t0, t1, made = await self._stop_and_copy(sock, costs, precopy, made, commit, status)
+            t0, t1, made = await self._stop_and_copy(sock, costs, precopy, made, commit,
+                                                     status, before_stop)
             report = await self._finish(sock, t0, t1, made, compare_digests)
             status(Phase.COMPLETED)
+            if on_lease is not None:
+                on_lease(sock)
+                leased = True
             return report
         except BaseException as exc:
             await self._fail(sock, exc, commit, status)
         finally:
-            sock.close()
+            if not leased:
+                sock.close()
+
+    async def _within_limit(self, made: Estimate, costs: HostCosts,
+                            status: Callable[[Phase], None]) -> Estimate:
+        """Before a stop without precopy: an estimate within the downtime limit. Over it,
+        raise :class:`DowntimeLimitUnmet`, or with ``params.wait_for_limit`` keep the VM
+        running and re-estimate every LIMIT_POLL_S against the limit as it is then (a
+        controller may raise it meanwhile, or cancel)."""
+        while True:
+            limit = self.params.downtime_limit_ms
+            if limit is None or made.expected_ms <= limit or self.params.force_switchover:
+                return made
+            if not self.params.wait_for_limit:
+                status(Phase.FAILED)
+                raise DowntimeLimitUnmet(limit, made.expected_ms, made.explain())
+            await asyncio.sleep(LIMIT_POLL_S)
+            made = self.last_estimate = await self.deadline.estimate(costs)
 
     async def _open_main(self, address: channels.Address, tls: channels.TlsConfig | None,
                          migration_id: uuid.UUID, status: Callable[[Phase], None]
@@ -142,9 +170,12 @@ class Outgoing(OnMachine):
 
     async def _stop_and_copy(self, sock: channels.Channel, costs: HostCosts, precopy: bool,
                              made: Estimate, commit: SourceCommit,
-                             status: Callable[[Phase], None]) -> tuple[int, int, Estimate]:
-        """Save (precopy first, if any), stop the VM, finish the save, commit; return the
-        stop and resume times (ns) and the estimate the switchover was made on."""
+                             status: Callable[[Phase], None],
+                             before_stop: Callable[[], Awaitable[None]] | None
+                             ) -> tuple[int, int, Estimate]:
+        """Save (precopy first, if any), [await ``before_stop``], stop the VM, finish the
+        save, commit; return the stop and resume times (ns) and the estimate the switchover
+        was made on."""
         gen = self.machine.next_gen()
         await self.machine.prepare_vcpus(self.params.concurrent)
         save = self.pool.call_all({
@@ -159,6 +190,9 @@ class Outgoing(OnMachine):
                     made = self.last_estimate = await self.deadline.converge(saving, costs)
                 else:
                     await self._armed(saving, gen)
+                if before_stop is not None:
+                    status(Phase.PRE_SWITCHOVER)
+                    await _unless_ended(before_stop(), saving, loading)
             except DevstateError as exc:
                 await _peer_reason_first(loading, exc)
                 raise
@@ -291,7 +325,9 @@ class Outgoing(OnMachine):
         Returns what keeps the VM from running here, if anything: a lost worker (its
         devices died with it) or a device that would not resume (its model died).
         """
-        log.warning("migration failed (%s): resuming on the source", describe(cause))
+        # The command that started it says the error (the CLI prints it, QMP's controller
+        # logs it and shows it in query-migrate): said here too, it would be said twice.
+        log.info("migration failed (%s): resuming on the source", describe(cause))
         with contextlib.suppress(Exception):
             await channels.send(sock, Abort(describe(cause)))
         broken: DevstateError | None = None
@@ -332,6 +368,20 @@ class Outgoing(OnMachine):
                                critical_path=made.explain(),
                                downtime_limit_ms=self.params.downtime_limit_ms,
                                destination_params=report.params, kvm=kvm)
+
+
+async def _unless_ended(wait: Awaitable[None], *work: asyncio.Future[Any]) -> None:
+    """Await ``wait``; a save or load that ends first (the destination failed, say) raises
+    its error, or MigrationFailed if it ended without one."""
+    async with background(wait) as (waiting,):
+        await asyncio.wait({waiting, *work}, return_when=asyncio.FIRST_COMPLETED)
+        if waiting.done():
+            waiting.result()
+            return
+        for ended in work:
+            if ended.done():
+                ended.result()
+        raise MigrationFailed("the migration ended before the switchover")
 
 
 async def _peer_reason_first(reply: asyncio.Future[Any], ours: BaseException) -> None:

@@ -1,11 +1,18 @@
 """A bandwidth limit (QEMU's ``max-bandwidth``): pacing of the bytes a channel sends.
 
 Runs in: a source worker, on its event loop, one :class:`Pacer` per data channel. The
-migration's limit is shared across its channels: each channel gets ``limit / channels``
-(see :meth:`Pacer.for_channel`), so the total never exceeds the limit. A channel whose
-share goes unused does not lend it to the others; that costs throughput only when the
-channels carry unequal loads (affinity routing of unequal devices), and keeps the workers
-free of any shared state on the hot path.
+migration's limit is a total over its channels, split evenly: each channel gets
+``limit / channels`` (see :meth:`Pacer.for_channel`), so the total never exceeds the limit.
+
+Why the split stays even, although a channel whose share goes unused does not lend it to
+the others: the channels are sent by different worker *processes* (channel ``k`` by source
+worker ``k % S``), each on its own event loop, with nothing shared on the hot path but the
+arena. A work-conserving total would need a token bucket in shared memory that every
+packet's send takes a cross-process lock on, handed to every worker with its Save job.
+What the split costs is known exactly and counted instead: with affinity routing a stream
+rides one channel and so moves at ``limit / channels`` at most, and the cost model
+estimates it so (:class:`devstate.planning.cost.Link`); ``--routing spread`` puts a
+stream's packets on every channel, so one large device gets the whole limit.
 """
 
 from __future__ import annotations

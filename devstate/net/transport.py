@@ -62,7 +62,8 @@ class Address:
 
 
 def parse_uri(uri: str) -> Address:
-    """Parse ``unix:PATH`` or ``tcp:HOST:PORT`` (HOST a name, IPv4, or ``[IPv6]``).
+    """Parse ``unix:PATH`` or ``tcp:HOST:PORT`` (HOST a name, IPv4, or ``[IPv6]``), QEMU's
+    forms; the URL forms ``tcp://HOST:PORT`` and ``unix://PATH`` mean the same.
 
     Port 0 is accepted: a listener then takes any free port (see :attr:`Listener.address`).
     """
@@ -70,6 +71,8 @@ def parse_uri(uri: str) -> Address:
     if not sep or transport not in TRANSPORTS:
         raise DevstateError(f"channel URI {uri!r}: unknown transport {transport!r}; expected "
                             "unix:PATH or tcp:HOST:PORT")
+    # People used to URLs write tcp://host:port; QEMU's form has no slashes. Read both.
+    rest = rest.removeprefix("//")
     if transport == "unix":
         if not rest:
             raise DevstateError(f"channel URI {uri!r}: empty path; expected unix:PATH")
@@ -118,7 +121,8 @@ class Listener:
     """The destination's listening socket.
 
     A unix socket gets mode 0600 (only its owner may connect) and replaces a stale socket
-    file; a tcp one listens on the URI's host (its first address when a name has several).
+    file, never one a process still listens on (:func:`refuse_live_socket`); a tcp one
+    listens on the URI's host (its first address when a name has several).
     """
 
     def __init__(self, address: Address) -> None:
@@ -146,6 +150,7 @@ class Listener:
 
     def _open_unix(self) -> socket.socket:
         path = self._address.path
+        refuse_live_socket(path)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -215,6 +220,39 @@ class Listener:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def refuse_live_socket(path: str) -> None:
+    """Raise :class:`ChannelError` if a process listens on the unix socket ``path``;
+    return if nothing is there, or only a stale file (a socket left by a process that was
+    killed), which the caller then unlinks and binds anew.
+
+    Replacing a live socket would silently cut its process (another ``devstate vm``) off
+    from its clients. The check reads the kernel's table of listening sockets rather than
+    connecting, because a connection is not harmless: a destination takes the first one
+    as its migration's main channel. The table is this network namespace's: a listener in
+    another namespace sharing the file system is not seen.
+    """
+    if {path, os.path.abspath(path)} & _listening_unix_paths():
+        raise ChannelError(f"cannot listen on {path}: another process is listening on it "
+                           "(stop that one, or choose another path)")
+
+
+# /proc/net/unix's flag of a socket that listens (the kernel's __SO_ACCEPTCON).
+_ACCEPTCON = 0x10000
+
+
+def _listening_unix_paths() -> set[str]:
+    """The paths unix sockets listen on in this network namespace (as they were bound)."""
+    paths = set()
+    with open("/proc/net/unix", encoding="utf-8", errors="replace") as table:
+        next(table)  # the header
+        for line in table:
+            # Num RefCount Protocol Flags Type St Inode [Path]; a path may hold spaces.
+            fields = line.rstrip("\n").split(maxsplit=7)
+            if len(fields) == 8 and int(fields[3], 16) & _ACCEPTCON:
+                paths.add(fields[7])
+    return paths
 
 
 def _tune(sock: socket.socket) -> None:

@@ -24,18 +24,27 @@ whose host term was critical are kept (its parts, and the downtime they came to)
 there are enough of them the weights of the parts are refitted by least squares; a run
 that one device's own path decided scales that kind of term by how far it was off (an
 exponentially weighted mean).
+
+A bandwidth cap (``max-bandwidth``) bounds the streams as the pacers apply it
+(:class:`Link`, :mod:`devstate.net.bandwidth`): a stream's bytes cross no faster than its
+channel's share of the cap, so its own path and its turn in the transfer order are the
+slower of the host's copies and the cap. A capped run is never learned from: its rates
+were the cap's, not the host's (:meth:`CostHistory.save_run`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from devstate.config.params import MigrationParams, Routing
 from devstate.config.spec import DeviceSpec, DeviceTable
 from devstate.planning.plan import Plan
 
@@ -48,6 +57,26 @@ KEPT_RUNS = 24
 # The cost model's terms, as stored runs record them (2: streams in transfer order; runs of
 # sequential mode not learned from).
 MODEL = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    """A migration's bandwidth cap as the source's pacers apply it: ``limit`` bytes/s in
+    all, ``limit / channels`` on each channel. With affinity routing a stream rides its
+    owner's home channel (``owner % channels``), so it gets one channel's share; spread
+    over every channel it gets the whole cap."""
+
+    limit: float
+    channels: int
+    spread: bool = False
+
+    def lane(self, owner: int) -> int:
+        """The channel a stream of source worker ``owner`` rides (-1: all of them)."""
+        return -1 if self.spread else owner % self.channels
+
+    def rate(self, lane: int) -> float:
+        """What ``lane`` carries, in bytes/s."""
+        return self.limit if lane < 0 else self.limit / self.channels
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +93,20 @@ class HostCosts:
     # and the host-critical runs they were fitted to: [parts..., firmware, actual - fixed].
     weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
     runs: tuple[tuple[float, float, float, float, float], ...] = ()
+    # The migration's bandwidth cap: a property of one run, never stored (see capped()).
+    link: Link | None = None
+
+    def capped(self, params: MigrationParams) -> HostCosts:
+        """These constants for a migration with ``params``: with its bandwidth cap, if any."""
+        link = None if params.bandwidth_limit is None else Link(
+            params.bandwidth_limit, params.data_channels, params.routing is Routing.SPREAD)
+        return replace(self, link=link)
+
+    def to_json(self) -> dict[str, Any]:
+        """The constants as :class:`CostHistory` stores them (a run's cap is not stored)."""
+        data = asdict(self)
+        del data["link"]
+        return data
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,53 +155,81 @@ def estimate(table: DeviceTable, plan: Plan, host: HostCosts,
     streams = [d for d in table if d.vfio is not None]
     get_us, put_us = record_us if record_us is not None else (
         table.machine.vcpus.get_us, table.machine.vcpus.put_us)
-    if sequential:
-        return _sequential(table, host, get_us + put_us, {
-            d.index: left.get(d.index, d.vfio.size) for d in streams if d.vfio is not None})
     size = {d.index: left.get(d.index, d.vfio.size) for d in streams if d.vfio is not None}
-    terms = [_device_term(d, size[d.index], host) for d in streams]
+    cap = {d.index: _capped_rate(host, plan, d.index) for d in streams}
+    if sequential:
+        return _sequential(table, host, get_us + put_us, size, cap)
+    terms = [_device_term(d, size[d.index], cap[d.index], host) for d in streams]
     # Streams move in the plan's order (devstate.planning.admission): each one's last byte
     # crosses once the bytes of those before it have, then its firmware runs; the latest of
     # those ends the streams' share of the host term (Jackson's bound for one shared
-    # resource).
+    # resource). Under a cap the same holds per channel, at the channel's share.
     arrival, moved = {}, 0
     for index in plan.transfer:
         moved += size[index]
         arrival[index] = moved / host.copy_bytes_per_s * 1e3
-    terms.extend(_chains(table, size, {i: ms * host.weights[0]
-                                       for i, ms in arrival.items()}, host))
-    host_term, parts = _host_term(table, plan, host, arrival, moved, get_us + put_us)
+    on_link = _link_arrival(host.link, plan, size)
+    crossed = {i: max(ms * host.weights[0], on_link.get(i, 0.0)) for i, ms in arrival.items()}
+    terms.extend(_chains(table, size, crossed, cap, host))
+    host_term, parts = _host_term(table, plan, host, arrival, crossed, moved,
+                                  get_us + put_us)
     terms.append(host_term)
     terms.sort(key=lambda t: -t.ms)
     return Estimate(host.fixed_ms + terms[0].ms, tuple(terms), parts)
 
 
-def _device_term(d: DeviceSpec, size: int, host: HostCosts) -> Term:
-    """One stream's own path: its bytes at its slower rate, then its firmware."""
+def _capped_rate(host: HostCosts, plan: Plan, index: int) -> float:
+    """The most stream ``index`` may send per second under the cap (inf: no cap)."""
+    if host.link is None:
+        return math.inf
+    return host.link.rate(host.link.lane(plan.owner[index]))
+
+
+def _link_arrival(link: Link | None, plan: Plan, size: dict[int, int]) -> dict[int, float]:
+    """When each stream's last byte has passed the cap (ms), the streams taking their
+    channels in transfer order; empty without a cap."""
+    if link is None:
+        return {}
+    moved: dict[int, int] = {}
+    out = {}
+    for index in plan.transfer:
+        lane = link.lane(plan.owner[index])
+        moved[lane] = moved.get(lane, 0) + size[index]
+        out[index] = moved[lane] / link.rate(lane) * 1e3
+    return out
+
+
+def _device_term(d: DeviceSpec, size: int, cap: float, host: HostCosts) -> Term:
+    """One stream's own path: its bytes at its slower rate (or the cap's, if lower), then
+    its firmware."""
     v = d.vfio
     assert v is not None
-    return Term("device", f"{d.id} alone: {size / 2**20:.0f} MiB at {v.rate / 2**20:.0f} "
-                          f"MiB/s + {v.firmware_latency_ms:.0f} ms firmware",
-                (size / v.rate * 1e3 + v.firmware_latency_ms) * host.scale.get("device", 1.0))
+    rate = min(v.rate, cap)
+    capped = " (the bandwidth cap)" if cap < v.rate else ""
+    return Term("device", f"{d.id} alone: {size / 2**20:.0f} MiB at {rate / 2**20:.0f} "
+                          f"MiB/s{capped} + {v.firmware_latency_ms:.0f} ms firmware",
+                (size / rate * 1e3 + v.firmware_latency_ms) * host.scale.get("device", 1.0))
 
 
 def _host_term(table: DeviceTable, plan: Plan, host: HostCosts, arrival: dict[int, float],
-               moved: int, record_us: float
+               crossed: dict[int, float], moved: int, record_us: float
                ) -> tuple[Term, tuple[float, float, float, float]]:
     """The work every device shares on this host: stream copies in transfer order (and the
     firmware of the last to arrive), record gets and puts on the cores, stream sessions.
-    Returns the term and its unweighted parts (copy, records, sessions, firmware)."""
+    ``arrival`` is when each stream's last byte is copied (ms, unweighted), ``crossed`` the
+    same weighted and no sooner than the cap lets it pass. Returns the term and its
+    unweighted parts (copy, records, sessions, firmware)."""
     records = [d for d in table if d.vfio is None]
     firmware = {d.index: d.vfio.firmware_latency_ms for d in table if d.vfio is not None}
-    w_copy, w_records, w_sessions = host.weights
-    last = max(arrival, key=lambda i: (arrival[i] * w_copy + firmware[i], i), default=None)
-    copy_ms = arrival[last] if last is not None else 0.0
+    _, w_records, w_sessions = host.weights
+    last = max(crossed, key=lambda i: (crossed[i] + firmware[i], i), default=None)
     last_firmware = firmware[last] if last is not None else 0.0
     record_ms = len(records) * (record_us + host.record_overhead_us) / 1e3 / host.cores
     sessions_ms = -(-len(firmware) // plan.workers) * host.stream_overhead_ms
-    parts = (copy_ms, record_ms, sessions_ms, last_firmware)
-    copy_ms, record_ms, sessions_ms = copy_ms * w_copy, record_ms * w_records, \
-        sessions_ms * w_sessions
+    parts = (arrival[last] if last is not None else 0.0, record_ms, sessions_ms,
+             last_firmware)
+    copy_ms = crossed[last] if last is not None else 0.0
+    record_ms, sessions_ms = record_ms * w_records, sessions_ms * w_sessions
     said = [f"{len(records)} records ({record_ms:.0f} ms on {host.cores} cores)"]
     if last is not None:
         said[:0] = [f"{moved / 2**20:.0f} MiB of streams, through {table[last].id} "
@@ -170,14 +241,14 @@ def _host_term(table: DeviceTable, plan: Plan, host: HostCosts, arrival: dict[in
 
 
 def _sequential(table: DeviceTable, host: HostCosts, record_us: float,
-                size: dict[int, int]) -> Estimate:
+                size: dict[int, int], cap: dict[int, float]) -> Estimate:
     """One device after another: the sum of every stream's bytes (at its slower rate, or
-    the host's copy rate if slower) and firmware, every record's get and put, and every
-    stream's session. The sum is the critical path: nothing overlaps."""
+    the host's copy rate or the cap if slower) and firmware, every record's get and put,
+    and every stream's session. The sum is the critical path: nothing overlaps."""
     streams_ms = 0.0
     for d in table:
         if d.vfio is not None:
-            rate = min(d.vfio.rate, host.copy_bytes_per_s)
+            rate = min(d.vfio.rate, host.copy_bytes_per_s, cap[d.index])
             streams_ms += size[d.index] / rate * 1e3 + d.vfio.firmware_latency_ms \
                 + host.stream_overhead_ms
     records = sum(1 for d in table if d.vfio is None)
@@ -189,10 +260,11 @@ def _sequential(table: DeviceTable, host: HostCosts, record_us: float,
 
 
 def _chains(table: DeviceTable, size: dict[int, int], arrival: dict[int, float],
-            host: HostCosts) -> list[Term]:
+            cap: dict[int, float], host: HostCosts) -> list[Term]:
     """Dependency chains: a device completes its load (firmware, or a record's put) only
     after the devices it loads after (spec ``after``), so its own path may start late; a
-    stream's own path ends no sooner than its turn in the transfer (``arrival``, ms)."""
+    stream's own path (at its rate, or the cap's) ends no sooner than its turn in the
+    transfer (``arrival``, ms)."""
     by_id = {d.id: d for d in table}
     done: dict[str, float] = {}
 
@@ -201,7 +273,8 @@ def _chains(table: DeviceTable, size: dict[int, int], arrival: dict[int, float],
             ready = max((completion(by_id[a]) for a in d.after), default=0.0)
             own = fw = 0.0
             if d.vfio is not None:
-                own = max(size[d.index] / d.vfio.rate * 1e3, arrival.get(d.index, 0.0))
+                own = max(size[d.index] / min(d.vfio.rate, cap[d.index]) * 1e3,
+                          arrival.get(d.index, 0.0))
                 fw = d.vfio.firmware_latency_ms
             done[d.id] = max(own, ready) + fw
         return done[d.id]
@@ -256,15 +329,19 @@ def _fit(runs: tuple[tuple[float, ...], ...],
 class CostHistory:
     """This host's refined constants, kept between runs in a small JSON file.
 
-    The file is ``$DEVSTATE_COSTS`` or ``~/.cache/devstate/costs-v<MODEL>-<host>.json``; it
-    is only ever a cache: a missing or unreadable one means the defaults. ``MODEL`` changes
-    when the terms do, so runs fitted to other terms are not mixed in.
+    The file is ``path``, else ``$DEVSTATE_COSTS``, else
+    ``~/.cache/devstate/costs-v<MODEL>-<host>.json``: one per host and user, shared by every
+    run that does not name another, so identical runs see different estimates as it learns
+    (docs/costs.md). It is only ever a cache: a missing or unreadable one means the
+    defaults. ``MODEL`` changes when the terms do, so runs fitted to other terms are not
+    mixed in. With ``learn`` false the file is read and never written.
     """
 
-    def __init__(self, path: Path | None = None) -> None:
+    def __init__(self, path: Path | None = None, *, learn: bool = True) -> None:
         default = (Path.home() / ".cache" / "devstate"
                    / f"costs-v{MODEL}-{socket.gethostname()}.json")
         self.path = path or Path(os.environ.get("DEVSTATE_COSTS", default))
+        self.learn = learn
 
     def load(self) -> HostCosts:
         """The stored constants, or the defaults (with this host's core count)."""
@@ -278,15 +355,30 @@ class CostHistory:
             return HostCosts(cores=cores)
 
     def save_run(self, host: HostCosts, made: Estimate, actual_ms: float) -> None:
-        """Learn from one run (:func:`refine`) and store what was learned."""
-        self.save(refine(host, made, actual_ms))
+        """Learn from one run (:func:`refine`) and store what was learned.
+
+        A run under a bandwidth cap (``host.link``) is not learned from: its streams moved at
+        the cap's rate, and fitting the host's constants to it would slow every later
+        estimate of uncapped runs. Nor is anything stored with ``learn`` false.
+        """
+        if self.learn and host.link is None:
+            self.save(refine(host, made, actual_ms))
 
     def save(self, host: HostCosts) -> None:
-        """Store ``host``; a cache that cannot be written is not an error of the run."""
+        """Store ``host`` (without a run's cap); a cache that cannot be written is not an
+        error of the run."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(asdict(host)))
+            tmp.write_text(json.dumps(host.to_json()))
             tmp.replace(self.path)
         except OSError:
             pass
+
+    def reset(self) -> bool:
+        """Forget what was learned (remove the file); whether there was anything."""
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            return False
+        return True

@@ -75,18 +75,33 @@ def error(error_class: str, desc: str) -> dict[str, Any]:
     return {"error": {"class": error_class, "desc": desc}}
 
 
-def parse_request(request: Any) -> tuple[str, dict[str, Any]]:
-    """The command name and arguments of a request, or QmpError saying what is wrong."""
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A well-formed request: the command's name, its (unchecked) arguments, and whether it
+    came as ``exec-oob``."""
+
+    name: str
+    args: dict[str, Any]
+    oob: bool
+
+
+def parse_request(request: Any, *, allow_oob: bool) -> Request:
+    """The command name and arguments of a request, or QmpError saying what is wrong.
+
+    ``exec-oob`` is a member only once the session enabled the ``oob`` capability; before,
+    it is unexpected, as in QEMU (qapi/qmp-dispatch.c).
+    """
     if not isinstance(request, dict):
         raise QmpError("GenericError", "QMP input must be a JSON object")
-    name = None
+    name = key_of_name = None
     for key, value in request.items():
-        if key in ("execute", "exec-oob"):  # out-of-band requests run in order like the rest
+        if key == "execute" or (key == "exec-oob" and allow_oob):
             if not isinstance(value, str):
                 raise QmpError("GenericError", f"QMP input member '{key}' must be a string")
             if name is not None:
-                raise QmpError("GenericError", f"QMP input member '{key}' is unexpected")
-            name = value
+                raise QmpError("GenericError", f"QMP input member '{key}' clashes with "
+                                               f"'{key_of_name}'")
+            name, key_of_name = value, key
         elif key == "arguments":
             if not isinstance(value, dict):
                 raise QmpError("GenericError", "QMP input member 'arguments' must be an object")
@@ -94,7 +109,7 @@ def parse_request(request: Any) -> tuple[str, dict[str, Any]]:
             raise QmpError("GenericError", f"QMP input member '{key}' is unexpected")
     if name is None:
         raise QmpError("GenericError", "QMP input lacks member 'execute'")
-    return name, request.get("arguments", {})
+    return Request(name, request.get("arguments", {}), key_of_name == "exec-oob")
 
 
 def _has_kind(value: Any, kind: type | tuple[type, ...]) -> bool:

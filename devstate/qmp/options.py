@@ -1,68 +1,182 @@
-"""QEMU's migration parameters and capabilities, read and written as devstate's
-:class:`~devstate.config.params.MigrationParams`.
+"""QEMU's migration parameters and capabilities as a devstate VM keeps them, and what they
+make of its :class:`~devstate.config.params.MigrationParams`.
 
-Runs in: the ``devstate vm --qmp`` process. Pure functions: a command's arguments in, the
-changes to make (or a :class:`QmpError` saying why not) out; the controller applies them
-as a new frozen MigrationParams.
+Runs in: the ``devstate vm --qmp`` process. Pure functions and frozen values: a command's
+arguments in, the new :class:`Parameters` / capability map (or a :class:`QmpError` saying
+why not) out; the controller derives the MigrationParams of its next migration from them
+with :func:`migration_params`. docs/qmp.md has the table of what each one means here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from devstate.config.params import MigrationParams, Overrun, Routing
-from devstate.qmp.commands import QmpError
+from devstate.qmp.commands import Param, QmpError
 
 # QEMU's bounds (migration/options.c): downtime-limit up to 2000 s, channels 1-255.
 MAX_DOWNTIME_LIMIT_MS = 2_000_000
 MAX_CHANNELS = 255
-# Capabilities a QEMU controller may set, and what devstate does with them.
-HONOURED = ("events", "multifd", "return-path", "switchover-ack")
-KNOWN = (*HONOURED, "xbzrle", "rdma-pin-all", "auto-converge", "zero-blocks", "compress",
-         "postcopy-ram", "x-colo", "release-ram", "block", "pause-before-switchover",
-         "postcopy-blocktime", "late-block-activate", "x-ignore-shared", "validate-uuid",
-         "background-snapshot", "zero-copy-send", "postcopy-preempt", "dirty-limit",
-         "mapped-ram")
-# What a VM starts with (devstate's defaults, not QEMU's: see ``query-migrate-capabilities``).
-DEFAULT_CAPABILITIES = {"events": False, "multifd": True, "return-path": True,
-                        "switchover-ack": False}
+# max-bandwidth is a QAPI 'size' (uint64); QEMU's input visitor also takes negative
+# integers "for backward compatibility" and stores them modulo 2**64 (a huge rate).
+UINT64_MODULUS = 1 << 64
+INT64_MIN = -(1 << 63)
 
 
-def parameter_changes(args: dict[str, Any], params: MigrationParams) -> dict[str, Any]:
-    """``migrate-set-parameters``' arguments as MigrationParams field changes."""
+@dataclass(frozen=True, slots=True)
+class Parameters:
+    """``query-migrate-parameters``' values, QEMU's defaults (migration/options.c) for
+    QEMU's names; devstate's own are ``x-``. Field ``a_b`` is QMP's ``a-b``."""
+
+    downtime_limit: int = 300          # ms
+    max_bandwidth: int = 128 << 20     # bytes/s, QEMU's MAX_THROTTLE; never limits the stop
+    multifd_channels: int = 2          # used with the multifd capability only, as in QEMU
+    tls_creds: str = ""                # id of a tls-creds-x509 object; '' is no TLS
+    tls_hostname: str = ""             # '' checks the URI's host
+    tls_authz: str = ""                # always '': devstate has no authz objects
+    x_routing: Routing = Routing.AFFINITY
+    x_overrun: Overrun = Overrun.FINISH
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One parameter of ``migrate-set-parameters``: its JSON type, how a value is checked
+    (and stored), and whether it may change while a migration runs (QEMU takes every
+    change at once; devstate only those it can apply to the migration in flight)."""
+
+    name: str
+    kind: type
+    check: Callable[[str, Any], Any]
+    live: bool = False
+
+    @property
+    def field(self) -> str:
+        """The :class:`Parameters` field it sets."""
+        return self.name.replace("-", "_")
+
+
+def _between(low: int, high: int) -> Callable[[str, Any], int]:
+    def check(name: str, value: Any) -> int:
+        if not low <= value <= high:
+            raise QmpError("GenericError", f"Parameter '{name}' expects a value between "
+                                           f"{low} and {high}")
+        return int(value)
+    return check
+
+
+def _bandwidth(name: str, value: Any) -> int:
+    return _between(INT64_MIN, UINT64_MODULUS - 1)(name, value) % UINT64_MODULUS
+
+
+def _choice(kind: type[enum.Enum]) -> Callable[[str, Any], Any]:
+    def check(name: str, value: Any) -> Any:
+        try:
+            return kind(value)
+        except ValueError:
+            accepted = ", ".join(str(k.value) for k in kind)
+            raise QmpError("GenericError", f"Parameter '{name}' expects one of: "
+                                           f"{accepted}") from None
+    return check
+
+
+def _any_string(_: str, value: Any) -> str:
+    return str(value)
+
+
+def _no_authz(name: str, value: Any) -> str:
+    if value:
+        raise QmpError("GenericError", f"Parameter '{name}': devstate has no authz "
+                                       "objects; authorise clients with tls-creds' "
+                                       "verify-peer and the CA instead")
+    return ""
+
+
+SETTINGS = (
+    Setting("downtime-limit", int, _between(0, MAX_DOWNTIME_LIMIT_MS), live=True),
+    Setting("max-bandwidth", int, _bandwidth, live=True),
+    Setting("multifd-channels", int, _between(1, MAX_CHANNELS)),
+    Setting("tls-creds", str, _any_string),
+    Setting("tls-hostname", str, _any_string),
+    Setting("tls-authz", str, _no_authz),
+    Setting("x-routing", str, _choice(Routing)),
+    Setting("x-overrun", str, _choice(Overrun)),
+)
+# Read-only: the worker pool is started with the VM (devstate vm --workers).
+WORKERS = "x-workers"
+
+
+def parameter_arguments() -> tuple[Param, ...]:
+    """``migrate-set-parameters``' arguments, every one optional."""
+    return (*(Param(s.name, s.kind, False) for s in SETTINGS), Param(WORKERS, int, False))
+
+
+def set_parameters(current: Parameters, args: dict[str, Any], *, workers: int,
+                   migrating: bool) -> Parameters:
+    """``migrate-set-parameters``' arguments applied to ``current``. While ``migrating``
+    only the live ones may change (a value equal to the current one is no change)."""
+    if WORKERS in args and args[WORKERS] != workers:
+        raise QmpError("GenericError", f"Parameter '{WORKERS}' is fixed at {workers} once "
+                                       "the VM has started (devstate vm --workers)")
     changes: dict[str, Any] = {}
-    if "downtime-limit" in args:
-        changes["downtime_limit_ms"] = _bounded(args, "downtime-limit", 0,
-                                                MAX_DOWNTIME_LIMIT_MS)
-    if "max-bandwidth" in args:
-        changes["bandwidth_limit"] = _bounded(args, "max-bandwidth", 0, 2**62) or None
-    if "multifd-channels" in args:
-        changes["channels"] = _bounded(args, "multifd-channels", 1, MAX_CHANNELS)
-    if "x-routing" in args:
-        changes["routing"] = _choice(args, "x-routing", Routing)
-    if "x-overrun" in args:
-        changes["overrun"] = _choice(args, "x-overrun", Overrun)
-    if "x-workers" in args and args["x-workers"] != params.workers:
-        raise QmpError("GenericError", f"Parameter 'x-workers' is fixed at "
-                                       f"{params.workers} once the VM has started "
-                                       "(devstate vm --workers)")
-    return changes
+    for setting in SETTINGS:
+        if setting.name not in args:
+            continue
+        value = setting.check(setting.name, args[setting.name])
+        if migrating and not setting.live and value != getattr(current, setting.field):
+            live = ", ".join(s.name for s in SETTINGS if s.live)
+            raise QmpError("GenericError", f"Parameter '{setting.name}' cannot change while "
+                                           f"a migration is in progress (only {live} can)")
+        changes[setting.field] = value
+    return dataclasses.replace(current, **changes)
 
 
-def query_parameters(params: MigrationParams) -> dict[str, Any]:
+def query_parameters(parameters: Parameters, *, workers: int) -> dict[str, Any]:
     """``query-migrate-parameters``' answer."""
-    return {"downtime-limit": params.downtime_limit_ms
-            if params.downtime_limit_ms is not None else 0,
-            "max-bandwidth": int(params.bandwidth_limit or 0),
-            "multifd-channels": params.data_channels,
-            "x-routing": params.routing.value, "x-overrun": params.overrun.value,
-            "x-workers": params.workers}
+    answer = {s.name: _json(getattr(parameters, s.field)) for s in SETTINGS}
+    answer[WORKERS] = workers
+    return answer
 
 
-def merge_capabilities(current: dict[str, bool], items: list[Any]) -> dict[str, bool]:
+def _json(value: Any) -> Any:
+    return value.value if isinstance(value, enum.Enum) else value
+
+
+# -- capabilities ------------------------------------------------------------------------
+
+class Capability(enum.StrEnum):
+    """The capabilities ``query-migrate-capabilities`` lists: each one is honoured, in both
+    states (docs/qmp.md says how); QEMU's others are refused when set to true."""
+
+    EVENTS = "events"                    # MIGRATION events
+    MULTIFD = "multifd"                  # off: one data channel; on: multifd-channels
+    RETURN_PATH = "return-path"          # always on (two-phase commit); false is a no-op
+    DIRTY_BITMAPS = "dirty-bitmaps"      # no block devices: nothing to migrate either way
+    LATE_BLOCK_ACTIVATE = "late-block-activate"  # no block devices: a no-op
+    PAUSE_BEFORE_SWITCHOVER = "pause-before-switchover"  # pre-switchover, migrate-continue
+    SWITCHOVER_ACK = "switchover-ack"    # precopy of the devices that support it
+
+
+# What a VM starts with: QEMU's defaults (all off), except return-path, which is devstate's
+# true state: its commit always runs over the main channel's return direction.
+DEFAULT_CAPABILITIES: dict[Capability, bool] = {c: c is Capability.RETURN_PATH
+                                                for c in Capability}
+# Set to false, these are ignored: the state does not change (see Capability).
+ALWAYS_ON = frozenset({Capability.RETURN_PATH})
+# QEMU's other capabilities (up to 9.1): false is accepted (they are off), true refused.
+UNSUPPORTED = ("xbzrle", "rdma-pin-all", "auto-converge", "zero-blocks", "compress",
+               "postcopy-ram", "x-colo", "release-ram", "block", "postcopy-blocktime",
+               "x-ignore-shared", "validate-uuid", "background-snapshot", "zero-copy-send",
+               "postcopy-preempt", "dirty-limit", "mapped-ram")
+
+
+def set_capabilities(current: dict[Capability, bool], items: list[Any]
+                     ) -> dict[Capability, bool]:
     """``migrate-set-capabilities``' list applied to ``current``; refusals name the item."""
-    wanted: dict[str, bool] = {}
+    wanted = dict(current)
     for k, item in enumerate(items):
         if not isinstance(item, dict) or set(item) != {"capability", "state"} \
                 or not isinstance(item["capability"], str) \
@@ -70,44 +184,33 @@ def merge_capabilities(current: dict[str, bool], items: list[Any]) -> dict[str, 
             raise QmpError("GenericError", f"capabilities[{k}]: expected "
                                            "{\"capability\": string, \"state\": boolean}")
         name, state = item["capability"], item["state"]
-        if name not in KNOWN:
+        if name in UNSUPPORTED:
+            if state:
+                raise QmpError("GenericError", f"capability '{name}' is not supported by "
+                                               "devstate")
+            continue
+        try:
+            capability = Capability(name)
+        except ValueError:
             raise QmpError("GenericError", f"Parameter 'capability' does not accept value "
-                                           f"'{name}'")
-        if name not in HONOURED and state:
-            raise QmpError("GenericError", f"capability '{name}' is not supported by "
-                                           "devstate")
-        if name == "return-path" and not state:
-            raise QmpError("GenericError", "devstate always uses its return path: the "
-                                           "destination acknowledges before the source "
-                                           "lets go of its state (two-phase commit)")
-        wanted[name] = state
-    return {**current, **wanted}
+                                           f"'{name}'") from None
+        if capability not in ALWAYS_ON:
+            wanted[capability] = state
+    return wanted
 
 
-def capability_changes(capabilities: dict[str, bool]) -> dict[str, Any]:
-    """What the capabilities mean for MigrationParams: precopy, and one channel without
-    multifd."""
-    return {"precopy": capabilities["switchover-ack"],
-            "channels": None if capabilities["multifd"] else 1}
+def query_capabilities(capabilities: dict[Capability, bool]) -> list[dict[str, Any]]:
+    """``query-migrate-capabilities``' answer: the capabilities devstate honours."""
+    return [{"capability": str(c), "state": capabilities[c]} for c in Capability]
 
 
-def query_capabilities(capabilities: dict[str, bool]) -> list[dict[str, Any]]:
-    """``query-migrate-capabilities``' answer: every capability QEMU has, and its state."""
-    return [{"capability": name, "state": capabilities.get(name, False)} for name in KNOWN]
-
-
-def _bounded(args: dict[str, Any], name: str, low: int, high: int) -> int:
-    value = args[name]
-    if not low <= value <= high:
-        raise QmpError("GenericError", f"Parameter '{name}' expects a value between {low} "
-                                       f"and {high}")
-    return int(value)
-
-
-def _choice(args: dict[str, Any], name: str, kind: type[enum.Enum]) -> Any:
-    try:
-        return kind(args[name])
-    except ValueError:
-        accepted = ", ".join(str(k.value) for k in kind)
-        raise QmpError("GenericError", f"Parameter '{name}' expects one of: "
-                                       f"{accepted}") from None
+def migration_params(base: MigrationParams, parameters: Parameters,
+                     capabilities: dict[Capability, bool]) -> MigrationParams:
+    """The MigrationParams a migration runs with: ``base`` (the process's own settings)
+    with what the controller set. The limit is waited for, as QEMU does, not failed on."""
+    multifd = capabilities[Capability.MULTIFD]
+    return dataclasses.replace(
+        base, downtime_limit_ms=float(parameters.downtime_limit), wait_for_limit=True,
+        channels=parameters.multifd_channels if multifd else 1,
+        routing=parameters.x_routing, overrun=parameters.x_overrun,
+        precopy=capabilities[Capability.SWITCHOVER_ACK])

@@ -30,7 +30,7 @@ import os
 import socket
 import stat
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import Any, cast
 
@@ -47,6 +47,7 @@ from devstate.qmp.commands import (
     parse_request,
 )
 from devstate.qmp.json_stream import BadInput, JsonStream
+from devstate.qmp.schema import QEMU_VERSION, schema_info
 
 log = logging.getLogger("devstate.qmp")
 
@@ -77,6 +78,7 @@ class _Session(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self.dispatching: asyncio.Task[None] | None = None
         self.is_negotiated = False
+        self.oob = False  # the client enabled the oob capability
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport (uvloop's are not asyncio.Transport subclasses, so no isinstance).
@@ -160,14 +162,19 @@ class _Session(asyncio.Protocol):
             return encode(error("GenericError", request.desc))
         request_id = request.get("id", NO_ID) if isinstance(request, dict) else NO_ID
         try:
-            name, args = parse_request(request)
-            command = self._server._lookup(name, self.is_negotiated)
-            payload = await self._run(command, check_arguments(command, args))
+            parsed = parse_request(request, allow_oob=self.oob)
+            command = self._server._lookup(parsed.name, self.is_negotiated)
+            if parsed.oob:  # no devstate command may overtake the queue (none is OOB-safe)
+                raise QmpError("GenericError", f"The command {parsed.name} does not support "
+                                               "OOB")
+            args = check_arguments(command, parsed.args)
+            payload = await self._run(command, args)
         except QmpError as exc:
             payload = error(exc.error_class, exc.desc)
         else:
-            if name == "qmp_capabilities" and "return" in payload:
+            if parsed.name == "qmp_capabilities" and "return" in payload:
                 self.is_negotiated = True
+                self.oob = "oob" in args.get("enable", [])
         return encode_reply(payload, request_id)
 
     async def _run(self, command: Command, args: dict[str, Any]) -> dict[str, Any]:
@@ -187,12 +194,14 @@ class QmpServer:
     """A QMP server on a Unix socket serving a table of commands.
 
     Runs in: the controller's event loop; every method must be called from it. Use as
-    ``async with QmpServer(commands) as qmp: await qmp.start(path)``. ``qmp_capabilities``
-    and ``query-commands`` are supplied unless the table has its own.
+    ``async with QmpServer(commands) as qmp: await qmp.start(path)``. ``qmp_capabilities``,
+    ``query-commands``, ``query-version`` and ``query-qmp-schema`` (of the commands and of
+    ``events``, the events the caller emits) are supplied unless the table has its own.
     """
 
-    def __init__(self, commands: Iterable[Command], *, version: tuple[int, int, int] = (10, 0, 0),
-                 package: str = "devstate") -> None:
+    def __init__(self, commands: Iterable[Command], *,
+                 version: tuple[int, int, int] = QEMU_VERSION, package: str = "devstate",
+                 events: Mapping[str, tuple[Param, ...]] | None = None) -> None:
         self._commands: dict[str, Command] = {}
         for command in commands:
             if command.name in self._commands:
@@ -200,14 +209,16 @@ class QmpServer:
             self._commands[command.name] = command
         builtins = (Command("qmp_capabilities", self._qmp_capabilities,
                             (Param("enable", list, required=False),)),
-                    Command("query-commands", self._query_commands))
+                    Command("query-commands", self._query_commands),
+                    Command("query-version", self._query_version),
+                    Command("query-qmp-schema", self._query_qmp_schema))
         for builtin in builtins:
             self._commands.setdefault(builtin.name, builtin)
         major, minor, micro = version
-        self._greeting = encode({"QMP": {
-            "version": {"qemu": {"micro": micro, "minor": minor, "major": major},
-                        "package": package},
-            "capabilities": ["oob"]}})
+        self._version = {"qemu": {"micro": micro, "minor": minor, "major": major},
+                         "package": package}
+        self._events = dict(events or {})
+        self._greeting = encode({"QMP": {"version": self._version, "capabilities": ["oob"]}})
         self._sessions: set[_Session] = set()
         self._running: set[asyncio.Task[dict[str, Any]]] = set()  # strong refs to commands
         self._server: asyncio.AbstractServer | None = None
@@ -333,6 +344,12 @@ class QmpServer:
 
     async def _query_commands(self, args: dict[str, Any]) -> list[dict[str, str]]:
         return [{"name": name} for name in self._commands]
+
+    async def _query_version(self, args: dict[str, Any]) -> dict[str, Any]:
+        return self._version
+
+    async def _query_qmp_schema(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        return schema_info(self._commands.values(), self._events)
 
     def _unlink_socket(self) -> None:
         # Only our own socket file: another server may have replaced it since.

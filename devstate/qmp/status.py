@@ -10,6 +10,7 @@ import enum
 import time
 from typing import Any
 
+from devstate.net.transport import Address
 from devstate.phase import Phase
 from devstate.report.migration import MigrationReport
 
@@ -36,7 +37,7 @@ class Migration:
     critical_path: str = ""
     report: MigrationReport | None = None
     error: str = ""
-    listening: str = ""  # an incoming migration's address (port 0 resolved)
+    listening: Address | None = None  # an incoming migration's address (port 0 resolved)
 
     def info(self) -> dict[str, Any]:
         """QEMU's MigrationInfo fields that apply, and devstate's own under ``devstate``."""
@@ -50,8 +51,9 @@ class Migration:
         if self.error:
             info["error-desc"] = self.error
         ours: dict[str, Any] = {"critical-path": self.critical_path}
-        if self.listening:
-            ours["incoming"] = self.listening
+        if self.listening is not None:
+            info["socket-address"] = [socket_address(self.listening)]
+            ours["incoming"] = str(self.listening)
         if self.report is not None:
             if self.status is Phase.COMPLETED:
                 info["downtime"] = round(self.report.downtime_ms)
@@ -60,3 +62,10 @@ class Migration:
             ours.update(self.report.to_json())
         info["devstate"] = ours
         return info
+
+
+def socket_address(address: Address) -> dict[str, str]:
+    """QAPI's SocketAddress of a channel address (``query-migrate``'s ``socket-address``)."""
+    if address.transport == "unix":
+        return {"type": "unix", "path": address.path}
+    return {"type": "inet", "host": address.host, "port": str(address.port)}

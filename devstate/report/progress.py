@@ -3,9 +3,10 @@
 Runs in: the ``devstate migrate`` / ``demo`` process, on its loop, beside the migration.
 
 One line, redrawn ten times a second on standard error (standard output keeps the report):
-the migration's status, devices saved and state bytes read on the source (the destination
-loads them behind), and once the VM has stopped the
-time since the stop against the downtime limit (or the estimate, without a limit). The
+the migration's status in plain words (QEMU's status names, such as ``device`` for the
+stop-and-copy, are for controllers: :data:`SAID`), devices saved and state read on the
+source (the destination loads it behind), and once the VM has stopped the time since the
+stop against the downtime limit (or the estimate, without a limit). The
 display is ``rich``'s: it knows terminal widths and cleans up after itself; off a terminal,
 or with ``--json``, nothing is drawn at all (:func:`wanted`). Drawing costs one small
 request per worker every ``REFRESH_S``, during the stop too: a person watching accepts
@@ -32,11 +33,24 @@ from devstate.phase import Phase
 
 REFRESH_S = 0.1
 
+# Each phase as a person reads it (a phase not named here shows QEMU's name).
+SAID = {
+    Phase.NONE: "starting",
+    Phase.SETUP: "setting up",
+    Phase.ACTIVE: "VM running",
+    Phase.DEVICE: "VM paused, copying",
+    Phase.COMPLETED: "completed",
+    Phase.FAILED: "failed",
+    Phase.CANCELLING: "cancelling",
+    Phase.CANCELLED: "cancelled",
+}
+
 
 @dataclass(frozen=True, slots=True)
 class SaveProgress:
     """How far the save of a migration is: devices whose last byte was read, and state
-    bytes read (precopy's re-sent dirty bytes included, so it may pass ``stream_bytes``)."""
+    bytes read (records' and precopy's re-sent dirty bytes included, so it may pass
+    ``stream_bytes``, the streams' state alone)."""
 
     devices_done: int
     devices: int
@@ -78,11 +92,13 @@ class MigrationProgress:
 
     def line(self) -> Text:
         """The line as it stands now."""
-        text = Text(f"{self.state!s:<10}", style="bold")
+        text = Text(f"{SAID.get(self.state, str(self.state)):<18}", style="bold")
         if self.saved is not None:
             s = self.saved
-            text.append(f"  saved {s.devices_done}/{s.devices} devices, "
-                        f"{s.bytes_read / 2**20:,.0f}/{s.stream_bytes / 2**20:,.0f} MiB")
+            # Bytes read are not a share of stream_bytes (records and re-sent dirty state
+            # count too): the devices done are the fraction, the bytes a running count.
+            text.append(f"  saved {s.devices_done} of {s.devices} devices, "
+                        f"{s.bytes_read / 2**20:,.0f} MiB read")
         if self.stopped_at is not None:
             elapsed = (time.monotonic() - self.stopped_at) * 1e3
             deadline = self.downtime_limit_ms or self.expected_ms

@@ -1,4 +1,4 @@
-"""The timeline of a finished migration, drawn as a PNG.
+"""The timeline of a finished migration, drawn as a PNG, SVG or PDF (the file's suffix).
 
 Input is the plain JSON of a report (``MigrationReport.to_json()``, ``devstate migrate
 --json``) or of a demo (``devstate demo --json``: one report per mode). Each report becomes
@@ -41,6 +41,9 @@ _PANEL_IN = 0.9   # a panel's title and axis labels
 _FIGURE_IN = 0.8  # the legend below, the title on top
 _BAND = 0.8       # the share of a row's height its bars fill; the rest separates rows
 _LABEL_PT = 7
+# The formats a picture may be written in, by the suffix of its file name (matplotlib's
+# Agg canvas renders PNG; SVG and PDF have backends of their own that need no display).
+FORMATS = ("png", "svg", "pdf")
 
 
 def load_reports(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -75,20 +78,33 @@ def load_reports(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 def draw_timeline(reports: list[dict[str, Any]], out: str | os.PathLike[str], *,
                   title: str | None = None) -> None:
     """Draw the reports (as :func:`load_reports` returns them) one panel each, stacked on
-    a shared time axis, and write the picture to ``out`` as a PNG; ``title`` goes on top.
+    a shared time axis, and write the picture to ``out`` in the format its suffix names
+    (:data:`FORMATS`); ``title`` goes on top.
 
-    Raises :class:`DevstateError` when a report lacks a field or ``out`` cannot be written.
+    Raises :class:`DevstateError` when a report lacks a field, ``out`` has another suffix,
+    or it cannot be written.
     """
+    kind = picture_format(out)
     if not reports:
         raise DevstateError("timeline: no report to draw")
     for i, report in enumerate(reports):
         _check(report, f"reports[{i}]")
     figure = _figure(reports, title)
     try:
-        figure.savefig(out, format="png", dpi=_DPI)
+        figure.savefig(out, format=kind, dpi=_DPI)
     except OSError as e:
         raise DevstateError(f"timeline: cannot write {os.fspath(out)}: "
                             f"{e.strerror or e}") from e
+
+
+def picture_format(out: str | os.PathLike[str]) -> str:
+    """The format ``out``'s suffix names; a :class:`DevstateError` for any other suffix,
+    rather than bytes of one format under another's name."""
+    kind = os.path.splitext(os.fspath(out))[1].lstrip(".").lower()
+    if kind not in FORMATS:
+        raise DevstateError(f"timeline: cannot write {os.fspath(out)}: the name must end in "
+                            f"{', '.join('.' + f for f in FORMATS)}")
+    return kind
 
 
 def _check(report: Any, where: str) -> None:

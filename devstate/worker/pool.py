@@ -95,21 +95,27 @@ class WorkerPool(AsyncLifecycle):
         from devstate.worker.loop import worker_main
 
         loop = asyncio.get_running_loop()
-        for i in range(self.size):
-            parent, child = ctx.Pipe(duplex=True)
-            cpu = self._cpus[i % len(self._cpus)] if self._cpus else None
-            proc = ctx.Process(target=worker_main, name=f"devstate-{self.name}-{i}",
-                               args=(i, child, self.arena.name, self.arena.size,
-                                     self.layout, cpu, self.table), daemon=True)
-            self._procs.append(proc)
-            self._conns.append(parent)
-            self._pending.append({0: loop.create_future()})
-            self._exited.append(asyncio.Event())
-            await loop.run_in_executor(None, proc.start)
-            child.close()
-            fdio.watch_blocking(parent.fileno(), self._on_reply, i)
-            loop.add_reader(proc.sentinel, self._on_exit, i)
         try:
+            for i in range(self.size):
+                parent, child = ctx.Pipe(duplex=True)
+                cpu = self._cpus[i % len(self._cpus)] if self._cpus else None
+                proc = ctx.Process(target=worker_main, name=f"devstate-{self.name}-{i}",
+                                   args=(i, child, self.arena.name, self.arena.size,
+                                         self.layout, cpu, self.table), daemon=True)
+                self._procs.append(proc)
+                self._conns.append(parent)
+                self._pending.append({0: loop.create_future()})
+                self._exited.append(asyncio.Event())
+                starting = loop.run_in_executor(None, proc.start)
+                try:
+                    await asyncio.shield(starting)
+                finally:
+                    # Interrupted (Ctrl-C) meanwhile: the start still finishes, so that
+                    # close() finds a process it can stop, not one half-made.
+                    await asyncio.wait({starting})
+                    child.close()
+                fdio.watch_blocking(parent.fileno(), self._on_reply, i)
+                loop.add_reader(proc.sentinel, self._on_exit, i)
             async with asyncio.timeout(START_TIMEOUT_S):
                 await asyncio.gather(*(self._pending[i][0] for i in range(self.size)))
         except TimeoutError:
@@ -117,7 +123,9 @@ class WorkerPool(AsyncLifecycle):
                                 f"{START_TIMEOUT_S:.0f} s") from None
         finally:
             for pending in self._pending:
-                pending.pop(0, None)
+                ready = pending.pop(0, None)
+                if ready is not None:
+                    ready.cancel()  # nobody waits for it any more: no "never retrieved"
         # Every worker has mapped the arena: drop the name so no exit can leak it.
         self.arena.unlink()
 
