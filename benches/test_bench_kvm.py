@@ -25,9 +25,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvloop
 
 from benches.one_vm import CPUS, OneVmSides, build_probe, interleaved_round, limit_ms, probe
+from benches.verified import migrate_verified
 from devstate.cli import kvm_usable
 from devstate.config.params import MigrationParams, Readback, Schedule
 from devstate.config.spec import parse_spec
@@ -85,8 +85,6 @@ def test_vcpu_get_put_one_vm(benchmark, sides: OneVmSides, probe_binary: Path | 
 
 def test_migrate_288_one_vm(benchmark, probe_binary: Path | None) -> None:
     """End to end: devstate migrate of 288 vCPUs, beside the limit measured each round."""
-    from devstate.migration.local import migrate_locally
-
     benchmark.group = "kvm-migrate-288"
     spec = parse_spec({"seed": 7, "vcpus": {"count": 288, "backend": "kvm"}})
     downtimes: dict[str, list[float]] = {}
@@ -94,8 +92,7 @@ def test_migrate_288_one_vm(benchmark, probe_binary: Path | None) -> None:
 
     def one_round() -> None:
         for name, params in MIGRATIONS.items():
-            report = uvloop.run(migrate_locally(spec, params, compare_digests=True))
-            assert report.verified, f"{name}: not every vCPU verified"
+            report = migrate_verified(spec, params)
             assert report.kvm is not None and report.kvm.vms_per_side == 1
             downtimes.setdefault(name, []).append(report.downtime_ms)
         if probe_binary is not None:

@@ -30,13 +30,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import uvloop
 
 from benches import per_device_threads
+from benches.verified import migrate_verified
 from devstate.config.params import MigrationParams
 from devstate.config.spec import load_spec
 from devstate.devices import device_table
-from devstate.migration.local import migrate_locally
 
 SPEC = load_spec(Path(__file__).resolve().parent / "scenarios" / "pool-vs-threads.toml")
 DEVICES = len(device_table(SPEC))
@@ -47,9 +46,8 @@ ROUNDS = 6
 
 def _pool() -> float:
     """devstate: a worker pool a side, one migration; its downtime in ms."""
-    report = uvloop.run(migrate_locally(SPEC, MigrationParams()))
-    assert report.verified and len(report.devices) == DEVICES, \
-        f"pool: not every device verified: {[d.id for d in report.devices if not d.verified]}"
+    report = migrate_verified(SPEC, MigrationParams())
+    assert len(report.devices) == DEVICES, f"pool: {len(report.devices)} devices moved"
     return report.downtime_ms
 
 

@@ -13,6 +13,7 @@ devices: reported, not asserted.
 Run: ``python -m pytest benches/test_bench_sum_to_max.py --benchmark-only``. With
 benchmarks enabled the ratio is asserted on the medians of the rounds; CI's quick mode
 (``--benchmark-disable``) runs each once and checks only that each migration verifies.
+Every migration compares both sides' digests (after the resume: not in the downtime).
 """
 
 from __future__ import annotations
@@ -20,12 +21,11 @@ from __future__ import annotations
 import statistics
 
 import pytest
-import uvloop
 
 from benches.conftest import median_s
+from benches.verified import migrate_verified
 from devstate.config.params import MigrationParams, Schedule
 from devstate.config.spec import MachineConfig, parse_spec
-from devstate.migration.local import migrate_locally
 
 COUNTS = (1, 2, 4, 8)
 
@@ -46,7 +46,7 @@ def _downtimes(benchmark, spec: MachineConfig, params: MigrationParams) -> float
     downtimes: list[float] = []
 
     def once() -> None:
-        report = uvloop.run(migrate_locally(spec, params, compare_digests=False))
+        report = migrate_verified(spec, params)
         assert all(d.bytes >= 32 << 20 for d in report.devices)
         downtimes.append(report.downtime_ms)
 
