@@ -35,6 +35,8 @@ class ChannelTally:
 
     bytes: int = 0
     records: Counter[int] = field(default_factory=Counter)  # device index -> RECORD packets
+    # device index -> the sequence numbers of its stream packets (CHUNKs and END) here
+    streams: dict[int, list[int]] = field(default_factory=dict)
     fin_seq: int | None = None  # the FIN's packet count
     packets: int = 0  # packets before the FIN
 
@@ -48,6 +50,8 @@ class ChannelTally:
                 self.packets += 1
                 if header.kind is wire.PacketKind.RECORD:
                     self.records[header.device] += 1
+                else:
+                    self.streams.setdefault(header.device, []).append(header.seq)
 
 
 class PacketParser:

@@ -222,3 +222,19 @@ def test_the_destination_reads_vcpus_back_before_commit_only_when_asked(
     # The readback is its own stage of the put's program, timed apart.
     assert (report.kvm.readback_ms > 0) == (readback is Readback.BEFORE_COMMIT)
     assert report.destination_params["vcpu_readback"] == readback.value
+
+
+def test_state_that_differs_after_a_verified_load_is_reported_not_verified(run) -> None:
+    """The destination changes RAX of one vCPU after its record's checksum was verified,
+    to a value KVM takes (the put and its readback agree with it): the migration
+    completes, and only the digests compared after the resume can tell. The report must
+    say that vCPU, and so the migration, is not verified."""
+    spec = parse_spec({"seed": 12, "vcpus": {"count": 8, "backend": "kvm"}})
+    report = run(migrate_locally(spec, MigrationParams(workers=2),
+                                 dest_params=MigrationParams(workers=2,
+                                                             fault="record-put:alter")))
+    assert report.digests_compared
+    assert not report.verified
+    wrong = [d.id for d in report.devices if not d.verified]
+    assert len(wrong) == 1 and wrong[0].startswith("cpu/"), wrong
+    assert "NOT verified" in format_table([report])

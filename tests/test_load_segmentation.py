@@ -11,8 +11,10 @@ must get exactly its bytes, in order, with fewer chunk slots than a stream has c
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 
+import pytest
 import uvloop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -20,6 +22,7 @@ from hypothesis import strategies as st
 from devstate.arena.slots import Arena, Layout, SlotClass
 from devstate.config.spec import Backend, DeviceSpec, Shape
 from devstate.devices.base import RecordDevice, StreamDevice
+from devstate.errors import IntegrityError, ProtocolError
 from devstate.protocol import wire
 from devstate.worker.holdings import Holdings
 from devstate.worker.load import Loader
@@ -113,6 +116,7 @@ def _channel_bytes(packets: list[tuple[int, bytes]], routes: list[int],
 async def _load(streams: list[bytes], cuts: list[list[int]], devices: dict,
                 concurrent: bool, chunk_slots: int) -> None:
     channels = len(streams)
+    failure: ProtocolError | None = None
     layout = Layout(1, (SlotClass(HDR + 1024, 4), SlotClass(HDR + CHUNK, chunk_slots),
                         SlotClass(8192, channels)))
     with Arena.create(layout.total_bytes) as arena:
@@ -135,13 +139,22 @@ async def _load(streams: list[bytes], cuts: list[list[int]], devices: dict,
                         await loop.run_in_executor(None, pairs[k][1].sendall, data[pos:cut])
                         pos = cut
 
-            await asyncio.gather(loader.run(devices, concurrent),
-                                 *(send(k) for k in range(channels)))
+            try:
+                await asyncio.gather(loader.run(devices, concurrent),
+                                     *(send(k) for k in range(channels)))
+            except* ProtocolError as group:
+                # Raised once the arena is closed: the failed load's frames hold its views.
+                failure = group.exceptions[0].with_traceback(None)
+                failure.__context__ = None
+                del loader, held, group
+                gc.collect()  # the failed load's frames and tasks, in cycles
         finally:
             for pair in pairs:
                 for sock in pair:
                     sock.close()
         del windows, slots
+    if failure is not None:
+        raise failure
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -185,3 +198,28 @@ def _check(records, streams, data, concurrent: bool, *, channels: int) -> None:
         device = devices[len(records) + k]
         assert bytes(device.loaded) == b"".join(chunks)
         assert device.ends == 1
+
+
+def _one_channel(*packets: bytes, fin_counts: int) -> None:
+    """Load two record devices from one channel carrying ``packets`` and a FIN that says
+    it counts ``fin_counts`` packets."""
+    data = b"".join(packets) + _packet(wire.PacketKind.FIN, 0, fin_counts, b"")[0]
+    uvloop.run(_load([data], [[]], {0: FakeRecord(0), 1: FakeRecord(1)}, True,
+                     chunk_slots=2))
+
+
+def test_a_record_that_arrives_twice_is_refused() -> None:
+    """A record is its device's whole state, put once: a second one, valid checksum and
+    all, is a protocol error naming the device, never a second put."""
+    first, second = (_packet(wire.PacketKind.RECORD, i, 0, bytes([i + 1]) * 64)[0]
+                     for i in range(2))
+    with pytest.raises(ProtocolError, match="cpu/0: packet after its end"):
+        _one_channel(first, first, second, fin_counts=3)
+
+
+def test_a_fin_that_counts_other_packets_than_arrived_is_refused() -> None:
+    """Every packet arrived whole and valid, but the FIN counts one more: one was lost on
+    the way, and the channel says so."""
+    packets = [_packet(wire.PacketKind.RECORD, i, 0, bytes([i + 1]) * 64)[0] for i in range(2)]
+    with pytest.raises(IntegrityError, match="fin.packets: channel 0: the source sent 3"):
+        _one_channel(*packets, fin_counts=3)

@@ -136,3 +136,39 @@ def test_destination_refuses_an_incompatible_machine(run) -> None:
     error, running, unchanged = run(scenario())
     assert "device 4" in str(error) and "4194304" in str(error) and "8388608" in str(error)
     assert running and unchanged
+
+
+async def _migrate_refused(spec: MachineConfig, source_fault: str) -> tuple[str, bool, bool]:
+    """Migrate with ``source_fault`` armed on the source; the error the migration failed
+    with, whether the source runs, and whether its digests are as before."""
+    async with SourceVM(spec, MigrationParams(workers=2, fault=source_fault)) as source, \
+            destination(spec, MigrationParams(workers=2)) as dest:
+        before = await source.digests()
+        with pytest.raises(MigrationFailed) as info:
+            await source.migrate(dest.address, compare_digests=True)
+        return str(info.value), source.running, await source.digests() == before
+
+
+def test_an_end_digest_that_disagrees_with_valid_packets_fails_the_load(run) -> None:
+    """The source seals one stream's END with a wrong digest: every packet, its checksum
+    and the END's byte and packet counts are right, so only the END digest check can
+    refuse it. The destination must, naming the device, before COMMIT."""
+    spec = _vfio({"name": "nic0", "size": "4MiB"}, vcpus=4)
+    error, running, unchanged = run(_migrate_refused(spec, "end:corrupt"))
+    assert "end.digest: vfio/nic0: state digest mismatch" in error, error
+    assert "after commit" not in error
+    assert running and unchanged
+
+
+def test_a_stream_its_device_refuses_at_the_firmware_step_fails_before_commit(run) -> None:
+    """The source's stream is wrong from its first chunk on, with every packet checksum
+    and the END digest valid: only the destination device's own validation, which runs
+    when its load completes (RESUMING -> STOP, where the firmware works), can see it. That
+    step belongs to the load: the migration fails before COMMIT and the source resumes
+    unchanged; a firmware step moved after LOADED (into the resume, say) would fail only
+    after COMMIT, with the destination already told to run."""
+    spec = _vfio({"name": "nic0", "size": "4MiB", "firmware_latency_ms": 20}, vcpus=4)
+    error, running, unchanged = run(_migrate_refused(spec, "get:corrupt"))
+    assert "vfio/nic0" in error and "differs from the device's content" in error, error
+    assert "after commit" not in error
+    assert running and unchanged

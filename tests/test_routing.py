@@ -10,9 +10,12 @@ import pytest
 from devstate.config.params import MigrationParams, Routing
 from devstate.config.spec import MachineConfig, parse_spec
 from devstate.devices import device_table
-from devstate.migration.local import migrate_locally
+from devstate.migration.local import destination, migrate_locally
+from devstate.migration.source import SourceVM
 from devstate.net.route import Routes
+from devstate.net.transport import parse_uri
 from devstate.worker.layout import CHUNK_CLASS, arena_layout
+from tests.faulty_proxy import ChannelTally, faulty_proxy
 from tests.kit import Pair
 
 
@@ -99,3 +102,30 @@ def test_reports_give_each_device_its_channel_and_timeline(warm_pair: Pair) -> N
         for d in report.devices:  # get, transfer and put, complete: in that order
             assert d.save_start_ms <= d.save_end_ms
             assert d.load_start_ms <= d.load_end_ms <= d.load_done_ms
+
+
+def test_spread_sends_each_stream_packet_on_its_own_channel(run) -> None:
+    """Seen on the wire by a proxy that parses every data channel: with spread routing a
+    stream's packet ``seq`` rides channel ``(home + seq) % N``, each exactly once, so
+    one stream uses every channel (affinity order would put them all on its home)."""
+    spec = _machine({"name": "big", "size": "8MiB"}, vcpus=4)
+    table = device_table(spec)
+    big = next(d.index for d in table if d.id == "vfio/big")
+    params = MigrationParams(workers=2, channels=3, routing=Routing.SPREAD)
+
+    async def scenario() -> tuple[dict[int, ChannelTally], int]:
+        async with SourceVM(spec, params) as source, destination(
+                spec, MigrationParams(workers=2), incoming="tcp:127.0.0.1:0") as dest:
+            async with faulty_proxy((dest.address.host, dest.address.port), {},
+                                    count_packets=len(table)) as proxy:
+                report = await source.migrate(parse_uri(proxy.uri), compare_digests=True)
+            assert report.verified
+            return proxy.data, source.outgoing.routes.home(source.plan.owner[big])
+
+    data, home = run(scenario())
+    on = {k: tally.streams.get(big, []) for k, tally in data.items()}
+    seqs = sorted(s for carried in on.values() for s in carried)
+    assert len(seqs) >= 6 and seqs == list(range(len(seqs)))  # each once, END included
+    for k, carried in on.items():
+        assert all((home + s) % 3 == k for s in carried), (k, carried)
+    assert all(on.get(k) for k in range(3)), on

@@ -13,6 +13,7 @@ Points, by the step of a migration they belong to::
     precopy   source: a precopy chunk read while the VM runs, about to be shipped
     get       source: a stream's first bytes read from its device after the stop
     send      source: a packet about to go out on a data channel
+    end       source: a stream's END about to be sealed with the stream's digest
     put       destination: a stream's bytes written to its device
     record-put  destination: a batch of records (a KVM VM's vCPUs) about to be put
     complete  destination: a stream about to complete its load (firmware)
@@ -20,11 +21,22 @@ Points, by the step of a migration they belong to::
 
 Faults: ``kill-worker`` (SIGKILL of the worker itself), ``kill-model`` (SIGKILL of the
 device model the point is about), ``cut-channels`` (the worker's data channels shut down
-both ways), ``corrupt`` (one byte of the packet flipped after its checksum was taken; at record-put,
-the first byte of the batch's first record, after its checksum was verified: a record its
-device must refuse),
-``truncate`` (half the packet sent, then its channel shut down). ``SKIP`` lets that many
-hits of the point pass first, e.g. to strike in the middle of a stream.
+both ways), ``truncate`` (half the packet sent, then its channel shut down), and two that
+change bytes where exactly one check can see them:
+
+* ``corrupt`` at ``send``: one byte of the packet flipped after its checksum was taken
+  (the packet checksum refuses it); at ``record-put``: the first byte of the batch's first
+  record, after its checksum was verified (the device refuses it); at ``get``: the last
+  byte of the stream's first chunk, *before* its checksum is taken (every packet and the
+  END are valid: only the destination device's own validation, when its load completes,
+  RESUMING -> STOP, the firmware step, refuses the stream); at ``end``: the END sealed with
+  a wrong digest before its checksum is taken (only the END digest check refuses it).
+* ``alter`` at ``record-put``: a register of the batch's first vCPU record changed after
+  its checksum was verified, to a value KVM accepts: the put succeeds with state the
+  source never had, which only the digests compared after the resume can see.
+
+``SKIP`` lets that many hits of the point pass first, e.g. to strike in the middle of a
+stream.
 """
 
 from __future__ import annotations
@@ -37,6 +49,10 @@ import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from devstate.devices import Device
+from devstate.devices.kvm.device import KvmVcpuDevice
+from devstate.devices.kvm.record import Section
+
 
 class Fault(enum.StrEnum):
     """What strikes at an armed point."""
@@ -46,13 +62,17 @@ class Fault(enum.StrEnum):
     CUT_CHANNELS = "cut-channels"
     CORRUPT = "corrupt"
     TRUNCATE = "truncate"
+    ALTER = "alter"
 
 
-POINTS = ("setup", "precopy", "get", "send", "put", "record-put", "complete", "resume")
-# Faults that need the bytes in hand: the send point has a packet, record-put its records
-# (which cannot be truncated).
-PACKET_FAULTS = (Fault.CORRUPT, Fault.TRUNCATE)
-BYTES_AT = {"send": PACKET_FAULTS, "record-put": (Fault.CORRUPT,)}
+POINTS = ("setup", "precopy", "get", "send", "end", "put", "record-put", "complete", "resume")
+# Faults that need the bytes in hand, and the points that have them: send a packet,
+# record-put its records (which cannot be truncated), get a stream chunk, end the END's
+# digest.
+BYTES_FAULTS = (Fault.CORRUPT, Fault.TRUNCATE, Fault.ALTER)
+BYTES_AT = {"send": (Fault.CORRUPT, Fault.TRUNCATE),
+            "record-put": (Fault.CORRUPT, Fault.ALTER),
+            "get": (Fault.CORRUPT,), "end": (Fault.CORRUPT,)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +97,7 @@ class Armed:
         except ValueError:
             raise ValueError(f"fault {text!r}: fault must be one of "
                              f"{', '.join(f.value for f in Fault)}") from None
-        if kind in PACKET_FAULTS and kind not in BYTES_AT.get(point, ()):
+        if kind in BYTES_FAULTS and kind not in BYTES_AT.get(point, ()):
             raise ValueError(f"fault {text!r}: {kind} needs the bytes in hand: only at "
                              f"{' or '.join(p for p, k in BYTES_AT.items() if kind in k)}")
         skip = int(parts[2]) if len(parts) == 3 else 0
@@ -116,8 +136,9 @@ class Injector:
 
     def strike(self, point: str, *, model_pid: int | None = None,
                channels: Iterable[socket.socket] = ()) -> Fault | None:
-        """Strike the fault armed at ``point`` that needs no packet; return a packet fault
-        for the caller to apply (:func:`spoil`), else None."""
+        """Strike the fault armed at ``point`` that needs no bytes; return a fault that
+        does, for the caller to apply (:func:`spoil`, :func:`spoil_record`, :func:`spoil_digest`),
+        else None."""
         fault = self.at(point)
         if fault is Fault.KILL_WORKER:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -126,7 +147,7 @@ class Injector:
         elif fault is Fault.CUT_CHANNELS:
             for sock in channels:
                 cut(sock)
-        elif fault in PACKET_FAULTS:
+        elif fault in BYTES_FAULTS:
             return fault
         return None
 
@@ -144,6 +165,21 @@ def spoil(fault: Fault, packet: memoryview) -> memoryview:
         packet[len(packet) - 1] ^= 0xFF  # in the payload, after its checksum was taken
         return packet
     return packet[:len(packet) // 2]
+
+
+def spoil_record(fault: Fault, device: Device, record: memoryview) -> None:
+    """Apply a record fault to ``record`` (verified on arrival, about to be put) in place."""
+    if fault is Fault.CORRUPT:
+        record[0] ^= 0xFF  # the record header: only the device can refuse it
+        return
+    # ALTER: RAX takes any value, so KVM loads it and the put's readback agrees with it.
+    assert isinstance(device, KvmVcpuDevice), "batched records are KVM vCPUs"
+    device.opened().parse(record)[Section.REGS][0] ^= 0x01
+
+
+def spoil_digest(digest: bytes) -> bytes:
+    """A stream digest that no stream of the same packets has (an END sealed wrong)."""
+    return bytes(b ^ 0xFF for b in digest)
 
 
 # The worker's injector: one per process, armed by messages.ArmFault.

@@ -51,7 +51,7 @@ from devstate.errors import ChannelError, IntegrityError, ProtocolError
 from devstate.net import fdio
 from devstate.protocol import wire
 from devstate.worker.completion import CompletionOrder
-from devstate.worker.faults import Fault, injector
+from devstate.worker.faults import injector, spoil_record
 from devstate.worker.handoff import Note, Op, raise_when_set
 from devstate.worker.holdings import Holdings
 from devstate.worker.incoming import Incoming, Release
@@ -421,8 +421,9 @@ class Loader:
             if self._to_put:
                 self._queued.set()  # more than this lane takes: wake a waiting one
             assert self._batch is not None  # only batched records are queued
-            if injector.strike("record-put") is Fault.CORRUPT:
-                taken[0].record[0] ^= 0xFF  # verified on arrival: only the device can refuse
+            fault = injector.strike("record-put")
+            if fault is not None:
+                spoil_record(fault, self._devices[taken[0].index], taken[0].record)
             try:
                 start_ns, end_ns = await finish_on_thread(
                     self._executor, _put_many, self._batch,

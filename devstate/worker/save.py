@@ -46,7 +46,7 @@ from devstate.net.bandwidth import Pacer
 from devstate.net.route import SPREAD, Routes
 from devstate.planning.admission import Admission, TransferOrder
 from devstate.protocol import wire
-from devstate.worker.faults import injector
+from devstate.worker.faults import Fault, injector, spoil, spoil_digest
 from devstate.worker.handoff import Note, Op, raise_when_set
 from devstate.worker.holdings import Holdings
 from devstate.worker.jobs import ResultRow
@@ -363,7 +363,11 @@ class Saver:
             self._mesh.broadcast(Op.SENT, device=index)
         slot = await self._slots.acquire(self._record_class)
         end = slot.view[:HDR + wire.END_PAYLOAD_BYTES]
-        end[HDR:] = wire.pack_end(digest.digest(), total, seq)
+        sealed = digest.digest()
+        if injector.strike("end", model_pid=getattr(device, "pid", None),
+                           channels=self._sockets) is Fault.CORRUPT:
+            sealed = spoil_digest(sealed)
+        end[HDR:] = wire.pack_end(sealed, total, seq)
         wire.pack_packet_header(end, wire.PacketKind.END, index, seq, end[HDR:])
         await self._emit_in_order(hop, index, seq, slot, len(end))
         await device.save_end()
@@ -423,9 +427,11 @@ class Saver:
         """Make the ``filled`` bytes after the slot's header CHUNK ``seq`` of device
         ``index``, add its checksum to the device's digest, and emit it in order. ``step``
         (``precopy`` or ``get``) names where a fault may strike (devstate.worker.faults)."""
-        injector.strike(step, model_pid=getattr(self._devices[index], "pid", None),
-                        channels=self._sockets)
+        fault = injector.strike(step, model_pid=getattr(self._devices[index], "pid", None),
+                                channels=self._sockets)
         payload = slot.view[HDR:HDR + filled]
+        if fault is not None:  # before the checksum: a valid packet of a stream gone bad
+            payload = spoil(fault, payload)
         digest.add(wire.pack_packet_header(slot.view, wire.PacketKind.CHUNK, index, seq,
                                            payload))
         self.bytes_read += filled
