@@ -2,6 +2,9 @@
 
 import sys
 
-from devstate.cli import main
+from devstate.cli import startup
+
+startup.guard()  # a Ctrl-C during the imports below ends quietly, as for the command
+from devstate.cli.main import main  # noqa: E402
 
 sys.exit(main())

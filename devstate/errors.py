@@ -27,12 +27,15 @@ class DevstateError(Exception):
 
 
 class SpecError(DevstateError):
-    """Raised when a machine spec is invalid; ``path`` is the field, e.g. ``devices[2].size``."""
+    """Raised when a machine spec is invalid; ``path`` is the field, e.g. ``devices[2].size``,
+    and ``file`` the spec file when there is one: the message reads ``file: field: reason``."""
 
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"{path}: {reason}" if path else reason)
+    def __init__(self, path: str, reason: str, *, file: str = "") -> None:
+        where = ": ".join(part for part in (file, path) if part)
+        super().__init__(f"{where}: {reason}" if where else reason)
         self.path = path
         self.reason = reason
+        self.file = file
 
 
 class ArenaError(DevstateError):

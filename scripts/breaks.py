@@ -124,10 +124,10 @@ BREAKS = (
           ("tests/test_migration.py", "-k", "four_streams")),
     Break("resume-before-commit", "the destination resumes its devices before COMMIT",
           (Patch("devstate/migration/destination.py",
-                 "                    await commit.await_commit(main, loaded)\n",
+                 "                    await commit.await_commit(main, loaded, bound)\n",
                  "                    await self.pool.call_all({w: m.Resume() for w in "
                  "range(self.plan.workers)})\n"
-                 "                    await commit.await_commit(main, loaded)\n"),),
+                 "                    await commit.await_commit(main, loaded, bound)\n"),),
           ("tests/test_fault_matrix.py", "-k", "dest-resume")),
     Break("vcpus-off-the-vm-owner", "owner rule: vCPUs dealt to every worker, each making "
                                     "a VM of its own, instead of the VM owner's one VM",

@@ -10,12 +10,13 @@ with its input. Hypothesis tests cover the same decoders by property
 steer the inputs instead.
 
 Usage: ``python scripts/fuzz_decoders.py TARGET [libFuzzer flags]``, e.g.
-``python scripts/fuzz_decoders.py packet -runs=200000`` or ``-max_total_time=60``.
+``python scripts/fuzz_decoders.py packet -runs=200000`` or ``-max_total_time=60``. A
+directory after the target is libFuzzer's corpus: tests/test_fuzz_decoders.py seeds the
+spec target's with the hostile specs of tests/test_hostile_specs.py.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -24,7 +25,7 @@ import atheris
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 with atheris.instrument_imports():
-    from devstate.config.spec import parse_spec
+    from devstate.config.spec import decode_spec
     from devstate.errors import ProtocolError, SpecError
     from devstate.protocol import wire
     from devstate.qmp.json_stream import JsonStream
@@ -63,12 +64,8 @@ def qmp(data: bytes) -> None:
 
 
 def spec(data: bytes) -> None:
-    try:
-        value = json.loads(data)
-    except (ValueError, RecursionError):
-        return
-    try:
-        parse_spec(value)
+    try:  # JSON syntax, nesting and number errors must be SpecErrors too
+        decode_spec(data, json_format=True)
     except SpecError:
         pass
 

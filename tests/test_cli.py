@@ -62,7 +62,7 @@ def test_bad_input_is_a_clear_error(tmp_path: Path) -> None:
     bad.write_text('[[devices]]\nname = "x"\nsize = 0\n')
     done = devstate("migrate", "--spec", str(bad))
     assert done.returncode == 1
-    assert done.stderr.strip() == "devstate: error: devices[0].size: must be > 0"
+    assert done.stderr.strip() == f"devstate: error: {bad}: devices[0].size: must be > 0"
     assert "Traceback" not in done.stderr
     usage = devstate("migrate", "--spec", str(bad), "--workers", "0")
     assert usage.returncode == 2 and "must be at least 1" in usage.stderr

@@ -55,7 +55,8 @@ def test_json_failure_is_a_json_error_object_with_the_exit_status(tmp_path: Path
     done = devstate("migrate", "--spec", str(bad), "--json")
     assert done.returncode == Exit.ERROR
     assert json.loads(done.stdout) == {"error": {"class": "SpecError",
-                                                 "desc": "devices[0].size: must be > 0"}}
+                                                 "desc": f"{bad}: devices[0].size: "
+                                                         "must be > 0"}}
 
 
 # Run devstate as its console script does, with an import of the runtime held until the

@@ -21,7 +21,8 @@ EVERY_FIELD = MigrationParams(
     vcpu_readback=Readback.BEFORE_COMMIT, sharded_vms=True, channels=3,
     routing=Routing.SPREAD, window_slots=5, bandwidth_limit=4e9, spec_order=True,
     precopy=True, precopy_timeout_s=7.5, downtime_limit_ms=60_000.0, overrun=Overrun.ABORT,
-    force_switchover=True, wait_for_limit=True, fault="resume:kill-worker:1000000")
+    force_switchover=True, wait_for_limit=True, peer_timeout_s=45.0,
+    fault="resume:kill-worker:1000000")
 
 
 def test_every_field_differs_from_its_default() -> None:

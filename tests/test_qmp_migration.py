@@ -249,7 +249,7 @@ def test_commands_refuse_what_does_not_apply_and_the_server_keeps_serving(
     assert out["params"] == {"downtime-limit": 450, "max-bandwidth": 64 << 20,
                              "multifd-channels": 2, "tls-creds": "", "tls-hostname": "",
                              "tls-authz": "", "x-routing": "spread", "x-overrun": "abort",
-                             "x-workers": 2}
+                             "x-peer-timeout": 0, "x-workers": 2}
     assert {"capability": "return-path", "state": True} in out["caps"]
     assert {"migrate", "migrate-incoming", "query-migrate", "migrate_cancel", "quit",
             "qmp_capabilities", "query-commands", "stop", "cont"} <= out["names"]
@@ -268,7 +268,8 @@ FUZZ_VALUES = st.recursive(
                                                                 max_size=3), max_leaves=6)
 FUZZ_ARGUMENTS = st.dictionaries(
     st.sampled_from(["uri", "downtime-limit", "max-bandwidth", "multifd-channels",
-                     "x-routing", "x-overrun", "x-workers", "capabilities", "exit-on-error",
+                     "x-routing", "x-overrun", "x-peer-timeout", "x-workers", "capabilities",
+                     "exit-on-error",
                      "detach"]) | st.text(max_size=4), FUZZ_VALUES, max_size=3)
 FUZZ_INPUT = (st.binary(max_size=200)
               | st.fixed_dictionaries({"execute": st.sampled_from(FUZZ_COMMANDS)
@@ -426,7 +427,7 @@ def test_a_libvirt_probe_reads_qemu_9_1_defaults_and_its_capabilities_are_accept
     assert out["params"] == {"downtime-limit": 300, "max-bandwidth": 134217728,
                              "multifd-channels": 2, "tls-creds": "", "tls-hostname": "",
                              "tls-authz": "", "x-routing": "affinity", "x-overrun": "finish",
-                             "x-workers": 2}
+                             "x-peer-timeout": 0, "x-workers": 2}
     assert out["negative"] == (1 << 64) - 1  # QEMU stores a negative size modulo 2**64
     assert out["restored"] == out["params"]
     assert out["errors"] == [

@@ -687,3 +687,26 @@ def test_server_survives_any_input(shared_server: Any, payload: tuple[str, Any],
         await wait_for(lambda: server.sessions == 0)
 
     loop.run_until_complete(one_example())
+
+
+def test_a_burst_of_non_blocking_clients_is_queued_not_refused(run: Runner,
+                                                               sock_path: Path) -> None:
+    """64 non-blocking connects before the server's loop can accept any: a unix connect
+    to a full backlog fails at once (EAGAIN), so the backlog must hold the whole burst."""
+    async def main() -> None:
+        async with await serve(sock_path):
+            clients = [socket.socket(socket.AF_UNIX) for _ in range(64)]
+            try:
+                for client in clients:  # no await in between: nothing is accepted yet
+                    client.setblocking(False)
+                    assert client.connect_ex(str(sock_path)) == 0
+                for client in clients:
+                    reader, writer = await asyncio.open_unix_connection(sock=client)
+                    line = await asyncio.wait_for(reader.readline(), REPLY_TIMEOUT_S)
+                    assert b'"QMP"' in line
+                    writer.close()
+            finally:
+                for client in clients:
+                    client.close()
+
+    run(main())

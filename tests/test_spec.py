@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from devstate.config.fields import parse_quantity
@@ -124,6 +124,14 @@ SPEC_VALUES = st.recursive(
 
 @settings(max_examples=400, deadline=None)
 @given(data=SPEC_VALUES)
+# Issue 18's hostile specs as data (tests/test_hostile_specs.py has them as files).
+@example({"devices": [{"name": "a", "size": 1, "read_bandwidth": 0.5}]})
+@example({"devices": [{"name": "a", "size": float("inf")}]})
+@example({"devices": [{"name": "a", "size": 10**400}]})
+@example({"vcpus": {"count": 2, "after": ["vfio/a"]},
+          "devices": [{"name": "a", "size": 1, "after": ["cpu/0"]}]})
+@example({"devices": [{"name": f"d{i}", "size": 1} for i in range(2000)]})
+@example({"devices": [[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]})
 def test_any_spec_data_gives_a_machine_or_a_spec_error(data: object) -> None:
     """A spec is parsed from untrusted files and handshakes: anything either parses into
     a machine within bounds or raises SpecError naming a field, never anything else."""

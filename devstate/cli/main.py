@@ -24,6 +24,7 @@ import uvloop
 from devstate.cli import startup
 from devstate.cli.costs import costs_command, history
 from devstate.cli.exits import Exit, status_of
+from devstate.cli.fds import ensure_open_files
 from devstate.cli.machines import default_workers, demo_machine
 from devstate.cli.parser import parse_args, tls_config, vcpu_params
 from devstate.cli.vm import vm_command
@@ -118,6 +119,7 @@ async def _run_mode(args: argparse.Namespace, spec: MachineConfig,
 
 async def _demo(args: argparse.Namespace) -> int:
     spec, backend = demo_machine(args)
+    ensure_open_files(spec, args.workers)
     if not args.json:
         print(backend)
     reports = [
@@ -131,11 +133,12 @@ async def _demo(args: argparse.Namespace) -> int:
 async def _migrate(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     workers = args.workers or (1 if args.sequential else default_workers())
+    ensure_open_files(spec, workers)
     schedule = Schedule.SEQUENTIAL if args.sequential else Schedule.CONCURRENT
     params = MigrationParams(workers=workers, schedule=schedule,
                         channels=args.channels, **vcpu_params(args),
                         routing=Routing(args.routing), bandwidth_limit=args.bandwidth_limit,
-                        downtime_limit_ms=args.downtime_limit,
+                        downtime_limit_ms=args.downtime_limit, peer_timeout_s=args.peer_timeout,
                         overrun=Overrun(args.on_overrun),
                         force_switchover=args.force_switchover, spec_order=args.spec_order,
                         precopy=args.precopy)

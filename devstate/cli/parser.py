@@ -14,6 +14,7 @@ from devstate.config.fields import parse_quantity
 from devstate.config.params import MigrationParams, Overrun, Readback, Routing
 from devstate.errors import DevstateError, SpecError
 from devstate.net.tls import TlsConfig
+from devstate.net.transport import HELLO_TIMEOUT_S
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -104,6 +105,9 @@ def _migrate_arguments(sub: argparse._SubParsersAction[argparse.ArgumentParser])
                               "RATE/channels at most (--routing spread: all of RATE)")
     migrate.add_argument("--downtime-limit", type=_milliseconds, default=None, metavar="MS",
                          help="no switchover while the expected downtime is above this")
+    migrate.add_argument("--peer-timeout", type=float, default=None, metavar="S",
+                         help="give up on a peer silent this long during the migration "
+                              "(default: 10 x the downtime limit or estimate, 5-60 s)")
     migrate.add_argument("--on-overrun", choices=[o.value for o in Overrun],
                          default=Overrun.FINISH.value,
                          help="past the limit during stop-and-copy: finish and report the "
@@ -165,6 +169,9 @@ def _vm_arguments(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     vm.add_argument("--spec-order", action="store_true",
                     help="baseline: devices in spec order, dealt round-robin")
     _tls_arguments(vm, server=True)
+    vm.add_argument("--hello-timeout", type=_seconds, default=HELLO_TIMEOUT_S, metavar="SECONDS",
+                    help="how long a connection may take to send its hello before it is "
+                         f"dropped as a stranger (default {HELLO_TIMEOUT_S:g})")
     vm.add_argument("--once", action="store_true",
                     help="exit after one incoming migration instead of running the VM")
     vm.add_argument("--parent", type=int, default=None, metavar="PID",
@@ -232,6 +239,16 @@ def _rate(text: str) -> float:
     if rate <= 0:
         raise argparse.ArgumentTypeError("must be above 0")
     return float(rate)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError("must be above 0")
+    return value
 
 
 def _milliseconds(text: str) -> float:

@@ -10,6 +10,7 @@ import signal
 import sys
 from typing import Any
 
+from devstate.cli.fds import ensure_open_files
 from devstate.cli.machines import default_workers
 from devstate.cli.parser import tls_config, vcpu_params
 from devstate.config.params import MigrationParams
@@ -31,9 +32,10 @@ async def vm_command(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     tls = tls_config(args)
     params = _vm_params(args)
+    ensure_open_files(spec, params.workers)
     if args.qmp is not None:
         return await _vm_qmp(args, spec, params, tls)
-    listener = Listener(parse_uri(args.incoming))
+    listener = Listener(parse_uri(args.incoming), hello_timeout_s=args.hello_timeout)
     async with IncomingVM(spec, params) as vm:
         listener.open()
         try:

@@ -7,6 +7,7 @@ the reason, e.g. ``devices[2].size: must be > 0``.
 from __future__ import annotations
 
 import re
+import reprlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,6 +20,21 @@ _UNITS = {
     "g": 1000**3, "gb": 1000**3, "gib": 1 << 30,
 }
 _QUANTITY = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+# Byte counts and rates are u64 in the kernel's and the wire's structs; 2^63 - 1 keeps them
+# exact as Python ints and as the wire's signed fields alike.
+MAX_QUANTITY = 2**63 - 1
+# A spec is at most four levels deep (machine, devices, a device, its after list): anything
+# much deeper is hostile, and is refused before a recursive repr or walk can overflow.
+MAX_DEPTH = 16
+# Values shown in an error message: short, one line, and safe on any nesting.
+_SHOWN = reprlib.Repr()
+_SHOWN.maxlevel, _SHOWN.maxstring, _SHOWN.maxother = 2, 40, 40
+
+
+def shown(value: Any) -> str:
+    """``value`` for an error message: repr'd, shortened, and always one line."""
+    return _SHOWN.repr(value)
+
 
 def parse_quantity(value: Any, path: str, *, per_second: bool = False) -> int:
     """Parse a byte count (``64MiB``, ``1.5GB``, ``4096``) or a rate (``2GiB/s``).
@@ -26,25 +42,45 @@ def parse_quantity(value: Any, path: str, *, per_second: bool = False) -> int:
     One convention, SI's and IEC's: K, KB, M, MB, G, GB are powers of 1000; KiB, MiB, GiB
     powers of 1024 (so ``32MB`` is 32,000,000 bytes, 30.5 MiB); B or no unit is bytes.
     """
+    number: int | float
     if isinstance(value, bool):
         raise SpecError(path, "must be a number or a string such as '64MiB'")
     if isinstance(value, int | float):
-        number = float(value)
+        number = value
     elif isinstance(value, str):
-        text = value.strip()
-        if per_second:
-            if not text.lower().endswith("/s"):
-                raise SpecError(path, f"{value!r} is not a rate: write it as e.g. '2GiB/s'")
-            text = text[:-2]
-        match = _QUANTITY.match(text)
-        if match is None or match.group(2).lower() not in _UNITS:
-            raise SpecError(path, f"{value!r} is not a quantity: use e.g. '64MiB' or 1048576")
-        number = float(match.group(1)) * _UNITS[match.group(2).lower()]
+        number = _quantity_text(value, path, per_second)
     else:
         raise SpecError(path, "must be a number or a string such as '64MiB'")
-    if number != number or number <= 0:
+    if number != number or number <= 0:  # NaN, zero, negative
         raise SpecError(path, "must be > 0")
+    if number > MAX_QUANTITY:  # inf and 400-digit ints too, before int() or float() overflow
+        raise SpecError(path, f"must be <= {MAX_QUANTITY}")
+    if number < 1:  # 0.5 bytes/s would be 0 once whole, and a rate divides
+        raise SpecError(path, "must be at least 1 (whole bytes)")
     return int(number)
+
+
+def _quantity_text(value: str, path: str, per_second: bool) -> float:
+    """A quantity written as text (``64MiB``, ``2GiB/s``) in bytes (bytes/s)."""
+    text = value.strip()
+    if per_second:
+        if not text.lower().endswith("/s"):
+            raise SpecError(path, f"{shown(value)} is not a rate: write it as e.g. '2GiB/s'")
+        text = text[:-2]
+    match = _QUANTITY.match(text)
+    if match is None or match.group(2).lower() not in _UNITS:
+        raise SpecError(path, f"{shown(value)} is not a quantity: use e.g. '64MiB' or 1048576")
+    return float(match.group(1)) * _UNITS[match.group(2).lower()]
+
+
+def check_depth(data: Any, limit: int = MAX_DEPTH) -> None:
+    """Refuse data nested deeper than ``limit`` lists and tables (walked without recursion)."""
+    level = [data]
+    for _ in range(limit):
+        level = [child for item in level if isinstance(item, Mapping | list)
+                 for child in (item.values() if isinstance(item, Mapping) else item)]
+    if any(isinstance(item, Mapping | list) for item in level):
+        raise SpecError("", f"nested deeper than {limit} levels")
 
 
 def mapping(data: Any, path: str, keys: set[str]) -> Mapping[str, Any]:
@@ -53,7 +89,8 @@ def mapping(data: Any, path: str, keys: set[str]) -> Mapping[str, Any]:
         raise SpecError(path, "must be a table (object)")
     for key in data:
         if key not in keys:
-            where = f"{path}.{key}" if path else str(key)
+            name = key if isinstance(key, str) and key.isprintable() else shown(key)
+            where = f"{path}.{name}" if path else name
             raise SpecError(where, f"unknown field (expected one of {', '.join(sorted(keys))})")
     return data
 

@@ -55,6 +55,12 @@ class Readback(enum.StrEnum):
     DIGEST = "digest"
 
 
+# A peer timeout below a few heartbeats would take a busy peer for a frozen one; above an
+# hour it no longer bounds anything a person waits for.
+MIN_PEER_TIMEOUT_S = 0.5
+MAX_PEER_TIMEOUT_S = 3600.0
+
+
 @dataclass(frozen=True, slots=True)
 class MigrationParams:
     """How one side runs a migration: workers, schedule, channels, limits, policy, and the
@@ -95,6 +101,10 @@ class MigrationParams:
     migration), unless ``wait_for_limit``: then the VM keeps running and the estimate is
     re-made until it fits the limit, which may be raised meanwhile (QEMU's behaviour, for a
     QMP controller; cancelling is the other way out).
+    ``peer_timeout_s``: how long either side of a running save and load waits with no word
+    from its peer (a heartbeat, or any reply) before it gives up on it
+    (:mod:`devstate.migration.liveness`); None: derived from the downtime limit and the
+    estimate, between a floor and a ceiling.
     """
 
     workers: int = 2
@@ -118,6 +128,7 @@ class MigrationParams:
     overrun: Overrun = Overrun.FINISH
     force_switchover: bool = False
     wait_for_limit: bool = False
+    peer_timeout_s: float | None = None
     fault: str | None = None  # tests: a fault for every worker to arm (devstate.worker.faults)
 
     def __post_init__(self) -> None:
@@ -128,6 +139,10 @@ class MigrationParams:
         for name in ("channels", "vcpu_threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise SpecError(f"params.{name}", "must be at least 1")
+        if self.peer_timeout_s is not None and not \
+                MIN_PEER_TIMEOUT_S <= self.peer_timeout_s <= MAX_PEER_TIMEOUT_S:
+            raise SpecError("params.peer_timeout_s", f"must be between {MIN_PEER_TIMEOUT_S} "
+                                                     f"and {MAX_PEER_TIMEOUT_S:.0f} s")
 
     @property
     def concurrent(self) -> bool:

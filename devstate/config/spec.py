@@ -45,6 +45,12 @@ from devstate.errors import SpecError
 
 # The largest machine KVM here accepts (KVM_CAP_MAX_VCPUS); a spec beyond it is a typo.
 MAX_VCPUS = 1024
+# VFIO devices per machine: a PCI bus's worth. Each is a device-model process while the
+# machine runs (~30 MiB RSS each), so thousands would exhaust a host's memory and process
+# limits before the migration could start; a spec beyond this is refused at once.
+MAX_VFIO_DEVICES = 256
+# Device ids are at most "vfio/" and a 48-character name.
+MAX_ID_CHARS = 64
 # Device state sizes are u64 on the VFIO uAPI; 64 GiB bounds what a test machine can stream.
 MAX_DEVICE_BYTES = 64 << 30
 # Default device state rates. The only published per-device figures (QEMU's multifd
@@ -215,25 +221,34 @@ class DeviceTable:
 
 
 def load_spec(path: str | Path) -> MachineConfig:
-    """Read and validate a machine spec from a ``.toml`` or ``.json`` file."""
+    """Read and validate a machine spec from a ``.toml`` or ``.json`` file; every failure is
+    a one-line :class:`SpecError` naming the file, the field and the reason."""
     p = Path(path)
     try:
         raw = p.read_bytes()
     except OSError as exc:
-        raise SpecError("", f"cannot read spec {p}: {exc.strerror}") from exc
+        raise SpecError("", f"cannot read spec: {exc.strerror}", file=str(p)) from exc
     try:
-        if p.suffix.lower() == ".json":
-            data = json.loads(raw)
-        else:
-            data = tomllib.loads(raw.decode("utf-8"))
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise SpecError("", f"{p} is not valid {'JSON' if p.suffix == '.json' else 'TOML'}: "
-                            f"{exc}") from exc
+        return decode_spec(raw, json_format=p.suffix.lower() == ".json")
+    except SpecError as exc:
+        raise SpecError(exc.path, exc.reason, file=str(p)) from exc
+
+
+def decode_spec(raw: bytes, *, json_format: bool) -> MachineConfig:
+    """Parse and validate a spec's bytes, JSON or TOML."""
+    kind = "JSON" if json_format else "TOML"
+    try:
+        data = json.loads(raw) if json_format else tomllib.loads(raw.decode("utf-8"))
+    except RecursionError:  # both parsers recurse on nesting: refused, as check_depth would
+        raise SpecError("", f"not valid {kind}: nested too deeply to parse") from None
+    except ValueError as exc:  # syntax, encoding, and ints past Python's 4300 digits
+        raise SpecError("", f"not valid {kind}: {exc}") from exc
     return parse_spec(data)
 
 
 def parse_spec(data: Any) -> MachineConfig:
     """Validate plain data (from TOML or JSON) into a :class:`MachineConfig`."""
+    fields.check_depth(data)
     top = fields.mapping(data, "", {"name", "seed", "vcpus", "devices"})
     name = fields.string(top.get("name", "machine"), "name")
     seed = fields.integer(top.get("seed", 1), "seed", low=0, high=2**63 - 1)
@@ -241,6 +256,9 @@ def parse_spec(data: Any) -> MachineConfig:
     raw_devices = top.get("devices", [])
     if not isinstance(raw_devices, list):
         raise SpecError("devices", "must be a list of tables")
+    if len(raw_devices) > MAX_VFIO_DEVICES:
+        raise SpecError("devices", f"{len(raw_devices)} devices: at most {MAX_VFIO_DEVICES} "
+                                   "(each runs a device-model process)")
     vfio = tuple(_vfio(d, f"devices[{i}]") for i, d in enumerate(raw_devices))
     seen: dict[str, int] = {}
     for i, dev in enumerate(vfio):
@@ -264,28 +282,40 @@ def _check_dependencies(spec: MachineConfig) -> None:
         path = where.get(d.id, "vcpus.after")
         for other in d.after:
             if other not in ids:
-                raise SpecError(path, f"{other!r} is not a device of this machine"
+                raise SpecError(path, f"{fields.shown(other)} is not a device of this machine"
                                       f"{_did_you_mean(other, ids)}")
             if other == d.id or (d.vcpu is not None and other.startswith("cpu/")):
                 raise SpecError(path, f"{d.id} cannot load after {other}: itself or a vCPU")
-    # Cycles: a depth-first walk over the stream devices' edges (vCPUs share one list,
-    # which cannot name a vCPU, so any cycle runs through VFIO devices).
-    edges = {d.id: d.after for d in table if d.vfio is not None}
-    state: dict[str, int] = {}
+    loop = _cycle({d.id: d.after for d in table})
+    if loop:
+        raise SpecError(where.get(loop[0], "vcpus.after"),
+                        f"dependency cycle: {' -> '.join(loop)}")
 
-    def visit(node: str, trail: list[str]) -> None:
-        if state.get(node) == 2:
-            return
-        if state.get(node) == 1:
-            loop = " -> ".join(trail[trail.index(node):] + [node])
-            raise SpecError(where.get(node, "vcpus.after"), f"dependency cycle: {loop}")
-        state[node] = 1
-        for nxt in edges.get(node, ()):
-            visit(nxt, [*trail, node])
-        state[node] = 2
 
-    for node in edges:
-        visit(node, [])
+def _cycle(edges: Mapping[str, tuple[str, ...]]) -> list[str]:
+    """A dependency cycle among ``edges`` (first node repeated last), or [] if none.
+
+    A depth-first walk with its own stack: a chain of a thousand devices must not meet
+    Python's recursion limit. vCPUs are nodes like any device, so that a cycle through
+    them (a device after ``cpu/0``, the vCPUs after that device) is found too.
+    """
+    done: set[str] = set()
+    for root in edges:
+        if root in done:
+            continue
+        trail = [root]  # the path walked, for the message
+        stack = [iter(edges[root])]
+        while stack:
+            nxt = next(stack[-1], None)
+            if nxt is None:
+                done.add(trail.pop())
+                stack.pop()
+            elif nxt in trail:
+                return trail[trail.index(nxt):] + [nxt]
+            elif nxt not in done:
+                trail.append(nxt)
+                stack.append(iter(edges.get(nxt, ())))
+    return []
 
 
 def _did_you_mean(name: str, ids: set[str]) -> str:
@@ -314,7 +344,8 @@ def _vcpus(data: Any) -> VcpuSpec:
 
 
 def _ids(value: Any, path: str) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+    if not isinstance(value, list) or not all(isinstance(v, str) and len(v) <= MAX_ID_CHARS
+                                              for v in value):
         raise SpecError(path, "must be a list of device ids such as 'vfio/nic0'")
     return tuple(value)
 
@@ -327,7 +358,7 @@ def _vfio(data: Any, path: str) -> VfioSpec:
         raise SpecError(f"{path}.name", "is required")
     name = fields.string(table["name"], f"{path}.name")
     if not _NAME.match(name):
-        raise SpecError(f"{path}.name", f"{name!r} must be 1-48 of a-z 0-9 _ . - "
+        raise SpecError(f"{path}.name", f"{fields.shown(name)} must be 1-48 of a-z 0-9 _ . - "
                                         "starting with a letter or digit")
     backend = _backend(table.get("backend", Backend.VFIO_SIM), f"{path}.backend",
                        {Backend.VFIO_SIM})
@@ -364,7 +395,7 @@ def _backend(value: Any, path: str, allowed: set[Backend]) -> Backend:
     try:
         backend = Backend(value)
     except ValueError:
-        raise SpecError(path, f"unknown backend {value!r} (expected one of "
+        raise SpecError(path, f"unknown backend {fields.shown(value)} (expected one of "
                               f"{', '.join(sorted(map(str, allowed)))})") from None
     if backend not in allowed:
         raise SpecError(path, f"backend {backend} cannot be used here (expected one of "

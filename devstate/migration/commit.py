@@ -18,15 +18,16 @@ state intact; the one exception is the destination's own word that it runs nothi
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 from devstate.errors import PeerFailed
+from devstate.migration import liveness
 from devstate.net import channels
 from devstate.net.channels import Channel
 from devstate.protocol.control import Commit, Failed, Loaded, Resumed
 
-# After COMMIT the destination only resumes its devices: seconds are generous.
+# After RESUMED the destination gathers its results (and digests, if asked), off the
+# downtime: seconds are generous.
 RESUMED_TIMEOUT_S = 30.0
 
 
@@ -35,14 +36,16 @@ class SourceCommit:
 
     def __init__(self) -> None:
         self.committed = False
+        self.resumed = False  # the destination said RESUMED: the VM runs there
 
-    async def commit(self, main: Channel) -> int:
+    async def commit(self, main: Channel, bound: liveness.PeerBound) -> int:
         """Send COMMIT once the destination has LOADED; return when RESUMED arrived (ns,
-        this host's monotonic clock)."""
+        this host's monotonic clock). The destination only resumes its devices meanwhile:
+        a destination silent for the liveness ``bound`` raises PeerSilent."""
         await channels.send(main, Commit())
         self.committed = True
-        async with asyncio.timeout(RESUMED_TIMEOUT_S):
-            await channels.expect(main, Resumed)
+        await liveness.expect(main, Resumed, bound, "destination", "its resume")
+        self.resumed = True
         return time.monotonic_ns()
 
     def may_resume(self, failure: BaseException) -> bool:
@@ -51,10 +54,12 @@ class SourceCommit:
         return not self.committed or (isinstance(failure, PeerFailed) and failure.not_running)
 
 
-async def await_commit(main: Channel, loaded: int) -> None:
-    """The destination's first half: say every device is LOADED, wait for COMMIT."""
+async def await_commit(main: Channel, loaded: int, bound: liveness.PeerBound) -> None:
+    """The destination's first half: say every device is LOADED, wait for COMMIT (the
+    source's last heartbeats may come first; a source silent for ``bound`` raises
+    PeerSilent, and the destination discards)."""
     await channels.send(main, Loaded(loaded))
-    await channels.expect(main, Commit)
+    await liveness.expect(main, Commit, bound, "source", "the wait for COMMIT")
 
 
 async def resumed(main: Channel) -> None:

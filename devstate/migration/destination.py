@@ -36,7 +36,7 @@ from devstate.config.params import MigrationParams, Readback, Routing, Schedule
 from devstate.config.spec import MachineConfig
 from devstate.errors import ChannelError, DevstateError, ProtocolError, WorkerFailed, describe
 from devstate.lifecycle import background, no_gc_pauses
-from devstate.migration import commit
+from devstate.migration import commit, liveness
 from devstate.migration.machine import Machine, OnMachine
 from devstate.net import channels
 from devstate.net.route import Routes
@@ -78,40 +78,40 @@ class Incoming(OnMachine):
         With ``keep_lease`` a completed migration's main channel is returned open, as the
         destination's lease on the VM (:mod:`devstate.migration.lease`); else it closes.
         """
-        main: channels.Channel = await listener.accept()
+        # Strangers (scanners, stray clients, silent peers) are logged and dropped: only
+        # the source's own main channel starts the migration.
+        main, hello = await channels.accept_source(listener)
         if on_accepted is not None:
             on_accepted()
         try:
-            main, concurrent, send_digests = await self._handshake(main, listener, tls)
+            main, said = await self._handshake(main, hello, listener, tls)
+            bound = liveness.destination_bound(self.params, said.peer_timeout_s)
             async with _refusing_late_connections(listener):
-                await self.machine.prepare_vcpus(concurrent)
+                await self.machine.prepare_vcpus(said.concurrent)
                 await self.pool.call_all({w: m.PrepareLoad(self.plan.devices_of(w))
                                           for w in range(self.plan.workers)})
                 with no_gc_pauses():  # the source has stopped: no collection pauses until
-                    loaded = await self._load(main, concurrent)  # the resume
-                    await commit.await_commit(main, loaded)
+                    loaded = await self._load(main, said.concurrent, bound)  # the resume
+                    await commit.await_commit(main, loaded, bound)
         except BaseException as exc:
             await self._discard(main, exc)
             main.close()
             if isinstance(exc, DevstateError | OSError):
                 return IncomingResult(False, describe(exc))
             raise
-        return await self._resume(main, send_digests, keep_lease)
+        return await self._resume(main, said.digests, keep_lease)
 
-    async def _handshake(self, main: channels.Channel, listener: channels.Listener,
-                         tls: channels.TlsConfig | None) -> tuple[channels.Channel, bool, bool]:
-        """The main channel's hello and HELLO, then every data channel adopted; returns the
-        (secured) main channel, whether the load is concurrent, whether to send digests."""
-        hello = await channels.read_hello(main)
-        if hello.kind is not wire.ChannelKind.MAIN:
-            raise ProtocolError("hello.kind", "the first connection must be the main channel")
+    async def _handshake(self, main: channels.Channel, hello: wire.Hello,
+                         listener: channels.Listener, tls: channels.TlsConfig | None
+                         ) -> tuple[channels.Channel, MigrationHello]:
+        """After the main channel's ``hello``: its HELLO, then every data channel adopted;
+        returns the (secured) main channel and the source's HELLO."""
         main = await channels.secure_accepted(main, wire.pack_hello(hello), tls)
         said = await channels.expect(main, MigrationHello)
         self._check_hello(said, hello)
-        concurrent, send_digests = said.concurrent, said.digests
         await self._unless_source_speaks(main, self._adopt_channels(
             listener, hello.migration_id, hello.channels, tls), "channel setup")
-        return main, concurrent, send_digests
+        return main, said
 
     async def _resume(self, main: channels.Channel, send_digests: bool,
                       keep_lease: bool) -> IncomingResult:
@@ -198,7 +198,7 @@ class Incoming(OnMachine):
         while len(adopted) < count:
             conn = await listener.accept()
             try:
-                hello = await channels.read_hello(conn)
+                hello = await channels.read_hello(conn, timeout_s=listener.hello_timeout_s)
                 refusal = _refusal(hello, migration_id, adopted, count)
                 if refusal:
                     log.warning("refused a data channel: %s", refusal)
@@ -216,8 +216,11 @@ class Incoming(OnMachine):
             finally:
                 conn.close()  # the worker holds its own duplicate of an adopted fd
 
-    async def _load(self, main: socket.socket, concurrent: bool) -> int:
-        """Send READY and load; the source aborting or vanishing ends the load.
+    async def _load(self, main: socket.socket, concurrent: bool,
+                    bound: liveness.PeerBound) -> int:
+        """Send READY and load; the source aborting, vanishing or falling silent for
+        ``bound`` ends the load. Heartbeats go out meanwhile, while every worker here
+        answers, and stop before LOADED.
 
         Returns how many devices were loaded and verified.
         """
@@ -230,15 +233,23 @@ class Incoming(OnMachine):
                 for w in range(self.plan.workers)})) as (loading,):
             self._ready_ns = time.monotonic_ns()
             await channels.send(main, Ready())
-            results: dict[int, int] = await self._unless_source_speaks(main, loading,
-                                                                        "the load")
+            async with liveness.Heartbeats(main, bound, self._workers_answer):
+                results: dict[int, int] = await self._unless_source_speaks(
+                    main, loading, "the load", bound)
         return sum(results.values())
 
+    async def _workers_answer(self) -> None:
+        """Return once every worker answered a small query (a heartbeat's condition)."""
+        await self.pool.call_all({w: m.Progress() for w in range(self.plan.workers)})
+
     async def _unless_source_speaks(self, main: channels.Channel, work: Awaitable[T],
-                                    during: str) -> T:
-        """Await ``work``; the source aborting or vanishing (anything on the main channel)
-        ends it first."""
-        async with background(work, channels.recv_control(main)) as (working, watching):
+                                    during: str, bound: liveness.PeerBound | None = None
+                                    ) -> T:
+        """Await ``work``; the source aborting or vanishing (anything on the main channel
+        but a heartbeat) ends it first, and with a liveness ``bound`` its silence does."""
+        watch = (liveness.recv(main, bound, "source", during) if bound is not None
+                 else channels.recv_control(main))
+        async with background(work, watch) as (working, watching):
             done, _ = await asyncio.wait({working, watching},
                                          return_when=asyncio.FIRST_COMPLETED)
             if watching in done:
@@ -256,9 +267,10 @@ class Incoming(OnMachine):
         log.info("incoming migration failed: %s", describe(cause))  # its command says it
         if not committed:
             await _tell_failed(main, cause, committed=False)
+        with contextlib.suppress(DevstateError):  # bounded: a frozen worker is killed
+            await self.pool.cancel([w for w in range(self.plan.workers)
+                                    if w not in self.pool.lost()])
         alive = [w for w in range(self.plan.workers) if w not in self.pool.lost()]
-        with contextlib.suppress(DevstateError):
-            await self.pool.call_all({w: m.Cancel() for w in alive})
         if committed:  # some devices may have resumed: stop them before the reset
             with contextlib.suppress(DevstateError):
                 await self.pool.call_all({w: m.Pause() for w in alive})

@@ -48,6 +48,7 @@ from devstate.errors import (
     describe,
 )
 from devstate.lifecycle import background, no_gc_pauses
+from devstate.migration import liveness
 from devstate.migration.commit import RESUMED_TIMEOUT_S, SourceCommit
 from devstate.migration.deadline import Deadline
 from devstate.migration.machine import Machine, OnMachine
@@ -74,6 +75,16 @@ T = TypeVar("T")
 LIMIT_POLL_S = 0.1
 # How long a failed save waits for the destination's own account of the failure.
 PEER_REASON_WAIT_S = 1.0
+
+
+class FailedAfterCommit(MigrationFailed):
+    """A migration that failed after COMMIT: the source stays stopped with its state.
+    ``destination_runs`` when the destination said RESUMED (the VM runs there: what failed
+    is only the report), else whether it runs is unknown."""
+
+    def __init__(self, message: str, *, destination_runs: bool) -> None:
+        super().__init__(message)
+        self.destination_runs = destination_runs
 
 
 class Outgoing(OnMachine):
@@ -120,13 +131,14 @@ class Outgoing(OnMachine):
         if not precopy:
             made = await self._within_limit(made, costs, status)
         migration_id = uuid.uuid4()
+        bound = liveness.peer_bound(self.params, made.expected_ms)
         sock = await self._open_main(address, tls, migration_id, status)
         commit = SourceCommit()
         leased = False
         try:
-            await self._setup(sock, address, tls, migration_id, compare_digests)
+            await self._setup(sock, address, tls, migration_id, compare_digests, bound)
             t0, t1, made = await self._stop_and_copy(sock, costs, precopy, made, commit,
-                                                     status, before_stop)
+                                                     bound, status, before_stop)
             report = await self._finish(sock, t0, t1, made, compare_digests)
             status(Phase.COMPLETED)
             if on_lease is not None:
@@ -169,13 +181,15 @@ class Outgoing(OnMachine):
                                   f"{exc}") from exc
 
     async def _stop_and_copy(self, sock: channels.Channel, costs: HostCosts, precopy: bool,
-                             made: Estimate, commit: SourceCommit,
+                             made: Estimate, commit: SourceCommit, bound: liveness.PeerBound,
                              status: Callable[[Phase], None],
                              before_stop: Callable[[], Awaitable[None]] | None
                              ) -> tuple[int, int, Estimate]:
         """Save (precopy first, if any), [await ``before_stop``], stop the VM, finish the
         save, commit; return the stop and resume times (ns) and the estimate the switchover
-        was made on."""
+        was made on. Until the commit, heartbeats go out while every worker here answers,
+        and a destination silent for ``bound`` ends it (:mod:`~devstate.migration.liveness`).
+        """
         gen = self.machine.next_gen()
         await self.machine.prepare_vcpus(self.params.concurrent)
         save = self.pool.call_all({
@@ -184,7 +198,9 @@ class Outgoing(OnMachine):
                       self.params.vcpu_threads_for(self.params.concurrent),
                       self.params.bandwidth_limit, precopy, self.deadline.transfer_order(costs))
             for w in range(self.plan.workers)})
-        async with background(save, channels.expect(sock, Loaded)) as (saving, loading):
+        loaded = liveness.expect(sock, Loaded, bound, "destination", "the save and load")
+        beats = liveness.Heartbeats(sock, bound, self.progress)
+        async with background(save, loaded) as (saving, loading), beats:
             try:
                 if precopy:
                     made = self.last_estimate = await self.deadline.converge(saving, costs)
@@ -202,7 +218,8 @@ class Outgoing(OnMachine):
             with no_gc_pauses():
                 await self.pool.call_all({w: m.SwitchOver() for w in range(self.plan.workers)})
                 await self.deadline.within_limit(self._alongside_peer(saving, loading), t0, made)
-                t1 = await commit.commit(sock)
+                await beats.stop()  # nothing may follow COMMIT on the channel
+                t1 = await commit.commit(sock, bound)
         return t0, t1, made
 
     async def _armed(self, saving: asyncio.Future[Any], gen: int) -> None:
@@ -248,8 +265,13 @@ class Outgoing(OnMachine):
         aborting = isinstance(exc, DowntimeOverrun)
         status(Phase.CANCELLING if aborting else Phase.FAILED)
         if not commit.may_resume(exc):
-            raise MigrationFailed(f"failed after commit ({exc}); the destination may be "
-                                  "running: the source stays stopped with its state") from exc
+            there = ("the destination runs the VM" if commit.resumed
+                     else "the destination may be running")
+            log.info("migration failed after commit (%s): %s; the source stays stopped",
+                     describe(exc), there)
+            raise FailedAfterCommit(f"failed after commit ({describe(exc)}); {there}: the "
+                                    "source stays stopped with its state",
+                                    destination_runs=commit.resumed) from exc
         broken = await self._recover(sock, exc)
         if broken is not None:  # the root cause of whatever followed
             raise MigrationFailed(f"migration failed: {broken}; the VM cannot run on "
@@ -283,13 +305,14 @@ class Outgoing(OnMachine):
 
     async def _setup(self, sock: Any, address: channels.Address,
                      tls: channels.TlsConfig | None, migration_id: uuid.UUID,
-                     compare_digests: bool) -> None:
+                     compare_digests: bool, bound: liveness.PeerBound) -> None:
         """Handshake and open data channels, until the destination is READY."""
         routes = self.routes
         n = routes.channels
         await channels.send(sock, MigrationHello(
             str(migration_id), self.table.handshake(), n, routes.routing.value,
-            self.params.concurrent, compare_digests, self.params.chunk_bytes))
+            self.params.concurrent, compare_digests, self.params.chunk_bytes,
+            bound.seconds))
         await self._alongside_peer(self.pool.call_all({
             w: m.ConnectChannels(address, tuple(
                 (k, channels.hello(wire.ChannelKind.DATA, k, n, migration_id,
@@ -325,25 +348,33 @@ class Outgoing(OnMachine):
         Returns what keeps the VM from running here, if anything: a lost worker (its
         devices died with it) or a device that would not resume (its model died).
         """
-        # The command that started it says the error (the CLI prints it, QMP's controller
-        # logs it and shows it in query-migrate): said here too, it would be said twice.
-        log.info("migration failed (%s): resuming on the source", describe(cause))
         with contextlib.suppress(Exception):
             await channels.send(sock, Abort(describe(cause)))
         broken: DevstateError | None = None
-        for command in (m.Cancel(), m.Resume()):
-            alive = [w for w in range(self.plan.workers) if w not in self.pool.lost()]
-            try:
-                await self.pool.call_all({w: command for w in alive})
-            except DevstateError as exc:  # keep recovering the others; say what failed
-                log.warning("while recovering (%s): %s", type(command).__name__, exc)
-                if isinstance(command, m.Resume):
-                    broken = exc
+        try:  # bounded: a frozen worker is killed, and its devices are lost with it
+            await self.pool.cancel(self._alive())
+        except DevstateError as exc:  # keep recovering the others; say what failed
+            log.warning("while recovering (Cancel): %s", exc)
+        try:
+            await self.pool.call_all({w: m.Resume() for w in self._alive()})
+        except DevstateError as exc:
+            log.warning("while recovering (Resume): %s", exc)
+            broken = exc
         lost = self.pool.lost()
         if lost:
             broken = lost[min(lost)]
         self.machine.running = broken is None
+        # The command that started it says the error (the CLI prints it, QMP's controller
+        # logs it and shows it in query-migrate): here only what the recovery did.
+        log.info("migration failed (%s): %s", describe(cause),
+                 "resumed on the source" if broken is None else
+                 f"the source cannot resume ({describe(broken)})")
         return broken
+
+    def _alive(self) -> list[int]:
+        """The workers not lost."""
+        lost = self.pool.lost()
+        return [w for w in range(self.plan.workers) if w not in lost]
 
     def _report(self, t0: int, t1: int, saved: list[DeviceResult], report: Report,
                 ours: dict[str, str], made: Estimate, kvm: KvmReport | None

@@ -16,25 +16,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import ssl
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from devstate.errors import ChannelError, PeerFailed, ProtocolError
+from devstate.errors import ChannelError, DevstateError, PeerFailed, ProtocolError, describe
 from devstate.net import fdio, transport
 from devstate.net.tls import TlsConfig, tls_client, tls_server
-from devstate.net.transport import Address, Listener, parse_uri
+from devstate.net.transport import HELLO_TIMEOUT_S, Address, Listener, parse_uri, peer_name
 from devstate.protocol import wire
 from devstate.protocol.control import Control, M, decode_as
 
 __all__ = ["Address", "Channel", "Listener", "TlsConfig", "parse_uri", "open_channel",
-           "secure_accepted", "adopt_channel", "read_hello", "hello", "send_control",
-           "recv_control", "expect_control", "send", "expect"]
+           "secure_accepted", "adopt_channel", "accept_source", "read_hello", "hello",
+           "send_control", "recv_control", "expect_control", "send", "expect"]
 
-# A peer that connected must say who it is promptly; a silent one is dropped, not waited on.
-HELLO_TIMEOUT_S = 5.0
+log = logging.getLogger("devstate.net.channels")
+
 # The destination adopts channels one after another once it has checked the HELLO: seconds
 # are generous, but a destination that never adopts a channel must not hang the source.
 ECHO_TIMEOUT_S = 30.0
@@ -114,15 +115,73 @@ async def adopt_channel(fd: int, hello_bytes: bytes, tls: TlsConfig | None) -> C
     return await secure_accepted(sock, hello_bytes, tls)
 
 
-async def read_hello(sock: socket.socket) -> wire.Hello:
-    """Read and decode a channel's hello, within HELLO_TIMEOUT_S."""
+async def accept_source(listener: Listener) -> tuple[socket.socket, wire.Hello]:
+    """Destination: the first connection on ``listener`` whose hello is a main channel's,
+    with that hello (read: the caller continues after it).
+
+    Anything else that connects first (a port scanner, an HTTP client, a peer that never
+    speaks, a stale source's data channel) is a stranger: logged in one line and closed,
+    while the listener keeps listening. Each connection has ``listener.hello_timeout_s``
+    for its hello, read concurrently with the others', so a silent stranger cannot hold
+    the real source back. Only a failure of the listener itself raises.
+    """
+    adopted: asyncio.Queue[tuple[socket.socket, wire.Hello]] = asyncio.Queue()
+    screening: set[asyncio.Task[None]] = set()
+
+    async def accept_all() -> None:
+        while True:
+            conn = await listener.accept()
+            task = asyncio.create_task(_screen(conn, listener.hello_timeout_s, adopted))
+            screening.add(task)
+            task.add_done_callback(screening.discard)
+
+    accepting = asyncio.create_task(accept_all())
+    first = asyncio.create_task(adopted.get())
+    try:
+        await asyncio.wait((accepting, first), return_when=asyncio.FIRST_COMPLETED)
+        if not first.done():
+            accepting.result()  # raises the listener's error
+        return first.result()
+    except BaseException:  # cancelled while a source was being adopted: close it
+        if first.done() and not first.cancelled():
+            first.result()[0].close()
+        raise
+    finally:
+        tasks = (accepting, first, *screening)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        while not adopted.empty():  # a second main channel screened at the same moment
+            adopted.get_nowait()[0].close()
+
+
+async def _screen(conn: socket.socket, timeout_s: float,
+                  adopted: asyncio.Queue[tuple[socket.socket, wire.Hello]]) -> None:
+    """Queue ``conn`` with its hello if it opens a main channel; else log and close it."""
+    try:
+        hello = await read_hello(conn, timeout_s=timeout_s)
+        if hello.kind is not wire.ChannelKind.MAIN:
+            raise ProtocolError("hello.kind", f"a {hello.kind.name.lower()} channel "
+                                              "before any main channel")
+    except (DevstateError, OSError) as exc:
+        log.warning("dropped a connection from %s: %s", peer_name(conn), describe(exc))
+        conn.close()
+        return
+    except BaseException:  # cancelled: the source was adopted, or the caller gave up
+        conn.close()
+        raise
+    adopted.put_nowait((conn, hello))
+
+
+async def read_hello(sock: socket.socket, *, timeout_s: float = HELLO_TIMEOUT_S) -> wire.Hello:
+    """Read and decode a channel's hello, within ``timeout_s``."""
     buf = bytearray(wire.HELLO_BYTES)
     try:
-        async with asyncio.timeout(HELLO_TIMEOUT_S):
+        async with asyncio.timeout(timeout_s):
             if not await fdio.recv_exactly(sock, memoryview(buf)):
                 raise ChannelError("peer closed before its hello")
     except TimeoutError:
-        raise ChannelError(f"no hello within {HELLO_TIMEOUT_S:.0f} s") from None
+        raise ChannelError(f"no hello within {timeout_s:g} s") from None
     except ConnectionError as exc:
         raise ChannelError(f"hello: {exc}") from exc
     return wire.decode_hello(buf)

@@ -40,6 +40,10 @@ TRANSPORTS = ("unix", "tcp")
 # per worker, so this only needs to cover a burst of workers connecting at once.
 LISTEN_BACKLOG = 64
 
+# A peer that connected must say who it is (its hello) promptly; a silent one is dropped,
+# not waited on. Sized for a source across a slow WAN, far above a hello's round trip.
+HELLO_TIMEOUT_S = 5.0
+
 # How long a unix connect to a listener whose backlog is full waits before trying again
 # (the kernel reports EAGAIN rather than letting the connect complete later).
 UNIX_RETRY_S = 0.01
@@ -123,10 +127,14 @@ class Listener:
     A unix socket gets mode 0600 (only its owner may connect) and replaces a stale socket
     file, never one a process still listens on (:func:`refuse_live_socket`); a tcp one
     listens on the URI's host (its first address when a name has several).
+    ``hello_timeout_s`` bounds how long a connection may take to send its hello.
     """
 
-    def __init__(self, address: Address) -> None:
+    def __init__(self, address: Address, *, hello_timeout_s: float = HELLO_TIMEOUT_S) -> None:
+        if not hello_timeout_s > 0:
+            raise DevstateError(f"hello timeout {hello_timeout_s:g} s: must be above 0")
         self._address = address
+        self.hello_timeout_s = hello_timeout_s
         self._sock: socket.socket | None = None
         self._unlink = False
 
@@ -196,6 +204,8 @@ class Listener:
             except BlockingIOError:
                 await fdio.wait_readable(self._sock)
                 continue
+            except ConnectionAbortedError:
+                continue  # reset by its peer before we took it: nothing to accept
             try:
                 _tune(conn)
             except BaseException:

@@ -50,6 +50,9 @@ class MigrationHello(Control):
     concurrent: bool
     digests: bool  # send the devices' digests in REPORT (for the source to compare)
     chunk_bytes: int
+    # The liveness bound the source derived (devstate.migration.liveness): the destination
+    # holds the source to the same one, unless its own parameters set another.
+    peer_timeout_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,9 +115,17 @@ class Report(Control):
     kvm: dict[str, JsonValue]  # VcpuCost.to_json() of the destination ({}: no kvm vCPUs)
 
 
+@dataclass(frozen=True, slots=True)
+class Heartbeat(Control):
+    """Either way, while a save or load runs: this side's coordinator and every one of its
+    workers still answer (devstate.migration.liveness). Carries nothing: arriving is all."""
+
+    kind: ClassVar[ControlType] = ControlType.HEARTBEAT
+
+
 MESSAGES: dict[ControlType, type[Control]] = {
     cls.kind: cls for cls in (MigrationHello, Ready, Loaded, Commit, Resumed, Failed, Abort,
-                              Report)}
+                              Report, Heartbeat)}
 
 
 def decode(kind: ControlType, body: JsonObject) -> Control:

@@ -100,6 +100,7 @@ class ControlType(enum.IntEnum):
     FAILED = 6     # either way: the migration failed, with the reason
     ABORT = 7      # source -> dest: discard what was loaded
     REPORT = 8     # dest -> source, after RESUMED: per-device results [and digests]
+    HEARTBEAT = 9  # either way, during the save and load: this side and its workers answer
 
 
 # flags -> kind without an enum call per packet (decoding runs per record: microseconds).

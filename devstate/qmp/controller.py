@@ -35,7 +35,7 @@ from devstate.errors import DevstateError, describe
 from devstate.migration import lease
 from devstate.migration.destination import Incoming
 from devstate.migration.machine import Machine
-from devstate.migration.source import Outgoing
+from devstate.migration.source import FailedAfterCommit, Outgoing
 from devstate.net.channels import Address, Channel, Listener, parse_uri
 from devstate.net.tls import TlsConfig
 from devstate.phase import Phase
@@ -318,6 +318,9 @@ class Controller:
             self._after_failure(vm, Phase.CANCELLED, "cancelled by migrate_cancel")
             if not self._cancelling:
                 raise  # the process is closing: let the cancellation go on
+        except FailedAfterCommit as exc:
+            # Past COMMIT a cancel cancels nothing: the VM runs on the destination, or may.
+            self._after_commit(vm, exc)
         except (DevstateError, OSError) as exc:
             ended = Phase.CANCELLED if self._cancelling else Phase.FAILED
             self._after_failure(vm, ended, describe(exc))
@@ -326,11 +329,7 @@ class Controller:
             migration.ended = time.monotonic()
             if out.last_estimate is not None:
                 self._history.save_run(costs, out.last_estimate, report.downtime_ms)
-            if self._lease is not None:  # it arrived here by migration and moved on
-                lease.hand_on(self._lease)
-                self._lease = None
-            self._set_state(RunState.POSTMIGRATE)
-            self._migration_status(Phase.COMPLETED)
+            self._completed_out()
 
     async def _continued(self) -> None:
         """pause-before-switchover: at pre-switchover, wait for ``migrate-continue``."""
@@ -357,6 +356,28 @@ class Controller:
             self._watching.cancel()  # closes its channel
             self._watching = None
 
+    def _after_commit(self, vm: Machine, exc: FailedAfterCommit) -> None:
+        """A failure after COMMIT, as it is: COMPLETED if the destination said it runs
+        the VM (only the report is missing: the error says why), else FAILED; never
+        CANCELLED, whatever ``migrate_cancel`` asked."""
+        if not exc.destination_runs:
+            self._after_failure(vm, Phase.FAILED, describe(exc))
+            return
+        migration = self.migration
+        assert migration is not None
+        migration.error = describe(exc)
+        migration.ended = time.monotonic()
+        log.warning("migration completed, but: %s", migration.error)
+        self._completed_out()
+
+    def _completed_out(self) -> None:
+        """The VM runs on the destination now."""
+        if self._lease is not None:  # it arrived here by migration and moved on
+            lease.hand_on(self._lease)
+            self._lease = None
+        self._set_state(RunState.POSTMIGRATE)
+        self._migration_status(Phase.COMPLETED)
+
     def _after_failure(self, vm: Machine, status: Phase, why: str) -> None:
         migration = self.migration
         assert migration is not None
@@ -376,7 +397,7 @@ class Controller:
         try:
             listener.open()
         except (DevstateError, OSError) as exc:
-            raise QmpError("GenericError", f"cannot listen on {uri}: {describe(exc)}") from exc
+            raise QmpError("GenericError", describe(exc)) from exc  # it names the address
         self._configure()
         self._stop_watching()  # the VM comes back: whatever its last destination says
         self.ready = str(listener.address)

@@ -15,7 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from devstate.config.params import MigrationParams, Overrun, Routing
+from devstate.config.params import (
+    MAX_PEER_TIMEOUT_S,
+    MIN_PEER_TIMEOUT_S,
+    MigrationParams,
+    Overrun,
+    Routing,
+)
 from devstate.qmp.commands import Param, QmpError
 
 # QEMU's bounds (migration/options.c): downtime-limit up to 2000 s, channels 1-255.
@@ -40,6 +46,7 @@ class Parameters:
     tls_authz: str = ""                # always '': devstate has no authz objects
     x_routing: Routing = Routing.AFFINITY
     x_overrun: Overrun = Overrun.FINISH
+    x_peer_timeout: int = 0            # ms without a word from the peer; 0: derived
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +73,13 @@ def _between(low: int, high: int) -> Callable[[str, Any], int]:
                                            f"{low} and {high}")
         return int(value)
     return check
+
+
+def _peer_timeout(name: str, value: Any) -> int:
+    """0 (the derived bound, devstate.migration.liveness), or a bound in ms."""
+    if value == 0:
+        return 0
+    return _between(int(MIN_PEER_TIMEOUT_S * 1e3), int(MAX_PEER_TIMEOUT_S * 1e3))(name, value)
 
 
 def _bandwidth(name: str, value: Any) -> int:
@@ -104,6 +118,7 @@ SETTINGS = (
     Setting("tls-authz", str, _no_authz),
     Setting("x-routing", str, _choice(Routing)),
     Setting("x-overrun", str, _choice(Overrun)),
+    Setting("x-peer-timeout", int, _peer_timeout),
 )
 # Read-only: the worker pool is started with the VM (devstate vm --workers).
 WORKERS = "x-workers"
@@ -213,4 +228,5 @@ def migration_params(base: MigrationParams, parameters: Parameters,
         base, downtime_limit_ms=float(parameters.downtime_limit), wait_for_limit=True,
         channels=parameters.multifd_channels if multifd else 1,
         routing=parameters.x_routing, overrun=parameters.x_overrun,
+        peer_timeout_s=parameters.x_peer_timeout / 1e3 if parameters.x_peer_timeout else None,
         precopy=capabilities[Capability.SWITCHOVER_ACK])

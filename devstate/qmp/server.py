@@ -57,7 +57,10 @@ MAX_QUEUED_REQUESTS = 8
 # Bytes waiting in a client's transport beyond which emit() drops the client: events are
 # never waited on, so a client that does not read them must not grow memory for ever.
 MAX_WRITE_BUFFER_BYTES = 4 << 20
-LISTEN_BACKLOG = 16
+# Connections waiting for accept(): the system's usual maximum, as servers commonly ask for.
+# A unix connect finds a full backlog at once (EAGAIN for a non-blocking client) instead of
+# waiting, so a small one refuses a burst of clients that connect before the loop accepts.
+LISTEN_BACKLOG = socket.SOMAXCONN
 # How long close() lets sessions flush what was written before dropping it.
 CLOSE_FLUSH_TIMEOUT_S = 2.0
 

@@ -19,10 +19,11 @@ Points, by the step of a migration they belong to::
     complete  destination: a stream about to complete its load (firmware)
     resume    destination: devices about to resume, after COMMIT
 
-Faults: ``kill-worker`` (SIGKILL of the worker itself), ``kill-model`` (SIGKILL of the
-device model the point is about), ``cut-channels`` (the worker's data channels shut down
-both ways), ``truncate`` (half the packet sent, then its channel shut down), and two that
-change bytes where exactly one check can see them:
+Faults: ``kill-worker`` (SIGKILL of the worker itself), ``freeze-worker`` (SIGSTOP of
+the worker itself: a worker that neither answers nor dies, until SIGCONT), ``kill-model``
+(SIGKILL of the device model the point is about), ``cut-channels`` (the worker's data
+channels shut down both ways), ``truncate`` (half the packet sent, then its channel shut
+down), and two that change bytes where exactly one check can see them:
 
 * ``corrupt`` at ``send``: one byte of the packet flipped after its checksum was taken
   (the packet checksum refuses it); at ``record-put``: the first byte of the batch's first
@@ -58,6 +59,7 @@ class Fault(enum.StrEnum):
     """What strikes at an armed point."""
 
     KILL_WORKER = "kill-worker"
+    FREEZE_WORKER = "freeze-worker"
     KILL_MODEL = "kill-model"
     CUT_CHANNELS = "cut-channels"
     CORRUPT = "corrupt"
@@ -142,6 +144,8 @@ class Injector:
         fault = self.at(point)
         if fault is Fault.KILL_WORKER:
             os.kill(os.getpid(), signal.SIGKILL)
+        elif fault is Fault.FREEZE_WORKER:
+            os.kill(os.getpid(), signal.SIGSTOP)
         elif fault is Fault.KILL_MODEL and model_pid is not None:
             os.kill(model_pid, signal.SIGKILL)
         elif fault is Fault.CUT_CHANNELS:

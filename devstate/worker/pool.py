@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import multiprocessing as mp
 import os
+import signal
 import time
 from multiprocessing import connection as mp_connection
 from multiprocessing.connection import Connection
@@ -43,6 +44,9 @@ from devstate.worker import jobs as m
 # a polite shutdown closes devices (device-model processes) in tens of milliseconds.
 START_TIMEOUT_S = 30.0
 SHUTDOWN_TIMEOUT_S = 5.0
+# A worker acknowledges Cancel as soon as it reads it (its loop cancels the running job):
+# one that has not within this bound is frozen (SIGSTOP) or wedged, and is killed.
+CANCEL_TIMEOUT_S = 5.0
 _PRELOAD = ["devstate.worker.loop"]
 
 
@@ -119,8 +123,14 @@ class WorkerPool(AsyncLifecycle):
             async with asyncio.timeout(START_TIMEOUT_S):
                 await asyncio.gather(*(self._pending[i][0] for i in range(self.size)))
         except TimeoutError:
+            self.arena.unlink()
             raise DevstateError(f"{self.name}: workers did not start within "
                                 f"{START_TIMEOUT_S:.0f} s") from None
+        except BaseException:
+            # A start that fails (no process, no descriptor left) may be left unclosed by
+            # a caller whose __aenter__ raised: the arena's name must not outlive it.
+            self.arena.unlink()
+            raise
         finally:
             for pending in self._pending:
                 ready = pending.pop(0, None)
@@ -172,6 +182,40 @@ class WorkerPool(AsyncLifecycle):
             await asyncio.gather(*tasks)  # the first failure ends the block, and the rest
         return {i: task.result() for i, task in zip(workers, tasks, strict=True)}
 
+    async def cancel(self, workers: list[int], within: float = CANCEL_TIMEOUT_S) -> None:
+        """Cancel the running Save or Load of each of ``workers``; return within about
+        ``within`` s whatever they do. A worker that does not acknowledge in time is
+        killed (SIGKILL): from then on it is lost (:meth:`lost` names it, and why), and
+        its devices with it. A lost worker is not raised; any other failure is, after."""
+        if not workers:
+            return
+        async with background(*(self.call(w, m.Cancel()) for w in workers)) as tasks:
+            await asyncio.wait(tasks, timeout=within)
+            for w, task in zip(workers, tasks, strict=True):
+                if not task.done():
+                    await self._kill(w, f"cancelling: no acknowledgement within {within:g} s,"
+                                        " killed")
+            await asyncio.wait(tasks)  # the killed ones' calls fail at once
+        for task in tasks:
+            if not task.cancelled() and task.exception() is not None \
+                    and not isinstance(task.exception(), WorkerLost):
+                raise task.exception()  # type: ignore[misc]
+
+    async def _kill(self, worker: int, why: str) -> None:
+        """Kill a worker that stopped answering; its pending calls fail with a WorkerLost
+        that says ``why``."""
+        proc = self._procs[worker]
+        if proc.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)  # a stopped process dies too
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                await self._exited[worker].wait()
+        self._lost[worker] = lost = WorkerLost(worker, proc.exitcode, why)
+        for fut in self._pending[worker].values():
+            if not fut.done():
+                fut.set_exception(lost)
+
     def _on_reply(self, worker: int) -> None:
         conn = self._conns[worker]
         try:
@@ -198,8 +242,8 @@ class WorkerPool(AsyncLifecycle):
         self._exited[worker].set()
         if self._closed:
             return
-        lost = WorkerLost(worker, proc.exitcode)
-        self._lost[worker] = lost
+        # Killed by _kill, it is already lost, with the reason.
+        lost = self._lost.setdefault(worker, WorkerLost(worker, proc.exitcode))
         for fut in self._pending[worker].values():
             if not fut.done():
                 fut.set_exception(lost)

@@ -1,0 +1,174 @@
+"""The liveness rule: while a save and load run, each side hears from its peer within a bound.
+
+Runs in: both coordinators, on the main channel, from READY until the commit is decided.
+
+A frozen peer (a SIGSTOPped coordinator or worker, a whole process group stopped, a link
+where nothing moves) sends nothing and closes nothing: without a bound, the other side
+would wait for ever with the VM paused. QEMU behaves so too and leaves it to the operator
+(``yank``, ``migrate_cancel``); devstate decides on its own::
+
+    each side, every HEARTBEAT_S:  ask each of its own workers for its progress (one small
+                                   round trip each); once all answered, send HEARTBEAT
+    each side, reading the main channel: any message restarts the clock; silence for the
+                                   bound raises PeerSilent
+
+A heartbeat stands for the whole side, not only its coordinator: a frozen worker stops its
+side's beats just as a frozen coordinator does (its bytes stop too, but a peer cannot tell
+a stopped stream from a slow device; a stalled pool query it can). The source sends beats
+until it commits, the destination until it says LOADED: after those, each waits for one
+prompt reply (COMMIT, RESUMED) under the same bound.
+
+The bound (:func:`peer_bound`) is ``params.peer_timeout_s`` if set, else
+PEER_TIMEOUT_FACTOR times the larger of the downtime limit and the expected downtime,
+within [PEER_TIMEOUT_FLOOR_S, PEER_TIMEOUT_CEILING_S]: a migration expected to take
+100 ms gives up on a silent peer after 5 s, none waits more than 60 s. The source sends it
+in HELLO; the destination holds the source to it (unless its own parameters set one).
+What follows the silence is the two-phase commit's rule: before COMMIT the source resumes
+and the destination discards; after it the source stays stopped and says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from devstate.config.params import MigrationParams
+from devstate.errors import ChannelError, DevstateError, PeerFailed, ProtocolError
+from devstate.net import channels
+from devstate.protocol import wire
+from devstate.protocol.control import Heartbeat, M, decode_as
+
+PEER_TIMEOUT_FLOOR_S = 5.0
+PEER_TIMEOUT_CEILING_S = 60.0
+PEER_TIMEOUT_FACTOR = 10.0
+# At least a few beats fit in any bound, so that one late beat is never taken for silence.
+HEARTBEAT_S = 1.0
+BEATS_PER_BOUND = 4
+
+
+class PeerSilent(ChannelError):
+    """The peer said nothing on the main channel for the liveness bound: it is frozen, or
+    the link is."""
+
+    def __init__(self, peer: str, bound: PeerBound, during: str) -> None:
+        super().__init__(f"peer timeout: no word from the {peer} for {bound.seconds:.1f} s "
+                         f"during {during} ({bound.why})")
+        self.bound = bound
+
+
+@dataclass(frozen=True, slots=True)
+class PeerBound:
+    """How long to wait for a silent peer, and how that was decided (said in the error)."""
+
+    seconds: float
+    why: str
+
+    @property
+    def beat_s(self) -> float:
+        """How often this side sends its own heartbeat under this bound."""
+        return min(HEARTBEAT_S, self.seconds / BEATS_PER_BOUND)
+
+
+def peer_bound(params: MigrationParams, expected_ms: float | None) -> PeerBound:
+    """The source's bound for a migration expected to stop the VM for ``expected_ms``."""
+    if params.peer_timeout_s is not None:
+        return PeerBound(params.peer_timeout_s, "the peer timeout set")
+    basis_ms = max(params.downtime_limit_ms or 0.0, expected_ms or 0.0)
+    derived = PEER_TIMEOUT_FACTOR * basis_ms / 1e3
+    seconds = min(PEER_TIMEOUT_CEILING_S, max(PEER_TIMEOUT_FLOOR_S, derived))
+    return PeerBound(seconds, f"the peer timeout: {PEER_TIMEOUT_FACTOR:.0f} x the downtime "
+                              f"limit or estimate of {basis_ms:.0f} ms, within "
+                              f"{PEER_TIMEOUT_FLOOR_S:.0f}-{PEER_TIMEOUT_CEILING_S:.0f} s")
+
+
+def destination_bound(params: MigrationParams, announced_s: float | None) -> PeerBound:
+    """The destination's bound: its own ``params.peer_timeout_s``, else the source's."""
+    if params.peer_timeout_s is not None:
+        return PeerBound(params.peer_timeout_s, "the peer timeout set")
+    if announced_s is not None:
+        return PeerBound(announced_s, "the source's peer timeout")
+    return PeerBound(PEER_TIMEOUT_CEILING_S, "the longest peer timeout: the source named "
+                                             "none")
+
+
+async def recv(sock: channels.Channel, bound: PeerBound, peer: str, during: str
+               ) -> tuple[wire.ControlType, dict[str, Any]]:
+    """The next control message other than a heartbeat; :class:`PeerSilent` once the
+    ``peer`` said nothing at all for the bound."""
+    while True:
+        try:
+            async with asyncio.timeout(bound.seconds):
+                kind, body = await channels.recv_control(sock)
+        except TimeoutError:
+            raise PeerSilent(peer, bound, during) from None
+        if kind is not Heartbeat.kind:
+            return kind, body
+
+
+async def expect(sock: channels.Channel, cls: type[M], bound: PeerBound, peer: str,
+                 during: str) -> M:
+    """:func:`devstate.net.channels.expect` under the liveness rule: heartbeats pass, a
+    silent peer raises :class:`PeerSilent`, FAILED raises :class:`PeerFailed`."""
+    kind, body = await recv(sock, bound, peer, during)
+    if kind is wire.ControlType.FAILED:
+        raise PeerFailed(str(body.get("reason", "(no reason given)")),
+                         not_running=body.get("running") is False)
+    if kind is not cls.kind:
+        raise ProtocolError("control.type", f"got {kind.name}, expected {cls.kind.name}")
+    return decode_as(cls, body)
+
+
+class Heartbeats:
+    """Sends HEARTBEAT on ``sock`` every ``bound.beat_s`` while ``alive()`` (a query of this
+    side's workers) answers; an async context manager, stopped on exit or by :meth:`stop`.
+
+    A message is never cut in two: :meth:`stop` lets a beat being sent finish, so that the
+    next message on the channel starts on a message boundary.
+    """
+
+    def __init__(self, sock: channels.Channel, bound: PeerBound,
+                 alive: Callable[[], Awaitable[object]]) -> None:
+        self._sock = sock
+        self._bound = bound
+        self._alive = alive
+        self._task: asyncio.Task[None] | None = None
+        self._sending: asyncio.Future[None] | None = None
+
+    async def __aenter__(self) -> Heartbeats:
+        self._task = asyncio.get_running_loop().create_task(self._beat())
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop()
+
+    async def stop(self) -> None:
+        """Send no more beats; return once none is half sent (within the bound: a beat
+        that cannot go out in that long has met a peer that stopped reading)."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait({self._task})
+            self._task = None
+        if self._sending is not None and not self._sending.done():
+            await asyncio.wait({self._sending}, timeout=self._bound.seconds)
+
+    async def _beat(self) -> None:
+        # Any error ends the beats quietly: whatever broke (a lost worker, a closed
+        # channel) fails the save or load itself, which says why.
+        with contextlib.suppress(DevstateError, OSError):
+            while True:
+                await asyncio.sleep(self._bound.beat_s)
+                await self._alive()
+                self._sending = asyncio.ensure_future(channels.send(self._sock, Heartbeat()))
+                self._sending.add_done_callback(_retrieve)
+                await asyncio.shield(self._sending)
+
+
+def _retrieve(sending: asyncio.Future[None]) -> None:
+    """Mark a beat's failure seen: a beat that stop() let finish has no one awaiting it."""
+    if not sending.cancelled():
+        sending.exception()

@@ -1,0 +1,205 @@
+"""The liveness rule, and bounded cancel: a frozen peer or worker never holds the VM paused.
+
+Every test freezes a real process with SIGSTOP (or a worker freezes itself at an exact
+step, the ``freeze-worker`` fault) during stop-and-copy, and checks the decision: which
+side runs the VM, that the error names the peer timeout (or the killed worker), and that a
+re-migration to a fresh destination verifies. Bounds are checked as "decided before a
+generous ceiling", never as speed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import signal
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psutil
+import pytest
+
+from devstate.config.params import MigrationParams
+from devstate.config.spec import parse_spec
+from devstate.errors import MigrationFailed
+from devstate.migration import liveness
+from devstate.migration.local import Destination, destination
+from devstate.migration.source import FailedAfterCommit, SourceVM
+from devstate.phase import Phase
+
+pytestmark = pytest.mark.slow
+
+# Stop-and-copy lasts over a second (32 MiB put at 16 MiB/s): a SIGSTOP sent when the
+# source enters DEVICE lands in it, whatever the machine's speed.
+SLOW = parse_spec({"seed": 5, "vcpus": {"count": 4}, "devices": [
+    {"name": "nic0", "size": "32MiB", "write_bandwidth": "16MiB/s"},
+    {"name": "gpu0", "size": "4MiB"}]})
+PEER_TIMEOUT_S = 2.0
+PARAMS = MigrationParams(workers=2, peer_timeout_s=PEER_TIMEOUT_S)
+# Far above any bound under test: a migration not decided by then hangs.
+CEILING_S = 60.0
+
+
+def _dest_workers(dest: Destination) -> list[int]:
+    """The destination's pool workers: the forkserver's children."""
+    coordinator = psutil.Process(dest.pid)
+    return [w.pid for server in coordinator.children()
+            if "forkserver" in " ".join(server.cmdline()) for w in server.children()]
+
+
+@contextlib.contextmanager
+def _stopped_later(pids: Callable[[], list[int]], *, group: int | None = None
+                   ) -> Iterator[Callable[[], None]]:
+    """A ``stop()`` that SIGSTOPs ``pids()`` (or process ``group``); every stopped process
+    is continued on exit, whatever happened."""
+    stopped: list[int] = []
+
+    def stop() -> None:
+        if group is not None:
+            os.killpg(group, signal.SIGSTOP)
+        for pid in pids():
+            os.kill(pid, signal.SIGSTOP)
+            stopped.append(pid)
+
+    try:
+        yield stop
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            if group is not None:
+                os.killpg(group, signal.SIGCONT)
+            for pid in stopped:
+                os.kill(pid, signal.SIGCONT)
+
+
+def _at_device(act: Callable[[], None]) -> Callable[[Phase], None]:
+    def on_status(status: Phase) -> None:
+        if status is Phase.DEVICE:
+            act()
+    return on_status
+
+
+async def _frozen_destination(which: str) -> dict[str, Any]:
+    """Freeze ``which`` part of the destination at the stop; what the source decided,
+    then a re-migration to a fresh destination."""
+    outcome: dict[str, Any] = {}
+    async with SourceVM(SLOW, PARAMS) as source:
+        before = await source.digests()
+        async with destination(SLOW, PARAMS) as dest:
+            pids = {"coordinator": lambda: [dest.pid], "worker": lambda: _dest_workers(dest)[:1],
+                    "group": lambda: []}[which]
+            with _stopped_later(pids, group=dest.pid if which == "group" else None) as stop:
+                try:
+                    async with asyncio.timeout(CEILING_S):
+                        await source.migrate(dest.address, on_status=_at_device(stop))
+                except MigrationFailed as exc:
+                    outcome["error"] = str(exc)
+        outcome["running"] = source.running
+        outcome["unchanged"] = await source.digests() == before
+        async with destination(SLOW, MigrationParams(workers=2)) as fresh:
+            report = await source.migrate(fresh.address, compare_digests=True)
+        outcome["remigrated"] = report.verified
+    return outcome
+
+
+@pytest.mark.parametrize("which", ["coordinator", "worker", "group"])
+def test_a_frozen_destination_is_given_up_and_the_source_resumes(run, which: str) -> None:
+    outcome = run(_frozen_destination(which))
+    error = outcome.get("error", "")
+    assert "peer timeout" in error and f"{PEER_TIMEOUT_S:.1f} s" in error, error
+    assert "source resumed" in error, error
+    assert outcome["running"] and outcome["unchanged"]
+    assert outcome["remigrated"]
+
+
+def test_frozen_after_commit_the_source_says_it_cannot_resume(run) -> None:
+    """The destination's worker freezes as it resumes, after COMMIT: the source gives up
+    on RESUMED after the bound and stays stopped, saying why (no empty reason)."""
+    async def scenario() -> dict[str, Any]:
+        async with SourceVM(SLOW, PARAMS) as source:
+            frozen = dataclasses.replace(PARAMS, fault="resume:freeze-worker")
+            async with destination(SLOW, frozen) as dest:
+                try:
+                    async with asyncio.timeout(CEILING_S):
+                        await source.migrate(dest.address)
+                except FailedAfterCommit as exc:
+                    error: FailedAfterCommit | None = exc
+                else:
+                    error = None
+                finally:
+                    os.killpg(dest.pid, signal.SIGKILL)  # frozen: nothing else ends it
+            return {"error": error, "running": source.running}
+
+    outcome = run(scenario())
+    error = outcome["error"]
+    assert error is not None, "the migration completed with a frozen destination"
+    assert "failed after commit (peer timeout" in str(error), error
+    assert "()" not in str(error)
+    assert not error.destination_runs and "may be running" in str(error)
+    assert not outcome["running"]
+
+
+def test_cancel_ends_although_a_source_worker_is_frozen(run) -> None:
+    """A source worker SIGSTOPped at the stop, then the migration cancelled: the cancel
+    ends (the worker is killed after not acknowledging) and says the truth: its devices
+    died with it, so the VM runs nowhere."""
+    async def scenario() -> dict[str, Any]:
+        params = dataclasses.replace(PARAMS, peer_timeout_s=None)  # the cancel decides
+        async with SourceVM(SLOW, params) as source, destination(SLOW, params) as dest:
+            task = asyncio.current_task()
+            assert task is not None
+            worker = source.pool.pids[0]
+
+            def freeze_and_cancel() -> None:
+                os.kill(worker, signal.SIGSTOP)
+                task.cancel()
+
+            try:
+                async with asyncio.timeout(CEILING_S):
+                    await source.migrate(dest.address, on_status=_at_device(freeze_and_cancel))
+            except MigrationFailed as exc:
+                error: str = str(exc)
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker, signal.SIGCONT)
+            return {"error": error, "running": source.running,
+                    "killed": not psutil.pid_exists(worker)
+                    or psutil.Process(worker).status() == psutil.STATUS_ZOMBIE}
+
+    outcome = run(scenario())
+    assert "worker 0 was lost while cancelling" in outcome["error"], outcome["error"]
+    assert "cannot run on either side" in outcome["error"]
+    assert not outcome["running"]
+    assert outcome["killed"]
+
+
+def test_the_default_bound_follows_the_downtime_and_stays_within_floor_and_ceiling() -> None:
+    small = liveness.peer_bound(MigrationParams(downtime_limit_ms=50), 20.0)
+    assert small.seconds == liveness.PEER_TIMEOUT_FLOOR_S
+    middle = liveness.peer_bound(MigrationParams(), 1500.0)
+    assert middle.seconds == pytest.approx(15.0)
+    huge = liveness.peer_bound(MigrationParams(), 600_000.0)
+    assert huge.seconds == liveness.PEER_TIMEOUT_CEILING_S
+    assert liveness.peer_bound(MigrationParams(peer_timeout_s=3.0), 1e9).seconds == 3.0
+    # The destination holds the source to its bound, unless its own says otherwise.
+    assert liveness.destination_bound(MigrationParams(), 7.0).seconds == 7.0
+    assert liveness.destination_bound(MigrationParams(peer_timeout_s=4.0), 7.0).seconds == 4.0
+
+
+def test_a_lost_source_worker_is_logged_as_not_resumed(run, caplog) -> None:
+    """The log tells the story the error does: a lost source worker's devices are gone,
+    so nothing resumes (issue 18, item 7)."""
+    async def scenario() -> tuple[str, bool]:
+        armed = MigrationParams(workers=2, fault="get:kill-worker")
+        async with SourceVM(SLOW, armed) as source, \
+                destination(SLOW, MigrationParams(workers=2)) as dest:
+            with pytest.raises(MigrationFailed) as failed:
+                async with asyncio.timeout(CEILING_S):
+                    await source.migrate(dest.address)
+            return str(failed.value), source.running
+
+    caplog.set_level("INFO", logger="devstate.migration.source")
+    error, running = run(scenario())
+    assert "cannot run on either side" in error and not running
+    logged = caplog.text
+    assert "the source cannot resume" in logged and "resumed on the source" not in logged
