@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import re
 import signal
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -79,13 +80,14 @@ def _at_device(act: Callable[[], None]) -> Callable[[Phase], None]:
     return on_status
 
 
-async def _frozen_destination(which: str) -> dict[str, Any]:
+async def _frozen_destination(which: str, params: MigrationParams = PARAMS
+                              ) -> dict[str, Any]:
     """Freeze ``which`` part of the destination at the stop; what the source decided,
     then a re-migration to a fresh destination."""
     outcome: dict[str, Any] = {}
-    async with SourceVM(SLOW, PARAMS) as source:
+    async with SourceVM(SLOW, params) as source:
         before = await source.digests()
-        async with destination(SLOW, PARAMS) as dest:
+        async with destination(SLOW, params) as dest:
             pids = {"coordinator": lambda: [dest.pid], "worker": lambda: _dest_workers(dest)[:1],
                     "group": lambda: []}[which]
             with _stopped_later(pids, group=dest.pid if which == "group" else None) as stop:
@@ -110,6 +112,18 @@ def test_a_frozen_destination_is_given_up_and_the_source_resumes(run, which: str
     assert "source resumed" in error, error
     assert outcome["running"] and outcome["unchanged"]
     assert outcome["remigrated"]
+
+
+def test_with_default_settings_a_frozen_destination_is_given_up_within_the_ceiling(
+        run) -> None:
+    """No --peer-timeout, no downtime limit: the derived bound (10 x the estimate, within
+    5-60 s) decides, and says so."""
+    outcome = run(_frozen_destination("group", MigrationParams(workers=2)))
+    error = outcome.get("error", "")
+    said = re.search(r"peer timeout: no word from the destination for ([\d.]+) s", error)
+    assert said is not None and float(said.group(1)) <= 60.0, error
+    assert "source resumed" in error, error
+    assert outcome["running"] and outcome["unchanged"] and outcome["remigrated"]
 
 
 def test_frozen_after_commit_the_source_says_it_cannot_resume(run) -> None:

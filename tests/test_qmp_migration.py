@@ -575,3 +575,27 @@ def test_tls_creds_objects_secure_the_migration(run, tmp_path: Path) -> None:
                                "No TLS credentials with id 'missing'"]
     assert out["info"]["status"] == "completed", out["info"]
     assert out["info"]["devstate"]["verified"]
+
+
+def test_migrate_incoming_on_an_address_in_use_says_so_once(run, tmp_path: Path) -> None:
+    """The error names the address and the cause, once (it used to repeat "cannot listen
+    on ..."), and the VM keeps waiting for an incoming migration it can listen for."""
+    spec_path = _write_spec(tmp_path, parse_spec({"seed": 1, "vcpus": {"count": 4}}))
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+
+    async def scenario() -> tuple[str, str]:
+        async with vm_process(spec_path, tmp_path / "dst.qmp", "--incoming", "defer") as path, \
+                client(path, "probe") as qmp:
+            with pytest.raises(ExecuteError) as refused:
+                await qmp.execute("migrate-incoming", {"uri": f"tcp:127.0.0.1:{port}"})
+            status = (await qmp.execute("query-status"))["status"]
+            await qmp.execute("quit")
+            return str(refused.value), status
+
+    with taken:
+        error, status = run(scenario())
+    assert error.count("cannot listen on") == 1 and f"127.0.0.1:{port}" in error, error
+    assert status == "inmigrate"

@@ -11,6 +11,7 @@ import json
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -33,15 +34,19 @@ def _hung_up(sock: socket.socket) -> bool:
 
 
 @pytest.mark.slow  # a destination's pools and a source's
-@pytest.mark.parametrize("once", [True, False])
+@pytest.mark.parametrize("mode", ["once", "runs-on", "qmp"])
 def test_strangers_before_the_source_are_dropped_and_the_migration_completes(
-        once: bool) -> None:
+        mode: str, tmp_path: Path) -> None:
+    once = mode == "once"
+    extra = {"once": ["--once"], "runs-on": [], "qmp": ["--qmp", f"unix:{tmp_path}/q.sock"]}
     dest = subprocess.Popen([sys.executable, "-m", "devstate", "vm", "--spec", ONE_NIC,
                              "--incoming", "tcp:127.0.0.1:0", "--workers", "1",
-                             "--hello-timeout", "1", *(["--once"] if once else [])],
+                             "--hello-timeout", "1", *extra[mode]],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert dest.stdout is not None
+        if mode == "qmp":
+            assert dest.stdout.readline().startswith("qmp ")
         ready = dest.stdout.readline().split()
         assert ready[0] == "ready", ready
         port = int(ready[1].rsplit(":", 1)[1])

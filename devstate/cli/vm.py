@@ -80,8 +80,8 @@ async def _vm_qmp(args: argparse.Namespace, spec: MachineConfig, params: Migrati
         if server is not None:
             server.emit(event, data)
 
-    async with Controller(spec, params, incoming=args.incoming, emit=emit,
-                          tls=tls) as controller:
+    async with Controller(spec, params, incoming=args.incoming, emit=emit, tls=tls,
+                          hello_timeout_s=args.hello_timeout) as controller:
         server = QmpServer(controller.commands(), events=EVENTS)
         async with server:
             refuse_live_socket(path)  # another VM's QMP socket: never take it over

@@ -38,6 +38,7 @@ from devstate.migration.machine import Machine
 from devstate.migration.source import FailedAfterCommit, Outgoing
 from devstate.net.channels import Address, Channel, Listener, parse_uri
 from devstate.net.tls import TlsConfig
+from devstate.net.transport import HELLO_TIMEOUT_S
 from devstate.phase import Phase
 from devstate.planning.cost import CostHistory
 from devstate.qmp import options
@@ -69,8 +70,10 @@ class Controller:
 
     def __init__(self, spec: MachineConfig, params: MigrationParams, *, incoming: str | None,
                  emit: Callable[[str, dict[str, Any]], None],
-                 tls: TlsConfig | None = None, history: CostHistory | None = None) -> None:
+                 tls: TlsConfig | None = None, history: CostHistory | None = None,
+                 hello_timeout_s: float = HELLO_TIMEOUT_S) -> None:
         self.spec = spec
+        self._hello_timeout_s = hello_timeout_s  # what a stranger gets to say its hello
         self.base = params  # the process's own settings; QMP's are applied over them
         self._parameters = options.Parameters()
         self._capabilities = dict(options.DEFAULT_CAPABILITIES)
@@ -393,7 +396,7 @@ class Controller:
 
     def _listen(self, uri: str, *, exit_on_error: bool) -> None:
         tls = self._tls_creds("server") or self._tls
-        listener = Listener(_parse(uri))
+        listener = Listener(_parse(uri), hello_timeout_s=self._hello_timeout_s)
         try:
             listener.open()
         except (DevstateError, OSError) as exc:
