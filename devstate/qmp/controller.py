@@ -325,7 +325,9 @@ class Controller:
             # Past COMMIT a cancel cancels nothing: the VM runs on the destination, or may.
             self._after_commit(vm, exc)
         except (DevstateError, OSError) as exc:
-            ended = Phase.CANCELLED if self._cancelling else Phase.FAILED
+            # Cancelled means the source runs on (a controller then carries on there); a
+            # source that lost devices cannot, whatever asked it to stop: that failed.
+            ended = Phase.CANCELLED if self._cancelling and vm.running else Phase.FAILED
             self._after_failure(vm, ended, describe(exc))
         else:
             migration.report = report
