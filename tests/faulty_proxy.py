@@ -5,7 +5,9 @@ Every devstate channel opens with a plaintext hello naming its kind and index, s
 proxy can tell channels apart even when the rest is TLS. Per channel it can pass the bytes
 through, answer a TLS handshake with garbage, refuse it (close at once), or cut it after
 a number of bytes from the source; without TLS it can also parse the source's packets and
-tally them per data channel. Runs in: the test's event loop, beside the source.
+tally them per data channel. :meth:`Proxy.freeze` stops every channel in both directions at
+once, closing nothing: a link where nothing moves. Runs in: the test's event loop, beside
+the source.
 """
 
 from __future__ import annotations
@@ -97,6 +99,21 @@ class Proxy:
     data: dict[int, ChannelTally] = field(default_factory=dict)
     intruders: asyncio.Future[None] | None = None
     held: asyncio.Event = field(default_factory=asyncio.Event)  # data channel 3 waits
+    # Set while bytes move; cleared by freeze(), never set again.
+    flowing: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.flowing.set()
+
+    def freeze(self) -> None:
+        """From now on forward nothing, either way, on any channel, and close nothing:
+        every pipe holds what it read and stops reading, so the peers' sends back up
+        against full socket buffers while their connections stay open."""
+        self.flowing.clear()
+
+    @property
+    def frozen(self) -> bool:
+        return not self.flowing.is_set()
 
     @property
     def uri(self) -> str:
@@ -105,10 +122,13 @@ class Proxy:
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                limit: int | None, seen: Callable[[bytes], None] | None = None) -> None:
+                limit: int | None, seen: Callable[[bytes], None] | None = None,
+                flowing: asyncio.Event | None = None) -> None:
     moved = 0
     try:
         while data := await reader.read(1 << 16):
+            if flowing is not None:
+                await flowing.wait()  # frozen: hold these bytes (until cancelled)
             if seen is not None:
                 seen(data)
             if limit is not None and moved + len(data) >= limit:
@@ -171,6 +191,7 @@ async def _serve(proxy: Proxy, reader: asyncio.StreamReader,
         return
     if proxy.intrude and (hello.kind, hello.index) == (wire.ChannelKind.DATA, 3):
         await proxy.held.wait()
+    await proxy.flowing.wait()  # a channel opened on a frozen link never gets through
     up_reader, up_writer = await asyncio.open_connection(*proxy.upstream)
     up_writer.write(first)
     await up_writer.drain()
@@ -185,8 +206,8 @@ async def _serve(proxy: Proxy, reader: asyncio.StreamReader,
         def seen(data: bytes) -> None:
             tally.feed(data, parser)
 
-    await asyncio.gather(_pipe(reader, up_writer, limit, seen),
-                         _pipe(up_reader, writer, limit))
+    await asyncio.gather(_pipe(reader, up_writer, limit, seen, proxy.flowing),
+                         _pipe(up_reader, writer, limit, flowing=proxy.flowing))
 
 
 @contextlib.asynccontextmanager
