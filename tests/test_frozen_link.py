@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 
 from devstate.config.params import MigrationParams
-from devstate.config.spec import parse_spec
 from devstate.errors import MigrationFailed
 from devstate.migration.local import destination
 from devstate.migration.source import SourceVM
@@ -24,18 +23,12 @@ from devstate.net.transport import parse_uri
 from devstate.phase import Phase
 from devstate.protocol import wire
 from tests.faulty_proxy import faulty_proxy
+from tests.test_liveness import CEILING_S, PARAMS, PEER_TIMEOUT_S, SLOW
 
 pytestmark = pytest.mark.slow
 
-# As in tests/test_liveness.py: stop-and-copy lasts over a second (32 MiB put at 16 MiB/s),
-# so a freeze at the start of DEVICE lands in it, whatever the machine's speed.
-SLOW = parse_spec({"seed": 5, "vcpus": {"count": 4}, "devices": [
-    {"name": "nic0", "size": "32MiB", "write_bandwidth": "16MiB/s"},
-    {"name": "gpu0", "size": "4MiB"}]})
-PEER_TIMEOUT_S = 2.0
-PARAMS = MigrationParams(workers=2, peer_timeout_s=PEER_TIMEOUT_S)
-# Far above the bound under test: a migration not decided by then hangs.
-CEILING_S = 60.0
+# The liveness tests' machine (stop-and-copy lasts over a second, so a freeze at the start
+# of DEVICE lands in it), bound and ceiling.
 
 
 async def _over_a_link_that_freezes() -> dict[str, Any]:
