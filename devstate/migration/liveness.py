@@ -37,7 +37,7 @@ from types import TracebackType
 from typing import Any
 
 from devstate.config.params import MigrationParams
-from devstate.errors import ChannelError, DevstateError, PeerFailed, ProtocolError
+from devstate.errors import ChannelError, DevstateError
 from devstate.net import channels
 from devstate.protocol import wire
 from devstate.protocol.control import Heartbeat, M, decode_as
@@ -114,12 +114,7 @@ async def expect(sock: channels.Channel, cls: type[M], bound: PeerBound, peer: s
     """:func:`devstate.net.channels.expect` under the liveness rule: heartbeats pass, a
     silent peer raises :class:`PeerSilent`, FAILED raises :class:`PeerFailed`."""
     kind, body = await recv(sock, bound, peer, during)
-    if kind is wire.ControlType.FAILED:
-        raise PeerFailed(str(body.get("reason", "(no reason given)")),
-                         not_running=body.get("running") is False)
-    if kind is not cls.kind:
-        raise ProtocolError("control.type", f"got {kind.name}, expected {cls.kind.name}")
-    return decode_as(cls, body)
+    return decode_as(cls, channels.checked(kind, body, cls.kind))
 
 
 class Heartbeats:

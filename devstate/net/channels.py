@@ -32,7 +32,7 @@ from devstate.protocol.control import Control, M, decode_as
 
 __all__ = ["Address", "Channel", "Listener", "TlsConfig", "parse_uri", "open_channel",
            "secure_accepted", "adopt_channel", "accept_source", "read_hello", "hello",
-           "send_control", "recv_control", "expect_control", "send", "expect"]
+           "send_control", "recv_control", "expect_control", "checked", "send", "expect"]
 
 log = logging.getLogger("devstate.net.channels")
 
@@ -228,7 +228,13 @@ async def recv_control(sock: socket.socket) -> tuple[wire.ControlType, dict[str,
 
 async def expect_control(sock: socket.socket, *kinds: wire.ControlType) -> dict[str, Any]:
     """Receive one control message of one of ``kinds``; FAILED from the peer raises."""
-    kind, body = await recv_control(sock)
+    return checked(*await recv_control(sock), *kinds)
+
+
+def checked(kind: wire.ControlType, body: dict[str, Any],
+            *kinds: wire.ControlType) -> dict[str, Any]:
+    """``body``, if ``kind`` is one of ``kinds``; FAILED raises :class:`PeerFailed`, any
+    other kind :class:`ProtocolError`."""
     if kind is wire.ControlType.FAILED:
         raise PeerFailed(str(body.get("reason", "(no reason given)")),
                          not_running=body.get("running") is False)
