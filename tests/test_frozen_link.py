@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 
-from devstate.config.params import MigrationParams
 from devstate.errors import MigrationFailed
 from devstate.migration.local import destination
 from devstate.migration.source import SourceVM
@@ -23,7 +22,7 @@ from devstate.net.transport import parse_uri
 from devstate.phase import Phase
 from devstate.protocol import wire
 from tests.faulty_proxy import faulty_proxy
-from tests.test_liveness import CEILING_S, PARAMS, PEER_TIMEOUT_S, SLOW
+from tests.test_liveness import CEILING_S, PARAMS, PEER_TIMEOUT_S, SLOW, afterwards
 
 pytestmark = pytest.mark.slow
 
@@ -49,11 +48,7 @@ async def _over_a_link_that_freezes() -> dict[str, Any]:
                 outcome["error"] = str(exc)
             outcome["frozen"] = proxy.frozen
             outcome["channels"] = {kind for kind, _ in proxy.seen}
-        outcome["running"] = source.running
-        outcome["unchanged"] = await source.digests() == before
-        async with destination(SLOW, MigrationParams(workers=2)) as fresh:
-            report = await source.migrate(fresh.address, compare_digests=True)
-        outcome["remigrated"] = report.verified
+        outcome.update(await afterwards(source, before))
     return outcome
 
 

@@ -96,12 +96,17 @@ async def _frozen_destination(which: str, params: MigrationParams = PARAMS
                         await source.migrate(dest.address, on_status=_at_device(stop))
                 except MigrationFailed as exc:
                     outcome["error"] = str(exc)
-        outcome["running"] = source.running
-        outcome["unchanged"] = await source.digests() == before
-        async with destination(SLOW, MigrationParams(workers=2)) as fresh:
-            report = await source.migrate(fresh.address, compare_digests=True)
-        outcome["remigrated"] = report.verified
+        outcome.update(await afterwards(source, before))
     return outcome
+
+
+async def afterwards(source: SourceVM, before: dict[str, str]) -> dict[str, bool]:
+    """After a failed migration: whether the source runs, with the state it had
+    (``before``), and a re-migration of it to a fresh destination verifies."""
+    running, unchanged = source.running, await source.digests() == before
+    async with destination(SLOW, MigrationParams(workers=2)) as fresh:
+        report = await source.migrate(fresh.address, compare_digests=True)
+    return {"running": running, "unchanged": unchanged, "remigrated": report.verified}
 
 
 @pytest.mark.parametrize("which", ["coordinator", "worker", "group"])
