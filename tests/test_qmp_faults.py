@@ -70,6 +70,24 @@ async def _prepare(src: QMPClient, dst: QMPClient, uri: str) -> None:
     await src.execute("migrate-set-parameters", {"downtime-limit": 60_000})
 
 
+async def _cancel_and_look(src: QMPClient, listener: EventListener, before: list[str]
+                           ) -> dict[str, Any]:
+    """``migrate_cancel``, then what the source says once the migration ended: statuses
+    seen (``before`` first), events, query-migrate, query-status, and ``cont``'s refusal
+    (absent if ``cont`` was accepted)."""
+    await src.execute("migrate_cancel")
+    after = await _statuses(listener, ENDED)
+    result: dict[str, Any] = {"seen": before + after,
+                              "events": [e["event"] for e in listener.history],
+                              "info": await src.execute("query-migrate"),
+                              "status": await src.execute("query-status")}
+    try:  # the source must not resume: its devices are gone, or the destination may run
+        await src.execute("cont")
+    except ExecuteError as exc:
+        result["cont"] = str(exc)
+    return result
+
+
 def test_migrate_cancel_ends_although_a_source_worker_is_frozen(run, tmp_path: Path) -> None:
     """A source worker SIGSTOPped once the source says ``device`` (stop-and-copy of a 2 s
     device), then ``migrate_cancel``: the migration leaves ``cancelling`` (the pool kills
@@ -92,18 +110,9 @@ def test_migrate_cancel_ends_although_a_source_worker_is_frozen(run, tmp_path: P
                         await src.execute("migrate", {"uri": f"unix:{incoming}"})
                         before = await _statuses(listener, ("device", *ENDED), within=120)
                         frozen.suspend()  # SIGSTOP: neither answers nor dies
-                        await src.execute("migrate_cancel")
-                        after = await _statuses(listener, ENDED)
-                    result = {"seen": before + after,
-                              "events": [e["event"] for e in listener.history],
-                              "info": await src.execute("query-migrate"),
-                              "status": await src.execute("query-status"),
-                              "killed": _gone(frozen),
-                              "others_alive": [not _gone(w) for w in workers[1:]]}
-                    try:  # a VM with devices gone must not be resumed
-                        await src.execute("cont")
-                    except ExecuteError as exc:
-                        result["cont"] = str(exc)
+                        result = await _cancel_and_look(src, listener, before)
+                    result.update(killed=_gone(frozen),
+                                  others_alive=[not _gone(w) for w in workers[1:]])
                     await src.execute("quit")
                     with contextlib.suppress(Exception):
                         await dst.execute("quit")
@@ -159,17 +168,7 @@ def test_migrate_cancel_after_commit_does_not_say_cancelled(run, tmp_path: Path)
                             while not any(w.status() == psutil.STATUS_STOPPED
                                           for w in dst_workers):
                                 await asyncio.sleep(0.02)
-                        await src.execute("migrate_cancel")
-                        after = await _statuses(listener, ENDED)
-                    result: dict[str, Any] = {
-                        "seen": before + after,
-                        "events": [e["event"] for e in listener.history],
-                        "info": await src.execute("query-migrate"),
-                        "status": await src.execute("query-status")}
-                    try:
-                        await src.execute("cont")
-                    except ExecuteError as exc:
-                        result["cont"] = str(exc)
+                        result = await _cancel_and_look(src, listener, before)
                     await src.execute("quit")
             finally:
                 for proc in (*dst_workers, dst_vm):
