@@ -225,11 +225,10 @@ class Outgoing(OnMachine):
     async def _armed(self, saving: asyncio.Future[Any], gen: int) -> None:
         """Return once every worker's Save is set up and waits for the stop (its set-up is
         then not part of the downtime); a Save that ended first raises its error."""
-        async with background(self.pool.call_all({w: m.Armed(gen)
-                                                  for w in range(self.plan.workers)})) as (armed,):
-            await asyncio.wait({armed, saving}, return_when=asyncio.FIRST_COMPLETED)
-            if armed.done() and all(armed.result().values()):
-                return
+        armed = await _unless_ended(self.pool.call_all({w: m.Armed(gen)
+                                                        for w in range(self.plan.workers)}),
+                                    saving)
+        if not all(armed.values()):  # a Save ended unarmed: its own reply says why
             await asyncio.wait({saving})
             saving.result()
             raise MigrationFailed("the save ended before the stop")
@@ -401,14 +400,14 @@ class Outgoing(OnMachine):
                                destination_params=report.params, kvm=kvm)
 
 
-async def _unless_ended(wait: Awaitable[None], *work: asyncio.Future[Any]) -> None:
-    """Await ``wait``; a save or load that ends first (the destination failed, say) raises
-    its error, or MigrationFailed if it ended without one."""
+async def _unless_ended(wait: Awaitable[T], *work: asyncio.Future[Any]) -> T:
+    """Await ``wait`` and return what it gives; a save or load that ends first (the
+    destination failed, say) raises its error, or MigrationFailed if it ended without one."""
     async with background(wait) as (waiting,):
         await asyncio.wait({waiting, *work}, return_when=asyncio.FIRST_COMPLETED)
         if waiting.done():
-            waiting.result()
-            return
+            result: T = waiting.result()
+            return result
         for ended in work:
             if ended.done():
                 ended.result()
