@@ -268,9 +268,8 @@ class Incoming(OnMachine):
         if not committed:
             await _tell_failed(main, cause, committed=False)
         with contextlib.suppress(DevstateError):  # bounded: a frozen worker is killed
-            await self.pool.cancel([w for w in range(self.plan.workers)
-                                    if w not in self.pool.lost()])
-        alive = [w for w in range(self.plan.workers) if w not in self.pool.lost()]
+            await self.pool.cancel(self.pool.alive())
+        alive = self.pool.alive()
         if committed:  # some devices may have resumed: stop them before the reset
             with contextlib.suppress(DevstateError):
                 await self.pool.call_all({w: m.Pause() for w in alive})

@@ -351,11 +351,11 @@ class Outgoing(OnMachine):
             await channels.send(sock, Abort(describe(cause)))
         broken: DevstateError | None = None
         try:  # bounded: a frozen worker is killed, and its devices are lost with it
-            await self.pool.cancel(self._alive())
+            await self.pool.cancel(self.pool.alive())
         except DevstateError as exc:  # keep recovering the others; say what failed
             log.warning("while recovering (Cancel): %s", exc)
         try:
-            await self.pool.call_all({w: m.Resume() for w in self._alive()})
+            await self.pool.call_all({w: m.Resume() for w in self.pool.alive()})
         except DevstateError as exc:
             log.warning("while recovering (Resume): %s", exc)
             broken = exc
@@ -369,11 +369,6 @@ class Outgoing(OnMachine):
                  "resumed on the source" if broken is None else
                  f"the source cannot resume ({describe(broken)})")
         return broken
-
-    def _alive(self) -> list[int]:
-        """The workers not lost."""
-        lost = self.pool.lost()
-        return [w for w in range(self.plan.workers) if w not in lost]
 
     def _report(self, t0: int, t1: int, saved: list[DeviceResult], report: Report,
                 ours: dict[str, str], made: Estimate, kvm: KvmReport | None

@@ -261,6 +261,11 @@ class WorkerPool(AsyncLifecycle):
             self._on_exit(alive[sentinel])  # type: ignore[index]
         return dict(self._lost)
 
+    def alive(self) -> list[int]:
+        """The workers not lost (checked now, as :meth:`lost` checks)."""
+        lost = self.lost()
+        return [i for i in range(self.size) if i not in lost]
+
     async def close(self) -> None:
         """Shut every worker down (politely, then by force) and release the arena."""
         if self._closed:
