@@ -26,6 +26,9 @@ def migrate_verified(spec: MachineConfig, params: MigrationParams, *,
     estimate starts from, and learns into (see :func:`migrate_locally`)."""
     report = uvloop.run(migrate_locally(spec, params, dest_params=dest_params,
                                         compare_digests=True, history=history))
+    if report.guest is not None:  # a live guest: it must have gone on running
+        assert report.guest.continued, f"{spec.name}: the guest did not continue: " \
+                                       f"{report.guest.why}"
     unverified = [d.id for d in report.devices if not d.verified]
     assert report.verified, f"{spec.name}: not verified (digests compared: " \
                             f"{report.digests_compared}; differ: {unverified})"

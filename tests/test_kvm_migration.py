@@ -225,7 +225,7 @@ def test_the_destination_reads_vcpus_back_before_commit_only_when_asked(
 
 
 def test_state_that_differs_after_a_verified_load_is_reported_not_verified(run) -> None:
-    """The destination changes RAX of one vCPU after its record's checksum was verified,
+    """The destination changes RBP of one vCPU after its record's checksum was verified,
     to a value KVM takes (the put and its readback agree with it): the migration
     completes, and only the digests compared after the resume can tell. The report must
     say that vCPU, and so the migration, is not verified."""

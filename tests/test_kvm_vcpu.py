@@ -34,23 +34,9 @@ from devstate.devices.kvm.vcpu import KvmVcpu
 from devstate.devices.kvm.verify import TOLERANCES, section_fields
 from devstate.devices.kvm.vm import VM_SAVE_ORDER, KvmVm, VmSection
 from devstate.errors import DeviceError
+from tests.kvm_access import needs_kvm
 
 SEED = 20260521
-
-
-def _kvm_unavailable() -> str | None:
-    if not os.path.exists("/dev/kvm"):
-        return "/dev/kvm does not exist: no KVM on this machine"
-    try:
-        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
-    except OSError as exc:
-        return f"/dev/kvm cannot be opened: {exc.strerror}"
-    os.close(fd)
-    return None
-
-
-KVM_UNAVAILABLE = _kvm_unavailable()
-needs_kvm = pytest.mark.skipif(KVM_UNAVAILABLE is not None, reason=str(KVM_UNAVAILABLE))
 
 
 def get(vcpu: KvmVcpu) -> bytes:

@@ -28,7 +28,8 @@ def test_default_machine_round_trips_bit_exact(run) -> None:
     spec = load_default_machine()
     report = run(migrate_locally(spec, MigrationParams(workers=2)))
     assert report.verified
-    assert len(report.devices) == 516
+    assert len(report.devices) == 3 + 512 + 8 + 4  # VM-level, vCPUs, RAM ranges, VFIO
+    assert report.guest is not None and report.guest.continued, report.guest
     assert all(d.verified for d in report.devices)
     sizes = {d.id: d.size for d in device_table(spec) if d.vfio}
     moved = {d.id: d.bytes for d in report.devices if d.id in sizes}

@@ -20,16 +20,21 @@ def _machine(**devices: object) -> dict[str, object]:
         {"name": "gpu0", **devices}]}
 
 
-def test_default_machine_has_512_vcpus_and_four_devices() -> None:
+def test_default_machine_is_a_live_guest_of_512_vcpus_and_four_devices() -> None:
     from devstate.cli import load_default_machine
 
     spec = load_default_machine()
     table = device_table(spec)
-    assert spec.vcpus.count == 512
-    assert [d.id for d in table[512:]] == ["vfio/nic0", "vfio/nic1", "vfio/accel0", "vfio/vgpu0"]
-    sizes = [d.size for d in table[512:]]
+    assert spec.vcpus.count == 512 and spec.vcpus.backend is Backend.KVM and spec.live
+    assert spec.ram is not None and spec.ram.size == 256 << 20
+    ids = [d.id for d in table]
+    assert ids[:3] == ["vm/pit", "vm/clock", "vm/irqchip"]
+    assert ids[3:515] == [f"cpu/{i}" for i in range(512)]
+    assert ids[515:523] == [f"ram/{i}" for i in range(8)]
+    assert ids[523:] == ["vfio/nic0", "vfio/nic1", "vfio/accel0", "vfio/vgpu0"]
+    sizes = [d.size for d in table[523:]]
     assert min(sizes) == 32 << 20 and max(sizes) == 512 << 20
-    latencies = [d.vfio.firmware_latency_ms for d in table[512:] if d.vfio]
+    latencies = [d.vfio.firmware_latency_ms for d in table[523:] if d.vfio]
     assert min(latencies) == 50 and max(latencies) == 250
 
 
@@ -161,3 +166,28 @@ def test_decimal_and_binary_units_mean_what_they_say() -> None:
     assert parse_quantity("1.5GB", "x") == 1_500_000_000
     assert parse_quantity("2GiB/s", "x", per_second=True) == 2 << 30
     assert parse_quantity("4 kib", "x") == 4096 and parse_quantity("4KB", "x") == 4000
+
+
+def test_guest_ram_is_ranges_of_32_mib_and_needs_kvm_vcpus() -> None:
+    spec = parse_spec({"vcpus": {"count": 2, "backend": "kvm"}, "ram": {"size": "100MiB"}})
+    assert spec.live and spec.ram is not None
+    ranges = [d for d in spec.table(lambda *_: 0) if d.backend is Backend.GUEST_RAM]
+    assert [d.id for d in ranges] == ["ram/0", "ram/1", "ram/2", "ram/3"]
+    assert [d.ram for d in ranges] == [(0, 32 << 20), (32 << 20, 32 << 20), (64 << 20, 32 << 20),
+                                       (96 << 20, 4 << 20)]
+    assert all(d.shape is Shape.STREAM and d.stream is not None for d in ranges)
+    assert parse_spec(spec.to_dict()) == spec
+
+
+@pytest.mark.parametrize(("ram", "vcpus", "message"), [
+    ({"size": "1MiB", "huge": 1}, {"count": 1, "backend": "kvm"}, "ram.huge: unknown field"),
+    ({}, {"count": 1, "backend": "kvm"}, "ram.size: is required"),
+    ({"size": 4097 * 256}, {"count": 1, "backend": "kvm"}, "not a multiple of the 4096 B page"),
+    ({"size": "512KiB"}, {"count": 1, "backend": "kvm"}, "must be from 1 MiB to 64 GiB"),
+    ({"size": "65GiB"}, {"count": 1, "backend": "kvm"}, "must be from 1 MiB to 64 GiB"),
+    ({"size": "64MiB"}, {"count": 4}, "runs a guest on kvm vCPUs"),
+    ({"size": "64MiB"}, {"count": 0, "backend": "kvm"}, "runs a guest on kvm vCPUs"),
+])
+def test_bad_guest_ram_is_refused_naming_the_field(ram: dict, vcpus: dict, message: str) -> None:
+    with pytest.raises(SpecError, match=message):
+        parse_spec({"vcpus": vcpus, "ram": ram, "devices": [{"name": "n", "size": 1}]})

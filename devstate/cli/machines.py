@@ -41,13 +41,15 @@ def kvm_usable() -> tuple[bool, str]:
 
 
 def demo_machine(args: argparse.Namespace) -> tuple[MachineConfig, str]:
-    """The demo's machine: the default one on real KVM vCPUs when KVM works here."""
+    """The demo's machine: the default one, a live guest on real KVM vCPUs, when KVM works
+    here; else its simulated vCPUs and devices without guest RAM, saying why."""
     if args.spec:
         spec = load_spec(args.spec)
         return spec, f"vCPU backend: {spec.vcpus.backend} (from {args.spec})"
     spec = load_default_machine()
     usable, why = kvm_usable()
-    if usable:
-        spec = dataclasses.replace(spec, vcpus=dataclasses.replace(spec.vcpus,
-                                                                   backend=Backend.KVM))
+    if not usable:
+        spec = dataclasses.replace(spec, ram=None, vcpus=dataclasses.replace(
+            spec.vcpus, backend=Backend.SIM_VCPU))
+        why += "; no live guest: simulated vCPUs, no guest RAM"
     return spec, f"vCPU backend: {spec.vcpus.backend} ({why})"

@@ -1,8 +1,10 @@
 """Machine specs: which devices a machine has, parsed from TOML or JSON and validated.
 
-A spec names the vCPUs (count and backend) and the VFIO-style devices (name, state size,
-bandwidths, firmware load latency, precopy support). Every validation error is a
-:class:`~devstate.errors.SpecError` whose message names the field and the reason, e.g.
+A spec names the vCPUs (count and backend), the guest's RAM (kvm vCPUs only: with it the
+vCPUs run a guest program, see :mod:`devstate.devices.kvm.guest`) and the VFIO-style
+devices (name, state size, bandwidths, firmware load latency, precopy support). Every
+validation error is a :class:`~devstate.errors.SpecError` whose message names the field
+and the reason, e.g.
 ``devices[2].size: must be > 0``.
 
 Example (TOML)::
@@ -12,6 +14,8 @@ Example (TOML)::
     [vcpus]
     count = 512
     backend = "sim-vcpu"
+    [ram]
+    size = "256MiB"
     [[devices]]
     name = "nic0"
     backend = "vfio-sim"
@@ -49,6 +53,17 @@ MAX_VCPUS = 1024
 # machine runs (~30 MiB RSS each), so thousands would exhaust a host's memory and process
 # limits before the migration could start; a spec beyond this is refused at once.
 MAX_VFIO_DEVICES = 256
+# Guest RAM: at least what the guest program needs for a few vCPUs, at most what this host
+# class can back (the memfd is pre-faulted on both sides of a local migration).
+MIN_RAM_BYTES = 1 << 20
+MAX_RAM_BYTES = 64 << 30
+# Guest RAM moves as ranges of this size, each a stream of its own: the units of work the
+# plan spreads over workers and channels (1 GiB is 32 of them).
+RAM_RANGE_BYTES = 32 << 20
+PAGE_BYTES = 4096
+# A RAM range moves at memory-copy speed: read from the guest's memfd into a packet,
+# written from a packet into the destination's. A host's measured copy rate bounds it too.
+RAM_COPY_RATE = 4 << 30
 # Device ids are at most "vfio/" and a 48-character name.
 MAX_ID_CHARS = 64
 # Device state sizes are u64 on the VFIO uAPI; 64 GiB bounds what a test machine can stream.
@@ -72,6 +87,7 @@ class Backend(enum.StrEnum):
     SIM_VCPU = "sim-vcpu"
     KVM = "kvm"
     KVM_VM = "kvm-vm"  # the VM-level state that comes with kvm vCPUs (not for spec files)
+    GUEST_RAM = "guest-ram"  # a range of the guest's RAM (from [ram], not a device entry)
     VFIO_SIM = "vfio-sim"
 
 
@@ -120,6 +136,30 @@ class VfioSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class StreamCost:
+    """What the plan and the estimate know of a stream: its bytes, the rate it moves at
+    (the slower of reading it out and writing it in), the firmware work after its last
+    byte, and whether it streams while the VM runs."""
+
+    size: int
+    rate: float
+    firmware_latency_ms: float = 0.0
+    precopy: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RamSpec:
+    """The guest's RAM: its size (a page multiple) and the ranges it moves as."""
+
+    size: int
+
+    def ranges(self) -> list[tuple[int, int]]:
+        """(offset, length) of each range, in address order; the last may be shorter."""
+        return [(start, min(RAM_RANGE_BYTES, self.size - start))
+                for start in range(0, self.size, RAM_RANGE_BYTES)]
+
+
+@dataclass(frozen=True, slots=True)
 class DeviceSpec:
     """A device of the machine as the runtime sees it: a stable id, index and shape.
 
@@ -135,22 +175,32 @@ class DeviceSpec:
     size: int  # bytes of state for a stream; the record size bound for a record
     vcpu: VcpuSpec | None = None
     vfio: VfioSpec | None = None
+    ram: tuple[int, int] | None = None  # a guest RAM range: (offset, length) in guest RAM
+    stream: StreamCost | None = None  # a stream's (VFIO device or RAM range) cost terms
     priority: int = 1  # load class (VM-level state 0): lower first
     after: tuple[str, ...] = ()  # ids of the devices whose loads complete before this one's
 
 
 @dataclass(frozen=True, slots=True)
 class MachineConfig:
-    """A whole machine: vCPUs plus VFIO devices, and a seed that makes its state distinct."""
+    """A whole machine: vCPUs, guest RAM (a running guest) and VFIO devices, and a seed
+    that makes its state distinct."""
 
     name: str
     seed: int
     vcpus: VcpuSpec
     vfio: tuple[VfioSpec, ...]
+    ram: RamSpec | None = None
+
+    @property
+    def live(self) -> bool:
+        """Whether the machine runs a guest: kvm vCPUs executing a program in guest RAM."""
+        return self.ram is not None
 
     def table(self, record_size: RecordSize) -> DeviceTable:
         """The device table in canonical order: VM-level devices (with kvm vCPUs), then
-        ``cpu/0..n-1``, then VFIO devices in spec order.
+        ``cpu/0..n-1``, then guest RAM ranges ``ram/0..k-1``, then VFIO devices in spec
+        order.
 
         ``record_size`` gives a record device's size from its backend and id: only the
         device backends know it (a kvm vCPU's depends on the host), so a migration builds
@@ -166,17 +216,25 @@ class MachineConfig:
             table.append(DeviceSpec(len(table), f"cpu/{i}", self.vcpus.backend, Shape.RECORD, 1,
                                     vcpu_bytes, vcpu=self.vcpus,
                                     priority=self.vcpus.priority, after=self.vcpus.after))
+        for i, (start, length) in enumerate(self.ram.ranges() if self.ram else ()):
+            table.append(DeviceSpec(len(table), f"ram/{i}", Backend.GUEST_RAM, Shape.STREAM,
+                                    1, length, ram=(start, length),
+                                    stream=StreamCost(length, RAM_COPY_RATE)))
         for dev in self.vfio:
             table.append(DeviceSpec(len(table), f"vfio/{dev.name}", dev.backend, Shape.STREAM,
                                     1, dev.size, vfio=dev, priority=dev.priority,
+                                    stream=StreamCost(dev.size, dev.rate,
+                                                      dev.firmware_latency_ms, dev.precopy),
                                     after=dev.after))
         return DeviceTable(self, tuple(table))
 
     def to_dict(self) -> dict[str, Any]:
         """A plain-data form that :func:`parse_spec` reads back to an equal spec."""
+        ram = {"ram": {"size": self.ram.size}} if self.ram else {}
         return {
             "name": self.name,
             "seed": self.seed,
+            **ram,
             "vcpus": {"count": self.vcpus.count, "backend": str(self.vcpus.backend),
                       "get_us": self.vcpus.get_us, "put_us": self.vcpus.put_us,
                       "priority": self.vcpus.priority, "after": list(self.vcpus.after)},
@@ -249,10 +307,11 @@ def decode_spec(raw: bytes, *, json_format: bool) -> MachineConfig:
 def parse_spec(data: Any) -> MachineConfig:
     """Validate plain data (from TOML or JSON) into a :class:`MachineConfig`."""
     fields.check_depth(data)
-    top = fields.mapping(data, "", {"name", "seed", "vcpus", "devices"})
+    top = fields.mapping(data, "", {"name", "seed", "vcpus", "ram", "devices"})
     name = fields.string(top.get("name", "machine"), "name")
     seed = fields.integer(top.get("seed", 1), "seed", low=0, high=2**63 - 1)
     vcpus = _vcpus(top.get("vcpus", {"count": 0}))
+    ram = _ram(top["ram"], vcpus) if "ram" in top else None
     raw_devices = top.get("devices", [])
     if not isinstance(raw_devices, list):
         raise SpecError("devices", "must be a list of tables")
@@ -268,7 +327,7 @@ def parse_spec(data: Any) -> MachineConfig:
         seen[dev.name] = i
     if vcpus.count == 0 and not vfio:
         raise SpecError("", "the machine has no devices: give vcpus.count > 0 or a device")
-    spec = MachineConfig(name=name, seed=seed, vcpus=vcpus, vfio=vfio)
+    spec = MachineConfig(name=name, seed=seed, vcpus=vcpus, vfio=vfio, ram=ram)
     _check_dependencies(spec)
     return spec
 
@@ -341,6 +400,22 @@ def _vcpus(data: Any) -> VcpuSpec:
     after = _ids(table.get("after", []), "vcpus.after")
     return VcpuSpec(count=count, backend=backend, get_us=get_us, put_us=put_us,
                     priority=priority, after=after)
+
+
+def _ram(data: Any, vcpus: VcpuSpec) -> RamSpec:
+    table = fields.mapping(data, "ram", {"size"})
+    if "size" not in table:
+        raise SpecError("ram.size", "is required")
+    size = fields.parse_quantity(table["size"], "ram.size")
+    if size % PAGE_BYTES:
+        raise SpecError("ram.size", f"{size} B is not a multiple of the {PAGE_BYTES} B page")
+    if not MIN_RAM_BYTES <= size <= MAX_RAM_BYTES:
+        raise SpecError("ram.size", f"must be from {MIN_RAM_BYTES >> 20} MiB to "
+                                    f"{MAX_RAM_BYTES >> 30} GiB")
+    if vcpus.backend is not Backend.KVM or vcpus.count == 0:
+        raise SpecError("ram", "guest RAM runs a guest on kvm vCPUs: give vcpus.backend = "
+                               "\"kvm\" and vcpus.count > 0")
+    return RamSpec(size)
 
 
 def _ids(value: Any, path: str) -> tuple[str, ...]:

@@ -59,6 +59,10 @@ def make_device(spec: DeviceSpec, machine_seed: int, *, incoming: bool,
         from devstate.devices.kvm.device import KvmVmPartDevice
 
         return KvmVmPartDevice(spec, machine_seed, incoming=incoming, host=host)
+    if spec.backend is Backend.GUEST_RAM:
+        from devstate.devices.kvm.memory import RamRange
+
+        return RamRange(spec, machine_seed, incoming=incoming, host=host)
     if spec.backend is Backend.VFIO_SIM:
         from devstate.devices.vfio.sim import VfioSimDevice
 

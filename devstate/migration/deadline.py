@@ -40,7 +40,7 @@ class Deadline(OnMachine):
         copies (or the link carries, when capped)."""
         table = self.table
         streams = tuple((i, float(v.rate))
-                        for i in self.plan.transfer if (v := table[i].vfio) is not None)
+                        for i in self.plan.transfer if (v := table[i].stream) is not None)
         return TransferOrder(streams, min(costs.copy_bytes_per_s,
                                           self.params.bandwidth_limit or math.inf))
 
@@ -107,8 +107,8 @@ class Deadline(OnMachine):
             replies = await self.pool.call_all({w: m.PrecopyRemaining()
                                                 for w in range(self.plan.workers)})
             # A device whose precopy has not begun yet has all of its state to send.
-            remaining = {d.index: d.vfio.size for d in self.table
-                         if d.vfio is not None and d.vfio.precopy}
+            remaining = {d.index: d.stream.size for d in self.table
+                         if d.stream is not None and d.stream.precopy}
             remaining.update({i: n for reply in replies.values() for i, n in reply.items()})
             made = await self.estimate(costs, remaining)
             converged = (made.expected_ms <= limit if limit is not None

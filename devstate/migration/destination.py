@@ -32,6 +32,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import numpy as np
+import numpy.typing as npt
+
 from devstate.config.params import MigrationParams, Readback, Routing, Schedule
 from devstate.config.spec import MachineConfig
 from devstate.errors import ChannelError, DevstateError, ProtocolError, WorkerFailed, describe
@@ -93,13 +96,16 @@ class Incoming(OnMachine):
                 with no_gc_pauses():  # the source has stopped: no collection pauses until
                     loaded = await self._load(main, said.concurrent, bound)  # the resume
                     await commit.await_commit(main, loaded, bound)
+                    # A live guest's counters as they were at the stop (its RAM is here).
+                    memory = self.machine.memory
+                    at_stop = memory.counters() if memory is not None else None
         except BaseException as exc:
             await self._discard(main, exc)
             main.close()
             if isinstance(exc, DevstateError | OSError):
                 return IncomingResult(False, describe(exc))
             raise
-        return await self._resume(main, said.digests, keep_lease)
+        return await self._resume(main, said.digests, keep_lease, at_stop)
 
     async def _handshake(self, main: channels.Channel, hello: wire.Hello,
                          listener: channels.Listener, tls: channels.TlsConfig | None
@@ -114,8 +120,10 @@ class Incoming(OnMachine):
         return main, said
 
     async def _resume(self, main: channels.Channel, send_digests: bool,
-                      keep_lease: bool) -> IncomingResult:
-        """Committed: run the VM here, then report (off the critical path)."""
+                      keep_lease: bool, at_stop: npt.NDArray[np.uint64] | None
+                      ) -> IncomingResult:
+        """Committed: run the VM here, then report (off the critical path): with a live
+        guest, whether it went on from its counters ``at_stop``."""
         try:
             with no_gc_pauses():
                 await self.pool.call_all({w: m.Resume() for w in range(self.plan.workers)})
@@ -133,10 +141,13 @@ class Incoming(OnMachine):
             results = m.unpack_results(await self.pool.call_all(
                 {w: m.Results() for w in range(self.plan.workers)}))
             cost = await self.machine.vcpu_cost()
+            memory = self.machine.memory
+            guest = None if memory is None or at_stop is None else \
+                await memory.continuity(at_stop, self.machine.guest_problem)
             await channels.send(main, Report(
                 [r.to_json() for r in results], self._ready_ns, self.params.to_json(),
                 await self.machine.digests() if send_digests else {},
-                cost.to_json() if cost else {}))
+                cost.to_json() if cost else {}, guest.to_json() if guest else None))
         except (DevstateError, OSError) as exc:
             # Running here, and the source has committed: a report that cannot be sent
             # changes nothing; say why.

@@ -5,21 +5,27 @@ from __future__ import annotations
 import socket
 
 from devstate.config.params import MigrationParams
-from devstate.config.spec import DeviceTable, MachineConfig
+from devstate.config.spec import Backend, DeviceTable, MachineConfig
 from devstate.devices import device_table
+from devstate.errors import SpecError
 from devstate.lifecycle import AsyncLifecycle
+from devstate.migration.guest import LiveMemory
 from devstate.planning.plan import Plan, make_plan, spec_order_plan
 from devstate.report.vcpus import VcpuCost
 from devstate.worker import jobs as m
 from devstate.worker.layout import arena_layout
 from devstate.worker.pool import WorkerPool
 
+# The worker that owns the KVM VM, its VM-level state and its vCPUs (planning.plan).
+VM_OWNER = 0
+
 
 class Machine(AsyncLifecycle):
     """The devices of ``spec``, each owned by one worker of a pool (the owner rule).
 
     Runs in: a coordinator process. ``incoming`` machines open their devices blank, to be
-    loaded by a migration; the others with the machine's seeded state.
+    loaded by a migration; the others with the machine's seeded state, or, with guest RAM
+    (a live guest), with the guest program running on every vCPU.
     """
 
     def __init__(self, spec: MachineConfig, params: MigrationParams, *, incoming: bool = False,
@@ -33,19 +39,44 @@ class Machine(AsyncLifecycle):
         self.plan: Plan = plan(self.table, params.workers, sharded_vms=params.sharded_vms)
         self.pool = WorkerPool(self.table, arena_layout(params, self.table), name=self.side,
                                cpus=list(params.cpus) if params.cpus else None)
+        if spec.live and params.sharded_vms:
+            raise SpecError("params.sharded_vms", "a live guest (a spec with [ram]) runs in "
+                                                  "one KVM VM, which sharded VMs would split")
+        self.memory: LiveMemory | None = None  # a live guest's RAM, as mapped here
         self.running = False
         self._gen = 0
 
     async def start(self) -> None:
-        """Start the pool, link its workers to each other, open every device on its owner."""
+        """Start the pool, link its workers to each other, map the guest's RAM into each,
+        open every device on its owner, and run a source's guest."""
         await self.pool.start()
         if self.params.fault is not None:
             await self.pool.call_all({w: m.ArmFault(self.params.fault)
                                       for w in range(self.plan.workers)})
         await self._link_workers()
+        if self.spec.live:
+            self.memory = LiveMemory(self.spec, side=self.side, incoming=self.incoming)
+            for w in range(self.plan.workers):
+                await self.pool.call(w, m.MapRam(self.memory.ram.size), fd=self.memory.ram.fd)
         await self.pool.call_all({w: m.OpenDevices(self.plan.devices_of(w), self.incoming)
                                   for w in range(self.plan.workers)})
+        if self.memory is not None:
+            await self.pool.call(VM_OWNER, m.StartGuest(paused=self.incoming))
         self.running = not self.incoming
+
+    async def stop_guest(self) -> int:
+        """Stop a live guest's vCPUs; monotonic ns of the last one to stop (0: no guest)."""
+        if self.memory is None:
+            return 0
+        stopped: int = await self.pool.call(VM_OWNER, m.StopGuest())
+        return stopped
+
+    async def guest_problem(self) -> str | None:
+        """What the VM's owner saw go wrong with the running vCPUs, if anything."""
+        if self.memory is None:
+            return None
+        problem: str | None = await self.pool.call(VM_OWNER, m.GuestCheck())
+        return problem
 
     async def _link_workers(self) -> None:
         """Give every pair of workers a link for handoffs (:mod:`devstate.worker.handoff`)."""
@@ -66,15 +97,24 @@ class Machine(AsyncLifecycle):
         return self._gen
 
     async def digests(self) -> dict[str, str]:
-        """Every device's state digest (hex), by device id: for checks, off the critical path."""
+        """Every device's state digest (hex), by device id: for checks, off the critical path.
+
+        A live guest's vCPUs are left out: a running vCPU sits in KVM_RUN, which holds it
+        against any other ioctl, and its state changes with every instruction; what proves
+        it moved is the guest going on (the continuity check)."""
         table = self.table
-        replies = await self.pool.call_all({w: m.Digests(self.plan.devices_of(w))
-                                            for w in range(self.plan.workers)})
+        skip = Backend.KVM if self.memory is not None else None
+        replies = await self.pool.call_all({
+            w: m.Digests(tuple(i for i in self.plan.devices_of(w) if table[i].backend != skip))
+            for w in range(self.plan.workers)})
         return {table[i].id: h for per_worker in replies.values() for i, h in per_worker.items()}
 
     async def close(self) -> None:
-        """Stop the pool (its workers close the devices). Idempotent."""
+        """Stop the pool (its workers close the devices), then unmap the guest's RAM here.
+        Idempotent."""
         await self.pool.close()
+        if self.memory is not None:
+            self.memory.close()
 
 
     async def prepare_vcpus(self, concurrent: bool) -> None:

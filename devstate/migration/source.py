@@ -12,7 +12,8 @@ Sequence of one migration (main channel messages in capitals)::
     active  Save starts; with precopy, devices that support it stream while the VM runs
             until the re-estimate meets the limit (or fail, VM running, past the bound)
             [pre-switchover: await the controller's go-ahead, VM running]
-    t0      stop (SwitchOver): every worker gets its devices in parallel and streams them
+    t0      stop (a live guest: its vCPUs out of KVM_RUN, t0 when the last one is), then
+            SwitchOver: every worker gets its devices in parallel and streams them
             <- LOADED (every device put and its digest verified)
             COMMIT -> (from here the source will not resume: the destination will)
             <- RESUMED, received at t1: downtime = t1 - t0, both on this host's clock (an
@@ -39,7 +40,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
 
 from devstate.config.params import MigrationParams
-from devstate.config.spec import MachineConfig
+from devstate.config.spec import Backend, MachineConfig
 from devstate.errors import (
     DevstateError,
     DowntimeLimitUnmet,
@@ -58,6 +59,7 @@ from devstate.phase import Phase
 from devstate.planning.cost import Estimate, HostCosts
 from devstate.protocol import wire
 from devstate.protocol.control import Abort, Loaded, MigrationHello, Ready, Report
+from devstate.report.guest import GuestReport
 from devstate.report.migration import (
     SHARDED_MODE,
     DeviceReport,
@@ -127,7 +129,7 @@ class Outgoing(OnMachine):
         status(Phase.ACTIVE)
         made = self.last_estimate = await self.deadline.estimate(costs)
         precopy = self.params.precopy and self.params.concurrent and any(
-            d.vfio is not None and d.vfio.precopy for d in self.table)
+            d.stream is not None and d.stream.precopy for d in self.table)
         if not precopy:
             made = await self._within_limit(made, costs, status)
         migration_id = uuid.uuid4()
@@ -212,10 +214,12 @@ class Outgoing(OnMachine):
             except DevstateError as exc:
                 await _peer_reason_first(loading, exc)
                 raise
-            t0 = time.monotonic_ns()
-            self.machine.running = False
-            status(Phase.DEVICE)
             with no_gc_pauses():
+                # A live guest's downtime starts when its last vCPU left KVM_RUN (the
+                # owner's clock is this host's): the RAM ranges and vCPUs are read after.
+                t0 = await self.machine.stop_guest() or time.monotonic_ns()
+                self.machine.running = False
+                status(Phase.DEVICE)
                 await self.pool.call_all({w: m.SwitchOver() for w in range(self.plan.workers)})
                 await self.deadline.within_limit(self._alongside_peer(saving, loading), t0, made)
                 await beats.stop()  # nothing may follow COMMIT on the channel
@@ -376,6 +380,11 @@ class Outgoing(OnMachine):
         loaded = map(DeviceResult.from_json, report.devices)
         dest = {r.id: r for r in loaded}
         after = report.digests
+        guest = GuestReport.from_json(report.guest)
+        # A live guest's vCPUs and VM-level state change as soon as it runs again: what
+        # proves they arrived is the guest going on from where it stopped, not a digest.
+        running = {d.id for d in self.table if d.backend in (Backend.KVM, Backend.KVM_VM)} \
+            if guest is not None else set()
         # The destination's clock is its own (another host, perhaps): its times count from
         # when it sent READY, which is when READY arrived here less one channel latency.
         shift = self._ready_ns - report.ready_ns
@@ -384,7 +393,8 @@ class Outgoing(OnMachine):
             d = dest.get(r.id)
             if d is None:
                 raise DevstateError(f"destination did not report {r.id}")
-            verified = bool(ours) and ours.get(r.id) == after.get(r.id)
+            verified = (guest.continued if r.id in running and guest is not None
+                        else bool(ours) and ours.get(r.id) == after.get(r.id))
             rows.append(DeviceReport.join(r, d, t0=t0, shift=shift, verified=verified))
         mode = ("sequential" if not self.params.concurrent
                 else SHARDED_MODE if self.params.sharded_vms else "concurrent")
@@ -392,7 +402,7 @@ class Outgoing(OnMachine):
                                digests_compared=bool(ours), expected_ms=made.expected_ms,
                                critical_path=made.explain(),
                                downtime_limit_ms=self.params.downtime_limit_ms,
-                               destination_params=report.params, kvm=kvm)
+                               destination_params=report.params, kvm=kvm, guest=guest)
 
 
 async def _unless_ended(wait: Awaitable[T], *work: asyncio.Future[Any]) -> T:

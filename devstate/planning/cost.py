@@ -152,10 +152,10 @@ def estimate(table: DeviceTable, plan: Plan, host: HostCosts,
     (by device index): only those are left for stop-and-copy.
     """
     left = remaining or {}
-    streams = [d for d in table if d.vfio is not None]
+    streams = [d for d in table if d.stream is not None]
     get_us, put_us = record_us if record_us is not None else (
         table.machine.vcpus.get_us, table.machine.vcpus.put_us)
-    size = {d.index: left.get(d.index, d.vfio.size) for d in streams if d.vfio is not None}
+    size = {d.index: left.get(d.index, d.stream.size) for d in streams if d.stream is not None}
     cap = {d.index: _capped_rate(host, plan, d.index) for d in streams}
     if sequential:
         return _sequential(table, host, get_us + put_us, size, cap)
@@ -202,7 +202,7 @@ def _link_arrival(link: Link | None, plan: Plan, size: dict[int, int]) -> dict[i
 def _device_term(d: DeviceSpec, size: int, cap: float, host: HostCosts) -> Term:
     """One stream's own path: its bytes at its slower rate (or the cap's, if lower), then
     its firmware."""
-    v = d.vfio
+    v = d.stream
     assert v is not None
     rate = min(v.rate, cap)
     capped = " (the bandwidth cap)" if cap < v.rate else ""
@@ -219,8 +219,8 @@ def _host_term(table: DeviceTable, plan: Plan, host: HostCosts, arrival: dict[in
     ``arrival`` is when each stream's last byte is copied (ms, unweighted), ``crossed`` the
     same weighted and no sooner than the cap lets it pass. Returns the term and its
     unweighted parts (copy, records, sessions, firmware)."""
-    records = [d for d in table if d.vfio is None]
-    firmware = {d.index: d.vfio.firmware_latency_ms for d in table if d.vfio is not None}
+    records = [d for d in table if d.stream is None]
+    firmware = {d.index: d.stream.firmware_latency_ms for d in table if d.stream is not None}
     _, w_records, w_sessions = host.weights
     last = max(crossed, key=lambda i: (crossed[i] + firmware[i], i), default=None)
     last_firmware = firmware[last] if last is not None else 0.0
@@ -247,11 +247,11 @@ def _sequential(table: DeviceTable, host: HostCosts, record_us: float,
     and every stream's session. The sum is the critical path: nothing overlaps."""
     streams_ms = 0.0
     for d in table:
-        if d.vfio is not None:
-            rate = min(d.vfio.rate, host.copy_bytes_per_s, cap[d.index])
-            streams_ms += size[d.index] / rate * 1e3 + d.vfio.firmware_latency_ms \
+        if d.stream is not None:
+            rate = min(d.stream.rate, host.copy_bytes_per_s, cap[d.index])
+            streams_ms += size[d.index] / rate * 1e3 + d.stream.firmware_latency_ms \
                 + host.stream_overhead_ms
-    records = sum(1 for d in table if d.vfio is None)
+    records = sum(1 for d in table if d.stream is None)
     records_ms = records * (record_us + host.record_overhead_us) / 1e3
     term = Term("sequential", f"one device after another: {len(size)} streams with their "
                         f"firmware ({streams_ms:.0f} ms), {records} records "
@@ -272,10 +272,10 @@ def _chains(table: DeviceTable, size: dict[int, int], arrival: dict[int, float],
         if d.id not in done:
             ready = max((completion(by_id[a]) for a in d.after), default=0.0)
             own = fw = 0.0
-            if d.vfio is not None:
-                own = max(size[d.index] / min(d.vfio.rate, cap[d.index]) * 1e3,
+            if d.stream is not None:
+                own = max(size[d.index] / min(d.stream.rate, cap[d.index]) * 1e3,
                           arrival.get(d.index, 0.0))
-                fw = d.vfio.firmware_latency_ms
+                fw = d.stream.firmware_latency_ms
             done[d.id] = max(own, ready) + fw
         return done[d.id]
 

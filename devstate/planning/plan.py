@@ -38,9 +38,9 @@ class Plan:
 def path_s(device: DeviceSpec) -> float:
     """Seconds of a stream's own path: its state at its slower rate, then its firmware
     (0 for a record)."""
-    if device.vfio is None:
+    if device.stream is None:
         return 0.0
-    v = device.vfio
+    v = device.stream
     return v.size / v.rate + v.firmware_latency_ms / 1e3
 
 
@@ -57,13 +57,13 @@ def tail_s(table: DeviceTable, workers: int) -> dict[int, float]:
     def of(d: DeviceSpec) -> float:
         if d.id not in tails:
             after = dependents.get(d.id, [])
-            records = sum(1 for e in after if e.vfio is None)
+            records = sum(1 for e in after if e.stream is None)
             puts = records * table.machine.vcpus.put_us / 1e6 / workers
-            tails[d.id] = (d.vfio.firmware_latency_ms / 1e3 if d.vfio is not None else 0.0) \
-                + max([puts, *(of(e) for e in after if e.vfio is not None)])
+            tails[d.id] = (d.stream.firmware_latency_ms / 1e3 if d.stream is not None else 0.0) \
+                + max([puts, *(of(e) for e in after if e.stream is not None)])
         return tails[d.id]
 
-    return {d.index: of(d) for d in table if d.vfio is not None}
+    return {d.index: of(d) for d in table if d.stream is not None}
 
 
 def _depths(table: DeviceTable) -> list[int]:
@@ -88,7 +88,7 @@ def spec_order_plan(table: DeviceTable, workers: int, *, sharded_vms: bool = Fal
     on_vm = set(_vm_owner_backends(sharded_vms))
     owner = tuple(0 if d.backend in on_vm else d.index % workers for d in table)
     order = tuple(tuple(d.index for d in table if owner[d.index] == w) for w in range(workers))
-    return Plan(workers, owner, order, tuple(d.index for d in table if d.vfio is not None))
+    return Plan(workers, owner, order, tuple(d.index for d in table if d.stream is not None))
 
 
 def _vm_owner_backends(sharded_vms: bool) -> tuple[Backend, ...]:
@@ -112,14 +112,14 @@ def make_plan(table: DeviceTable, workers: int, *, sharded_vms: bool = False) ->
     pinned = [d for d in table if d.backend in to_worker_0]
     # Streams: the longest own path first, to the worker whose paths end soonest.
     free = [d for d in table if d not in pinned]
-    for device in sorted((d for d in free if d.vfio is not None), key=lambda d: -path_s(d)):
+    for device in sorted((d for d in free if d.stream is not None), key=lambda d: -path_s(d)):
         w = min(range(workers), key=lambda k: (load[k], k))
         owner[device.index] = w
         load[w] += path_s(device)
     # Records: dealt evenly. Each is tiny next to a stream, but each costs its worker's
     # loop a get or put, and a worker's records run one after another: an even split
     # halves that serial time, where filling the lighter worker would load it all there.
-    for n, device in enumerate(d for d in free if d.vfio is None):
+    for n, device in enumerate(d for d in free if d.stream is None):
         owner[device.index] = n % workers
     # Streams before records within a class: they carry the long tails (bytes, firmware)
     # that records overlap with.

@@ -113,6 +113,7 @@ class Report(Control):
     params: dict[str, JsonValue]  # MigrationParams.to_json()
     digests: dict[str, str]  # device id -> hex digest
     kvm: dict[str, JsonValue]  # VcpuCost.to_json() of the destination ({}: no kvm vCPUs)
+    guest: dict[str, JsonValue] | None = None  # GuestReport.to_json() (None: no live guest)
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from devstate.errors import ProtocolError
+from devstate.report.guest import GuestReport
 from devstate.report.vcpus import KvmReport
 
 
@@ -112,6 +113,7 @@ class MigrationReport:
     # What the destination ran with (MigrationParams.to_json), as it said in its report.
     destination_params: dict[str, Any] = field(default_factory=dict)
     kvm: KvmReport | None = None  # the KVM vCPUs' engine, threads and cost, if any
+    guest: GuestReport | None = None  # a live guest: did it continue on the destination
 
     @property
     def overrun_ms(self) -> float:
@@ -142,6 +144,7 @@ class MigrationReport:
             "total_bytes": self.total_bytes,
             "verified": self.verified,
             "kvm": self.kvm.to_json() if self.kvm else None,
+            "guest": self.guest.to_json() if self.guest else None,
             "devices": [
                 {**asdict(d), "save_ms": round(d.save_ms, 3), "load_ms": round(d.load_ms, 3)}
                 for d in self.devices
@@ -150,12 +153,18 @@ class MigrationReport:
 
 
 def _group(devices: Iterable[DeviceReport]) -> list[tuple[str, list[DeviceReport]]]:
-    """Rows of the table: all vCPUs as one row, every other device on its own."""
+    """Rows of the table: all vCPUs as one row, all guest RAM ranges as one row, every
+    other device on its own."""
+    devices = list(devices)
     cpus = [d for d in devices if d.id.startswith("cpu/")]
+    ram = [d for d in devices if d.id.startswith("ram/")]
     rows: list[tuple[str, list[DeviceReport]]] = []
     if cpus:
         rows.append((f"cpu/0..{len(cpus) - 1} ({len(cpus)} vCPUs)", cpus))
-    rows.extend((d.id, [d]) for d in devices if not d.id.startswith("cpu/"))
+    rows.extend((d.id, [d]) for d in devices if d.id.startswith("vm/"))
+    if ram:
+        rows.append((f"ram/0..{len(ram) - 1} (guest RAM)", ram))
+    rows.extend((d.id, [d]) for d in devices if d.id.startswith("vfio/"))
     return rows
 
 
@@ -172,6 +181,8 @@ def format_table(reports: Iterable[MigrationReport]) -> str:
                      f"{'verified bit-exact' if report.verified else 'NOT verified'}")
         if report.kvm is not None:
             lines.append(f"  {report.kvm.describe()}")
+        if report.guest is not None:
+            lines.append(f"  {report.guest.describe()}")
         if report.downtime_limit_ms is not None:
             lines.append(f"  limit {report.downtime_limit_ms:.0f} ms: " + (
                 f"overrun by {report.overrun_ms:.1f} ms; critical path: "

@@ -32,9 +32,13 @@ down), and two that change bytes where exactly one check can see them:
   END are valid: only the destination device's own validation, when its load completes,
   RESUMING -> STOP, the firmware step, refuses the stream); at ``end``: the END sealed with
   a wrong digest before its checksum is taken (only the END digest check refuses it).
-* ``alter`` at ``record-put``: a register of the batch's first vCPU record changed after
-  its checksum was verified, to a value KVM accepts: the put succeeds with state the
-  source never had, which only the digests compared after the resume can see.
+* ``alter`` at ``record-put``: a register (RBP) of the batch's first vCPU record changed
+  after its checksum was verified, to a value KVM accepts: the put succeeds with state the
+  source never had, which only the digests compared after the resume can see, or, in a
+  live guest (RBP holds a value the guest program checks), the guest itself. At ``get``
+  on a guest RAM range: a word of vCPU 0's checksum block changed before the packet's
+  checksum is taken: every packet and the END are valid, the page lands as sent, and only
+  the guest's own checks (and the host's recount of its checksum) can see it.
 
 ``SKIP`` lets that many hits of the point pass first, e.g. to strike in the middle of a
 stream.
@@ -51,8 +55,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from devstate.devices import Device
+from devstate.devices.kvm import guest_program as gp
 from devstate.devices.kvm.device import KvmVcpuDevice
+from devstate.devices.kvm.guest import GuestLayout
+from devstate.devices.kvm.memory import EXTENT
 from devstate.devices.kvm.record import Section
+
+# struct kvm_regs: rax rbx rcx rdx rsi rdi rsp rbp ..., 8 bytes each.
+_RBP = 7 * 8
 
 
 class Fault(enum.StrEnum):
@@ -74,7 +84,7 @@ POINTS = ("setup", "precopy", "get", "send", "end", "put", "record-put", "comple
 BYTES_FAULTS = (Fault.CORRUPT, Fault.TRUNCATE, Fault.ALTER)
 BYTES_AT = {"send": (Fault.CORRUPT, Fault.TRUNCATE),
             "record-put": (Fault.CORRUPT, Fault.ALTER),
-            "get": (Fault.CORRUPT,), "end": (Fault.CORRUPT,)}
+            "get": (Fault.CORRUPT, Fault.ALTER), "end": (Fault.CORRUPT,)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +178,22 @@ def spoil(fault: Fault, packet: memoryview) -> memoryview:
     if fault is Fault.CORRUPT:
         packet[len(packet) - 1] ^= 0xFF  # in the payload, after its checksum was taken
         return packet
+    if fault is Fault.ALTER:
+        _alter_guest_page(packet)
+        return packet
     return packet[:len(packet) // 2]
+
+
+def _alter_guest_page(payload: memoryview) -> None:
+    """ALTER at ``get``: in the first chunk of guest RAM (an extent from address 0, which
+    holds the guest's params and its vCPUs' pages), flip a bit of vCPU 0's first checksum
+    word; the vCPU count comes from the params block the chunk carries."""
+    offset, length, _ = EXTENT.unpack_from(payload)
+    ram = payload[EXTENT.size:EXTENT.size + length]
+    if offset != 0 or len(ram) < gp.PARAMS_VCPUS + 4:
+        raise ValueError("get:alter strikes the first chunk of guest RAM (ram/0)")
+    vcpus = int.from_bytes(ram[gp.PARAMS_VCPUS:gp.PARAMS_VCPUS + 4], "little")
+    ram[GuestLayout.of(vcpus, 1 << 30).area(0) + gp.CHECKSUM_BLOCK] ^= 0x01
 
 
 def spoil_record(fault: Fault, device: Device, record: memoryview) -> None:
@@ -176,9 +201,10 @@ def spoil_record(fault: Fault, device: Device, record: memoryview) -> None:
     if fault is Fault.CORRUPT:
         record[0] ^= 0xFF  # the record header: only the device can refuse it
         return
-    # ALTER: RAX takes any value, so KVM loads it and the put's readback agrees with it.
+    # ALTER: RBP takes any value, so KVM loads it and the put's readback agrees with it
+    # (and a live guest holds a value of its own there, which it checks every loop).
     assert isinstance(device, KvmVcpuDevice), "batched records are KVM vCPUs"
-    device.opened().parse(record)[Section.REGS][0] ^= 0x01
+    device.opened().parse(record)[Section.REGS][_RBP] ^= 0x01
 
 
 def spoil_digest(digest: bytes) -> bytes:

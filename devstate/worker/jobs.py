@@ -162,6 +162,34 @@ class VcpuCosts(Job):
 
 
 @dataclass(frozen=True, slots=True)
+class MapRam(Job):
+    """The guest's RAM, a memfd of ``size`` bytes, follows (SCM_RIGHTS): map it (the VM's
+    owner also gives it to KVM). Before OpenDevices."""
+
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class StartGuest(Job):
+    """The VM's owner: a thread per vCPU. A source's vCPUs enter the guest program (which
+    the coordinator installed in RAM) and run; a destination's (``paused``) wait for Resume."""
+
+    paused: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StopGuest(Job):
+    """The VM's owner: every vCPU out of KVM_RUN; replies when the last one stopped
+    (monotonic ns; 0 if no guest runs here)."""
+
+
+@dataclass(frozen=True, slots=True)
+class GuestCheck(Job):
+    """The VM's owner: what went wrong with the running vCPUs (an exit the guest should
+    never make), or None."""
+
+
+@dataclass(frozen=True, slots=True)
 class Pause(Job):
     """Stop every owned device (the VM pauses on this side, outside any migration)."""
 

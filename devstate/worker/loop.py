@@ -117,6 +117,7 @@ class Worker:
         self._mesh: Mesh | None = None
         self._devices: dict[int, Device] = {}
         self._host = DeviceHost()  # what this process's devices share (its KVM VM)
+        self._probe_paused = False  # a record probe paused the guest (SnapshotRecords)
         self._channels: dict[int, socket.socket] = {}
         self._saver: Saver | None = None  # the Save in progress (precopy asks it)
         self._saved = (0, 0)  # the last Save's progress, once it ended
@@ -164,7 +165,7 @@ class Worker:
             self._reply(m.Reply(request.req, True))
             return
         fd = None
-        if isinstance(command, m.AdoptChannel | m.JoinMesh):
+        if isinstance(command, m.AdoptChannel | m.JoinMesh | m.MapRam):
             # The fd follows the message on the same pipe: take it before anything else.
             fd = recv_handle(self._conn)
         task = asyncio.get_running_loop().create_task(self._run(request, fd))
@@ -220,6 +221,26 @@ class Worker:
         if self._mesh is None:
             self._mesh = Mesh(self.index)
         self._mesh.join(job.peer, fd)
+
+    @handles(m.MapRam)
+    async def _map_ram(self, job: m.MapRam, fd: int | None) -> None:
+        assert fd is not None
+        try:
+            self._host.attach_ram(fd, job.size)
+        finally:
+            os.close(fd)
+
+    @handles(m.StartGuest)
+    async def _start_guest(self, job: m.StartGuest, _: int | None) -> None:
+        self._host.start_guest(paused=job.paused)
+
+    @handles(m.StopGuest)
+    async def _stop_guest(self, _job: m.StopGuest, _: int | None) -> int:
+        return self._host.stop_guest()
+
+    @handles(m.GuestCheck)
+    async def _guest_check(self, _job: m.GuestCheck, _: int | None) -> str | None:
+        return self._host.guest_problem()
 
     @handles(m.ArmFault)
     async def _arm_fault(self, job: m.ArmFault, _: int | None) -> None:
@@ -327,17 +348,27 @@ class Worker:
     @handles(m.SnapshotRecords)
     async def _snapshot_records(self, job: m.SnapshotRecords, _: int | None
                                 ) -> tuple[int, int]:
+        # A running guest's vCPUs are busy in KVM_RUN, and a snapshot put back after they
+        # ran on would send them back in time: the guest pauses from here to the restore
+        # (a sample of gets and puts, a few ms, once per migration, before its stop).
+        self._probe_paused = self._host.stop_guest() != 0
         return self._probe.snapshot(self._devices.values(), job.count)
 
     @handles(m.RestoreRecords)
     async def _restore_records(self, _job: m.RestoreRecords, _: int | None) -> int:
-        return self._probe.restore(self._devices.values())
+        try:
+            return self._probe.restore(self._devices.values())
+        finally:
+            if self._probe_paused:
+                self._probe_paused = False
+                self._host.resume_guest()
 
     @handles(m.Resume)
     async def _resume(self, _job: m.Resume, _: int | None) -> None:
         self._drop_channels()  # a source recovering: channels of a failed setup
         injector.strike("resume")
         await self._each_device("resume")
+        self._host.resume_guest()
 
     @handles(m.PrepareVcpus)
     async def _prepare_vcpus(self, job: m.PrepareVcpus, _: int | None) -> None:
@@ -351,6 +382,7 @@ class Worker:
 
     @handles(m.Pause)
     async def _pause(self, _job: m.Pause, _: int | None) -> None:
+        self._host.stop_guest()
         await self._each_device("stop")
 
     @handles(m.Discard)
@@ -410,6 +442,7 @@ class Worker:
         results = await asyncio.gather(*(d.close() for d in self._devices.values()),
                                        return_exceptions=True)
         self._devices.clear()
+        self._host.close()
         for result in results:
             if isinstance(result, BaseException) and not isinstance(result, DeviceError):
                 raise result

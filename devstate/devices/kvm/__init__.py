@@ -9,4 +9,11 @@ readback field by field; :mod:`.vm` owns a KVM VM and what it learned about the 
 :mod:`.batch` is a VM's vCPUs as one batch; :mod:`.device` is the backend the workers
 drive. Arrows point one way: uapi <- record <- seed, verify <- vcpu <- engine, vm <- batch
 <- device. A KVM VM may only be driven by the process that created it.
+
+A live guest (a spec with ``[ram]``): :mod:`.ram` is its RAM, a memfd every worker maps;
+:mod:`.guest_program` the program its vCPUs run (source ``guest.S``) and :mod:`.guest`
+where it lives in RAM, how vCPUs enter it and how the host reads its progress; :mod:`.run`
+runs the vCPUs in KVM_RUN on threads (natively: the C extension ``_run``) and stops and
+resumes them; :mod:`.live` is that guest on its owner's VM; :mod:`.memory` moves a range
+of its RAM as a stream.
 """

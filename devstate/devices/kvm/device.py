@@ -76,15 +76,16 @@ class KvmVcpuDevice(RecordDevice):
         return self._host.vcpu_batch()
 
     async def open(self) -> None:
-        """Create the vCPU in this worker's VM; a source vCPU gets its seeded state."""
+        """Create the vCPU in this worker's VM; a source vCPU gets its seeded state (unless
+        the machine runs a guest)."""
         if self._vcpu is not None:
             return
         vm = self._host.kvm_vm()
         self._host.vcpu_batch()  # its engine's programs are made now, not at the stop
         self._vcpu = vm.create_vcpu(self.vcpu_id)
         self._scratch = bytearray(vm.layout.record_bytes)
-        if not self._incoming:
-            self._vcpu.seed_state(self.machine_seed)
+        if not self._incoming and not self._host.live:  # a live guest's vCPUs enter its
+            self._vcpu.seed_state(self.machine_seed)            # program instead
 
     async def close(self) -> None:
         """Close the vCPU fd, and the VM with its last vCPU."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import abc
 import enum
 import errno as errno_codes
+import importlib
 import os
 import struct
 from collections.abc import Sequence
@@ -61,12 +62,17 @@ class EngineName(enum.StrEnum):
     CTYPES = "ctypes"
 
 
-def _native() -> ModuleType | None:
+def native_module(name: str) -> ModuleType | None:
+    """This package's C extension ``name`` (``_steps``, ``_run``), or None where it was not
+    built (the install goes on without it: setup.py)."""
     try:
-        from devstate.devices.kvm import _steps
+        return importlib.import_module(f"devstate.devices.kvm.{name}")
     except ImportError:
         return None
-    return _steps
+
+
+def _native() -> ModuleType | None:
+    return native_module("_steps")
 
 
 def native_available() -> bool:

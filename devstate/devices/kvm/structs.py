@@ -291,6 +291,26 @@ class ClockFlags(enum.IntFlag):
 # ------------------------------------------------------- variable-length (flexible array)
 
 
+class kvm_userspace_memory_region(ctypes.Structure):
+    """A guest-physical range backed by this process's memory (``KVM_SET_USER_MEMORY_REGION``)."""
+
+    _fields_ = [("slot", c_uint32), ("flags", c_uint32), ("guest_phys_addr", c_uint64),
+                ("memory_size", c_uint64), ("userspace_addr", c_uint64)]
+
+
+class MemFlag(enum.IntFlag):
+    """``kvm_userspace_memory_region.flags``."""
+
+    LOG_DIRTY_PAGES = 1 << 0
+    READONLY = 1 << 1
+
+
+class kvm_dirty_log(ctypes.Structure):
+    """A memslot's dirty bitmap, one bit per page, fetched and cleared (``KVM_GET_DIRTY_LOG``)."""
+
+    _fields_ = [("slot", c_uint32), ("padding1", c_uint32), ("dirty_bitmap", c_uint64)]
+
+
 @functools.cache
 def msrs_type(n: int) -> type[ctypes.Structure]:
     """``struct kvm_msrs`` with room for ``n`` entries."""

@@ -37,7 +37,7 @@ _IOC_NONE = 0
 _IOC_WRITE = 1
 _IOC_READ = 2
 
-CType = type[ctypes.Structure]
+CType = type[ctypes.Structure] | type[ctypes.c_uint64]
 
 
 def _IOC(direction: int, kind: int, nr: int, size: int) -> int:
@@ -80,9 +80,13 @@ class Ioctl(enum.IntEnum):
     KVM_GET_MSR_INDEX_LIST = _IOWR(KVMIO, 0x02, structs.kvm_msr_list)
     KVM_CHECK_EXTENSION = _IO(KVMIO, 0x03)  # on /dev/kvm and on a VM fd
     KVM_GET_SUPPORTED_CPUID = _IOWR(KVMIO, 0x05, structs.kvm_cpuid2)
+    KVM_GET_VCPU_MMAP_SIZE = _IO(KVMIO, 0x04)  # the size of a vCPU's struct kvm_run mapping
     # VM fd
     KVM_CREATE_VCPU = _IO(KVMIO, 0x41)
+    KVM_GET_DIRTY_LOG = _IOW(KVMIO, 0x42, structs.kvm_dirty_log)
+    KVM_SET_USER_MEMORY_REGION = _IOW(KVMIO, 0x46, structs.kvm_userspace_memory_region)
     KVM_SET_TSS_ADDR = _IO(KVMIO, 0x47)
+    KVM_SET_IDENTITY_MAP_ADDR = _IOW(KVMIO, 0x48, ctypes.c_uint64)
     KVM_CREATE_IRQCHIP = _IO(KVMIO, 0x60)
     KVM_GET_IRQCHIP = _IOWR(KVMIO, 0x62, structs.kvm_irqchip)
     # _IOR although userspace writes: a historical ABI mistake the kernel keeps. Copied as is.
@@ -93,6 +97,7 @@ class Ioctl(enum.IntEnum):
     KVM_GET_PIT2 = _IOR(KVMIO, 0x9F, structs.kvm_pit_state2)
     KVM_SET_PIT2 = _IOW(KVMIO, 0xA0, structs.kvm_pit_state2)
     # vCPU fd
+    KVM_RUN = _IO(KVMIO, 0x80)
     KVM_GET_REGS = _IOR(KVMIO, 0x81, structs.kvm_regs)
     KVM_SET_REGS = _IOW(KVMIO, 0x82, structs.kvm_regs)
     KVM_GET_SREGS = _IOR(KVMIO, 0x83, structs.kvm_sregs)
@@ -138,6 +143,7 @@ class Cap(enum.IntEnum):
     GET_MSR_FEATURES = 153
     NESTED_STATE = 157
     EXCEPTION_PAYLOAD = 164
+    IMMEDIATE_EXIT = 136  # kvm_run.immediate_exit: KVM_RUN returns EINTR at once
     SREGS2 = 200
     XSAVE2 = 208  # on the VM fd: the XSAVE buffer size in bytes, at least 4096
 

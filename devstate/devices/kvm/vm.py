@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from devstate.devices.kvm import structs, uapi
+from devstate.devices.kvm.ram import GuestRam
 from devstate.devices.kvm.record import (
     HEADER,
     SECTION,
@@ -51,6 +52,11 @@ CPUID_ENTRIES_GUESS = 80
 _CPUID_ENTRIES_LIMIT = 4096
 _CPUID_1_ECX_TSC_DEADLINE = 1 << 24
 _XSAVE_LEAF = 0xD
+# Guest-physical [3 GiB, 4 GiB) holds no RAM: KVM emulates the LAPIC (0xFEE00000) and the
+# IOAPIC (0xFEC00000) only where no memslot covers the address, so RAM beyond 3 GiB goes on
+# at 4 GiB, as a PC's does (QEMU's below_4g_mem_size).
+RAM_HOLE_START = 3 << 30
+RAM_HOLE_END = 4 << 30
 
 # What migrating a vCPU and the VM-level state needs from KVM.
 REQUIRED_CAPS: Mapping[Cap, str] = {
@@ -116,6 +122,17 @@ VOLATILE_FIELDS: tuple[tuple[VmSection, int, int], ...] = (
     (VmSection.CLOCK, 0, 16), (VmSection.CLOCK, 16, 16))
 
 
+@dataclass(frozen=True, slots=True)
+class RamSlot:
+    """A KVM memory slot: guest-physical ``[guest_phys_addr, + size)`` is the guest RAM's
+    bytes ``[offset, offset + size)``."""
+
+    slot: int
+    guest_phys_addr: int
+    offset: int
+    size: int
+
+
 class KvmVm:
     """A KVM VM with an in-kernel irqchip and PIT, and the vCPUs created in it."""
 
@@ -123,6 +140,7 @@ class KvmVm:
         self.name = name
         self.vcpus: dict[int, KvmVcpu] = {}
         self.dropped_msrs: dict[int, str] = {}
+        self.ram_slots: tuple[RamSlot, ...] = ()
         self._ioctl = ioctl
         self._kvm_fd = self._vm_fd = -1
         try:
@@ -253,6 +271,28 @@ class KvmVm:
     def fd(self) -> int:
         """The VM fd (-1 once closed)."""
         return self._vm_fd
+
+    def map_ram(self, ram: GuestRam, *, log_dirty: bool = False) -> tuple[RamSlot, ...]:
+        """Give ``ram`` to the guest from guest-physical 0 (slot 0), any part beyond 3 GiB
+        from 4 GiB (slot 1); ``log_dirty`` has KVM log the pages the guest writes.
+
+        ``ram`` must outlive the VM: KVM keeps the mapping's address, not the pages.
+        """
+        if self.ram_slots:
+            raise DeviceError(self.name, "guest RAM is mapped already")
+        low = min(ram.size, RAM_HOLE_START)
+        slots = [RamSlot(0, 0, 0, low)]
+        if ram.size > low:
+            slots.append(RamSlot(1, RAM_HOLE_END, low, ram.size - low))
+        flags = structs.MemFlag.LOG_DIRTY_PAGES if log_dirty else structs.MemFlag(0)
+        for slot in slots:
+            region = structs.kvm_userspace_memory_region(
+                slot=slot.slot, flags=flags, guest_phys_addr=slot.guest_phys_addr,
+                memory_size=slot.size, userspace_addr=ram.address + slot.offset)
+            self._ioctl(self._vm_fd, Ioctl.KVM_SET_USER_MEMORY_REGION, region,
+                        device=self.name)
+        self.ram_slots = tuple(slots)
+        return self.ram_slots
 
     # -- vCPUs ----------------------------------------------------------------------
 

@@ -1,0 +1,171 @@
+"""Guest RAM: one memfd, mapped shared and pre-faulted, that KVM runs the guest on and
+every worker reads and writes in place.
+
+Runs in: any process. The coordinator *creates* the RAM (:meth:`GuestRam.create`) and passes
+its fd to every worker, which *attaches* (:meth:`GuestRam.attach`); the VM's owner also gives
+the mapping to KVM (:meth:`~devstate.devices.kvm.vm.KvmVm.map_ram`). All mappings are of the
+same pages (``MAP_SHARED``), so what a vCPU writes a worker reads at once, and the reverse.
+
+A memfd rather than a ``/dev/shm`` file: it has no name anyone can open or leak, it goes
+away with its last fd or mapping, and it passes between processes as an fd (SCM_RIGHTS).
+
+Both ends pre-fault their mapping before the VM stops: the first touch of a shared page
+costs ~50x a warm copy (ARCHITECTURE.md section 5, rule 6), a price stop-and-copy must not pay.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+from collections.abc import Callable
+from types import TracebackType
+
+from devstate.errors import DeviceError, SpecError
+
+PAGE_BYTES = mmap.PAGESIZE
+# madvise(MADV_POPULATE_WRITE) (Linux 5.14) faults every page in, writable, in one call, and
+# never changes their contents; Python 3.11 does not name the constant.
+_MADV_POPULATE_WRITE = 23
+_DEVICE = "guest-ram"
+
+
+class GuestRam:
+    """A guest's RAM: a memfd of ``size`` bytes and this process's shared mapping of it.
+
+    A context manager; :meth:`close` is idempotent. Who may write it: the guest (its vCPUs),
+    the program installer before the first vCPU runs, and the RAM ranges' owners while
+    the guest is stopped; everyone else only reads.
+    """
+
+    def __init__(self, fd: int, size: int, mapping: mmap.mmap) -> None:
+        """Take ownership of ``fd`` and ``mapping``; use :meth:`create` or :meth:`attach`."""
+        self._fd = fd
+        self._size = size
+        self._mmap: mmap.mmap | None = mapping
+        self._view: memoryview | None = memoryview(mapping)
+        # The mapping never moves, so its address outlives the ctypes object that exposed
+        # it (a temporary buffer export, released at once: exports would block close()).
+        self._address = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
+
+    @classmethod
+    def create(cls, size: int, name: str) -> GuestRam:
+        """New zeroed RAM of ``size`` bytes (a multiple of the page), mapped and pre-faulted.
+
+        ``name`` shows in ``/proc/<pid>/fd`` (``memfd:<name>``), for whoever debugs.
+        """
+        _check_size(size)
+        try:
+            fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        except OSError as exc:
+            raise DeviceError(_DEVICE, f"memfd_create({name!r}): {exc.strerror}",
+                              exc.errno) from exc
+        return cls._owning(fd, size, f"size and map memfd {name!r} ({size} B)",
+                           lambda: os.ftruncate(fd, size))
+
+    @classmethod
+    def attach(cls, fd: int, size: int) -> GuestRam:
+        """Map RAM another process created (``fd`` stays the caller's: it is dup'ed here).
+
+        ``size`` must be the memfd's size: a mismatch means the two sides disagree on the
+        machine, and mapping past the file's end would fault (SIGBUS) on first touch.
+        """
+        _check_size(size)
+        try:
+            actual = os.fstat(fd).st_size
+        except OSError as exc:
+            raise DeviceError(_DEVICE, f"attach fd {fd}: {exc.strerror}", exc.errno) from exc
+        if actual != size:
+            raise DeviceError(_DEVICE, f"attach fd {fd}: the memfd holds {actual} B, "
+                                       f"expected {size} B")
+        return cls._owning(os.dup(fd), size, f"map fd {fd} ({size} B)")
+
+    @classmethod
+    def _owning(cls, fd: int, size: int, what: str,
+                prepare: Callable[[], None] | None = None) -> GuestRam:
+        """RAM over ``fd`` (ours now: closed if anything fails), ``prepare``d, then mapped."""
+        try:
+            if prepare is not None:
+                prepare()
+            return cls(fd, size, _map(fd, size))
+        except OSError as exc:
+            os.close(fd)
+            raise DeviceError(_DEVICE, f"{what}: {exc.strerror}", exc.errno) from exc
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @property
+    def fd(self) -> int:
+        """The memfd, to pass to another process (-1 once closed)."""
+        return self._fd
+
+    @property
+    def size(self) -> int:
+        """Bytes of RAM."""
+        return self._size
+
+    @property
+    def view(self) -> memoryview:
+        """A writable view of all of the RAM; DeviceError once closed."""
+        if self._view is None:
+            raise DeviceError(_DEVICE, "the RAM was closed")
+        return self._view
+
+    @property
+    def address(self) -> int:
+        """The mapping's address in this process (for KVM_SET_USER_MEMORY_REGION)."""
+        if self._view is None:
+            raise DeviceError(_DEVICE, "the RAM was closed")
+        return self._address
+
+    def close(self) -> None:
+        """Release the view, unmap and close the fd. Idempotent.
+
+        Close a VM that maps this RAM first: KVM keeps the address, not the pages. A view
+        derived from :attr:`view` (a slice, a numpy array) that is still alive keeps the
+        pages mapped until it goes (``mmap.close`` refuses while exports exist), so such a
+        view never reads unmapped memory; the fd is closed either way.
+        """
+        view, self._view = self._view, None
+        mapping, self._mmap = self._mmap, None
+        fd, self._fd = self._fd, -1
+        if view is not None:
+            view.release()
+        if mapping is not None:
+            try:
+                mapping.close()
+            except BufferError:
+                pass  # a derived view still holds it: unmapped when the last one goes
+        if fd >= 0:
+            os.close(fd)
+
+    def __enter__(self) -> GuestRam:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"GuestRam(fd={self._fd}, size={self._size})"
+
+
+def _check_size(size: int) -> None:
+    if size <= 0 or size % PAGE_BYTES:
+        raise SpecError("ram.size", f"{size} B is not a positive multiple of the "
+                                    f"{PAGE_BYTES} B page")
+
+
+def _map(fd: int, size: int) -> mmap.mmap:
+    """A shared, writable mapping of ``fd``'s first ``size`` bytes, every page faulted in."""
+    mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    try:
+        mapping.madvise(_MADV_POPULATE_WRITE, 0, size)
+    except OSError:
+        # Before Linux 5.14: read one byte per page. A read fault on a memfd allocates the
+        # page and maps it writable (shmem tracks no dirty pages), and unlike a write it
+        # cannot clobber what another process stores meanwhile.
+        for pos in range(0, size, PAGE_BYTES):
+            mapping[pos]
+    return mapping

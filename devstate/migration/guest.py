@@ -1,0 +1,72 @@
+"""A live guest as its coordinator sees it: the guest RAM every worker maps, the program
+installed in it before any vCPU runs, and the check that the guest continued after a move.
+
+Runs in: a coordinator. It creates the RAM (a memfd) and passes it to every worker
+(:class:`~devstate.worker.jobs.MapRam`); it keeps its own mapping to install the program
+(source) and to read the guest's counters, failure codes and checksums (destination). It
+never drives a vCPU: the VM's owner worker does (the owner rule).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+
+import numpy as np
+import numpy.typing as npt
+
+from devstate.config.spec import MachineConfig
+from devstate.devices.kvm import guest
+from devstate.devices.kvm.ram import GuestRam
+from devstate.report.guest import GuestReport
+
+# How long the destination lets a resumed guest run before it looks: enough ticks for
+# every vCPU to advance its counter many times over, even with hundreds sharing 2 cores.
+RUN_BEFORE_CHECK_S = 0.25
+
+
+class LiveMemory:
+    """The guest RAM of a machine with ``[ram]``, mapped here; the program installed
+    unless ``incoming`` (a destination's RAM arrives with the migration)."""
+
+    def __init__(self, spec: MachineConfig, *, side: str, incoming: bool) -> None:
+        assert spec.ram is not None
+        self.layout = guest.GuestLayout.of(spec.vcpus.count, spec.ram.size)
+        self.ram = GuestRam.create(spec.ram.size, name=f"devstate-{side}-ram")
+        try:
+            if not incoming:
+                guest.install(self.ram.view, self.layout)
+        except BaseException:
+            self.ram.close()
+            raise
+
+    def counters(self) -> npt.NDArray[np.uint64]:
+        """Every vCPU's counter as the guest's RAM holds it now (a copy)."""
+        return guest.GuestView(self.ram.view, self.layout).counters().copy()
+
+    async def continuity(self, before: npt.NDArray[np.uint64],
+                         problem: Callable[[], Awaitable[str | None]]) -> GuestReport:
+        """Let the resumed guest run, then judge from its RAM whether it went on from
+        ``before`` (its counters at the stop); ``problem`` asks the VM's owner what went
+        wrong with the vCPUs meanwhile (an exit the guest never makes), if anything."""
+        started = time.monotonic()
+        await asyncio.sleep(RUN_BEFORE_CHECK_S)
+        trouble = await problem()
+        seen = guest.continuity(before, guest.GuestView(self.ram.view, self.layout))
+        why = "; ".join(filter(None, (trouble, seen.why)))
+        return GuestReport(self.layout.vcpus, seen.vcpus_running,
+                           seen.continued and trouble is None, self.ram.size,
+                           (time.monotonic() - started) * 1e3, why)
+
+    def close(self) -> None:
+        """Unmap the RAM here (workers hold their own mappings). Idempotent."""
+        self.ram.close()
+
+    def __enter__(self) -> LiveMemory:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()

@@ -1,0 +1,173 @@
+"""A running guest moves: its vCPUs execute devstate's guest program in guest RAM until the
+stop, RAM and vCPU state move through the pool, and the destination checks from the
+guest's own RAM that every vCPU went on from where it stopped.
+
+What the guest checks (its registers, its checksum blocks) and what the host reads back
+are the guest program's (devstate.devices.kvm.guest); these tests judge the migration by
+that, and break it on purpose in flight: a register changed after its record was verified,
+a page of the guest's RAM changed before its packet's checksum was taken. Neither breaks a
+transport check; both must make the report say the guest did not continue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from devstate.cli import kvm_usable
+from devstate.config.params import MigrationParams
+from devstate.config.spec import MachineConfig, parse_spec
+from devstate.devices.kvm.guest import GuestLayout, GuestView
+from devstate.devices.kvm.ram import GuestRam
+from devstate.errors import MigrationFailed
+from devstate.migration.local import migrate_locally
+from devstate.migration.source import SourceVM
+from devstate.report.migration import format_table
+
+USABLE, WHY = kvm_usable()
+pytestmark = pytest.mark.skipif(not USABLE, reason=f"needs KVM: {WHY}")
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _live(vcpus: int, ram: str = "32MiB", **extra: object) -> MachineConfig:
+    return parse_spec({"seed": 19, "vcpus": {"count": vcpus, "backend": "kvm"},
+                       "ram": {"size": ram}, **extra})
+
+
+def test_a_running_guest_moves_and_continues(run) -> None:
+    spec = _live(16, devices=[{"name": "nic0", "size": "4MiB"}])
+    report = run(migrate_locally(spec, MigrationParams(workers=2)))
+    assert report.guest is not None
+    assert report.guest.continued, report.guest.why
+    assert report.guest.vcpus_running == 16 and report.guest.ram_bytes == 32 << 20
+    ram = [d for d in report.devices if d.id.startswith("ram/")]
+    assert [d.id for d in ram] == ["ram/0"] and ram[0].bytes >= 32 << 20
+    # RAM and the VFIO device by digest (RAM's taken on the destination before it ran);
+    # vCPUs and VM-level state by the guest going on.
+    assert report.verified and all(d.verified for d in report.devices)
+    assert "continued" in format_table([report])
+
+
+def test_a_register_changed_in_flight_stops_the_guest_continuing(run) -> None:
+    """RBP of cpu/0 changes after its record's checksum was verified, to a value KVM takes:
+    the put and the transport pass; the guest program sees its register go wrong."""
+    spec = _live(8)
+    report = run(migrate_locally(spec, MigrationParams(workers=2), dest_params=MigrationParams(
+        workers=2, fault="record-put:alter")))
+    assert report.guest is not None and not report.guest.continued
+    assert "cpu/0" in report.guest.why and "general register" in report.guest.why
+    assert not report.verified
+    assert "DID NOT continue" in format_table([report])
+
+
+def test_a_guest_page_changed_in_flight_stops_the_guest_continuing(run) -> None:
+    """A word of cpu/0's checksum block flips before its packet's checksum is taken: every
+    packet and END are valid and the page lands as sent; the guest's checksum fails."""
+    spec = _live(8)
+    report = run(migrate_locally(spec, MigrationParams(workers=2, fault="get:alter")))
+    assert report.guest is not None and not report.guest.continued
+    assert "cpu/0" in report.guest.why and "checksum" in report.guest.why
+    # The source's RAM digest is of its own (unchanged) RAM: ram/0 is not verified either.
+    assert not next(d for d in report.devices if d.id == "ram/0").verified
+
+
+def test_a_failed_migration_leaves_the_source_guest_running(run) -> None:
+    """The destination's worker dies mid-load: the source resumes its guest, whose
+    counters then advance past where they stopped."""
+    spec = _live(8)
+
+    async def scenario() -> None:
+        async with SourceVM(spec, MigrationParams(workers=2)) as source:
+            memory = source.memory
+            assert memory is not None
+            with pytest.raises(MigrationFailed):
+                from devstate.migration.local import destination
+                async with destination(spec, MigrationParams(
+                        workers=2, fault="record-put:kill-worker")) as dest:
+                    await source.migrate(dest.address)
+            stopped = memory.counters()
+            await asyncio.sleep(0.3)
+            view = GuestView(memory.ram.view, memory.layout)
+            assert (view.counters() > stopped).all()
+            assert not view.failures()
+            assert source.running
+    run(scenario())
+
+
+@pytest.mark.slow  # 288 running vCPUs and 1 GiB of RAM, both sides on this host
+def test_288_running_vcpus_and_1_gib_migrate_with_the_example_spec() -> None:
+    done = subprocess.run([sys.executable, "-m", "devstate", "migrate", "--spec",
+                           str(EXAMPLES / "live-288.toml"), "--json"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["guest"]["continued"], report["guest"]["why"]
+    assert report["guest"]["vcpus_running"] == 288
+    assert report["guest"]["ram_bytes"] == 1 << 30
+    assert report["verified"]
+
+
+def _guest_ram_of(marker: str) -> tuple[int, str]:
+    """The pid of the ``devstate vm`` process whose command line holds ``marker``, and the
+    /proc path of its guest RAM's memfd (any process may map it from there)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode()
+        except OSError:
+            continue
+        if marker not in cmdline or "devstate\0vm" not in cmdline:
+            continue
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                if "memfd:devstate-" in os.readlink(f"/proc/{pid}/fd/{fd}"):
+                    return int(pid), f"/proc/{pid}/fd/{fd}"
+    raise AssertionError(f"no devstate vm with guest RAM for {marker}")
+
+
+def test_qmp_stop_and_cont_really_pause_and_resume_the_guest(run, tmp_path: Path) -> None:
+    """``devstate vm --qmp`` runs the guest: its counters advance while query-status says
+    running, stand still after ``stop`` (status paused), and advance again after ``cont``."""
+    from tests.test_qmp_migration import client, vm_process
+
+    spec = _live(8)
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(spec.to_dict()))
+    qmp_path = tmp_path / "vm.qmp"
+
+    async def counters_over(view: GuestView, seconds: float) -> tuple[object, object]:
+        before = view.counters()
+        await asyncio.sleep(seconds)
+        return before, view.counters()
+
+    async def scenario() -> None:
+        async with vm_process(spec_path, qmp_path) as path, client(path, "test") as qmp:
+            _, ram_path = _guest_ram_of(str(qmp_path))
+            layout = GuestLayout.of(8, 32 << 20)
+            fd = os.open(ram_path, os.O_RDWR)
+            try:
+                ram = GuestRam.attach(fd, 32 << 20)
+            finally:
+                os.close(fd)
+            with ram:
+                view = GuestView(ram.view, layout)
+                assert (await qmp.execute("query-status"))["status"] == "running"
+                before, after = await counters_over(view, 0.3)
+                assert (after > before).all()
+                await qmp.execute("stop")
+                assert (await qmp.execute("query-status"))["status"] == "paused"
+                before, after = await counters_over(view, 0.3)
+                assert (after == before).all()
+                await qmp.execute("cont")
+                assert (await qmp.execute("query-status"))["status"] == "running"
+                before, after = await counters_over(view, 0.3)
+                assert (after > before).all() and not view.failures()
+                del view
+            await qmp.execute("quit")
+    run(scenario())
