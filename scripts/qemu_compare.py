@@ -27,6 +27,30 @@ digest on both sides after the resume, which QEMU does not.
 What it does not measure: RAM-heavy guests, precopy convergence, real devices (virtio,
 VFIO), a network between hosts, QEMU's multifd, or process start-up (neither side's).
 
+``--live``: devstate's side migrates a *live* guest instead of bare vCPU state: a spec
+with ``[ram] size`` equal to QEMU's ``--memory``, whose vCPUs execute devstate's guest
+program in that RAM (a memfd) until the stop and go on from where they stopped on the
+destination, which checks it from the guest's own RAM; each row then carries the report's
+``guest`` block (``devstate_guest_continued``, ``devstate_guest_vcpus_running``) and a
+guest that did not continue is an error. The two guests are not doing the same thing:
+
+* QEMU's guest is SeaBIOS with no boot device. At POST, SeaBIOS wakes every AP once
+  (INIT-SIPI-SIPI) to count it and load its MTRRs, after which each AP sits in a
+  ``hlt`` loop with interrupts off for good (its debug log: "Found 288 cpu(s)"); the BSP
+  fails to boot ("No bootable device.") and halts waiting for interrupts. By the time of
+  the migration every vCPU is halted and the RAM is all but untouched.
+* devstate's guest: every vCPU executing the guest program (long mode, its loop of
+  checks and checksums, dirtying pages of its working set), halting between its 50 ms
+  LAPIC timer ticks (``devstate/devices/kvm/guest.py``).
+
+And the RAM moves differently. QEMU carries all of its RAM in its first precopy pass,
+while the guest runs (the downtime limit is huge, so it switches over right after; zero
+pages go as a flag, so an untouched RAM is little on the wire: ``qemu_ram_bytes``), and
+its downtime holds only what was dirtied since. devstate has no RAM precopy yet (the next
+issue): its stop-and-copy moves the whole RAM, every byte, inside the downtime, as the
+stream devices ``ram/0..k``. So with ``--live`` devstate's figure includes the RAM and
+QEMU's does not: the comparison is of the two stacks as they are today, not of like work.
+
 Pinning: as ``sweep.py``, the source (QEMU's whole process, or devstate's workers) on the
 first half of the usable CPUs and the destination on the second half.
 
@@ -34,7 +58,8 @@ If ``qemu-system-x86_64`` is not installed this says how to install it and exits
 a comparison, not a dependency); likewise without a usable /dev/kvm.
 
 Usage: ``python scripts/qemu_compare.py [--vcpus 64 128 256] [--rounds 3] [--memory 64]
-[--workers N] [--cpu host,-arch-capabilities] [--settle 1.0] [--out qemu-compare-out]``.
+[--live] [--workers N] [--cpu host,-arch-capabilities] [--settle 1.0]
+[--out qemu-compare-out]``.
 Counts beyond QEMU's q35 ``-smp`` maximum (288 in QEMU 7.2, probed at start) run devstate
 alone, with a note.
 """
@@ -81,7 +106,9 @@ DEFAULT_CPU = "host,-arch-capabilities"
 
 COLUMNS = ("round", "vcpus", "qemu_downtime_ms", "qemu_stop_to_resume_ms", "qemu_total_ms",
            "qemu_setup_ms", "qemu_ram_bytes", "devstate_downtime_ms", "devstate_expected_ms",
-           "devstate_verified", "devstate_backend", "devstate_workers", "note", "error")
+           "devstate_verified", "devstate_backend", "devstate_workers", "devstate_live",
+           "devstate_bytes", "devstate_guest_continued", "devstate_guest_vcpus_running",
+           "note", "error")
 
 
 class QemuError(Exception):
@@ -197,7 +224,7 @@ def _tail(log: Path) -> str:
 def _stamp(event: Any) -> float:
     """An event's QMP timestamp, in seconds of the host's wall clock."""
     ts = event["timestamp"]
-    return ts["seconds"] + ts["microseconds"] / 1e6
+    return float(ts["seconds"] + ts["microseconds"] / 1e6)
 
 
 async def migrate_qemu(qemu: str, vcpus: int, args: argparse.Namespace, sides: SideCpus,
@@ -240,8 +267,10 @@ async def _switchover(src: Any, dst: Any, sock: Path) -> tuple[float, float]:
                 async for event in on_src:
                     if event["event"] == "STOP" and stop is None:
                         stop = _stamp(event)
-                    status = event["data"].get("status") if event["event"] == "MIGRATION" \
-                        else None
+                    # Only MIGRATION events carry data (STOP has none); a QMP Message's
+                    # values are typed object.
+                    data: Any = event["data"] if event["event"] == "MIGRATION" else {}
+                    status = data.get("status")
                     if status in ("failed", "cancelled"):
                         info = await src.execute("query-migrate")
                         raise QemuError(f"QEMU migration {status}: "
@@ -257,9 +286,11 @@ async def _switchover(src: Any, dst: Any, sock: Path) -> tuple[float, float]:
     return stop, resume
 
 
-def migrate_devstate(vcpus: int, backend: str, workers: int,
-                     sides: SideCpus) -> dict[str, Any]:
-    """One devstate migration of the same vCPUs, no devices; the CSV fields."""
+def migrate_devstate(vcpus: int, backend: str, workers: int, sides: SideCpus, *,
+                     ram_mib: int | None = None) -> tuple[dict[str, Any], str | None]:
+    """One devstate migration of the same vCPUs, no devices: the CSV fields, and what was
+    wrong with the guest if anything. With ``ram_mib`` a live guest with that much RAM
+    (its vCPUs executing the guest program until the stop); without, bare vCPU state."""
     import uvloop
     from sweep import Point, pinned_params
 
@@ -267,13 +298,27 @@ def migrate_devstate(vcpus: int, backend: str, workers: int,
     from devstate.config.spec import parse_spec
     from devstate.migration.local import migrate_locally
 
-    spec = parse_spec({"name": f"qemu-compare-{vcpus}", "seed": 7,
-                       "vcpus": {"count": vcpus, "backend": backend}})
+    machine: dict[str, Any] = {"name": f"qemu-compare-{vcpus}", "seed": 7,
+                               "vcpus": {"count": vcpus, "backend": backend}}
+    if ram_mib is not None:
+        machine["ram"] = {"size": f"{ram_mib}MiB"}
+    spec = parse_spec(machine)
     source, dest = pinned_params(Point(vcpus, 0, workers, Schedule.CONCURRENT), sides)
     report = uvloop.run(migrate_locally(spec, source, dest_params=dest))
-    return {"devstate_downtime_ms": round(report.downtime_ms, 3),
-            "devstate_expected_ms": round(report.expected_ms, 3),
-            "devstate_verified": report.verified}
+    row: dict[str, Any] = {"devstate_downtime_ms": round(report.downtime_ms, 3),
+                           "devstate_expected_ms": round(report.expected_ms, 3),
+                           "devstate_verified": report.verified,
+                           "devstate_live": spec.live,
+                           "devstate_bytes": report.total_bytes}
+    if not spec.live:
+        return row, None
+    guest = report.guest
+    if guest is None:  # a live spec whose report has no guest block: say so, keep the row
+        return row, "devstate: a live guest, but the report has no guest block"
+    row |= {"devstate_guest_continued": guest.continued,
+            "devstate_guest_vcpus_running": guest.vcpus_running}
+    return row, None if guest.continued else f"devstate: the guest did not continue: " \
+                                             f"{guest.why}"
 
 
 def one_round(qemu: str, rnd: int, vcpus: int, args: argparse.Namespace,
@@ -300,7 +345,11 @@ def one_round(qemu: str, rnd: int, vcpus: int, args: argparse.Namespace,
             except (QemuError, QMPError, OSError) as exc:  # a failed row, not the run
                 errors.append(f"qemu: {exc}")
     try:
-        row.update(migrate_devstate(vcpus, args.backend, args.workers, sides))
+        fields, problem = migrate_devstate(vcpus, args.backend, args.workers, sides,
+                                           ram_mib=args.memory if args.live else None)
+        row.update(fields)
+        if problem:
+            errors.append(problem)
     except (DevstateError, OSError, TimeoutError) as exc:
         errors.append(f"devstate: {exc}")
     row["error"] = "; ".join(errors)
@@ -308,9 +357,12 @@ def one_round(qemu: str, rnd: int, vcpus: int, args: argparse.Namespace,
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """Medians per vCPU count, side by side."""
+    """Medians per vCPU count, side by side; for a live guest, in how many runs it
+    continued."""
+    live = any(r.get("devstate_live") is True for r in rows)
     lines = [f"{'vCPUs':>6} {'QEMU downtime':>14} {'QEMU stop->resume':>18} "
-             f"{'devstate':>9} {'QEMU/devstate':>14} {'runs':>4}  notes"]
+             f"{'devstate':>9} {'QEMU/devstate':>14} {'runs':>4}"
+             + (f" {'guest continued':>15}" if live else "") + "  notes"]
     for vcpus in sorted({r["vcpus"] for r in rows}):
         mine = [r for r in rows if r["vcpus"] == vcpus]
         q_down = _median(mine, "qemu_downtime_ms")
@@ -318,8 +370,10 @@ def table(rows: list[dict[str, Any]]) -> str:
         ours = _median(mine, "devstate_downtime_ms")
         ratio = f"{q_e2e / ours:.2f}x" if q_e2e and ours else "-"
         notes = "; ".join(sorted({r[k] for r in mine for k in ("note", "error") if r[k]}))
+        continued = sum(r.get("devstate_guest_continued") is True for r in mine)
         lines.append(f"{vcpus:>6} {_ms(q_down):>14} {_ms(q_e2e):>18} {_ms(ours):>9} "
-                     f"{ratio:>14} {len(mine):>4}  {notes}")
+                     f"{ratio:>14} {len(mine):>4}"
+                     + (f" {f'{continued}/{len(mine)}':>15}" if live else "") + f"  {notes}")
     return "\n".join(lines)
 
 
@@ -344,7 +398,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--vcpus", type=_positive, nargs="+", default=[64, 128, 256])
     p.add_argument("--rounds", type=_positive, default=3)
-    p.add_argument("--memory", type=_positive, default=64, help="guest RAM of QEMU, MiB")
+    p.add_argument("--memory", type=_positive, default=64,
+                   help="guest RAM of QEMU (and of devstate's guest with --live), MiB")
+    p.add_argument("--live", action="store_true",
+                   help="devstate migrates a live guest with --memory of RAM, not bare vCPUs")
     p.add_argument("--workers", type=_positive, default=None,
                    help="devstate workers per side (default: the CPUs of a side)")
     p.add_argument("--cpu", default=DEFAULT_CPU, help="QEMU's -cpu")
@@ -377,11 +434,13 @@ def main(argv: list[str] | None = None) -> int:
     info = {**host_info(), "qemu": qemu, "qemu_version": version[0] if version else None,
             "qemu_max_cpus": args.qemu_max, "qemu_memory_mib": args.memory,
             "qemu_cpu": args.cpu, "cpu_split": sides.note,
-            "devstate_workers": args.workers}
+            "devstate_workers": args.workers, "devstate_live": args.live}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "host.json").write_text(json.dumps(info, indent=2) + "\n")
+    ours = (f"a live guest of {args.memory} MiB RAM (no RAM precopy: all of it in the "
+            f"downtime)" if args.live else "kvm vCPUs, no RAM")
     print(f"{info['qemu_version']} (q35 max {args.qemu_max} vCPUs), guest RAM "
-          f"{args.memory} MiB; devstate: kvm vCPUs, {args.workers} worker(s) per side\n"
+          f"{args.memory} MiB; devstate: {ours}, {args.workers} worker(s) per side\n"
           f"pinning: {sides.note}", flush=True)
     rows = run(qemu, args, sides)
     print(table(rows))
@@ -405,6 +464,8 @@ def run(qemu: str, args: argparse.Namespace, sides: SideCpus) -> list[dict[str, 
                     print(f"round {rnd}: {vcpus} vCPUs: QEMU "
                           f"{_ms(_median([row], 'qemu_stop_to_resume_ms'))} stop->resume, "
                           f"devstate {_ms(_median([row], 'devstate_downtime_ms'))}"
+                          + (f" (guest continued: {row['devstate_guest_continued']})"
+                             if args.live else "")
                           + "".join(f" ({row[k]})" for k in ("note", "error") if row[k]),
                           file=sys.stderr, flush=True)
         except KeyboardInterrupt:

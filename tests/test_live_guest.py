@@ -171,3 +171,52 @@ def test_qmp_stop_and_cont_really_pause_and_resume_the_guest(run, tmp_path: Path
                 del view
             await qmp.execute("quit")
     run(scenario())
+
+
+def test_a_cancelled_migration_leaves_the_source_guest_running(run, tmp_path: Path) -> None:
+    """``migrate_cancel`` over QMP during stop-and-copy (a slow device keeps it going):
+    the source says running again, and its guest's counters, read from its RAM, advance
+    from where they stood while it was stopped, with no failure code."""
+    from qemu.qmp import EventListener
+
+    from tests.test_qmp_migration import _statuses, client, vm_process
+
+    spec = _live(8, devices=[{"name": "nic", "size": "24MiB", "write_bandwidth": "16MiB/s"}])
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(spec.to_dict()))
+    incoming = tmp_path / "incoming.sock"
+    src_qmp = tmp_path / "src.qmp"
+
+    async def scenario() -> None:
+        async with vm_process(spec_path, src_qmp) as src_path, \
+                vm_process(spec_path, tmp_path / "dst.qmp", "--incoming",
+                           f"unix:{incoming}", exit_code=1):
+            _, ram_path = _guest_ram_of(str(src_qmp))
+            fd = os.open(ram_path, os.O_RDWR)
+            try:
+                ram = GuestRam.attach(fd, 32 << 20)
+            finally:
+                os.close(fd)
+            with ram:
+                view = GuestView(ram.view, GuestLayout.of(8, 32 << 20))
+                async with client(src_path, "source") as src:
+                    await src.execute("migrate-set-capabilities", {"capabilities": [
+                        {"capability": "events", "state": True}]})
+                    await src.execute("migrate-set-parameters", {"downtime-limit": 60_000})
+                    listener = EventListener(("MIGRATION",))
+                    with src.listen(listener):
+                        await src.execute("migrate", {"uri": f"unix:{incoming}"})
+                        await _statuses(listener, ("device",))
+                        await asyncio.sleep(0.2)
+                        stopped = view.counters()
+                        await asyncio.sleep(0.2)
+                        assert (view.counters() == stopped).all()  # stopped for the copy
+                        await src.execute("migrate_cancel")
+                        seen = await _statuses(listener, ("cancelled", "completed", "failed"))
+                    assert seen[-1] == "cancelled", seen
+                    assert (await src.execute("query-status"))["status"] == "running"
+                    await asyncio.sleep(0.3)
+                    assert (view.counters() > stopped).all() and not view.failures()
+                    del view
+                    await src.execute("quit")
+    run(scenario())
