@@ -47,6 +47,9 @@ def test_a_running_guest_moves_and_continues(run) -> None:
     assert report.guest is not None
     assert report.guest.continued, report.guest.why
     assert report.guest.vcpus_running == 16 and report.guest.ram_bytes == 32 << 20
+    # Downtime ends at the release of the destination's last vCPU, which RESUMED follows.
+    assert report.resumed_seen_ms is not None
+    assert 0 < report.downtime_ms <= report.resumed_seen_ms
     ram = [d for d in report.devices if d.id.startswith("ram/")]
     assert [d.id for d in ram] == ["ram/0"] and ram[0].bytes >= 32 << 20
     # RAM and the VFIO device by digest (RAM's taken on the destination before it ran);

@@ -95,11 +95,11 @@ class DeviceHost:
         """Every vCPU out of KVM_RUN; monotonic ns of the last stop (0: no guest runs)."""
         return self._guest.stop() if self._guest is not None else 0
 
-    def resume_guest(self) -> None:
+    def resume_guest(self) -> int:
         """Every vCPU back in KVM_RUN (a destination's first time: from the state its
-        vCPUs were loaded with). Nothing if no guest was started here."""
-        if self._guest is not None:
-            self._guest.resume()
+        vCPUs were loaded with); monotonic ns when the last one was released (0: no guest
+        here, or it was running)."""
+        return self._guest.resume() if self._guest is not None else 0
 
     def guest_problem(self) -> str | None:
         """What went wrong with the running vCPUs (an exit the guest never makes), or None."""

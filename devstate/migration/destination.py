@@ -126,7 +126,8 @@ class Incoming(OnMachine):
         guest, whether it went on from its counters ``at_stop``."""
         try:
             with no_gc_pauses():
-                await self.pool.call_all({w: m.Resume() for w in range(self.plan.workers)})
+                resumed = await self.pool.call_all({w: m.Resume()
+                                                    for w in range(self.plan.workers)})
         except DevstateError as exc:
             # Committed, but not running: put every device that did resume back to blank,
             # then tell the source that nothing runs here, so that it resumes its own (the
@@ -147,7 +148,8 @@ class Incoming(OnMachine):
             await channels.send(main, Report(
                 [r.to_json() for r in results], self._ready_ns, self.params.to_json(),
                 await self.machine.digests() if send_digests else {},
-                cost.to_json() if cost else {}, guest.to_json() if guest else None))
+                cost.to_json() if cost else {}, guest.to_json() if guest else None,
+                max(resumed.values(), default=0)))
         except (DevstateError, OSError) as exc:
             # Running here, and the source has committed: a report that cannot be sent
             # changes nothing; say why.

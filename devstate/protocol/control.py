@@ -114,6 +114,7 @@ class Report(Control):
     digests: dict[str, str]  # device id -> hex digest
     kvm: dict[str, JsonValue]  # VcpuCost.to_json() of the destination ({}: no kvm vCPUs)
     guest: dict[str, JsonValue] | None = None  # GuestReport.to_json() (None: no live guest)
+    resumed_ns: int = 0  # a live guest: its last vCPU released into KVM_RUN, our clock
 
 
 @dataclass(frozen=True, slots=True)

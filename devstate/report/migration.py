@@ -114,6 +114,9 @@ class MigrationReport:
     destination_params: dict[str, Any] = field(default_factory=dict)
     kvm: KvmReport | None = None  # the KVM vCPUs' engine, threads and cost, if any
     guest: GuestReport | None = None  # a live guest: did it continue on the destination
+    # A live guest: stop to the source seeing RESUMED (downtime_ms ends at the release of
+    # the destination's last vCPU, which RESUMED follows).
+    resumed_seen_ms: float | None = None
 
     @property
     def overrun_ms(self) -> float:
@@ -145,6 +148,8 @@ class MigrationReport:
             "verified": self.verified,
             "kvm": self.kvm.to_json() if self.kvm else None,
             "guest": self.guest.to_json() if self.guest else None,
+            "resumed_seen_ms": None if self.resumed_seen_ms is None
+            else round(self.resumed_seen_ms, 3),
             "devices": [
                 {**asdict(d), "save_ms": round(d.save_ms, 3), "load_ms": round(d.load_ms, 3)}
                 for d in self.devices
@@ -182,7 +187,10 @@ def format_table(reports: Iterable[MigrationReport]) -> str:
         if report.kvm is not None:
             lines.append(f"  {report.kvm.describe()}")
         if report.guest is not None:
-            lines.append(f"  {report.guest.describe()}")
+            seen = "" if report.resumed_seen_ms is None else \
+                f"; downtime to the last vCPU's release, RESUMED seen at " \
+                f"{report.resumed_seen_ms:.1f} ms"
+            lines.append(f"  {report.guest.describe()}{seen}")
         if report.downtime_limit_ms is not None:
             lines.append(f"  limit {report.downtime_limit_ms:.0f} ms: " + (
                 f"overrun by {report.overrun_ms:.1f} ms; critical path: "

@@ -196,7 +196,8 @@ class Pause(Job):
 
 @dataclass(frozen=True, slots=True)
 class Resume(Job):
-    """Run every owned device again (the VM resumes on this side)."""
+    """Run every owned device again (the VM resumes on this side); replies when the live
+    guest's last vCPU was released into KVM_RUN (monotonic ns; 0: no guest here)."""
 
 
 @dataclass(frozen=True, slots=True)

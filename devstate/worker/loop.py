@@ -364,11 +364,11 @@ class Worker:
                 self._host.resume_guest()
 
     @handles(m.Resume)
-    async def _resume(self, _job: m.Resume, _: int | None) -> None:
+    async def _resume(self, _job: m.Resume, _: int | None) -> int:
         self._drop_channels()  # a source recovering: channels of a failed setup
         injector.strike("resume")
         await self._each_device("resume")
-        self._host.resume_guest()
+        return self._host.resume_guest()
 
     @handles(m.PrepareVcpus)
     async def _prepare_vcpus(self, job: m.PrepareVcpus, _: int | None) -> None:
