@@ -23,21 +23,28 @@ def devstate(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[st
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
-@pytest.mark.slow  # two migrations of the 516-device default machine
+@pytest.mark.slow  # two migrations of the default machine: a live guest of 512 vCPUs
 def test_demo_json_reports_both_modes_on_the_default_machine() -> None:
+    from devstate.cli import kvm_usable
+
+    usable, why = kvm_usable()
     done = devstate("demo", "--json")
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     for mode in ("sequential", "concurrent"):
         assert out[mode]["downtime_ms"] > 0
         devices = out[mode]["devices"]
-        assert len([d for d in devices if not d["id"].startswith("vm/")]) == 516
+        ram = [d for d in devices if d["id"].startswith("ram/")]
+        assert len([d for d in devices if d["id"].startswith(("cpu/", "vfio/"))]) == 516
         assert all({"id", "bytes", "verified"} <= d.keys() and d["verified"] for d in devices)
+        guest = out[mode]["guest"]
+        if usable:  # the live guest: its RAM moved, and it went on running
+            assert len(ram) == 8 and guest["continued"] and guest["vcpus_running"] == 512
+            assert guest["ram_bytes"] == 256 << 20
+        else:
+            assert not ram and guest is None
     assert out["sequential"]["workers"] == 1
     assert out["speedup"] > 1.0
-    from devstate.cli import kvm_usable
-
-    usable, why = kvm_usable()
     assert out["vcpu_backend"] == ("kvm" if usable else "sim-vcpu")
     assert why in out["vcpu_backend_reason"]
 
