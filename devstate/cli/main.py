@@ -50,6 +50,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         startup.ready()
         return uvloop.run(_stoppable(command(args)))
     except DevstateError as exc:
+        if isinstance(exc.__context__, asyncio.CancelledError):
+            # Ctrl-C landed where the command could only end in an error of its own (after
+            # a migration's COMMIT: the destination runs the VM, the source stays stopped):
+            # said as that error, counted as the interruption it was.
+            return _failed(args, exc, f"interrupted: {exc}", Exit.INTERRUPTED)
         return _failed(args, exc, f"error: {exc}", Exit.ERROR)
     except KeyboardInterrupt as exc:
         how = "terminated" if isinstance(exc, Terminated) else "interrupted"
