@@ -29,16 +29,9 @@ import pytest
 
 from devstate.devices.kvm import run, structs, uapi
 from devstate.devices.kvm.engine import ENGINE_VARIABLE, EngineName
+from devstate.devices.kvm.exits import SNAPSHOT_BYTES, ExitReason, VcpuFault
 from devstate.devices.kvm.ram import GuestRam
-from devstate.devices.kvm.run import (
-    KICK_SIGNAL,
-    SNAPSHOT_BYTES,
-    ExitReason,
-    RunnerState,
-    VcpuFault,
-    VcpuRunner,
-    run_engine_name,
-)
+from devstate.devices.kvm.run import KICK_SIGNAL, RunnerState, VcpuRunner, run_engine_name
 from devstate.devices.kvm.uapi import Ioctl, KvmError
 from devstate.devices.kvm.vcpu import KvmVcpu
 from devstate.devices.kvm.vm import KvmVm
