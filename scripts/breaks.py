@@ -144,7 +144,7 @@ BREAKS = (
           ("tests/test_live_guest.py", "-k", "failed or cancelled")),
     Break("guest-failures-ignored", "the continuity check ignores the failure codes the "
                                     "guest writes",
-          (Patch("devstate/devices/kvm/guest.py",
+          (Patch("devstate/devices/kvm/guest_view.py",
                  "problems = [failure.describe() for failure in after.failures()]",
                  "problems = []"),),
           ("tests/test_live_guest.py", "-k", "register_changed")),

@@ -28,9 +28,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from devstate.devices.kvm import guest, structs, uapi
+from devstate.devices.kvm import guest, guest_view, structs, uapi
 from devstate.devices.kvm import guest_program as gp
-from devstate.devices.kvm.guest import GuestLayout, GuestParams, GuestView
+from devstate.devices.kvm.guest import GuestLayout, GuestParams
+from devstate.devices.kvm.guest_view import GuestView
 from devstate.devices.kvm.ram import GuestRam
 from devstate.devices.kvm.uapi import Ioctl, KvmError
 from devstate.devices.kvm.vcpu import KvmVcpu
@@ -179,7 +180,7 @@ def test_continuity_of_a_guest_that_went_on(installed: tuple[GuestRam, GuestLayo
     view = GuestView(ram.view, layout)
     before = view.counters()
     advance_all(ram, layout)
-    assert guest.continuity(before, view) == guest.Continuity(4, 4, True, "")
+    assert guest_view.continuity(before, view) == guest_view.Continuity(4, 4, True, "")
 
 
 def test_continuity_names_a_failure_code(installed: tuple[GuestRam, GuestLayout]) -> None:
@@ -188,7 +189,7 @@ def test_continuity_names_a_failure_code(installed: tuple[GuestRam, GuestLayout]
     before = view.counters()
     advance_all(ram, layout)
     put_u64(ram, layout, 2, gp.CB_FAIL_CODE, gp.Failure.VECTOR_REGISTER)
-    seen = guest.continuity(before, view)
+    seen = guest_view.continuity(before, view)
     assert (seen.vcpus_running, seen.continued) == (4, False)
     assert seen.why == "cpu/2 failure code 2 (vector register YMM0)"
 
@@ -202,7 +203,7 @@ def test_continuity_names_a_vcpu_that_stopped_counting(
     put_u64(ram, layout, 1, gp.CB_COUNTER, 5)  # went back
     put_u64(ram, layout, 3, gp.CB_COUNTER, 1000 + 3 + 7)
     put_u64(ram, layout, 0, gp.CB_COUNTER, 1000 + 1)
-    seen = guest.continuity(before, view)
+    seen = guest_view.continuity(before, view)
     assert (seen.vcpus_running, seen.continued) == (2, False)
     assert seen.why == "cpu/1 counter went back from 1001 to 5; cpu/2 counter stayed at 1002"
 
@@ -215,8 +216,8 @@ def test_continuity_recounts_the_checksum_blocks(
     advance_all(ram, layout)
     word = layout.area(3) + gp.CHECKSUM_BLOCK + 4 * 17
     ram.view[word] ^= 1
-    assert view.checksums(settle_s=0) == guest.ChecksumCheck(bad=(3,), unsettled=())
-    seen = guest.continuity(before, view)
+    assert view.checksums(settle_s=0) == guest_view.ChecksumCheck(bad=(3,), unsettled=())
+    seen = guest_view.continuity(before, view)
     assert not seen.continued and seen.why == "cpu/3 checksum does not hold"
 
 
@@ -229,19 +230,19 @@ def test_a_block_mid_update_is_unverified_not_bad(
     put_u64(ram, layout, 1, gp.CB_SEQ, 7)
     ram.view[layout.area(1) + gp.CHECKSUM_BLOCK] = 5  # the word changed, the sum not yet
     started = time.monotonic()
-    assert view.checksums(settle_s=0.05) == guest.ChecksumCheck(bad=(), unsettled=(1,))
+    assert view.checksums(settle_s=0.05) == guest_view.ChecksumCheck(bad=(), unsettled=(1,))
     assert 0.05 <= time.monotonic() - started < 1
     before = view.counters()
     advance_all(ram, layout)
-    assert guest.continuity(before, view, settle_s=0).why == \
+    assert guest_view.continuity(before, view, settle_s=0).why == \
         "cpu/1 checksum unverified (mid-update at every look)"
 
 
 def test_continuity_of_ram_without_the_program(installed: tuple[GuestRam, GuestLayout]) -> None:
     ram, layout = installed
     ram.view[gp.PARAMS_MAGIC:gp.PARAMS_MAGIC + 4] = bytes(4)
-    seen = guest.continuity(np.zeros(4, np.uint64), GuestView(ram.view, layout))
-    assert seen == guest.Continuity(4, 0, False, "the guest RAM holds no installed guest "
+    seen = guest_view.continuity(np.zeros(4, np.uint64), GuestView(ram.view, layout))
+    assert seen == guest_view.Continuity(4, 0, False, "the guest RAM holds no installed guest "
                                                  "program for 4 vCPUs")
 
 
@@ -252,7 +253,7 @@ def test_continuity_names_a_few_problems_and_counts_the_rest(
     for index in range(4):
         put_u64(ram, layout, index, gp.CB_FAIL_CODE, gp.Failure.STACK)
         put_u64(ram, layout, index, gp.CB_FAIL_VALUE, 0x1234)
-    why = guest.continuity(view.counters(), view).why
+    why = guest_view.continuity(view.counters(), view).why
     assert why.startswith("cpu/0 failure code 5 (stack pointer RSP = 0x1234); cpu/1 ")
     assert why.endswith("; and 4 more")  # 4 failures shown, then 4 counters that stayed
 
@@ -406,8 +407,8 @@ def test_vcpus_run_the_program_and_keep_every_check(
     ticks = live.view.ticks()
     live.runner.resume()
     time.sleep(0.3)
-    seen = guest.continuity(before, live.view)
-    assert seen == guest.Continuity(vcpus, vcpus, True, ""), live.runner.exits
+    seen = guest_view.continuity(before, live.view)
+    assert seen == guest_view.Continuity(vcpus, vcpus, True, ""), live.runner.exits
     assert (live.view.ticks() > ticks).all()  # the timer interrupts came
     assert live.runner.exits == {}
 
@@ -420,7 +421,7 @@ def test_stopped_vcpus_do_not_count(live_guest: Callable[..., LiveGuest]) -> Non
     before = live.view.counters()
     time.sleep(0.2)
     assert (live.view.counters() == before).all()
-    assert guest.continuity(before, live.view).vcpus_running == 0
+    assert guest_view.continuity(before, live.view).vcpus_running == 0
 
 
 @needs_kvm
@@ -479,7 +480,7 @@ def test_a_corrupted_register_is_named_by_the_vcpu_that_holds_it(
     while not live.view.failures() and time.monotonic() < deadline:
         time.sleep(0.01)
     time.sleep(0.2)  # the others go on counting
-    seen = guest.continuity(before, live.view)
+    seen = guest_view.continuity(before, live.view)
     assert not seen.continued and seen.why.startswith(f"cpu/2 {why}"), seen
     assert [failure.vcpu for failure in live.view.failures()] == [2]
     assert live.runner.exits == {}  # the guest halted itself: no exit, no triple fault
@@ -501,7 +502,7 @@ def test_a_corrupted_ram_word_fails_the_host_check_and_the_guests(
     assert victim in live.view.checksums(settle_s=0.05).bad
     live.runner.resume()
     time.sleep(0.3)
-    seen = guest.continuity(before, live.view)
+    seen = guest_view.continuity(before, live.view)
     assert not seen.continued
     assert seen.why.startswith(f"cpu/{victim} failure code 3 (RAM checksum"), seen
 
@@ -521,7 +522,7 @@ def test_a_vcpu_whose_timer_is_lost_stops_counting(live_guest: Callable[..., Liv
     time.sleep(0.3)  # long enough for vCPU 1 to finish the tick it was stopped in
     before = live.view.counters()
     time.sleep(0.3)
-    seen = guest.continuity(before, live.view)
+    seen = guest_view.continuity(before, live.view)
     assert (seen.vcpus_running, seen.continued) == (3, False)
     assert seen.why == f"cpu/1 counter stayed at {before[1]}"
 
@@ -582,8 +583,8 @@ def test_the_guest_goes_on_in_another_vm_after_its_state_and_ram_move(
         vcpu.put(memoryview(record))
     destination.runner.resume()
     time.sleep(0.3)
-    seen = guest.continuity(before, destination.view)
+    seen = guest_view.continuity(before, destination.view)
     if ram_moves:
-        assert seen == guest.Continuity(8, 8, True, ""), destination.runner.exits
+        assert seen == guest_view.Continuity(8, 8, True, ""), destination.runner.exits
     else:
         assert not seen.continued and "no installed guest program" in seen.why

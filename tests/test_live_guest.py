@@ -25,7 +25,8 @@ import pytest
 from devstate.cli import kvm_usable
 from devstate.config.params import MigrationParams
 from devstate.config.spec import MachineConfig, parse_spec
-from devstate.devices.kvm.guest import GuestLayout, GuestView
+from devstate.devices.kvm.guest import GuestLayout
+from devstate.devices.kvm.guest_view import GuestView
 from devstate.devices.kvm.ram import GuestRam
 from devstate.errors import MigrationFailed
 from devstate.migration.local import migrate_locally

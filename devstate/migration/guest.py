@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from devstate.config.spec import MachineConfig
-from devstate.devices.kvm import guest
+from devstate.devices.kvm import guest, guest_view
 from devstate.devices.kvm.ram import GuestRam
 from devstate.report.guest import GuestReport
 
@@ -44,7 +44,7 @@ class LiveMemory:
 
     def counters(self) -> npt.NDArray[np.uint64]:
         """Every vCPU's counter as the guest's RAM holds it now (a copy)."""
-        return guest.GuestView(self.ram.view, self.layout).counters().copy()
+        return guest_view.GuestView(self.ram.view, self.layout).counters().copy()
 
     async def continuity(self, before: npt.NDArray[np.uint64],
                          problem: Callable[[], Awaitable[str | None]]) -> GuestReport:
@@ -54,7 +54,7 @@ class LiveMemory:
         started = time.monotonic()
         await asyncio.sleep(RUN_BEFORE_CHECK_S)
         trouble = await problem()
-        seen = guest.continuity(before, guest.GuestView(self.ram.view, self.layout))
+        seen = guest_view.continuity(before, guest_view.GuestView(self.ram.view, self.layout))
         why = "; ".join(filter(None, (trouble, seen.why)))
         return GuestReport(self.layout.vcpus, seen.vcpus_running,
                            seen.continued and trouble is None, self.ram.size,

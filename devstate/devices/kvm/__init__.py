@@ -12,7 +12,8 @@ drive. Arrows point one way: uapi <- record <- seed, verify <- vcpu <- engine, v
 
 A live guest (a spec with ``[ram]``): :mod:`.ram` is its RAM, a memfd every worker maps;
 :mod:`.guest_program` the program its vCPUs run (source ``guest.S``) and :mod:`.guest`
-where it lives in RAM, how vCPUs enter it and how the host reads its progress; :mod:`.run`
+where it lives in RAM and how vCPUs enter it, :mod:`.guest_view` how the host reads its
+progress and judges it after a move; :mod:`.run`
 runs the vCPUs in KVM_RUN on threads (natively: the C extension ``_run``; else
 :mod:`.run_threads`) and stops and resumes them, :mod:`.exits` says how a KVM_RUN ended;
 :mod:`.live` is that guest on its owner's VM; :mod:`.memory` moves a range of its RAM as
