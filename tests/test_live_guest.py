@@ -228,3 +228,21 @@ def test_a_cancelled_migration_leaves_the_source_guest_running(run, tmp_path: Pa
                     del view
                     await src.execute("quit")
     run(scenario())
+
+
+def test_guest_ram_beyond_what_the_host_has_is_refused_in_one_line(tmp_path: Path) -> None:
+    """A spec asking for more RAM than the host has available is refused before any of it
+    is faulted in (else the kernel's OOM killer would pick some process of the host)."""
+    import psutil
+
+    if psutil.virtual_memory().available > 120 << 30:
+        pytest.skip("this host has more than 120 GiB available: 2 x 64 GiB of RAM would fit")
+    spec = _live(4, ram="64GiB")
+    path = tmp_path / "huge.json"
+    path.write_text(json.dumps(spec.to_dict()))
+    done = subprocess.run([sys.executable, "-m", "devstate", "migrate", "--spec", str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert "ram.size: 128.0 GiB of guest RAM (2 sides on this host) does not fit" \
+        in done.stderr

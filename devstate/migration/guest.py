@@ -16,15 +16,32 @@ from types import TracebackType
 
 import numpy as np
 import numpy.typing as npt
+import psutil
 
 from devstate.config.spec import MachineConfig
 from devstate.devices.kvm import guest, guest_view
 from devstate.devices.kvm.ram import GuestRam
+from devstate.errors import SpecError
 from devstate.report.guest import GuestReport
 
 # How long the destination lets a resumed guest run before it looks: enough ticks for
 # every vCPU to advance its counter many times over, even with hundreds sharing 2 cores.
 RUN_BEFORE_CHECK_S = 0.25
+
+
+def check_room(spec: MachineConfig, sides: int = 1) -> None:
+    """SpecError unless ``sides`` copies of the spec's guest RAM fit in what this host has
+    available (a local migration holds both sides'): the RAM is pre-faulted whole, so a
+    spec asking for more would have the kernel's OOM killer end some process of this host
+    instead of a clear refusal here."""
+    if spec.ram is None:
+        return
+    need, available = sides * spec.ram.size, psutil.virtual_memory().available
+    if need > available:
+        copies = f" ({sides} sides on this host)" if sides > 1 else ""
+        raise SpecError("ram.size", f"{need / 2**30:.1f} GiB of guest RAM{copies} does not "
+                                    f"fit the {available / 2**30:.1f} GiB this host has "
+                                    "available")
 
 
 class LiveMemory:
@@ -34,6 +51,7 @@ class LiveMemory:
     def __init__(self, spec: MachineConfig, *, side: str, incoming: bool) -> None:
         assert spec.ram is not None
         self.layout = guest.GuestLayout.of(spec.vcpus.count, spec.ram.size)
+        check_room(spec)
         self.ram = GuestRam.create(spec.ram.size, name=f"devstate-{side}-ram")
         try:
             if not incoming:

@@ -23,6 +23,7 @@ from pathlib import Path
 from devstate.config.params import MigrationParams
 from devstate.config.spec import MachineConfig
 from devstate.errors import DevstateError
+from devstate.migration.guest import check_room
 from devstate.migration.source import SourceVM
 from devstate.net import channels
 from devstate.net.tls import TlsConfig
@@ -147,6 +148,7 @@ async def migrate_locally(spec: MachineConfig, params: MigrationParams, *,
     with ``progress`` a live display follows the migration. The estimate counts the
     bandwidth cap of ``params``, if any.
     """
+    check_room(spec, sides=2)  # once, here, before either side starts
     source = SourceVM(spec, params)
     costs = (history.load() if history else HostCosts()).capped(params)
     try:
