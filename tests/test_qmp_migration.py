@@ -121,6 +121,7 @@ def test_a_qemu_controller_migrates_the_default_machine(run, tmp_path: Path) -> 
     assert info["setup-time"] >= 0 and "expected-downtime" not in info
     ours = info["devstate"]
     assert ours["verified"] and len(ours["devices"]) == 3 + 512 + 8 + 4 and ours["critical-path"]
+    assert ours["guest"]["continued"] and ours["guest"]["vcpus_running"] == 512  # it ran on
     assert info["vfio"]["transferred"] >= sum(v.size for v in spec.vfio)  # + stream headers
     assert out["src"] == {"status": "postmigrate", "running": False, "singlestep": False}
     assert out["dst"]["status"] == "running" and out["dst"]["running"]
