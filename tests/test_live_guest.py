@@ -122,9 +122,9 @@ def test_288_running_vcpus_and_1_gib_migrate_with_the_example_spec() -> None:
     assert report["verified"]
 
 
-def _guest_ram_of(marker: str) -> tuple[int, str]:
-    """The pid of the ``devstate vm`` process whose command line holds ``marker``, and the
-    /proc path of its guest RAM's memfd (any process may map it from there)."""
+def _guest_ram_of(marker: str, size: int) -> GuestRam:
+    """The guest RAM of the ``devstate vm`` process whose command line holds ``marker``,
+    mapped here through /proc/PID/fd (any process of the same user may open a memfd so)."""
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode()
@@ -135,7 +135,11 @@ def _guest_ram_of(marker: str) -> tuple[int, str]:
         for fd in os.listdir(f"/proc/{pid}/fd"):
             with contextlib.suppress(OSError):
                 if "memfd:devstate-" in os.readlink(f"/proc/{pid}/fd/{fd}"):
-                    return int(pid), f"/proc/{pid}/fd/{fd}"
+                    opened = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR)
+                    try:
+                        return GuestRam.attach(opened, size)
+                    finally:
+                        os.close(opened)
     raise AssertionError(f"no devstate vm with guest RAM for {marker}")
 
 
@@ -156,15 +160,8 @@ def test_qmp_stop_and_cont_really_pause_and_resume_the_guest(run, tmp_path: Path
 
     async def scenario() -> None:
         async with vm_process(spec_path, qmp_path) as path, client(path, "test") as qmp:
-            _, ram_path = _guest_ram_of(str(qmp_path))
-            layout = GuestLayout.of(8, 32 << 20)
-            fd = os.open(ram_path, os.O_RDWR)
-            try:
-                ram = GuestRam.attach(fd, 32 << 20)
-            finally:
-                os.close(fd)
-            with ram:
-                view = GuestView(ram.view, layout)
+            with _guest_ram_of(str(qmp_path), 32 << 20) as ram:
+                view = GuestView(ram.view, GuestLayout.of(8, 32 << 20))
                 assert (await qmp.execute("query-status"))["status"] == "running"
                 before, after = await counters_over(view, 0.3)
                 assert (after > before).all()
@@ -199,13 +196,7 @@ def test_a_cancelled_migration_leaves_the_source_guest_running(run, tmp_path: Pa
         async with vm_process(spec_path, src_qmp) as src_path, \
                 vm_process(spec_path, tmp_path / "dst.qmp", "--incoming",
                            f"unix:{incoming}", exit_code=1):
-            _, ram_path = _guest_ram_of(str(src_qmp))
-            fd = os.open(ram_path, os.O_RDWR)
-            try:
-                ram = GuestRam.attach(fd, 32 << 20)
-            finally:
-                os.close(fd)
-            with ram:
+            with _guest_ram_of(str(src_qmp), 32 << 20) as ram:
                 view = GuestView(ram.view, GuestLayout.of(8, 32 << 20))
                 async with client(src_path, "source") as src:
                     await src.execute("migrate-set-capabilities", {"capabilities": [
