@@ -62,6 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "parent", None) is not None:
             return status  # a local destination ends quietly: its source says why
         return _failed(args, exc, f"{how}; everything it started was stopped", status)
+    finally:
+        startup.done()
 
 
 def _failed(args: argparse.Namespace, exc: BaseException, said: str, status: Exit) -> int:

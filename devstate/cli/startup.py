@@ -27,6 +27,13 @@ def guard() -> None:
         signal.signal(signal.SIGINT, _quit)
 
 
+def done() -> None:
+    """The command has finished: a Ctrl-C from now on (the interpreter shutting down and
+    joining what it started) has nothing left to interrupt, and is ignored, so that the
+    exit status stays the command's own (not a death by SIGINT, -2, with nothing said)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def ready() -> None:
     """Hand Ctrl-C back to KeyboardInterrupt, which the running command unwinds from."""
     if signal.getsignal(signal.SIGINT) is _quit:
