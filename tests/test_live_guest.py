@@ -16,8 +16,6 @@ import contextlib
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -32,6 +30,8 @@ from devstate.errors import MigrationFailed
 from devstate.migration.local import migrate_locally
 from devstate.migration.source import SourceVM
 from devstate.report.migration import format_table
+from tests.test_cli import devstate
+from tests.test_qmp_faults import _vm_pid
 
 USABLE, WHY = kvm_usable()
 pytestmark = pytest.mark.skipif(not USABLE, reason=f"needs KVM: {WHY}")
@@ -111,9 +111,8 @@ def test_a_failed_migration_leaves_the_source_guest_running(run) -> None:
 
 @pytest.mark.slow  # 288 running vCPUs and 1 GiB of RAM, both sides on this host
 def test_288_running_vcpus_and_1_gib_migrate_with_the_example_spec() -> None:
-    done = subprocess.run([sys.executable, "-m", "devstate", "migrate", "--spec",
-                           str(EXAMPLES / "live-288.toml"), "--json"],
-                          capture_output=True, text=True, timeout=600)
+    done = devstate("migrate", "--spec", str(EXAMPLES / "live-288.toml"), "--json",
+                    timeout=600)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["guest"]["continued"], report["guest"]["why"]
@@ -122,25 +121,19 @@ def test_288_running_vcpus_and_1_gib_migrate_with_the_example_spec() -> None:
     assert report["verified"]
 
 
-def _guest_ram_of(marker: str, size: int) -> GuestRam:
-    """The guest RAM of the ``devstate vm`` process whose command line holds ``marker``,
-    mapped here through /proc/PID/fd (any process of the same user may open a memfd so)."""
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode()
-        except OSError:
-            continue
-        if marker not in cmdline or "devstate\0vm" not in cmdline:
-            continue
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            with contextlib.suppress(OSError):
-                if "memfd:devstate-" in os.readlink(f"/proc/{pid}/fd/{fd}"):
-                    opened = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR)
-                    try:
-                        return GuestRam.attach(opened, size)
-                    finally:
-                        os.close(opened)
-    raise AssertionError(f"no devstate vm with guest RAM for {marker}")
+def _guest_ram_of(qmp: Path, size: int) -> GuestRam:
+    """The guest RAM of the ``devstate vm`` serving ``qmp``, mapped here through its
+    memfd's /proc/PID/fd entry (any process of the same user may open a memfd so)."""
+    pid = _vm_pid(qmp)
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            if "memfd:devstate-" in os.readlink(f"/proc/{pid}/fd/{fd}"):
+                opened = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR)
+                try:
+                    return GuestRam.attach(opened, size)
+                finally:
+                    os.close(opened)
+    raise AssertionError(f"the devstate vm serving {qmp} has no guest RAM")
 
 
 def test_qmp_stop_and_cont_really_pause_and_resume_the_guest(run, tmp_path: Path) -> None:
@@ -160,7 +153,7 @@ def test_qmp_stop_and_cont_really_pause_and_resume_the_guest(run, tmp_path: Path
 
     async def scenario() -> None:
         async with vm_process(spec_path, qmp_path) as path, client(path, "test") as qmp:
-            with _guest_ram_of(str(qmp_path), 32 << 20) as ram:
+            with _guest_ram_of(qmp_path, 32 << 20) as ram:
                 view = GuestView(ram.view, GuestLayout.of(8, 32 << 20))
                 assert (await qmp.execute("query-status"))["status"] == "running"
                 before, after = await counters_over(view, 0.3)
@@ -196,7 +189,7 @@ def test_a_cancelled_migration_leaves_the_source_guest_running(run, tmp_path: Pa
         async with vm_process(spec_path, src_qmp) as src_path, \
                 vm_process(spec_path, tmp_path / "dst.qmp", "--incoming",
                            f"unix:{incoming}", exit_code=1):
-            with _guest_ram_of(str(src_qmp), 32 << 20) as ram:
+            with _guest_ram_of(src_qmp, 32 << 20) as ram:
                 view = GuestView(ram.view, GuestLayout.of(8, 32 << 20))
                 async with client(src_path, "source") as src:
                     await src.execute("migrate-set-capabilities", {"capabilities": [
@@ -231,8 +224,7 @@ def test_guest_ram_beyond_what_the_host_has_is_refused_in_one_line(tmp_path: Pat
     spec = _live(4, ram="64GiB")
     path = tmp_path / "huge.json"
     path.write_text(json.dumps(spec.to_dict()))
-    done = subprocess.run([sys.executable, "-m", "devstate", "migrate", "--spec", str(path)],
-                          capture_output=True, text=True, timeout=120)
+    done = devstate("migrate", "--spec", str(path), timeout=120)
     assert done.returncode == 1, done.stderr
     assert done.stderr.strip().splitlines() == [done.stderr.strip()]
     assert "ram.size: 128.0 GiB of guest RAM (2 sides on this host) does not fit" \

@@ -91,6 +91,11 @@ class Backend(enum.StrEnum):
     VFIO_SIM = "vfio-sim"
 
 
+# What a live guest holds as it runs: its vCPUs' and VM-level state change with every
+# instruction after the resume, so continuity, not a digest taken then, proves they moved.
+RUNNING_BACKENDS = frozenset({Backend.KVM, Backend.KVM_VM})
+
+
 class Shape(enum.StrEnum):
     """Record devices are produced and consumed whole; streams are opaque and ordered."""
 

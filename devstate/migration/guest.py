@@ -62,7 +62,7 @@ class LiveMemory:
 
     def counters(self) -> npt.NDArray[np.uint64]:
         """Every vCPU's counter as the guest's RAM holds it now (a copy)."""
-        return guest_view.GuestView(self.ram.view, self.layout).counters().copy()
+        return guest_view.GuestView(self.ram.view, self.layout).counters()
 
     async def continuity(self, before: npt.NDArray[np.uint64],
                          problem: Callable[[], Awaitable[str | None]]) -> GuestReport:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 
 from devstate.config.params import MigrationParams
-from devstate.config.spec import Backend, DeviceTable, MachineConfig
+from devstate.config.spec import RUNNING_BACKENDS, DeviceTable, MachineConfig
 from devstate.devices import device_table
 from devstate.errors import SpecError
 from devstate.lifecycle import AsyncLifecycle
@@ -99,13 +99,14 @@ class Machine(AsyncLifecycle):
     async def digests(self) -> dict[str, str]:
         """Every device's state digest (hex), by device id: for checks, off the critical path.
 
-        A live guest's vCPUs are left out: a running vCPU sits in KVM_RUN, which holds it
-        against any other ioctl, and its state changes with every instruction; what proves
-        it moved is the guest going on (the continuity check)."""
+        A live guest's vCPUs and VM-level state are left out (``RUNNING_BACKENDS``): a
+        running vCPU sits in KVM_RUN, which holds it against any other ioctl, and their
+        state changes with every instruction; what proves they moved is the guest going
+        on (the continuity check)."""
         table = self.table
-        skip = Backend.KVM if self.memory is not None else None
+        skip = RUNNING_BACKENDS if self.memory is not None else frozenset()
         replies = await self.pool.call_all({
-            w: m.Digests(tuple(i for i in self.plan.devices_of(w) if table[i].backend != skip))
+            w: m.Digests(tuple(i for i in self.plan.devices_of(w) if table[i].backend not in skip))
             for w in range(self.plan.workers)})
         return {table[i].id: h for per_worker in replies.values() for i, h in per_worker.items()}
 

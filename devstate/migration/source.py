@@ -40,7 +40,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
 
 from devstate.config.params import MigrationParams
-from devstate.config.spec import Backend, MachineConfig
+from devstate.config.spec import RUNNING_BACKENDS, MachineConfig
 from devstate.errors import (
     DevstateError,
     DowntimeLimitUnmet,
@@ -383,7 +383,7 @@ class Outgoing(OnMachine):
         guest = GuestReport.from_json(report.guest)
         # A live guest's vCPUs and VM-level state change as soon as it runs again: what
         # proves they arrived is the guest going on from where it stopped, not a digest.
-        running = {d.id for d in self.table if d.backend in (Backend.KVM, Backend.KVM_VM)} \
+        running = {d.id for d in self.table if d.backend in RUNNING_BACKENDS} \
             if guest is not None else set()
         # The destination's clock is its own (another host, perhaps): its times count from
         # when it sent READY, which is when READY arrived here less one channel latency.

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from devstate.devices.kvm import guest
 from devstate.devices.kvm.ram import GuestRam
-from devstate.devices.kvm.run import VcpuRunner
+from devstate.devices.kvm.run import RunnerState, VcpuRunner
 from devstate.devices.kvm.vm import KvmVm
 
 
@@ -23,7 +23,6 @@ class LiveGuest:
         self.vm = vm
         self.layout = guest.GuestLayout.of(len(vm.vcpus), ram.size)
         self._runner: VcpuRunner | None = None
-        self._stopped = False
 
     def start(self, *, paused: bool) -> None:
         """A thread per vCPU. A source's vCPUs enter the program and run; a destination's
@@ -34,23 +33,20 @@ class LiveGuest:
             for index, vcpu in enumerate(vcpus):
                 guest.enter(vcpu, index, self.layout)
         self._runner = VcpuRunner(vcpus)
-        self._stopped = paused
         self._runner.start(paused=paused)
 
     def stop(self) -> int:
         """Every vCPU out of KVM_RUN; monotonic ns of the last one (0 if none ran, or all
         were stopped already: a paused VM that migrates)."""
-        if self._runner is None or self._stopped:
+        if self._runner is None or self._runner.state is RunnerState.STOPPED:
             return 0
-        self._stopped = True
-        return self._runner.stop()
+        return self._runner.stop()  # a broken runner says so here
 
     def resume(self) -> int:
         """Every vCPU back in KVM_RUN; monotonic ns of the last one (0: it was running:
         a source recovering from a migration that failed before its stop)."""
-        if self._runner is None or not self._stopped:
+        if self._runner is None or self._runner.state is RunnerState.RUNNING:
             return 0
-        self._stopped = False
         return self._runner.resume()
 
     def problem(self) -> str | None:
