@@ -91,6 +91,11 @@ class ChannelError(DevstateError):
     """Raised when a channel cannot be opened, or closes or breaks during a migration."""
 
 
+class SourceAborted(ChannelError):
+    """The source ended the migration (ABORT: it failed, or was cancelled or interrupted);
+    the source says why to whoever started it."""
+
+
 class PeerFailed(ChannelError):
     """The peer said the migration failed (a FAILED message); ``not_running`` when it also
     said it runs none of the VM's devices, so this side may resume them."""

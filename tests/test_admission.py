@@ -68,8 +68,8 @@ def test_the_estimate_follows_the_transfer_order() -> None:
     host = HostCosts(copy_bytes_per_s=56 * 2**20 / 0.2)  # 200 ms for both devices' bytes
     ordered = estimate(device_table(spec), spec_order_plan(device_table(spec), 2), host).host_parts
     planned = estimate(device_table(spec), make_plan(device_table(spec), 2), host).host_parts
-    assert ordered[0] == 200.0 and ordered[3] == 300  # through big: 56 MiB, then 300 ms
-    assert planned[0] == 48 / 56 * 200 and planned[3] == 300  # through big: its 48 MiB
+    assert ordered[0] == 200.0 and ordered[4] == 300  # through big: 56 MiB, then 300 ms
+    assert planned[0] == 48 / 56 * 200 and planned[4] == 300  # through big: its 48 MiB
 
 
 def _ends(spec_order: bool, run) -> dict[str, float]:

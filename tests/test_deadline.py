@@ -18,6 +18,7 @@ from devstate.migration.source import SourceVM
 from devstate.net.transport import parse_uri
 from devstate.planning.cost import CostHistory, HostCosts, estimate, refine
 from devstate.planning.plan import make_plan
+from tests.kvm_access import needs_kvm
 
 HUGE = parse_spec({"seed": 2, "vcpus": {"count": 4},
                    "devices": [{"name": "gpu", "size": "96MiB", "write_bandwidth": "128MiB/s",
@@ -49,11 +50,37 @@ def test_refine_fits_the_host_weights_to_earlier_runs() -> None:
                                         "read_bandwidth": "64GiB/s",
                                         "write_bandwidth": "64GiB/s"}] if size else []})
         made = estimate(device_table(spec), make_plan(device_table(spec), 2), host)
-        copies, records, sessions, firmware = made.host_parts
+        copies, records, sessions, ram, firmware = made.host_parts
+        assert ram == 0
         actual = host.fixed_ms + 1.5 * copies + 2.0 * records + sessions + firmware
         host = refine(host, made, actual)
     assert host.weights[0] == pytest.approx(1.5, rel=0.02)
     assert host.weights[1] == pytest.approx(2.0, rel=0.02)
+
+
+@needs_kvm
+def test_guest_ram_is_learned_apart_from_vfio_copies() -> None:
+    """A live guest's RAM is a part of its own: runs whose RAM took 3x its part and whose
+    VFIO copies took 1.5x theirs teach both, each apart (the RAM's ranges are no VFIO
+    sessions, nor do they cross at VFIO's rate)."""
+    host = HostCosts(record_overhead_us=0)
+    for ram, size, left in ((64, 0, 32), (256, 64, 0), (128, 32, 64), (512, 128, 128),
+                            (32, 256, 16), (256, 0, 200)):
+        spec = parse_spec({"vcpus": {"count": 1, "backend": "kvm"},
+                           "ram": {"size": f"{ram}MiB"},
+                           "devices": [{"name": "d", "size": f"{size}MiB",
+                                        "read_bandwidth": "64GiB/s",
+                                        "write_bandwidth": "64GiB/s"}] if size else []})
+        table = device_table(spec)
+        ranges = {d.index: d.size for d in table if d.ram is not None}
+        made = estimate(table, make_plan(table, 2), host, (0.0, 0.0),
+                        {i: min(n, left << 20) for i, n in ranges.items()})
+        copies, records, sessions, ram_ms, firmware = made.host_parts
+        assert ram_ms > 0 and sessions == (host.stream_overhead_ms if size else 0)
+        actual = host.fixed_ms + 1.5 * copies + records + sessions + 3.0 * ram_ms + firmware
+        host = refine(host, made, actual)
+    assert host.weights[0] == pytest.approx(1.5, rel=0.02)
+    assert host.weights[3] == pytest.approx(3.0, rel=0.02)
 
 
 def test_a_disturbed_run_teaches_nothing() -> None:
@@ -63,7 +90,7 @@ def test_a_disturbed_run_teaches_nothing() -> None:
 
 def test_history_survives_a_round_trip_and_a_corrupt_file(tmp_path: Path) -> None:
     history = CostHistory(tmp_path / "costs.json")
-    learned = HostCosts(weights=(1.2, 0.9, 1.1), runs=((1.0, 2.0, 3.0, 0.0, 7.0),),
+    learned = HostCosts(weights=(1.2, 0.9, 1.1, 1.3), runs=((1.0, 2.0, 3.0, 0.5, 0.0, 7.0),),
                         scale={"device": 1.1})
     history.save(learned)
     loaded = history.load()

@@ -17,7 +17,7 @@ import textwrap
 
 import pytest
 
-from devstate.devices.kvm.ram import PAGE_BYTES, GuestRam
+from devstate.devices.kvm.ram import PAGE_BYTES, GuestRam, log_bytes
 from devstate.errors import DeviceError, SpecError
 
 MIB = 1 << 20
@@ -35,7 +35,8 @@ def rss_shmem_bytes() -> int:
 def test_create_gives_zeroed_writable_ram_of_the_size() -> None:
     with GuestRam.create(4 * MIB, "test-guest-ram") as ram:
         assert ram.size == len(ram.view) == 4 * MIB
-        assert os.fstat(ram.fd).st_size == 4 * MIB
+        assert os.fstat(ram.fd).st_size == 4 * MIB + log_bytes(4 * MIB)  # and its dirty log
+        assert len(ram.dirty) * 64 == 4 * MIB // PAGE_BYTES and not ram.dirty.any()
         assert not any(ram.view[::PAGE_BYTES])
         ram.view[123:126] = b"abc"
         assert bytes(ram.view[123:126]) == b"abc"
@@ -77,7 +78,7 @@ def test_attach_keeps_the_ram_after_the_caller_closes_its_fd() -> None:
         with other:
             assert other.view[7] == 42
             other.view[8] = 43
-            assert os.fstat(other.fd).st_size == MIB
+            assert os.fstat(other.fd).st_size == MIB + log_bytes(MIB)
 
 
 def test_another_process_attaches_and_writes() -> None:
@@ -106,7 +107,8 @@ def test_sizes_that_are_not_whole_pages_are_refused(size: int) -> None:
 
 def test_attach_with_the_wrong_size_names_both() -> None:
     with GuestRam.create(MIB, "size") as ram, \
-            pytest.raises(DeviceError, match=rf"holds {MIB} B, expected {2 * MIB} B"):
+            pytest.raises(DeviceError, match=rf"holds {MIB + log_bytes(MIB)} B, expected "
+                                             rf"{2 * MIB} B and its dirty log"):
         GuestRam.attach(ram.fd, 2 * MIB)
 
 

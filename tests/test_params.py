@@ -19,7 +19,8 @@ EVERY_FIELD = MigrationParams(
     workers=1, schedule=Schedule.SEQUENTIAL, chunk_bytes=256 << 10, chunk_slots=7,
     record_slots=100, window_bytes=128 << 10, cpus=CPUS, vcpu_threads=3,
     vcpu_readback=Readback.BEFORE_COMMIT, sharded_vms=True, channels=3,
-    routing=Routing.SPREAD, window_slots=5, bandwidth_limit=4e9, spec_order=True,
+    routing=Routing.SPREAD, window_slots=5, bandwidth_limit=4e9, cap_stop_copy=False,
+    spec_order=True,
     precopy=True, precopy_timeout_s=7.5, downtime_limit_ms=60_000.0, overrun=Overrun.ABORT,
     force_switchover=True, wait_for_limit=True, peer_timeout_s=45.0,
     fault="resume:kill-worker:1000000")
@@ -45,6 +46,7 @@ def test_the_json_form_reads_back_equal() -> None:
     ({"cpus": [0, "1"]}, "params.cpus[1]"),
     ({"bandwidth_limit": float("inf")}, "params.bandwidth_limit"),
     ({"chunk_size": 4096}, "params.chunk_size"),
+    ({"chunk_bytes": 4095}, "params.chunk_bytes"),  # less than a page of guest RAM
     ([1, 2], "params"),
 ])
 def test_bad_json_names_the_field(data: object, field: str) -> None:

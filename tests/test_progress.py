@@ -15,6 +15,7 @@ import pytest
 
 from devstate.phase import Phase
 from devstate.report.progress import MigrationProgress, SaveProgress
+from devstate.report.ram import RamReport
 
 SPEC = {"seed": 3, "vcpus": {"count": 64},
         "devices": [{"name": "nic", "size": "32MiB", "write_bandwidth": "64MiB/s"}]}
@@ -32,6 +33,15 @@ def test_the_line_shows_devices_bytes_and_time_against_the_limit() -> None:
     assert "saved 40 of 65 devices, 16 MiB read" in line
     assert "of 300 ms limit" in line
     assert progress.line().spans[-1].style == "red"  # past the limit
+
+
+def test_the_line_shows_a_live_guests_ram_round_until_the_stop() -> None:
+    progress = MigrationProgress(downtime_limit_ms=300)
+    progress.status(Phase.ACTIVE)
+    progress.ram = RamReport(1 << 30, 1200 << 20, 3 << 20, 4, 4, 1500.0, 2e5, 900.0)
+    assert "RAM round 4, 3.0 MiB left, guest dirtying 1,500 pages/s" in progress.line().plain
+    progress.status(Phase.DEVICE)
+    assert "RAM round" not in progress.line().plain  # stopped: the guest dirties nothing
 
 
 def test_the_line_speaks_plainly_and_never_shows_more_done_than_all() -> None:

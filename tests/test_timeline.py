@@ -112,6 +112,19 @@ def test_labels_merged_vcpus_fitting_streams_and_markers() -> None:
     assert not any("limit" in t for t in texts([report(downtime_limit_ms=None)]))
 
 
+def test_a_live_guests_ram_rounds_get_a_row_before_the_stop() -> None:
+    live = report()
+    live["ram"] = {"rounds": 3, "rounds_ms": [-900.0, -120.0, -15.0]}
+    figure = _figure([live], None)
+    drawn = [t.get_text().strip() for ax in figure.axes for t in ax.texts]
+    assert "round 1" in drawn and "round 2" in drawn  # round 3 is too short for its label
+    assert figure.axes[0].get_xlim()[0] < -900  # the axis reaches back to round 1
+    assert "RAM rounds" in [t.get_text() for t in figure.axes[0].get_yticklabels()]
+    live["ram"]["rounds_ms"] = [-900.0, 40.0]
+    with pytest.raises(DevstateError, match=r"ram\.rounds_ms: not a list of times before"):
+        draw_timeline([live], "/nonexistent/never.png")
+
+
 def test_drops_labels_wider_than_their_bars() -> None:
     tiny = report()
     tiny["devices"].append(stream("tiny-device-name", 0, 0, save=(5.0, 5.01),

@@ -42,7 +42,11 @@ async def vm_command(args: argparse.Namespace) -> int:
             print(f"ready {listener.address}", flush=True)
             result = await vm.accept_migration(listener, tls)
             if not result.completed:
-                print(f"devstate: incoming migration failed: {result.reason}", file=sys.stderr)
+                # A local migration's destination leaves a source's ABORT to the source,
+                # its parent, which says why (once) to the person who started both.
+                if args.parent is None or not result.aborted:
+                    print(f"devstate: incoming migration failed: {result.reason}",
+                          file=sys.stderr)
                 return 1
             if not args.once:
                 await asyncio.Event().wait()  # the VM runs until the process is stopped

@@ -58,6 +58,9 @@ class Readback(enum.StrEnum):
 # A peer timeout below a few heartbeats would take a busy peer for a frozen one; above an
 # hour it no longer bounds anything a person waits for.
 MIN_PEER_TIMEOUT_S = 0.5
+# A stream packet's payload at least: a page of guest RAM (extents cut anywhere fit any
+# packet over their 16-byte header, but a packet smaller than a page is only overhead).
+MIN_CHUNK_BYTES = 4096
 MAX_PEER_TIMEOUT_S = 3600.0
 
 
@@ -88,7 +91,9 @@ class MigrationParams:
     for every device; ``routing`` puts a device's packets on its home channel (affinity) or
     spreads a stream's packets over all of them.
     ``bandwidth_limit`` (bytes/s, QEMU's max-bandwidth) limits what all channels send
-    together (:mod:`devstate.net.bandwidth`); None: unlimited.
+    together (:mod:`devstate.net.bandwidth`); None: unlimited. With ``cap_stop_copy``
+    false it paces only what moves while the VM runs, as QEMU's does (its stop-and-copy
+    moves unthrottled).
     ``spec_order`` replaces the plan (longest work first, streams before records) with
     the baseline it must beat: devices in table order, dealt round-robin.
     ``precopy`` streams the devices that support it while the VM runs, and switches over
@@ -121,6 +126,7 @@ class MigrationParams:
     routing: Routing = Routing.AFFINITY
     window_slots: int = 4
     bandwidth_limit: float | None = None
+    cap_stop_copy: bool = True
     spec_order: bool = False
     precopy: bool = False
     precopy_timeout_s: float = 10.0
@@ -136,6 +142,9 @@ class MigrationParams:
                      "window_slots"):
             if getattr(self, name) < 1:
                 raise SpecError(f"params.{name}", "must be at least 1")
+        if self.chunk_bytes < MIN_CHUNK_BYTES:
+            raise SpecError("params.chunk_bytes", f"must be at least {MIN_CHUNK_BYTES} B (a "
+                                                  "page of guest RAM)")
         for name in ("channels", "vcpu_threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise SpecError(f"params.{name}", "must be at least 1")

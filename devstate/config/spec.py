@@ -64,6 +64,10 @@ PAGE_BYTES = 4096
 # A RAM range moves at memory-copy speed: read from the guest's memfd into a packet,
 # written from a packet into the destination's. A host's measured copy rate bounds it too.
 RAM_COPY_RATE = 4 << 30
+# The guest's dirty rate (pages/s per vCPU) at most: a page per 10 us, far past any link;
+# and the working set a dirtying guest gets when the spec names none.
+MAX_DIRTY_RATE = 100_000
+DEFAULT_WORKING_SET = 1 << 20
 # Device ids are at most "vfio/" and a 48-character name.
 MAX_ID_CHARS = 64
 # Device state sizes are u64 on the VFIO uAPI; 64 GiB bounds what a test machine can stream.
@@ -154,9 +158,14 @@ class StreamCost:
 
 @dataclass(frozen=True, slots=True)
 class RamSpec:
-    """The guest's RAM: its size (a page multiple) and the ranges it moves as."""
+    """The guest's RAM: its size (a page multiple) and the ranges it moves as; how fast
+    the guest dirties it: ``dirty_rate`` pages per second per vCPU, written in turn over a
+    working set of ``working_set`` bytes per vCPU (so a round finds at most that many
+    dirty per vCPU)."""
 
     size: int
+    dirty_rate: int = 0
+    working_set: int = 0
 
     def ranges(self) -> list[tuple[int, int]]:
         """(offset, length) of each range, in address order; the last may be shorter."""
@@ -224,7 +233,7 @@ class MachineConfig:
         for i, (start, length) in enumerate(self.ram.ranges() if self.ram else ()):
             table.append(DeviceSpec(len(table), f"ram/{i}", Backend.GUEST_RAM, Shape.STREAM,
                                     1, length, ram=(start, length),
-                                    stream=StreamCost(length, RAM_COPY_RATE)))
+                                    stream=StreamCost(length, RAM_COPY_RATE, precopy=True)))
         for dev in self.vfio:
             table.append(DeviceSpec(len(table), f"vfio/{dev.name}", dev.backend, Shape.STREAM,
                                     1, dev.size, vfio=dev, priority=dev.priority,
@@ -235,7 +244,11 @@ class MachineConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """A plain-data form that :func:`parse_spec` reads back to an equal spec."""
-        ram = {"ram": {"size": self.ram.size}} if self.ram else {}
+        ram: dict[str, Any] = {}
+        if self.ram is not None:
+            working_set = {"working_set": self.ram.working_set} if self.ram.working_set else {}
+            ram = {"ram": {"size": self.ram.size, "dirty_rate": self.ram.dirty_rate,
+                           **working_set}}
         return {
             "name": self.name,
             "seed": self.seed,
@@ -408,7 +421,7 @@ def _vcpus(data: Any) -> VcpuSpec:
 
 
 def _ram(data: Any, vcpus: VcpuSpec) -> RamSpec:
-    table = fields.mapping(data, "ram", {"size"})
+    table = fields.mapping(data, "ram", {"size", "dirty_rate", "working_set"})
     if "size" not in table:
         raise SpecError("ram.size", "is required")
     size = fields.parse_quantity(table["size"], "ram.size")
@@ -420,7 +433,17 @@ def _ram(data: Any, vcpus: VcpuSpec) -> RamSpec:
     if vcpus.backend is not Backend.KVM or vcpus.count == 0:
         raise SpecError("ram", "guest RAM runs a guest on kvm vCPUs: give vcpus.backend = "
                                "\"kvm\" and vcpus.count > 0")
-    return RamSpec(size)
+    rate = fields.integer(table.get("dirty_rate", 0), "ram.dirty_rate", low=0,
+                          high=MAX_DIRTY_RATE)
+    working_set = fields.parse_quantity(table["working_set"], "ram.working_set") \
+        if "working_set" in table else DEFAULT_WORKING_SET if rate else 0
+    if working_set % PAGE_BYTES or working_set > size // vcpus.count:
+        raise SpecError("ram.working_set", f"{working_set} B per vCPU: give whole pages, at "
+                                           f"most the RAM's share per vCPU "
+                                           f"({size // vcpus.count} B)")
+    if rate and not working_set:
+        raise SpecError("ram.working_set", "a guest that dirties pages needs a working set")
+    return RamSpec(size, rate, working_set)
 
 
 def _ids(value: Any, path: str) -> tuple[str, ...]:

@@ -20,6 +20,7 @@ from devstate.errors import DeviceError
 
 if TYPE_CHECKING:
     from devstate.devices.kvm.batch import VcpuBatch
+    from devstate.devices.kvm.dirty import DirtyLog
     from devstate.devices.kvm.live import LiveGuest
     from devstate.devices.kvm.ram import GuestRam
     from devstate.devices.kvm.vm import KvmVm
@@ -34,6 +35,7 @@ class DeviceHost:
         self._batch: VcpuBatch | None = None
         self._ram: GuestRam | None = None
         self._guest: LiveGuest | None = None
+        self._dirty: DirtyLog | None = None
 
     @property
     def live(self) -> bool:
@@ -92,8 +94,34 @@ class DeviceHost:
         self._guest.start(paused=paused)
 
     def stop_guest(self) -> int:
-        """Every vCPU out of KVM_RUN; monotonic ns of the last stop (0: no guest runs)."""
-        return self._guest.stop() if self._guest is not None else 0
+        """Every vCPU out of KVM_RUN; monotonic ns of the last stop (0: no guest runs).
+        While the dirty log is on, what the guest wrote since the last sync is then synced
+        into the shared log: the stop-and-copy's last round."""
+        if self._guest is None:
+            return 0
+        stopped = self._guest.stop()
+        if self._dirty is not None and self._dirty.on:
+            self._dirty.sync()
+        return stopped
+
+    def log_dirty(self, on: bool) -> None:
+        """Start (the shared log emptied) or stop KVM's dirty log of the guest's RAM."""
+        if self._dirty is None:
+            if not on:
+                return
+            from devstate.devices.kvm.dirty import DirtyLog
+
+            self._dirty = DirtyLog(self.kvm_vm(), self.guest_ram())
+        if on:
+            self._dirty.start()
+        else:
+            self._dirty.stop()
+
+    def sync_dirty(self) -> tuple[int, ...]:
+        """KVM's dirty log into the shared log; the pages it holds per RAM range."""
+        if self._dirty is None or not self._dirty.on:
+            raise DeviceError("guest-ram", "the dirty log is not on")
+        return self._dirty.sync()
 
     def resume_guest(self) -> int:
         """Every vCPU back in KVM_RUN (a destination's first time: from the state its
@@ -110,6 +138,7 @@ class DeviceHost:
         if self._guest is not None:
             self._guest.close()
             self._guest = None
+        self._dirty = None
         if self._ram is not None:
             self._ram.close()
             self._ram = None

@@ -10,12 +10,13 @@ import asyncio
 import math
 import os
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Collection
 from typing import Any
 
 from devstate.config.params import Overrun
 from devstate.config.spec import Backend
 from devstate.errors import DowntimeLimitUnmet, DowntimeOverrun, MigrationFailed
+from devstate.migration.dirty import RamPrecopy
 from devstate.migration.machine import Machine, OnMachine
 from devstate.planning.admission import TransferOrder
 from devstate.planning.cost import Estimate, HostCosts, estimate
@@ -26,6 +27,10 @@ from devstate.worker import jobs as m
 PROBE_RECORDS = 64
 # How often precopy looks at what is left to send, against the limit.
 CONVERGE_POLL_S = 0.05
+# A live guest's RAM precopy without a limit converges once what RAM adds to the expected
+# downtime is within QEMU's default downtime-limit (a guest that dirties its working set
+# anew every round never gets each range down to one chunk).
+QEMU_DOWNTIME_LIMIT_MS = 300.0
 
 
 class Deadline(OnMachine):
@@ -42,7 +47,12 @@ class Deadline(OnMachine):
         streams = tuple((i, float(v.rate))
                         for i in self.plan.transfer if (v := table[i].stream) is not None)
         return TransferOrder(streams, min(costs.copy_bytes_per_s,
-                                          self.params.bandwidth_limit or math.inf))
+                                          self._stop_copy_cap()))
+
+    def _stop_copy_cap(self) -> float:
+        """What the bandwidth limit lets stop-and-copy send per second (inf: no cap)."""
+        limit = self.params.bandwidth_limit
+        return limit if limit is not None and self.params.cap_stop_copy else math.inf
 
     async def estimate(self, costs: HostCosts,
                        remaining: dict[int, int] | None = None) -> Estimate:
@@ -52,8 +62,9 @@ class Deadline(OnMachine):
         if self._record_us is None and self.machine.spec.vcpus.backend is Backend.KVM \
                 and self.machine.spec.vcpus.count:
             self._record_us = await self.probe_records()
-        return estimate(self.table, self.plan, costs, self._record_us, remaining,
-                        sequential=not self.params.concurrent)
+        # Under the bandwidth cap as it is now (a controller may change it meanwhile).
+        return estimate(self.table, self.plan, costs.capped(self.params), self._record_us,
+                        remaining, sequential=not self.params.concurrent)
 
     async def probe_records(self, sample: int = PROBE_RECORDS) -> tuple[float, float]:
         """Get up to ``sample`` record devices per worker into the arena and put them back,
@@ -90,9 +101,26 @@ class Deadline(OnMachine):
                                   f"{made.explain()}): aborted, the source resumed with its "
                                   "state unchanged") from None
 
-    async def converge(self, saving: asyncio.Future[Any], costs: HostCosts) -> Estimate:
-        """Precopy until the expected downtime meets the limit (without a limit: until every
-        precopy device is down to one chunk); return the estimate to switch over on.
+    async def _converged_unlimited(self, costs: HostCosts, remaining: dict[int, int],
+                                   made: Estimate, ram: RamPrecopy | None) -> bool:
+        """Without a limit: every VFIO device in precopy is down to one chunk, and what a
+        live guest's RAM still adds to the stop-and-copy is within QEMU's default limit
+        (the rest of the estimate, vCPUs and stopped devices, precopy cannot lower)."""
+        ranges = set(ram.ranges) if ram is not None else set()
+        if any(n > self.params.chunk_bytes for i, n in remaining.items() if i not in ranges):
+            return False
+        if not ranges:
+            return True
+        floor = await self.estimate(costs, {**remaining, **dict.fromkeys(ranges, 0)})
+        return made.expected_ms - floor.expected_ms <= QEMU_DOWNTIME_LIMIT_MS
+
+    async def converge(self, saving: asyncio.Future[Any], costs: HostCosts,
+                       streaming: Collection[int], ram: RamPrecopy | None = None) -> Estimate:
+        """Precopy until the expected downtime meets the limit (without one: see
+        :meth:`_converged_unlimited`); return the estimate to switch over on.
+        With ``ram`` (a live guest's RAM in precopy), each look starts a new round once
+        every range has sent its last (:meth:`RamPrecopy.advance`): what the guest dirtied
+        meanwhile is what stop-and-copy would send.
 
         Past ``params.precopy_timeout_s`` it switches over anyway if the policy says so
         (``force_switchover``, or no limit), else raises :class:`DowntimeLimitUnmet`;
@@ -107,12 +135,13 @@ class Deadline(OnMachine):
             replies = await self.pool.call_all({w: m.PrecopyRemaining()
                                                 for w in range(self.plan.workers)})
             # A device whose precopy has not begun yet has all of its state to send.
-            remaining = {d.index: d.stream.size for d in self.table
-                         if d.stream is not None and d.stream.precopy}
+            remaining = {i: self.table[i].size for i in streaming}
             remaining.update({i: n for reply in replies.values() for i, n in reply.items()})
-            made = await self.estimate(costs, remaining)
-            converged = (made.expected_ms <= limit if limit is not None
-                         else all(n <= self.params.chunk_bytes for n in remaining.values()))
+            synced = await ram.advance(remaining) if ram is not None else remaining
+            made = await self.estimate(costs, synced or remaining)
+            converged = synced is not None and (
+                made.expected_ms <= limit if limit is not None
+                else await self._converged_unlimited(costs, synced, made, ram))
             if converged:
                 return made
             waited = time.monotonic() - started

@@ -37,7 +37,14 @@ import numpy.typing as npt
 
 from devstate.config.params import MigrationParams, Readback, Routing, Schedule
 from devstate.config.spec import MachineConfig
-from devstate.errors import ChannelError, DevstateError, ProtocolError, WorkerFailed, describe
+from devstate.errors import (
+    ChannelError,
+    DevstateError,
+    ProtocolError,
+    SourceAborted,
+    WorkerFailed,
+    describe,
+)
 from devstate.lifecycle import background, no_gc_pauses
 from devstate.migration import commit, liveness
 from devstate.migration.machine import Machine, OnMachine
@@ -60,6 +67,7 @@ class IncomingResult:
 
     completed: bool
     reason: str = ""
+    aborted: bool = False  # the source ended it (ABORT), and says why where it was started
     lease: channels.Channel | None = None  # the main channel, if kept (migration.lease)
 
 
@@ -103,7 +111,8 @@ class Incoming(OnMachine):
             await self._discard(main, exc)
             main.close()
             if isinstance(exc, DevstateError | OSError):
-                return IncomingResult(False, describe(exc))
+                return IncomingResult(False, describe(exc),
+                                      aborted=isinstance(exc, SourceAborted))
             raise
         return await self._resume(main, said.digests, keep_lease, at_stop)
 
@@ -267,8 +276,9 @@ class Incoming(OnMachine):
                                          return_when=asyncio.FIRST_COMPLETED)
             if watching in done:
                 kind, body = watching.result()
-                raise ChannelError(f"source sent {kind.name} during {during}: "
-                                   f"{body.get('reason', '')}")
+                error = SourceAborted if kind is wire.ControlType.ABORT else ChannelError
+                raise error(f"source sent {kind.name} during {during}: "
+                            f"{body.get('reason', '')}")
             result: T = working.result()
             return result
 

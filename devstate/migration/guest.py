@@ -20,7 +20,7 @@ import psutil
 
 from devstate.config.spec import MachineConfig
 from devstate.devices.kvm import guest, guest_view
-from devstate.devices.kvm.ram import GuestRam
+from devstate.devices.kvm.ram import PAGE_BYTES, GuestRam
 from devstate.errors import SpecError
 from devstate.report.guest import GuestReport
 
@@ -44,6 +44,16 @@ def check_room(spec: MachineConfig, sides: int = 1) -> None:
                                     "available")
 
 
+def guest_params(spec: MachineConfig) -> guest.GuestParams:
+    """What the guest program does per tick, from the spec's ``[ram]``: its dirty rate in
+    whole pages per tick (at least one if it dirties at all), over its working set."""
+    assert spec.ram is not None
+    ram = spec.ram
+    per_tick = round(ram.dirty_rate * guest.DEFAULT_TICK_NS / 1e9)
+    return guest.GuestParams(dirty_pages_per_tick=max(per_tick, 1) if ram.dirty_rate else 0,
+                             working_set_pages=ram.working_set // PAGE_BYTES)
+
+
 class LiveMemory:
     """The guest RAM of a machine with ``[ram]``, mapped here; the program installed
     unless ``incoming`` (a destination's RAM arrives with the migration)."""
@@ -55,7 +65,7 @@ class LiveMemory:
         self.ram = GuestRam.create(spec.ram.size, name=f"devstate-{side}-ram")
         try:
             if not incoming:
-                guest.install(self.ram.view, self.layout)
+                guest.install(self.ram.view, self.layout, guest_params(spec))
         except BaseException:
             self.ram.close()
             raise

@@ -52,6 +52,7 @@ from devstate.lifecycle import background, no_gc_pauses
 from devstate.migration import liveness
 from devstate.migration.commit import RESUMED_TIMEOUT_S, SourceCommit
 from devstate.migration.deadline import Deadline
+from devstate.migration.dirty import RamPrecopy
 from devstate.migration.machine import Machine, OnMachine
 from devstate.net import channels
 from devstate.net.route import Routes
@@ -67,6 +68,7 @@ from devstate.report.migration import (
     MigrationReport,
 )
 from devstate.report.progress import SaveProgress
+from devstate.report.ram import RamReport
 from devstate.report.vcpus import KvmReport, VcpuCost
 from devstate.worker import jobs as m
 
@@ -96,6 +98,8 @@ class Outgoing(OnMachine):
         super().__init__(machine)
         self.last_estimate: Estimate | None = None  # of the last migrate(), before its stop
         self.deadline = Deadline(machine)
+        # A live guest's RAM, precopied while the guest runs (None: no guest RAM).
+        self.ram = RamPrecopy(machine) if machine.spec.live else None
         self._ready_ns = 0  # when the last migration's READY arrived
 
     async def migrate(self, address: channels.Address, *, tls: channels.TlsConfig | None = None,
@@ -128,8 +132,7 @@ class Outgoing(OnMachine):
         costs = costs or HostCosts()
         status(Phase.ACTIVE)
         made = self.last_estimate = await self.deadline.estimate(costs)
-        precopy = self.params.precopy and self.params.concurrent and any(
-            d.stream is not None and d.stream.precopy for d in self.table)
+        precopy = self._precopy_devices()
         if not precopy:
             made = await self._within_limit(made, costs, status)
         migration_id = uuid.uuid4()
@@ -152,6 +155,16 @@ class Outgoing(OnMachine):
         finally:
             if not leased:
                 sock.close()
+
+    def _precopy_devices(self) -> tuple[int, ...]:
+        """The devices that stream while the VM runs: a live guest's RAM ranges always (a
+        migration of a running guest is live, as QEMU's is), VFIO devices with PRE_COPY
+        when ``params.precopy`` asks; none in sequential mode."""
+        if not self.params.concurrent:
+            return ()
+        return tuple(d.index for d in self.table
+                     if d.stream is not None and d.stream.precopy
+                     and (d.ram is not None or self.params.precopy))
 
     async def _within_limit(self, made: Estimate, costs: HostCosts,
                             status: Callable[[Phase], None]) -> Estimate:
@@ -182,7 +195,8 @@ class Outgoing(OnMachine):
             raise MigrationFailed(f"migration failed, source still running: main channel: "
                                   f"{exc}") from exc
 
-    async def _stop_and_copy(self, sock: channels.Channel, costs: HostCosts, precopy: bool,
+    async def _stop_and_copy(self, sock: channels.Channel, costs: HostCosts,
+                             precopy: tuple[int, ...],
                              made: Estimate, commit: SourceCommit, bound: liveness.PeerBound,
                              status: Callable[[Phase], None],
                              before_stop: Callable[[], Awaitable[None]] | None
@@ -192,20 +206,43 @@ class Outgoing(OnMachine):
         was made on. Until the commit, heartbeats go out while every worker here answers,
         and a destination silent for ``bound`` ends it (:mod:`~devstate.migration.liveness`).
         """
+        if self.ram is not None:
+            self.ram.rounds = 0  # until this migration's precopy starts: no RAM report
+        ram = self.ram if self.ram is not None and set(self.ram.ranges) & set(precopy) \
+            else None
+        try:
+            return await self._save_and_commit(sock, costs, precopy, made, commit, bound,
+                                               status, before_stop, ram)
+        finally:
+            if ram is not None:
+                await ram.stop()
+
+    async def _save_and_commit(self, sock: channels.Channel, costs: HostCosts,
+                               precopy: tuple[int, ...], made: Estimate,
+                               commit: SourceCommit, bound: liveness.PeerBound,
+                               status: Callable[[Phase], None],
+                               before_stop: Callable[[], Awaitable[None]] | None,
+                               ram: RamPrecopy | None) -> tuple[int, int, Estimate]:
+        """:meth:`_stop_and_copy`, with ``ram`` the live RAM in precopy (its dirty log on
+        from before the first round until this returns)."""
         gen = self.machine.next_gen()
         await self.machine.prepare_vcpus(self.params.concurrent)
+        if ram is not None:
+            await ram.start()
         save = self.pool.call_all({
             w: m.Save(self.plan.devices_of(w), self.params.schedule, self.routes, gen,
                       self.params.vcpu_cpus,
                       self.params.vcpu_threads_for(self.params.concurrent),
-                      self.params.bandwidth_limit, precopy, self.deadline.transfer_order(costs))
+                      self.params.bandwidth_limit, self.params.cap_stop_copy, precopy,
+                      self.deadline.transfer_order(costs))
             for w in range(self.plan.workers)})
         loaded = liveness.expect(sock, Loaded, bound, "destination", "the save and load")
         beats = liveness.Heartbeats(sock, bound, self.progress)
         async with background(save, loaded) as (saving, loading), beats:
             try:
                 if precopy:
-                    made = self.last_estimate = await self.deadline.converge(saving, costs)
+                    made = self.last_estimate = await self.deadline.converge(saving, costs,
+                                                                             precopy, ram)
                 else:
                     await self._armed(saving, gen)
                 if before_stop is not None:
@@ -218,6 +255,8 @@ class Outgoing(OnMachine):
                 # A live guest's downtime starts when its last vCPU left KVM_RUN (the
                 # owner's clock is this host's): the RAM ranges and vCPUs are read after.
                 t0 = await self.machine.stop_guest() or time.monotonic_ns()
+                if ram is not None:
+                    ram.stopped(t0)
                 self.machine.running = False
                 status(Phase.DEVICE)
                 await self.pool.call_all({w: m.SwitchOver() for w in range(self.plan.workers)})
@@ -411,7 +450,9 @@ class Outgoing(OnMachine):
                                critical_path=made.explain(),
                                downtime_limit_ms=self.params.downtime_limit_ms,
                                destination_params=report.params, kvm=kvm, guest=guest,
-                               resumed_seen_ms=resumed_seen_ms if report.resumed_ns else None)
+                               resumed_seen_ms=resumed_seen_ms if report.resumed_ns else None,
+                               ram=self.ram.report(saved) if self.ram and self.ram.rounds
+                               else None)
 
 
 async def _unless_ended(wait: Awaitable[T], *work: asyncio.Future[Any]) -> T:
@@ -469,3 +510,8 @@ class SourceVM(Machine):
     async def progress(self) -> SaveProgress:
         """:meth:`Outgoing.progress` of this machine."""
         return await self.outgoing.progress()
+
+    def ram_progress(self) -> RamReport | None:
+        """The guest RAM's precopy so far, while one is under way (None otherwise)."""
+        ram = self.outgoing.ram
+        return ram.progress() if ram is not None and ram.on else None

@@ -12,6 +12,10 @@ Unlike QEMU's estimate, which counts only RAM, the downtime here is the slowest 
   once the bytes before and of it have crossed: the latest such end counts; every record
   costs its get, its put and the runtime's per-record work on the cores both sides share,
   and every stream device costs its session round trips on its owner;
+* a live guest's **RAM** is a part of its own (its ranges are cheap sessions and cross
+  at their own rate, not VFIO's): the bytes precopy left for the stop (what the guest
+  dirtied in the last round) at ``ram_bytes_per_s``, and the destination's digest of every
+  range before the guest runs on it (``ram_verify_bytes_per_s`` per core);
 
 plus a fixed cost (stop, dispatch, the LOADED/COMMIT/RESUMED round trips). The largest
 term is the **critical path**: the estimate names it, so a limit that cannot be met says
@@ -54,9 +58,11 @@ REFINE_WEIGHT = 0.5
 LEARNABLE = (0.25, 4.0)
 # Host-critical runs kept for the fit: recent enough to follow the host, enough to fit.
 KEPT_RUNS = 24
+# A host part is fitted once it was at least this share of some run's downtime.
+FIT_SHARE = 0.15
 # The cost model's terms, as stored runs record them (2: streams in transfer order; runs of
-# sequential mode not learned from).
-MODEL = 2
+# sequential mode not learned from; 3: guest RAM a part of its own).
+MODEL = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,17 +94,25 @@ class HostCosts:
     record_overhead_us: float = 30.0  # runtime work per record beyond its get and put
     stream_overhead_ms: float = 4.0   # per stream device on its owner: session, END, end
     fixed_ms: float = 8.0             # stop, dispatch, LOADED / COMMIT / RESUMED
+    # Guest RAM left for the stop (read, sent, written), and a core's share of the load's
+    # digest of every range (xxh3 runs at ~30 GB/s on a cached buffer, but a GiB of RAM
+    # streams from memory while the rest of the stop runs): fitted to live migrations of
+    # 16-288 vCPUs, 256 MiB-1 GiB, 0-128 MiB left, on this project's 2-core machine.
+    ram_bytes_per_s: float = 2.4e9
+    ram_verify_bytes_per_s: float = 12e9
     scale: dict[str, float] = field(default_factory=dict)  # learned, for device terms
-    # Learned weights of the host term's parts (copies, records, sessions; firmware 1),
-    # and the host-critical runs they were fitted to: [parts..., firmware, actual - fixed].
-    weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    runs: tuple[tuple[float, float, float, float, float], ...] = ()
+    # Learned weights of the host term's parts (copies, records, sessions, RAM; firmware
+    # 1), and the host-critical runs they were fitted to: [parts..., firmware, actual -
+    # fixed].
+    weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
+    runs: tuple[tuple[float, float, float, float, float, float], ...] = ()
     # The migration's bandwidth cap: a property of one run, never stored (see capped()).
     link: Link | None = None
 
     def capped(self, params: MigrationParams) -> HostCosts:
         """These constants for a migration with ``params``: with its bandwidth cap, if any."""
-        link = None if params.bandwidth_limit is None else Link(
+        # A limit that paces only the precopy leaves the stop-and-copy uncapped.
+        link = None if params.bandwidth_limit is None or not params.cap_stop_copy else Link(
             params.bandwidth_limit, params.data_channels, params.routing is Routing.SPREAD)
         return replace(self, link=link)
 
@@ -123,12 +137,12 @@ class Estimate:
     """The expected downtime and the terms it is the largest of (largest first).
 
     ``host_parts`` are the host term's unweighted parts in ms: copies, records, stream
-    sessions, last firmware (what :func:`refine` fits the weights to).
+    sessions, guest RAM, last firmware (what :func:`refine` fits the weights to).
     """
 
     expected_ms: float
     terms: tuple[Term, ...]
-    host_parts: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    host_parts: tuple[float, float, float, float, float] = (0.0, 0.0, 0.0, 0.0, 0.0)
 
     @property
     def critical(self) -> Term:
@@ -164,15 +178,19 @@ def estimate(table: DeviceTable, plan: Plan, host: HostCosts,
     # crosses once the bytes of those before it have, then its firmware runs; the latest of
     # those ends the streams' share of the host term (Jackson's bound for one shared
     # resource). Under a cap the same holds per channel, at the channel's share.
+    ram = {d.index for d in streams if d.ram is not None}
     arrival, moved = {}, 0
     for index in plan.transfer:
+        if index in ram:
+            continue  # RAM crosses as a part of its own (_host_term)
         moved += size[index]
         arrival[index] = moved / host.copy_bytes_per_s * 1e3
     on_link = _link_arrival(host.link, plan, size)
     crossed = {i: max(ms * host.weights[0], on_link.get(i, 0.0)) for i, ms in arrival.items()}
+    ram_left = sum(size[i] for i in ram)
     terms.extend(_chains(table, size, crossed, cap, host))
     host_term, parts = _host_term(table, plan, host, arrival, crossed, moved,
-                                  get_us + put_us)
+                                  get_us + put_us, ram_left)
     terms.append(host_term)
     terms.sort(key=lambda t: -t.ms)
     return Estimate(host.fixed_ms + terms[0].ms, tuple(terms), parts)
@@ -212,32 +230,42 @@ def _device_term(d: DeviceSpec, size: int, cap: float, host: HostCosts) -> Term:
 
 
 def _host_term(table: DeviceTable, plan: Plan, host: HostCosts, arrival: dict[int, float],
-               crossed: dict[int, float], moved: int, record_us: float
-               ) -> tuple[Term, tuple[float, float, float, float]]:
-    """The work every device shares on this host: stream copies in transfer order (and the
-    firmware of the last to arrive), record gets and puts on the cores, stream sessions.
-    ``arrival`` is when each stream's last byte is copied (ms, unweighted), ``crossed`` the
-    same weighted and no sooner than the cap lets it pass. Returns the term and its
-    unweighted parts (copy, records, sessions, firmware)."""
+               crossed: dict[int, float], moved: int, record_us: float, ram_left: int
+               ) -> tuple[Term, tuple[float, float, float, float, float]]:
+    """The work every device shares on this host: VFIO stream copies in transfer order (and
+    the firmware of the last to arrive), record gets and puts on the cores, stream
+    sessions, and a live guest's RAM (``ram_left`` bytes to send, and every range's digest).
+    ``arrival`` is when each VFIO stream's last byte is copied (ms, unweighted),
+    ``crossed`` the same weighted and no sooner than the cap lets it pass. Returns the
+    term and its unweighted parts (copy, records, sessions, RAM, firmware)."""
     records = [d for d in table if d.stream is None]
-    firmware = {d.index: d.stream.firmware_latency_ms for d in table if d.stream is not None}
-    _, w_records, w_sessions = host.weights
+    firmware = {i: table[i].stream.firmware_latency_ms  # type: ignore[union-attr]
+                for i in arrival}
+    ram_bytes = sum(d.size for d in table if d.ram is not None)
+    _, w_records, w_sessions, w_ram = host.weights
     last = max(crossed, key=lambda i: (crossed[i] + firmware[i], i), default=None)
     last_firmware = firmware[last] if last is not None else 0.0
     record_ms = len(records) * (record_us + host.record_overhead_us) / 1e3 / host.cores
     sessions_ms = -(-len(firmware) // plan.workers) * host.stream_overhead_ms
-    parts = (arrival[last] if last is not None else 0.0, record_ms, sessions_ms,
+    # The ranges ride every channel: under a cap they share all of it.
+    ram_rate = min(host.ram_bytes_per_s, host.link.limit if host.link else math.inf)
+    ram_ms = (ram_left / ram_rate + ram_bytes / host.ram_verify_bytes_per_s / host.cores) * 1e3
+    parts = (arrival[last] if last is not None else 0.0, record_ms, sessions_ms, ram_ms,
              last_firmware)
     copy_ms = crossed[last] if last is not None else 0.0
-    record_ms, sessions_ms = record_ms * w_records, sessions_ms * w_sessions
+    record_ms, sessions_ms, ram_ms = record_ms * w_records, sessions_ms * w_sessions, \
+        ram_ms * w_ram
     said = [f"{len(records)} records ({record_ms:.0f} ms on {host.cores} cores)"]
+    if ram_bytes:
+        said.append(f"guest RAM: {ram_left / 2**20:.1f} MiB left and {ram_bytes / 2**20:.0f} "
+                    f"MiB to verify ({ram_ms:.0f} ms)")
     if last is not None:
         said[:0] = [f"{moved / 2**20:.0f} MiB of streams, through {table[last].id} "
                     f"({copy_ms:.0f} ms)"]
         said += [f"{len(firmware)} stream sessions ({sessions_ms:.0f} ms)",
                  f"then its firmware {last_firmware:.0f} ms"]
     return Term("host", "host: " + ", ".join(said),
-                copy_ms + record_ms + sessions_ms + last_firmware), parts
+                copy_ms + record_ms + sessions_ms + ram_ms + last_firmware), parts
 
 
 def _sequential(table: DeviceTable, host: HostCosts, record_us: float,
@@ -247,7 +275,10 @@ def _sequential(table: DeviceTable, host: HostCosts, record_us: float,
     and every stream's session. The sum is the critical path: nothing overlaps."""
     streams_ms = 0.0
     for d in table:
-        if d.stream is not None:
+        if d.ram is not None:
+            streams_ms += size[d.index] / min(host.ram_bytes_per_s, cap[d.index]) * 1e3 \
+                + d.size / host.ram_verify_bytes_per_s * 1e3
+        elif d.stream is not None:
             rate = min(d.stream.rate, host.copy_bytes_per_s, cap[d.index])
             streams_ms += size[d.index] / rate * 1e3 + d.stream.firmware_latency_ms \
                 + host.stream_overhead_ms
@@ -307,23 +338,28 @@ def refine(host: HostCosts, made: Estimate, actual_ms: float) -> HostCosts:
 
 
 def _fit(runs: tuple[tuple[float, ...], ...],
-         weights: tuple[float, float, float]) -> tuple[float, float, float]:
+         weights: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
     """Least-squares weights of the host parts over ``runs`` (relative errors, so a short
     run counts as much as a long one); the old weights where the runs cannot decide one
     (a part every run lacks) or the fit is not sane."""
     data = np.array(runs, dtype=float)
-    parts, firmware, actual = data[:, :3], data[:, 3], data[:, 4]
-    used = [k for k in range(3) if np.any(parts[:, k] > 0)]
+    parts, firmware, actual = data[:, :4], data[:, 4], data[:, 5]
+    # A part that is a sliver of every run cannot be told from the runs' noise: fitted, it
+    # soaks the residuals up (a 7 ms RAM part weighed 8.7 to cover a 300 ms VFIO wobble,
+    # then overestimated a RAM-heavy run tenfold). It keeps its weight until runs show it.
+    used = [k for k in range(4) if np.any(parts[:, k] >= FIT_SHARE * actual)]
     if len(runs) < len(used) + 1 or not used:
         return weights
     scale = 1.0 / np.maximum(actual, 1e-3)
-    solution, *_ = np.linalg.lstsq(parts[:, used] * scale[:, None],
-                                   (actual - firmware) * scale, rcond=None)
+    kept = [k for k in range(4) if k not in used]  # at their weights, off the target
+    target = actual - firmware - parts[:, kept] @ np.array([weights[k] for k in kept])
+    solution, *_ = np.linalg.lstsq(parts[:, used] * scale[:, None], target * scale,
+                                   rcond=None)
     fitted = list(weights)
     for k, value in zip(used, solution, strict=True):
         if 0.1 <= value <= 10.0:
             fitted[k] = float(value)
-    return fitted[0], fitted[1], fitted[2]
+    return fitted[0], fitted[1], fitted[2], fitted[3]
 
 
 class CostHistory:

@@ -238,6 +238,9 @@ class Controller:
         if self._outgoing and made is not None:
             self.migration.expected_ms = made.expected_ms
             self.migration.critical_path = made.explain()
+        ram = self._out.ram if self._out is not None else None
+        if self._outgoing and ram is not None and ram.rounds and ram.on:
+            self.migration.ram = ram.progress()
         return self.migration.info()
 
     async def _migrate_cancel(self, _: dict[str, Any]) -> None:

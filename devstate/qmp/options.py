@@ -229,4 +229,6 @@ def migration_params(base: MigrationParams, parameters: Parameters,
         channels=parameters.multifd_channels if multifd else 1,
         routing=parameters.x_routing, overrun=parameters.x_overrun,
         peer_timeout_s=parameters.x_peer_timeout / 1e3 if parameters.x_peer_timeout else None,
-        precopy=capabilities[Capability.SWITCHOVER_ACK])
+        precopy=capabilities[Capability.SWITCHOVER_ACK],
+        # QEMU's max-bandwidth paces the precopy; its stop-and-copy moves unthrottled.
+        bandwidth_limit=float(parameters.max_bandwidth) or None, cap_stop_copy=False)

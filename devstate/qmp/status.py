@@ -13,6 +13,7 @@ from typing import Any
 from devstate.net.transport import Address
 from devstate.phase import Phase
 from devstate.report.migration import MigrationReport
+from devstate.report.ram import RamReport
 
 
 class RunState(enum.StrEnum):
@@ -38,6 +39,7 @@ class Migration:
     report: MigrationReport | None = None
     error: str = ""
     listening: Address | None = None  # an incoming migration's address (port 0 resolved)
+    ram: RamReport | None = None  # a live guest's RAM precopy so far (the report's, after)
 
     def info(self) -> dict[str, Any]:
         """QEMU's MigrationInfo fields that apply, and devstate's own under ``devstate``."""
@@ -54,6 +56,9 @@ class Migration:
         if self.listening is not None:
             info["socket-address"] = [socket_address(self.listening)]
             ours["incoming"] = str(self.listening)
+        ram = self.report.ram if self.report is not None and self.report.ram else self.ram
+        if ram is not None:
+            info["ram"] = ram.to_qmp()
         if self.report is not None:
             if self.status is Phase.COMPLETED:
                 info["downtime"] = round(self.report.downtime_ms)

@@ -8,6 +8,7 @@ from typing import Any
 
 from devstate.errors import ProtocolError
 from devstate.report.guest import GuestReport
+from devstate.report.ram import RamReport
 from devstate.report.vcpus import KvmReport
 
 
@@ -29,6 +30,7 @@ class DeviceResult:
     worker: int
     done_ns: int = 0  # destination: when the device finished loading (firmware included)
     channel: int = -1  # source: the data channel it rode (-1: spread over all of them)
+    precopy_bytes: int = 0  # source: of ``bytes``, those sent before the stop
 
     def to_json(self) -> dict[str, int | str]:
         """Plain data, read back equal by :meth:`from_json`."""
@@ -117,6 +119,7 @@ class MigrationReport:
     # A live guest: stop to the source seeing RESUMED (downtime_ms ends at the release of
     # the destination's last vCPU, which RESUMED follows).
     resumed_seen_ms: float | None = None
+    ram: RamReport | None = None  # a live guest's RAM precopy: rounds, bytes, rates
 
     @property
     def overrun_ms(self) -> float:
@@ -148,6 +151,7 @@ class MigrationReport:
             "verified": self.verified,
             "kvm": self.kvm.to_json() if self.kvm else None,
             "guest": self.guest.to_json() if self.guest else None,
+            "ram": self.ram.to_json() if self.ram else None,
             "resumed_seen_ms": None if self.resumed_seen_ms is None
             else round(self.resumed_seen_ms, 3),
             "devices": [
@@ -191,6 +195,8 @@ def format_table(reports: Iterable[MigrationReport]) -> str:
                 f"; downtime to the last vCPU's release, RESUMED seen at " \
                 f"{report.resumed_seen_ms:.1f} ms"
             lines.append(f"  {report.guest.describe()}{seen}")
+        if report.ram is not None:
+            lines.append(f"  {report.ram.describe()}")
         if report.downtime_limit_ms is not None:
             lines.append(f"  limit {report.downtime_limit_ms:.0f} ms: " + (
                 f"overrun by {report.overrun_ms:.1f} ms; critical path: "

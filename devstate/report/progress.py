@@ -5,12 +5,12 @@ Runs in: the ``devstate migrate`` / ``demo`` process, on its loop, beside the mi
 One line, redrawn ten times a second on standard error (standard output keeps the report):
 the migration's status in plain words (QEMU's status names, such as ``device`` for the
 stop-and-copy, are for controllers: :data:`SAID`), devices saved and state read on the
-source (the destination loads it behind), and once the VM has stopped the time since the
-stop against the downtime limit (or the estimate, without a limit). The
-display is ``rich``'s: it knows terminal widths and cleans up after itself; off a terminal,
-or with ``--json``, nothing is drawn at all (:func:`wanted`). Drawing costs one small
-request per worker every ``REFRESH_S``, during the stop too: a person watching accepts
-that; benchmarks and controllers (``--json``, no terminal) never pay it.
+source (the destination loads it behind), a live guest's RAM precopy round, and once the
+VM has stopped the time since the stop against the downtime limit (or the estimate,
+without a limit). The display is ``rich``'s: it knows terminal widths and cleans up after
+itself; off a terminal, or with ``--json``, nothing is drawn at all (:func:`wanted`).
+Drawing costs one small request per worker every ``REFRESH_S``, during the stop too: a
+person watching accepts that; benchmarks and controllers (``--json``, no terminal) never pay it.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from rich.text import Text
 from devstate.errors import DevstateError
 from devstate.lifecycle import background
 from devstate.phase import Phase
+from devstate.report.ram import RamReport
 
 REFRESH_S = 0.1
 
@@ -68,6 +69,9 @@ class Migrating(Protocol):
     async def progress(self) -> SaveProgress:
         """The save so far."""
 
+    def ram_progress(self) -> RamReport | None:
+        """A live guest's RAM precopy so far (None: none under way)."""
+
 
 def wanted(json_output: bool) -> bool:
     """Whether to draw: a person is watching standard error, and no machine reads stdout."""
@@ -83,6 +87,7 @@ class MigrationProgress:
         self.stopped_at: float | None = None
         self.saved: SaveProgress | None = None
         self.expected_ms: float | None = None
+        self.ram: RamReport | None = None
 
     def status(self, state: Phase) -> None:
         """A change of the migration's phase."""
@@ -99,6 +104,10 @@ class MigrationProgress:
             # count too): the devices done are the fraction, the bytes a running count.
             text.append(f"  saved {s.devices_done} of {s.devices} devices, "
                         f"{s.bytes_read / 2**20:,.0f} MiB read")
+        if self.ram is not None and self.stopped_at is None:
+            r = self.ram
+            text.append(f"  RAM round {r.rounds}, {r.remaining_bytes / 2**20:,.1f} MiB left, "
+                        f"guest dirtying {r.dirty_rate:,.0f} pages/s")
         if self.stopped_at is not None:
             elapsed = (time.monotonic() - self.stopped_at) * 1e3
             deadline = self.downtime_limit_ms or self.expected_ms
@@ -123,6 +132,7 @@ async def following(source: Migrating, progress: MigrationProgress,
                 progress.expected_ms = source.expected_ms
             with contextlib.suppress(DevstateError):  # a pool that is going away
                 progress.saved = await source.progress()
+            progress.ram = source.ram_progress()
             live.update(progress.line(), refresh=True)
             await asyncio.sleep(REFRESH_S)
 

@@ -4,7 +4,8 @@ Input is the plain JSON of a report (``MigrationReport.to_json()``, ``devstate m
 --json``) or of a demo (``devstate demo --json``: one report per mode). Each report becomes
 a panel with a row per source worker (get), per destination worker (transfer+put, then
 complete) and per data channel (what rode it), all on one time axis in ms from the
-source's stop, with the resume, the estimate and the downtime limit as vertical lines.
+source's stop, with the resume, the estimate and the downtime limit as vertical lines. A
+live guest's RAM precopy adds a row on top: its rounds, before the stop.
 
 It runs anywhere, headless: matplotlib's Agg canvas is used directly (never pyplot, so no
 display and no global figure state), and matplotlib is imported only when drawing so that
@@ -26,8 +27,8 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from matplotlib.text import Text
 
-GET, TRANSFER, COMPLETE = "get", "transfer+put", "complete"
-_COLORS = {GET: "#4c72b0", TRANSFER: "#dd8452", COMPLETE: "#55a868"}
+GET, TRANSFER, COMPLETE, ROUND = "get", "transfer+put", "complete", "RAM precopy round"
+_COLORS = {GET: "#4c72b0", TRANSFER: "#dd8452", COMPLETE: "#55a868", ROUND: "#8172b3"}
 _SPREAD = -1  # a stream's channel when its packets went over all channels
 
 _DEVICE_NUMBERS = ("save_start_ms", "save_end_ms", "load_start_ms", "load_end_ms",
@@ -128,6 +129,11 @@ def _check(report: Any, where: str) -> None:
         fail("workers", "missing or not an integer")
     if not isinstance(report.get("devices"), list):
         fail("devices", "missing or not a list")
+    ram = report.get("ram")
+    if ram is not None and not (isinstance(ram, dict) and isinstance(
+            ram.get("rounds_ms", []), list) and all(number(t) and t <= 0
+                                                   for t in ram.get("rounds_ms", []))):
+        fail("ram.rounds_ms", "not a list of times before the stop")
     for i, device in enumerate(report["devices"]):
         if not isinstance(device, dict) or not isinstance(device.get("id"), str):
             fail(f"devices[{i}]", "not an object with an 'id'")
@@ -189,6 +195,11 @@ def _rows(report: dict[str, Any]) -> list[_Row]:
     streams = [d for d in devices if not _is_vcpu(d)]
     vcpus = [d for d in devices if _is_vcpu(d)]
     rows: list[_Row] = []
+    starts = list((report.get("ram") or {}).get("rounds_ms", ()))
+    if starts:  # each round until the next began; the last until the stop
+        rows.append(_Row("source", "RAM rounds", [
+            _Item(((ROUND, start, end),), f"round {k + 1}")
+            for k, (start, end) in enumerate(zip(starts, [*starts[1:], 0.0], strict=True))]))
 
     sources = sorted(set(range(report["workers"])) | {d["source_worker"] for d in devices})
     for w in sources:
@@ -255,6 +266,7 @@ def _time_range(reports: list[dict[str, Any]]) -> tuple[float, float]:
         for d in report["devices"]:
             lo = min(lo, d["save_start_ms"], d["load_start_ms"])
             hi = max(hi, d["save_end_ms"], d["load_done_ms"], d["load_end_ms"])
+        lo = min(lo, *(report.get("ram") or {}).get("rounds_ms", [0.0]))
         hi = max(hi, report["downtime_ms"], report["expected_ms"],
                  report.get("downtime_limit_ms") or 0.0)
     pad = (hi - lo) * 0.02 or 1.0
@@ -346,8 +358,10 @@ def _draw_legend(figure: Figure, reports: list[dict[str, Any]]) -> None:
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    handles: list[Artist] = [Patch(color=_COLORS[step], label=step)
-                             for step in (GET, TRANSFER, COMPLETE)]
+    steps = [GET, TRANSFER, COMPLETE]
+    if any((report.get("ram") or {}).get("rounds_ms") for report in reports):
+        steps.append(ROUND)
+    handles: list[Artist] = [Patch(color=_COLORS[step], label=step) for step in steps]
     handles += [Line2D([], [], color="black", linewidth=1.2, label="resume (downtime)"),
                 Line2D([], [], color="0.3", linewidth=1.2, linestyle=":", label="expected")]
     if any(report.get("downtime_limit_ms") is not None for report in reports):

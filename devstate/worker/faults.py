@@ -185,15 +185,28 @@ def spoil(fault: Fault, packet: memoryview) -> memoryview:
 
 
 def _alter_guest_page(payload: memoryview) -> None:
-    """ALTER at ``get``: in the first chunk of guest RAM (an extent from address 0, which
-    holds the guest's params and its vCPUs' pages), flip a bit of vCPU 0's first checksum
-    word; the vCPU count comes from the params block the chunk carries."""
-    offset, length, _ = EXTENT.unpack_from(payload)
-    ram = payload[EXTENT.size:EXTENT.size + length]
-    if offset != 0 or len(ram) < gp.PARAMS_VCPUS + 4:
-        raise ValueError("get:alter strikes the first chunk of guest RAM (ram/0)")
-    vcpus = int.from_bytes(ram[gp.PARAMS_VCPUS:gp.PARAMS_VCPUS + 4], "little")
-    ram[GuestLayout.of(vcpus, 1 << 30).area(0) + gp.CHECKSUM_BLOCK] ^= 0x01
+    """ALTER at ``get``: in the first stop-and-copy chunk of guest RAM, flip a bit of vCPU
+    0's first checksum word. The chunk is a run of extents: the whole range from address 0
+    (no precopy), or the pages dirtied last (vCPU 0's page always is: its counter moves).
+    vCPU 0's page follows the GDT, whose size depends on the vCPU count: read from the
+    params block when the chunk carries it, else that of a guest of up to 253 vCPUs (whose
+    GDT ends in the same page)."""
+    extents, at = [], 0
+    while at + EXTENT.size <= len(payload):
+        offset, length, _ = EXTENT.unpack_from(payload, at)
+        extents.append((offset, payload[at + EXTENT.size:at + EXTENT.size + length]))
+        at += EXTENT.size + length
+    vcpus = 1
+    for offset, data in extents:
+        if offset <= gp.PARAMS_VCPUS and offset + len(data) >= gp.PARAMS_VCPUS + 4:
+            vcpus = int.from_bytes(data[gp.PARAMS_VCPUS - offset:gp.PARAMS_VCPUS - offset + 4],
+                                   "little")
+    target = GuestLayout.of(vcpus, 1 << 30).area(0) + gp.CHECKSUM_BLOCK
+    for offset, data in extents:
+        if offset <= target < offset + len(data):
+            data[target - offset] ^= 0x01
+            return
+    raise ValueError("get:alter strikes the first chunk of guest RAM that holds vCPU 0's page")
 
 
 def spoil_record(fault: Fault, device: Device, record: memoryview) -> None:

@@ -79,8 +79,7 @@ class Save(Job):
     """Source: get and send these devices in this order, on the channels ``routes`` gives
     (operation number ``gen`` tags the handoffs between workers). Sent while the VM runs:
     the worker sets everything up and waits for SwitchOver (the stop), so that none of the
-    set-up counts in the downtime. With ``precopy``, devices that support it stream
-    meanwhile.
+    set-up counts in the downtime. The devices in ``precopy`` stream meanwhile.
 
     ``vcpu_cpus`` and ``vcpu_threads`` say what the KVM VM's owner gets its vCPUs with
     (MigrationParams.vcpu_cpus, vcpu_threads).
@@ -93,7 +92,8 @@ class Save(Job):
     vcpu_cpus: tuple[int, ...] = ()
     vcpu_threads: int | None = None
     bandwidth_limit: float | None = None  # bytes/s over all channels, None: unlimited
-    precopy: bool = False  # stream precopy devices while running, until SwitchOver
+    cap_stop_copy: bool = True  # the limit paces the stop-and-copy too (else precopy only)
+    precopy: tuple[int, ...] = ()  # devices that stream while running, until SwitchOver
     transfer: TransferOrder | None = None  # stop-and-copy's order; None: all at once
 
 
@@ -181,6 +181,20 @@ class StartGuest(Job):
 class StopGuest(Job):
     """The VM's owner: every vCPU out of KVM_RUN; replies when the last one stopped
     (monotonic ns; 0 if no guest runs here)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LogDirty(Job):
+    """The VM's owner: start (the shared log emptied) or stop KVM's dirty log of the
+    guest's RAM (:mod:`devstate.devices.kvm.dirty`)."""
+
+    on: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SyncDirty(Job):
+    """The VM's owner: KVM's dirty log into the shared log; replies with the pages it holds
+    per RAM range."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -238,6 +238,14 @@ class Worker:
     async def _stop_guest(self, _job: m.StopGuest, _: int | None) -> int:
         return self._host.stop_guest()
 
+    @handles(m.LogDirty)
+    async def _log_dirty(self, job: m.LogDirty, _: int | None) -> None:
+        self._host.log_dirty(job.on)
+
+    @handles(m.SyncDirty)
+    async def _sync_dirty(self, _job: m.SyncDirty, _: int | None) -> tuple[int, ...]:
+        return self._host.sync_dirty()
+
     @handles(m.GuestCheck)
     async def _guest_check(self, _job: m.GuestCheck, _: int | None) -> str | None:
         return self._host.guest_problem()
@@ -268,6 +276,7 @@ class Worker:
         self._host.vcpu_cost()  # VcpuCosts counts this run's work only
         saver = Saver(self._holdings(job), job.routes, job.gen,
                       bandwidth_limit=job.bandwidth_limit,
+                      cap_stop_copy=job.cap_stop_copy,
                       transfer=job.transfer if concurrent else None)
         self._saver = saver
         self._switchover = asyncio.Event()
@@ -308,6 +317,8 @@ class Worker:
     async def _switch_over(self, _job: m.SwitchOver, _: int | None) -> None:
         if self._switchover is None:
             raise RuntimeError(f"worker {self.index}: no Save to switch over")
+        if self._saver is not None:
+            self._saver.stopped()
         self._switchover.set()
 
     @handles(m.PrecopyRemaining)

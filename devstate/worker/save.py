@@ -34,7 +34,7 @@ import asyncio
 import errno
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from functools import partial
 
 from devstate.arena.slots import Slot
@@ -67,7 +67,7 @@ class Saver:
     """Gets and sends the devices one worker owns, on whichever channels the route says."""
 
     def __init__(self, held: Holdings, routes: Routes, gen: int, *,
-                 bandwidth_limit: float | None = None,
+                 bandwidth_limit: float | None = None, cap_stop_copy: bool = True,
                  transfer: TransferOrder | None = None) -> None:
         self.worker = held.worker
         self._devices = held.devices
@@ -86,6 +86,7 @@ class Saver:
             k: PacketSender(sock, Pacer.for_channel(bandwidth_limit, routes.channels))
             for k, sock in held.channels.items()}
         self._sockets = [sender.sock for sender in self._senders.values()]  # a fault cuts
+        self._cap_stop_copy = cap_stop_copy
         self._records_routed = 0
         self._admission = Admission(transfer or TransferOrder())
         # What a progress display shows (messages.Progress): devices whose last byte was
@@ -100,15 +101,16 @@ class Saver:
         self._no_more_sends = asyncio.Event()
         self._fault: asyncio.Future[None] | None = None
         self._in_precopy: set[int] = set()
+        self._early: frozenset[int] = frozenset()  # the devices that stream while running
 
     async def run(self, order: Sequence[int], concurrent: bool,
-                  switchover: asyncio.Event | None = None, *, precopy: bool = False,
+                  switchover: asyncio.Event | None = None, *, precopy: Collection[int] = (),
                   on_armed: Callable[[], None] = lambda: None) -> list[ResultRow]:
         """Save every device in ``order``; return their results once all bytes are sent.
 
         With ``switchover``, everything is set up first (channels' senders, the peers'
         notes served) and nothing is got before the event is set (the VM stops), except,
-        with ``precopy``, what the devices that support it stream meanwhile; ``on_armed``
+        what the devices in ``precopy`` (each supports it) stream meanwhile; ``on_armed``
         is called once it waits.
         """
         missing = set(self._routes.channels_of(self.worker)) - set(self._senders)
@@ -116,6 +118,7 @@ class Saver:
             raise RuntimeError(f"worker {self.worker} has no data channel "
                                f"{', '.join(map(str, sorted(missing)))}")
         results: list[ResultRow] = []
+        self._early = frozenset(precopy)
         self._fault = asyncio.get_running_loop().create_future()
         peers = self._mesh.peers if self._mesh is not None else ()
         if not peers:
@@ -178,6 +181,12 @@ class Saver:
             else:
                 results.append(await self._save_stream(run[0]))
         return results
+
+    def stopped(self) -> None:
+        """The VM stopped: a limit that paces only the precopy lets go of the channels."""
+        if not self._cap_stop_copy:
+            for sender in self._senders.values():
+                sender.unpace()
 
     def _emit(self, index: int, seq: int, slot: Slot, length: int, channel: int, *,
               ordered: bool = True) -> asyncio.Future[None] | None:
@@ -332,9 +341,10 @@ class Saver:
         hop = _Hop()
         seq = total = 0
         if switchover is not None:
-            if device.supports_precopy:
+            if index in self._early:
                 seq, total = await self._precopy(index, device, switchover, digest, hop)
             await switchover.wait()
+        early = total
         start = time.monotonic_ns()
         await device.save_begin()
         # The session is open (the device may start to stop its state meanwhile); its bytes
@@ -348,7 +358,10 @@ class Saver:
             while filled < capacity:
                 n = await device.save_read(slot.view[HDR + filled:HDR + capacity])
                 if n == 0:
-                    at_end = True
+                    # Into an empty packet, the end; into one with bytes, perhaps only
+                    # no room for the device's next piece (a RAM extent's header): ship
+                    # them and ask again.
+                    at_end = filled == 0
                     break
                 filled += n
             if filled == 0:
@@ -372,7 +385,8 @@ class Saver:
         await self._emit_in_order(hop, index, seq, slot, len(end))
         await device.save_end()
         channel = hop.channel if self._routes.routing is Routing.AFFINITY else SPREAD
-        return index, device.id, total, seq, start, time.monotonic_ns(), self.worker, 0, channel
+        return (index, device.id, total, seq, start, time.monotonic_ns(), self.worker, 0, channel,
+                early)
 
     async def _precopy(self, index: int, device: StreamDevice, switchover: asyncio.Event,
                        digest: wire.StateDigest, hop: _Hop) -> tuple[int, int]:

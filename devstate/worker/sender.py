@@ -39,6 +39,10 @@ class PacketSender:
         self.packets += 1
         self._wakeup.set()
 
+    def unpace(self) -> None:
+        """Send at full speed from now on (a limit that paces only the precopy)."""
+        self._pacer = None
+
     async def run(self) -> None:
         """Send until :meth:`close` was called and the queue is empty, then the FIN."""
         try:

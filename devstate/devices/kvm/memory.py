@@ -10,22 +10,31 @@ The stream is a sequence of *extents*, each a header then its bytes::
 
     offset u64 (from the range's start) | length u32 | reserved u32 | length bytes
 
-A stop-and-copy sends the whole range as extents of whatever fits a packet; a precopy
-round sends the pages the guest dirtied as extents of their own, and a later extent of the
-same pages overwrites an earlier one, so the destination writes each one where it belongs
-as it arrives, whatever the packets' segmentation. The packets carry the checksums and
-the END digest; the continuity check proves the guest took its RAM.
+Without precopy, stop-and-copy sends the whole range as extents of whatever fits a packet.
+With precopy (a live migration, :mod:`devstate.migration.dirty`), the guest runs meanwhile:
+the first round sends every page, each later round the pages the guest dirtied since the
+one before (taken from the dirty log, :func:`~devstate.devices.kvm.dirty.take`), and
+stop-and-copy only what was dirtied last. A later extent of the same pages overwrites an
+earlier one, so the destination writes each one where it belongs as it arrives, whatever
+the packets' segmentation. The packets carry the checksums and the END digest (the digest
+of the whole range is compared after the move: every page, however many times it moved);
+the continuity check proves the guest took its RAM.
 """
 
 from __future__ import annotations
 
+import errno
 import struct
 
+import numpy as np
+import numpy.typing as npt
 import xxhash
 
 from devstate.config.spec import DeviceSpec
 from devstate.devices.base import StreamDevice
 from devstate.devices.host import DeviceHost
+from devstate.devices.kvm import dirty
+from devstate.devices.kvm.ram import PAGE_BYTES
 from devstate.errors import DeviceError
 
 EXTENT = struct.Struct("<QII")
@@ -34,6 +43,8 @@ EXTENT = struct.Struct("<QII")
 class RamRange(StreamDevice):
     """``ram/k``: the guest RAM bytes ``[start, start + length)``."""
 
+    supports_precopy = True
+
     def __init__(self, spec: DeviceSpec, machine_seed: int, *, incoming: bool,
                  host: DeviceHost) -> None:
         super().__init__(spec, machine_seed)
@@ -41,6 +52,11 @@ class RamRange(StreamDevice):
         self.start, self.length = spec.ram
         self._host = host
         self._sent = 0          # save: bytes of the range read so far
+        # save, after a precopy: the pages still to send (taken from the dirty log, or the
+        # first round's every page), and the page to look from next; None: no precopy.
+        self._pending: npt.NDArray[np.bool_] | None = None
+        self._cursor = 0
+        self._run_at = self._run_left = 0  # save: the run of pages being sent (bytes)
         self._header = bytearray()  # load: an extent header split over writes
         self._at = 0            # load: where the current extent's next byte goes
         self._left = 0          # load: bytes of the current extent still to come
@@ -55,12 +71,45 @@ class RamRange(StreamDevice):
         changes it), else as it is now (a source's stopped guest)."""
         return self._loaded or xxhash.xxh3_128_digest(self._range())
 
+    async def precopy_begin(self) -> None:
+        """The first round: every page (the owner logs what the guest writes from now)."""
+        self._pending = np.ones(self.length // PAGE_BYTES, dtype=bool)
+        self._cursor = self._run_at = self._run_left = 0
+
+    async def precopy_read(self, out: memoryview) -> int:
+        """Extents of the pending pages that fit ``out``; ``OSError(ENOMSG)`` when this
+        round's are all read (the next round's come when the owner syncs the log)."""
+        n = self._read_pending(out)
+        if n == 0:
+            raise OSError(errno.ENOMSG, "no dirty pages for now")
+        return n
+
+    async def precopy_remaining(self) -> int:
+        """Bytes of the pages still to send, after taking those the log has gained."""
+        assert self._pending is not None
+        self._take()
+        return int(np.count_nonzero(self._pending)) * PAGE_BYTES + self._run_left
+
+    def _take(self) -> None:
+        """Add the pages the dirty log holds for this range; look from the first page again
+        (the new ones may lie behind the cursor)."""
+        assert self._pending is not None
+        self._pending |= dirty.take(self._host.guest_ram(), self.start, self.length)
+        self._cursor = 0
+
     async def save_begin(self) -> None:
-        """Start reading the range from its first byte (the guest is stopped)."""
+        """Stop-and-copy (the guest is stopped): after a precopy, the pages still pending
+        and those of the last round (synced at the stop); else the whole range."""
         self._sent = 0
+        if self._pending is not None:
+            self._take()
 
     async def save_read(self, out: memoryview) -> int:
-        """One extent: as much of the rest of the range as fits ``out`` after its header."""
+        """Extents that fit ``out``: pending pages after a precopy (0 also when the rest of
+        ``out`` cannot hold an extent: the next packet takes it), else as much of the rest
+        of the range as fits after one header."""
+        if self._pending is not None:
+            return self._read_pending(out)
         room = len(out) - EXTENT.size
         left = self.length - self._sent
         if left == 0:
@@ -73,8 +122,46 @@ class RamRange(StreamDevice):
         self._sent += n
         return EXTENT.size + n
 
+    def _read_pending(self, out: memoryview) -> int:
+        """Extents of pending pages into ``out``, filling it but for at most a header's
+        bytes: a run of pending pages goes out whole, in as many extents (cut anywhere,
+        pages too) as the packets it takes. 0: nothing pending (or no room for a byte)."""
+        ram, filled = self._range(), 0
+        while len(out) - filled > EXTENT.size:
+            if self._run_left == 0 and not self._next_run():
+                break
+            n = min(self._run_left, len(out) - filled - EXTENT.size)
+            at = self._run_at
+            EXTENT.pack_into(out, filled, at, n, 0)
+            out[filled + EXTENT.size:filled + EXTENT.size + n] = ram[at:at + n]
+            filled += EXTENT.size + n
+            self._run_at += n
+            self._run_left -= n
+            self._sent += n
+        return filled
+
+    def _next_run(self) -> bool:
+        """Start sending the next run of pending pages from the cursor (they are pending no
+        more: a page the guest dirties again is taken again and sent again, later);
+        False: none pending."""
+        pending = self._pending
+        assert pending is not None
+        found = np.flatnonzero(pending[self._cursor:])
+        if found.size == 0:
+            return False
+        first = self._cursor + int(found[0])
+        ends = np.flatnonzero(~pending[first:])
+        count = int(ends[0]) if ends.size else pending.size - first
+        pending[first:first + count] = False
+        self._run_at, self._run_left = first * PAGE_BYTES, count * PAGE_BYTES
+        self._cursor = first + count
+        return True
+
     async def save_end(self) -> None:
-        """Nothing to close: the range stays as the stopped guest left it."""
+        """The session is over (the range stays as the stopped guest left it): the next save
+        is a whole one unless it begins with a precopy."""
+        self._pending = None
+        self._run_left = 0
 
     async def load_begin(self) -> None:
         """A new load: no extent under way."""
@@ -121,5 +208,6 @@ class RamRange(StreamDevice):
 
     async def reset(self) -> None:
         """Forget a failed load's position; the bytes it wrote stay (the guest is not running
-        here, and a next load rewrites the whole range)."""
+        here, and a next load rewrites the whole range); a source forgets its precopy."""
+        self._pending = None
         await self.load_begin()

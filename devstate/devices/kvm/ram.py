@@ -11,6 +11,12 @@ away with its last fd or mapping, and it passes between processes as an fd (SCM_
 
 Both ends pre-fault their mapping before the VM stops: the first touch of a shared page
 costs ~50x a warm copy (ARCHITECTURE.md section 5, rule 6), a price stop-and-copy must not pay.
+
+After the RAM the memfd holds its *dirty log*, a bit per page (:attr:`GuestRam.dirty`): the
+pages the guest wrote that no RAM range has taken yet. The VM's owner ORs in what each
+KVM_GET_DIRTY_LOG returns; each range's owner takes (and clears) its own part. Shared
+memory, so a round's bitmap reaches every worker without a copy through the pool's pipes;
+the two never touch it at once (the coordinator orders them: :mod:`devstate.migration.dirty`).
 """
 
 from __future__ import annotations
@@ -20,6 +26,9 @@ import mmap
 import os
 from collections.abc import Callable
 from types import TracebackType
+
+import numpy as np
+import numpy.typing as npt
 
 from devstate.errors import DeviceError, SpecError
 
@@ -43,7 +52,12 @@ class GuestRam:
         self._fd = fd
         self._size = size
         self._mmap: mmap.mmap | None = mapping
-        self._view: memoryview | None = memoryview(mapping)
+        whole = memoryview(mapping)
+        self._view: memoryview | None = whole[:size]
+        words = -(-size // PAGE_BYTES // 64)
+        self._dirty: npt.NDArray[np.uint64] | None = np.frombuffer(
+            whole[size:size + words * 8], np.uint64)
+        whole.release()
         # The mapping never moves, so its address outlives the ctypes object that exposed
         # it (a temporary buffer export, released at once: exports would block close()).
         self._address = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
@@ -61,7 +75,7 @@ class GuestRam:
             raise DeviceError(_DEVICE, f"memfd_create({name!r}): {exc.strerror}",
                               exc.errno) from exc
         return cls._owning(fd, size, f"size and map memfd {name!r} ({size} B)",
-                           lambda: os.ftruncate(fd, size))
+                           lambda: os.ftruncate(fd, size + log_bytes(size)))
 
     @classmethod
     def attach(cls, fd: int, size: int) -> GuestRam:
@@ -75,9 +89,9 @@ class GuestRam:
             actual = os.fstat(fd).st_size
         except OSError as exc:
             raise DeviceError(_DEVICE, f"attach fd {fd}: {exc.strerror}", exc.errno) from exc
-        if actual != size:
+        if actual != size + log_bytes(size):
             raise DeviceError(_DEVICE, f"attach fd {fd}: the memfd holds {actual} B, "
-                                       f"expected {size} B")
+                                       f"expected {size} B and its dirty log")
         return cls._owning(os.dup(fd), size, f"map fd {fd} ({size} B)")
 
     @classmethod
@@ -87,7 +101,7 @@ class GuestRam:
         try:
             if prepare is not None:
                 prepare()
-            return cls(fd, size, _map(fd, size))
+            return cls(fd, size, _map(fd, size + log_bytes(size)))
         except OSError as exc:
             os.close(fd)
             raise DeviceError(_DEVICE, f"{what}: {exc.strerror}", exc.errno) from exc
@@ -113,6 +127,14 @@ class GuestRam:
         return self._view
 
     @property
+    def dirty(self) -> npt.NDArray[np.uint64]:
+        """The shared dirty log: page k of the RAM is bit k % 64 of word k // 64 (KVM's
+        layout); DeviceError once closed."""
+        if self._dirty is None:
+            raise DeviceError(_DEVICE, "the RAM was closed")
+        return self._dirty
+
+    @property
     def address(self) -> int:
         """The mapping's address in this process (for KVM_SET_USER_MEMORY_REGION)."""
         if self._view is None:
@@ -128,6 +150,7 @@ class GuestRam:
         view never reads unmapped memory; the fd is closed either way.
         """
         view, self._view = self._view, None
+        self._dirty = None
         mapping, self._mmap = self._mmap, None
         fd, self._fd = self._fd, -1
         if view is not None:
@@ -149,6 +172,13 @@ class GuestRam:
 
     def __repr__(self) -> str:
         return f"GuestRam(fd={self._fd}, size={self._size})"
+
+
+def log_bytes(size: int) -> int:
+    """Bytes of the dirty log after ``size`` bytes of RAM: a bit per page in 64-bit words,
+    rounded up to whole pages."""
+    words = -(-size // PAGE_BYTES // 64)
+    return -(-words * 8 // PAGE_BYTES) * PAGE_BYTES
 
 
 def _check_size(size: int) -> None:

@@ -28,8 +28,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
 
+import numpy as np
+import numpy.typing as npt
+
 from devstate.devices.kvm import structs, uapi
-from devstate.devices.kvm.ram import GuestRam
+from devstate.devices.kvm.ram import PAGE_BYTES, GuestRam
 from devstate.devices.kvm.record import (
     HEADER,
     SECTION,
@@ -141,6 +144,7 @@ class KvmVm:
         self.vcpus: dict[int, KvmVcpu] = {}
         self.dropped_msrs: dict[int, str] = {}
         self.ram_slots: tuple[RamSlot, ...] = ()
+        self._ram_address = 0
         self._ioctl = ioctl
         self._kvm_fd = self._vm_fd = -1
         try:
@@ -284,15 +288,32 @@ class KvmVm:
         slots = [RamSlot(0, 0, 0, low)]
         if ram.size > low:
             slots.append(RamSlot(1, RAM_HOLE_END, low, ram.size - low))
-        flags = structs.MemFlag.LOG_DIRTY_PAGES if log_dirty else structs.MemFlag(0)
-        for slot in slots:
+        self._ram_address = ram.address
+        self.ram_slots = tuple(slots)
+        self.log_dirty(log_dirty)
+        return self.ram_slots
+
+    def log_dirty(self, on: bool) -> None:
+        """Start or stop KVM's dirty log of every RAM slot (the slots are registered again
+        with or without KVM_MEM_LOG_DIRTY_PAGES, as QEMU does when a migration starts and
+        ends). Starting makes the next :meth:`dirty_log` hold what is written from now."""
+        flags = structs.MemFlag.LOG_DIRTY_PAGES if on else structs.MemFlag(0)
+        for slot in self.ram_slots:
             region = structs.kvm_userspace_memory_region(
                 slot=slot.slot, flags=flags, guest_phys_addr=slot.guest_phys_addr,
-                memory_size=slot.size, userspace_addr=ram.address + slot.offset)
+                memory_size=slot.size, userspace_addr=self._ram_address + slot.offset)
             self._ioctl(self._vm_fd, Ioctl.KVM_SET_USER_MEMORY_REGION, region,
                         device=self.name)
-        self.ram_slots = tuple(slots)
-        return self.ram_slots
+
+    def dirty_log(self, slot: RamSlot, bitmap: npt.NDArray[np.uint64]) -> None:
+        """Fetch and clear ``slot``'s dirty log into ``bitmap`` (a bit per page, page k of the
+        slot in bit k % 64 of word k // 64, as KVM_GET_DIRTY_LOG writes it); the slot must
+        be logging (:meth:`log_dirty`)."""
+        if bitmap.size * 64 < slot.size // PAGE_BYTES or not bitmap.flags.c_contiguous:
+            raise DeviceError(self.name, f"a dirty bitmap of {bitmap.size} words cannot hold "
+                                         f"slot {slot.slot}'s {slot.size // PAGE_BYTES} pages")
+        log = structs.kvm_dirty_log(slot=slot.slot, dirty_bitmap=bitmap.ctypes.data)
+        self._ioctl(self._vm_fd, Ioctl.KVM_GET_DIRTY_LOG, log, device=self.name)
 
     # -- vCPUs ----------------------------------------------------------------------
 
