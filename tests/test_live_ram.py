@@ -11,6 +11,7 @@ from where it stopped (the continuity check).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -153,6 +154,52 @@ def test_a_guest_that_outdirties_the_link_waits_until_the_limit_is_raised(
     final = out["final"]
     assert final["devstate"]["guest"]["continued"] and final["devstate"]["verified"]
     assert final["ram"]["precopy-rounds"] >= last["ram"]["precopy-rounds"]
+
+
+def test_auto_converge_slows_such_a_guest_until_it_switches_over(run, tmp_path: Path) -> None:
+    """The same guest with QMP's auto-converge capability and the limit left as it is: the
+    owner keeps its vCPUs stopped a growing share of the time (query-migrate's
+    cpu-throttle-percentage), it dirties less per round, and the migration completes by
+    itself within the limit; the guest then runs at full speed on the destination."""
+    spec = _dirtying(16, "128MiB", 4000, "4MiB")
+    spec_path = _write_spec(tmp_path, spec)
+    incoming = tmp_path / "incoming.sock"
+
+    async def scenario() -> dict[str, Any]:
+        async with vm_process(spec_path, tmp_path / "src.qmp") as src_path, \
+                vm_process(spec_path, tmp_path / "dst.qmp", "--incoming", "defer") as dst_path, \
+                client(src_path, "source") as src, client(dst_path, "dest") as dst:
+            await dst.execute("migrate-incoming", {"uri": f"unix:{incoming}"})
+            await src.execute("migrate-set-capabilities", {"capabilities": [
+                {"capability": "events", "state": True},
+                {"capability": "auto-converge", "state": True}]})
+            await src.execute("migrate-set-parameters", {"downtime-limit": 20,
+                                                         "max-bandwidth": 512 * MIB})
+            listener = EventListener(("MIGRATION",))
+            throttled = 0
+            with src.listen(listener):
+                await src.execute("migrate", {"uri": f"unix:{incoming}"})
+                seen: list[str] = []
+                async with asyncio.timeout(120):
+                    while not seen or seen[-1] not in ("completed", "failed"):
+                        info = await src.execute("query-migrate")
+                        throttled = max(throttled, info.get("cpu-throttle-percentage", 0))
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(0.1):
+                                event = await listener.get()
+                                seen.append(event["data"]["status"])
+            final = await src.execute("query-migrate")
+            await src.execute("quit")
+            await dst.execute("quit")
+            return {"seen": seen, "final": final, "throttled": throttled}
+
+    out = run(scenario())
+    assert out["seen"][-1] == "completed", out["seen"]
+    final = out["final"]
+    assert out["throttled"] >= 20 and final["ram"]["precopy-rounds"] >= 4
+    assert final["downtime"] <= 20 * 3  # within the limit's reach, not 60 MiB late
+    assert final["devstate"]["ram"]["throttle_pct"] >= 20
+    assert final["devstate"]["guest"]["continued"] and final["devstate"]["verified"]
 
 
 @pytest.mark.parametrize(("ram", "field"), [

@@ -22,7 +22,7 @@ EVERY_FIELD = MigrationParams(
     routing=Routing.SPREAD, window_slots=5, bandwidth_limit=4e9, cap_stop_copy=False,
     spec_order=True,
     precopy=True, precopy_timeout_s=7.5, downtime_limit_ms=60_000.0, overrun=Overrun.ABORT,
-    force_switchover=True, wait_for_limit=True, peer_timeout_s=45.0,
+    force_switchover=True, wait_for_limit=True, auto_converge=True, peer_timeout_s=45.0,
     fault="resume:kill-worker:1000000")
 
 

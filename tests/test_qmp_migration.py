@@ -424,7 +424,7 @@ def test_a_libvirt_probe_reads_qemu_9_1_defaults_and_its_capabilities_are_accept
     assert {c["capability"]: c["state"] for c in out["caps"]} == {
         "events": False, "multifd": False, "return-path": True, "dirty-bitmaps": False,
         "late-block-activate": False, "pause-before-switchover": False,
-        "switchover-ack": False}
+        "switchover-ack": False, "auto-converge": False}
     assert out["caps_after"] == out["caps"]  # after the reset; return-path stays on
     assert out["params"] == {"downtime-limit": 300, "max-bandwidth": 134217728,
                              "multifd-channels": 2, "tls-creds": "", "tls-hostname": "",

@@ -148,7 +148,7 @@ async def _migrate(args: argparse.Namespace) -> int:
                         downtime_limit_ms=args.downtime_limit, peer_timeout_s=args.peer_timeout,
                         overrun=Overrun(args.on_overrun),
                         force_switchover=args.force_switchover, spec_order=args.spec_order,
-                        precopy=args.precopy)
+                        precopy=args.precopy, auto_converge=args.auto_converge)
     tls = tls_config(args)
     if args.to is None:
         if tls is not None:

@@ -115,8 +115,12 @@ def _migrate_arguments(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     migrate.add_argument("--force-switchover", action="store_true",
                          help="switch over even when the limit is expected to be missed")
     migrate.add_argument("--precopy", action="store_true",
-                         help="stream devices that support it while the VM runs; switch "
-                              "over when the expected downtime meets --downtime-limit")
+                         help="stream VFIO devices that support it while the VM runs; switch "
+                              "over when the expected downtime meets --downtime-limit (a "
+                              "live guest's RAM is always precopied)")
+    migrate.add_argument("--auto-converge", action="store_true",
+                         help="a live guest whose RAM precopy does not converge is slowed: "
+                              "its vCPUs kept stopped 20%%, then 10%% more per round")
     migrate.add_argument("--spec-order", action="store_true",
                          help="baseline: devices in spec order, dealt round-robin, streams "
                               "moving in table order, instead of the plan (longest first)")

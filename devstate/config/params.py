@@ -105,7 +105,10 @@ class MigrationParams:
     (``overrun``). An unmet limit fails the migration at once (the CLI's one-shot
     migration), unless ``wait_for_limit``: then the VM keeps running and the estimate is
     re-made until it fits the limit, which may be raised meanwhile (QEMU's behaviour, for a
-    QMP controller; cancelling is the other way out).
+    QMP controller; cancelling is the other way out). ``auto_converge`` (QEMU's
+    capability): a live guest whose RAM precopy does not converge is throttled, its vCPUs
+    kept stopped 20 % of the time, then 10 % more after each round that still does not
+    converge (:mod:`devstate.worker.throttle`).
     ``peer_timeout_s``: how long either side of a running save and load waits with no word
     from its peer (a heartbeat, or any reply) before it gives up on it
     (:mod:`devstate.migration.liveness`); None: derived from the downtime limit and the
@@ -134,6 +137,7 @@ class MigrationParams:
     overrun: Overrun = Overrun.FINISH
     force_switchover: bool = False
     wait_for_limit: bool = False
+    auto_converge: bool = False
     peer_timeout_s: float | None = None
     fault: str | None = None  # tests: a fault for every worker to arm (devstate.worker.faults)
 

@@ -104,6 +104,11 @@ class DeviceHost:
             self._dirty.sync()
         return stopped
 
+    def pause_guest(self) -> None:
+        """Every vCPU out of KVM_RUN for a while (auto-converge's throttle), no more."""
+        if self._guest is not None:
+            self._guest.stop()
+
     def log_dirty(self, on: bool) -> None:
         """Start (the shared log emptied) or stop KVM's dirty log of the guest's RAM."""
         if self._dirty is None:

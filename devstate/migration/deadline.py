@@ -25,6 +25,9 @@ from devstate.worker import jobs as m
 # Records per worker the cost model's probe gets and puts back: enough for a stable mean,
 # few enough to fit the record slots and take milliseconds.
 PROBE_RECORDS = 64
+# Auto-converge throttles a guest whose rounds past the first this many did not converge
+# (QEMU: two syncs in a row whose dirtied bytes passed half of those sent).
+AUTO_CONVERGE_AFTER = 2
 # How often precopy looks at what is left to send, against the limit.
 CONVERGE_POLL_S = 0.05
 # A live guest's RAM precopy without a limit converges once what RAM adds to the expected
@@ -144,6 +147,9 @@ class Deadline(OnMachine):
                 else await self._converged_unlimited(costs, synced, made, ram))
             if converged:
                 return made
+            if synced is not None and ram is not None and self.params.auto_converge \
+                    and ram.rounds > AUTO_CONVERGE_AFTER:
+                await ram.throttle_more()
             waited = time.monotonic() - started
             if waited >= self.params.precopy_timeout_s and not self.params.wait_for_limit:
                 if limit is None or self.params.force_switchover:

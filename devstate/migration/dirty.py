@@ -30,6 +30,9 @@ from devstate.report.migration import DeviceResult
 from devstate.report.ram import RamReport
 from devstate.worker import jobs as m
 
+# QEMU's cpu-throttle-initial and cpu-throttle-increment defaults; its maximum is 99 %.
+THROTTLE_INITIAL, THROTTLE_INCREMENT, THROTTLE_MAX = 20, 10, 99
+
 
 class RamPrecopy(OnMachine):
     """The RAM ranges of ``machine`` in precopy: rounds, syncs and rates."""
@@ -45,6 +48,7 @@ class RamPrecopy(OnMachine):
         self._queued = 0      # page bytes handed to the ranges so far (every round's)
         self.remaining = 0    # page bytes the ranges have yet to send, at the last look
         self.dirty_rate = 0.0  # pages/s the guest dirtied over the last round
+        self.throttle_pct = 0  # auto-converge: the share of time the guest is kept stopped
 
     async def start(self) -> None:
         """Have the owner log the guest's writes from now: round 1 is every page."""
@@ -57,6 +61,7 @@ class RamPrecopy(OnMachine):
         self.rounds = self.syncs = 1
         self._queued = self.remaining = self.total
         self.dirty_rate = 0.0
+        self.throttle_pct = 0
 
     async def advance(self, remaining: dict[int, int]) -> dict[int, int] | None:
         """``remaining`` (bytes each precopy device has left, by index) as stop-and-copy
@@ -81,6 +86,15 @@ class RamPrecopy(OnMachine):
         self.remaining = pages * PAGE_BYTES
         return {**remaining, **{i: n * PAGE_BYTES for i, n in zip(self.ranges, counts,
                                                                   strict=True)}}
+
+    async def throttle_more(self) -> None:
+        """Auto-converge, after a round that did not converge: keep the guest stopped a
+        larger share of the time, as QEMU's cpu-throttle does (20 %, then 10 % more each
+        time, to 99 %)."""
+        if self.on and self.throttle_pct < THROTTLE_MAX:
+            step = THROTTLE_INITIAL if not self.throttle_pct else THROTTLE_INCREMENT
+            self.throttle_pct = min(THROTTLE_MAX, self.throttle_pct + step)
+            await self.pool.call(VM_OWNER, m.ThrottleGuest(self.throttle_pct))
 
     def stopped(self, t0: int) -> None:
         """The guest stopped at ``t0`` (monotonic ns; its owner synced the last round)."""
@@ -113,4 +127,4 @@ class RamPrecopy(OnMachine):
             if self._stopped else ()
         return RamReport(self.total, sent, remaining, self.rounds, self.syncs,
                          self.dirty_rate, precopied / PAGE_BYTES / ran if ran > 0 else 0.0,
-                         ran * 1e3, stopped, since_stop)
+                         ran * 1e3, stopped, since_stop, self.throttle_pct)

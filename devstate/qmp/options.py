@@ -173,6 +173,7 @@ class Capability(enum.StrEnum):
     LATE_BLOCK_ACTIVATE = "late-block-activate"  # no block devices: a no-op
     PAUSE_BEFORE_SWITCHOVER = "pause-before-switchover"  # pre-switchover, migrate-continue
     SWITCHOVER_ACK = "switchover-ack"    # precopy of the devices that support it
+    AUTO_CONVERGE = "auto-converge"      # throttle a live guest that outdirties precopy
 
 
 # What a VM starts with: QEMU's defaults (all off), except return-path, which is devstate's
@@ -182,7 +183,7 @@ DEFAULT_CAPABILITIES: dict[Capability, bool] = {c: c is Capability.RETURN_PATH
 # Set to false, these are ignored: the state does not change (see Capability).
 ALWAYS_ON = frozenset({Capability.RETURN_PATH})
 # QEMU's other capabilities (up to 9.1): false is accepted (they are off), true refused.
-UNSUPPORTED = ("xbzrle", "rdma-pin-all", "auto-converge", "zero-blocks", "compress",
+UNSUPPORTED = ("xbzrle", "rdma-pin-all", "zero-blocks", "compress",
                "postcopy-ram", "x-colo", "release-ram", "block", "postcopy-blocktime",
                "x-ignore-shared", "validate-uuid", "background-snapshot", "zero-copy-send",
                "postcopy-preempt", "dirty-limit", "mapped-ram")
@@ -230,5 +231,6 @@ def migration_params(base: MigrationParams, parameters: Parameters,
         routing=parameters.x_routing, overrun=parameters.x_overrun,
         peer_timeout_s=parameters.x_peer_timeout / 1e3 if parameters.x_peer_timeout else None,
         precopy=capabilities[Capability.SWITCHOVER_ACK],
+        auto_converge=capabilities[Capability.AUTO_CONVERGE],
         # QEMU's max-bandwidth paces the precopy; its stop-and-copy moves unthrottled.
         bandwidth_limit=float(parameters.max_bandwidth) or None, cap_stop_copy=False)

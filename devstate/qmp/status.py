@@ -59,6 +59,8 @@ class Migration:
         ram = self.report.ram if self.report is not None and self.report.ram else self.ram
         if ram is not None:
             info["ram"] = ram.to_qmp()
+            if ram.throttle_pct:
+                info["cpu-throttle-percentage"] = ram.throttle_pct
         if self.report is not None:
             if self.status is Phase.COMPLETED:
                 info["downtime"] = round(self.report.downtime_ms)

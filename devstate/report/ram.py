@@ -23,7 +23,9 @@ class RamReport:
     of the stop-and-copy; ``stop_copy_bytes`` those sent with the guest stopped.
     ``dirty_rate`` is pages per second the guest dirtied over the last round,
     ``pages_per_second`` pages sent per second while it ran. ``rounds_ms``: when each
-    round began, in ms from the stop (negative: before it).
+    round began, in ms from the stop (negative: before it). ``throttle_pct``: how much of
+    the time auto-converge kept the guest stopped at the end (QEMU's
+    ``cpu-throttle-percentage``).
     """
 
     total_bytes: int
@@ -36,6 +38,7 @@ class RamReport:
     precopy_ms: float
     stop_copy_bytes: int = 0
     rounds_ms: tuple[float, ...] = ()
+    throttle_pct: int = 0  # auto-converge: the share of time the guest was kept stopped
 
     def to_json(self) -> dict[str, Any]:
         """Plain data, read back equal by :meth:`from_json`."""
@@ -57,7 +60,8 @@ class RamReport:
                        int(data["dirty_sync_count"]), float(data["dirty_rate"]),
                        float(data["pages_per_second"]), float(data["precopy_ms"]),
                        int(data.get("stop_copy_bytes", 0)),
-                       tuple(float(t) for t in data.get("rounds_ms", ())))
+                       tuple(float(t) for t in data.get("rounds_ms", ())),
+                       int(data.get("throttle_pct", 0)))
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError("report.ram", f"not a RAM report: {data!r:.200}") from exc
 
@@ -87,4 +91,5 @@ class RamReport:
         return (f"ram: {self.total_bytes / 2**20:.0f} MiB in {self.rounds} rounds, "
                 f"{self.transferred_bytes / 2**20:.1f} MiB sent "
                 f"({self.stop_copy_bytes / 2**20:.2f} MiB stopped), guest dirtied "
-                f"{self.dirty_rate:.0f} pages/s last round")
+                f"{self.dirty_rate:.0f} pages/s last round"
+                + (f", throttled {self.throttle_pct} %" if self.throttle_pct else ""))

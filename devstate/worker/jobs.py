@@ -192,6 +192,14 @@ class LogDirty(Job):
 
 
 @dataclass(frozen=True, slots=True)
+class ThrottleGuest(Job):
+    """The VM's owner: keep the guest's vCPUs stopped ``percent`` % of the time until the
+    stop (auto-converge, :mod:`devstate.worker.throttle`)."""
+
+    percent: int
+
+
+@dataclass(frozen=True, slots=True)
 class SyncDirty(Job):
     """The VM's owner: KVM's dirty log into the shared log; replies with the pages it holds
     per RAM range."""

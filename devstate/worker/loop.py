@@ -54,6 +54,7 @@ from devstate.worker.load import Loader
 from devstate.worker.probe import RecordProbe
 from devstate.worker.save import Saver
 from devstate.worker.threads import OwnerThreads
+from devstate.worker.throttle import GuestThrottle
 
 
 def worker_main(index: int, conn: Connection, arena_name: str, arena_size: int,
@@ -117,6 +118,7 @@ class Worker:
         self._mesh: Mesh | None = None
         self._devices: dict[int, Device] = {}
         self._host = DeviceHost()  # what this process's devices share (its KVM VM)
+        self._throttle = GuestThrottle(self._host)  # auto-converge, on the VM's owner
         self._probe_paused = False  # a record probe paused the guest (SnapshotRecords)
         self._channels: dict[int, socket.socket] = {}
         self._saver: Saver | None = None  # the Save in progress (precopy asks it)
@@ -236,11 +238,18 @@ class Worker:
 
     @handles(m.StopGuest)
     async def _stop_guest(self, _job: m.StopGuest, _: int | None) -> int:
+        await self._throttle.stop()  # the guest runs again: its stop is the real one
         return self._host.stop_guest()
 
     @handles(m.LogDirty)
     async def _log_dirty(self, job: m.LogDirty, _: int | None) -> None:
+        if not job.on:
+            await self._throttle.stop()  # the precopy is over: the guest runs free
         self._host.log_dirty(job.on)
+
+    @handles(m.ThrottleGuest)
+    async def _throttle_guest(self, job: m.ThrottleGuest, _: int | None) -> None:
+        self._throttle.set(job.percent)
 
     @handles(m.SyncDirty)
     async def _sync_dirty(self, _job: m.SyncDirty, _: int | None) -> tuple[int, ...]:
@@ -379,6 +388,7 @@ class Worker:
         self._drop_channels()  # a source recovering: channels of a failed setup
         injector.strike("resume")
         await self._each_device("resume")
+        await self._throttle.stop()
         return self._host.resume_guest()
 
     @handles(m.PrepareVcpus)
