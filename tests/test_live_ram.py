@@ -74,6 +74,18 @@ def test_pages_dirtied_after_the_last_round_move_with_the_stop(run) -> None:
     _moved_live(run(scenario()))
 
 
+def test_a_range_with_nothing_to_send_leaves_the_slot_to_the_others(run) -> None:
+    """One worker, one chunk slot, a 32 MiB range and a 16 MiB one: the short one sends its
+    round first and then has nothing for now; it must not sit on the slot while the other
+    still has its round to send (that one would never finish it: precopy would never
+    converge)."""
+    spec = _dirtying(8, "48MiB", 100, "256KiB")
+    params = MigrationParams(workers=1, chunk_slots=1, downtime_limit_ms=1000,
+                             precopy_timeout_s=5)
+    _moved_live(run(migrate_locally(spec, params, dest_params=MigrationParams(workers=1),
+                                    compare_digests=True)))
+
+
 def test_without_precopy_the_whole_ram_moves_stopped(run) -> None:
     """Sequential mode moves one device after another with the VM stopped: no rounds, the
     whole RAM in the stop-and-copy, and no dirty log left on in the source."""

@@ -400,6 +400,7 @@ class Saver:
                 while not switchover.is_set():
                     slot = await self._slots.acquire(self._chunk_class)
                     filled, capacity = 0, slot.size - HDR
+                    idle = False
                     while filled < capacity and not switchover.is_set():
                         reading = asyncio.ensure_future(
                             device.precopy_read(slot.view[HDR + filled:HDR + capacity]))
@@ -413,11 +414,15 @@ class Saver:
                         except OSError as exc:
                             if exc.errno != errno.ENOMSG:
                                 raise
-                            if filled:
-                                break  # ship what there is; more comes as state is dirtied
-                            await asyncio.wait({switched}, timeout=PRECOPY_POLL_S)
+                            # Ship what there is; more comes as state is dirtied. Nothing:
+                            # wait without the slot (the other devices' precopy needs the
+                            # slots: 32 RAM ranges idle on a worker would hold them all).
+                            idle = not filled
+                            break
                     if not filled:
                         self._slots.release(slot)
+                        if idle:
+                            await asyncio.wait({switched}, timeout=PRECOPY_POLL_S)
                         continue
                     await self._ship_chunk(hop, digest, index, seq, slot, filled, step="precopy")
                     seq += 1
