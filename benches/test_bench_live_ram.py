@@ -3,11 +3,12 @@ downtime limit; and the cost model's estimate of such a stop on scenarios it was
 calibrated on.
 
 One run covers 64 and 288 KVM vCPUs in 1 GiB of guest RAM, dirty rates 0 / low / high, and
-a pool of 1 or 2 workers per side, interleaved in every round (the host's noise hits every
-variant alike). "0": the guest only writes its control pages; "low": 100 pages/s per vCPU
-over a 1 MiB working set (25 MiB/s in all at 64 vCPUs, 112 MiB/s at 288); "high": 2000
-pages/s per vCPU over 1 MiB (500 MiB/s at 64, 2.2 GiB/s at 288 if the vCPUs got the cores
-to write that fast, which on 2 cores they do not: the measured rate is in the figures).
+a pool of 1 or 2 workers per side, interleaved in every round, in reverse order every other
+round (the host's noise hits every variant alike). "0": the guest only writes its control
+pages; "low": 100 pages/s per vCPU over a 1 MiB working set (25 MiB/s in all at 64 vCPUs,
+112 MiB/s at 288); "high": 2000 pages/s per vCPU over 1 MiB (500 MiB/s at 64, 2.2 GiB/s
+at 288 if the vCPUs got the cores to write that fast, which on 2 cores they do not: the
+measured rate is in the figures).
 Every round then finds the whole working set dirty again (64 or 288 MiB): what the stop
 moves. With 2 MiB per vCPU, 288 vCPUs re-dirty 576 MiB a round, ~330 ms of stop on this
 host: that guest never converges under 300 ms (it waits, or auto-converge throttles it).
@@ -15,9 +16,12 @@ The limit is 300 ms (QEMU's default). Every migration goes through
 :func:`benches.verified.migrate_verified`: every RAM range's digest compared, the guest
 must have continued.
 
-``extra_info`` per variant (medians): the migration's wall time, precopy rounds, downtime,
-the estimate made before the stop and measured / expected, MiB sent in all and with the
-guest stopped, the guest's measured dirty rate.
+``extra_info`` per variant (medians): the migration's wall time (``time.perf_counter``
+around :func:`migrate_verified`: both sides' start-up, RAM pre-faulting and the digest
+comparison included), precopy rounds, downtime, the estimate made before the stop and
+measured / expected, MiB sent in all and with the guest stopped,
+the guest's measured dirty rate (distinct pages the dirty log found per second of the last
+round: bounded by the working set, whatever the rate asked).
 
 The estimate is made with the cost model's defaults, nothing learned (a history that does
 not learn). Its RAM constants (``HostCosts.ram_bytes_per_s``, ``ram_verify_bytes_per_s``)
@@ -84,14 +88,22 @@ def _migrate_each(benchmark, scenarios: dict[str, Scenario]) -> dict[str, dict[s
     specs = {name: (_spec(*s[:4]), s[4]) for name, s in scenarios.items()}
     seen: dict[str, list[tuple[MigrationReport, float]]] = {name: [] for name in specs}
 
+    rounds_done = 0
+
     def one_round() -> None:
-        for name, (spec, workers) in specs.items():
+        nonlocal rounds_done
+        order = list(specs) if rounds_done % 2 == 0 else list(reversed(specs))
+        rounds_done += 1
+        for name in order:
+            spec, workers = specs[name]
             params = MigrationParams(workers=workers, downtime_limit_ms=LIMIT_MS)
             start = time.perf_counter()
             report = migrate_verified(spec, params, dest_params=MigrationParams(
                 workers=workers), history=history)
             took = time.perf_counter() - start
-            assert report.ram is not None and report.ram.rounds >= 2
+            assert report.ram is not None and report.ram.rounds >= 2, report.ram
+            assert report.guest is not None, name  # continued: migrate_verified asserts it
+            assert report.guest.vcpus_running == spec.vcpus.count, report.guest.describe()
             seen[name].append((report, took))
 
     benchmark.pedantic(one_round, rounds=1 if benchmark.disabled else ROUNDS, iterations=1)

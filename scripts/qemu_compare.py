@@ -24,32 +24,56 @@ stacks have the same shape: one KVM VM per side, its vCPUs driven by the one pro
 owns it (devstate's native engine on the side's CPUs). devstate compares every vCPU's
 digest on both sides after the resume, which QEMU does not.
 
-What it does not measure: RAM-heavy guests, precopy convergence, real devices (virtio,
-VFIO), a network between hosts, QEMU's multifd, or process start-up (neither side's).
+What it does not measure: RAM-heavy guests, precopy convergence under a guest that
+dirties its RAM (``--live`` compares at dirty rate 0, below), real devices (virtio, VFIO),
+a network between hosts, QEMU's multifd, or process start-up (neither side's).
 
 ``--live``: devstate's side migrates a *live* guest instead of bare vCPU state: a spec
-with ``[ram] size`` equal to QEMU's ``--memory``, whose vCPUs execute devstate's guest
-program in that RAM (a memfd) until the stop and go on from where they stopped on the
-destination, which checks it from the guest's own RAM; each row then carries the report's
-``guest`` block (``devstate_guest_continued``, ``devstate_guest_vcpus_running``) and a
-guest that did not continue is an error. The two guests are not doing the same thing:
+with ``[ram] size`` equal to QEMU's ``--memory`` and ``dirty_rate = 0``, whose vCPUs
+execute devstate's guest program in that RAM (a memfd) until the stop and go on from where
+they stopped on the destination, which checks it from the guest's own RAM; each row then
+carries the report's ``guest`` block (``devstate_guest_continued``,
+``devstate_guest_vcpus_running``) and a guest that did not continue is an error. The two
+guests are not running the same program, so they are **compared at dirty rate 0**:
 
 * QEMU's guest is SeaBIOS with no boot device. At POST, SeaBIOS wakes every AP once
   (INIT-SIPI-SIPI) to count it and load its MTRRs, after which each AP sits in a
   ``hlt`` loop with interrupts off for good (its debug log: "Found 288 cpu(s)"); the BSP
   fails to boot ("No bootable device.") and halts waiting for interrupts. By the time of
-  the migration every vCPU is halted and the RAM is all but untouched.
-* devstate's guest: every vCPU executing the guest program (long mode, its loop of
-  checks and checksums, dirtying pages of its working set), halting between its 50 ms
-  LAPIC timer ticks (``devstate/devices/kvm/guest.py``).
+  the migration every vCPU is halted and the RAM is all but untouched: it dirties almost
+  nothing.
+* devstate's guest at ``dirty_rate = 0``: every vCPU executing the guest program (long
+  mode, its loop of checks and checksums), halting between its 50 ms LAPIC timer ticks
+  (``devstate/devices/kvm/guest.py``); it writes only its control pages (each vCPU's
+  counter and checksum blocks), none of the rest of its RAM.
 
-And the RAM moves differently. QEMU carries all of its RAM in its first precopy pass,
-while the guest runs (the downtime limit is huge, so it switches over right after; zero
-pages go as a flag, so an untouched RAM is little on the wire: ``qemu_ram_bytes``), and
-its downtime holds only what was dirtied since. devstate has no RAM precopy yet (the next
-issue): its stop-and-copy moves the whole RAM, every byte, inside the downtime, as the
-stream devices ``ram/0..k``. So with ``--live`` devstate's figure includes the RAM and
-QEMU's does not: the comparison is of the two stacks as they are today, not of like work.
+Running devstate's guest program in QEMU instead (as a multiboot image) was not done: its
+long-mode set-up and its APs' start-up are done by devstate's host side, not by code in the
+image (the host writes the page tables, GDT, IDT and code into the RAM and puts every vCPU,
+APs too, straight into long mode through KVM's register ioctls, no INIT/SIPI:
+``devstate/devices/kvm/guest.py``), so QEMU could not boot it as it is. Hence dirty rate 0
+on both sides, the closest to like work.
+
+The RAM moves the same way on both: precopied while the guest runs, the downtime carrying
+only the last dirty pages. QEMU sends all of its RAM in its first pass (zero pages as a
+flag, so an untouched RAM is little on the wire), then, its downtime limit being huge,
+switches over with what the guest dirtied since. devstate precopies too (KVM's dirty log,
+rounds of dirty pages through the worker pool: docs/live-guest.md): round 1 sends every
+page, every byte (no zero-page flag, so ``devstate_ram_transferred_bytes`` is at least the
+RAM), each later round the pages the guest dirtied during the one before; it switches over
+at the end of a round once its cost model puts the downtime under its limit (no limit is
+set here, so QEMU's default 300 ms), and its stop-and-copy moves the last round's pages
+(``devstate_ram_stop_copy_bytes``: the control pages) with the vCPU state, as the stream
+devices ``ram/0..k``. Each live row carries the RAM figures of both: QEMU's
+``qemu_total_ms`` (``query-migrate``'s ``total-time``: the migrate command to completion,
+its ``setup-time`` included) and ``qemu_ram_bytes`` (``ram.transferred``, every pass);
+devstate's precopy rounds, ``devstate_ram_transferred_bytes`` (every round and the
+stop-and-copy), ``devstate_ram_stop_copy_bytes``, ``devstate_ram_precopy_ms`` (dirty log
+on to the stop), ``devstate_total_ms`` (precopy plus downtime: dirty log on to the
+resume, the figure beside QEMU's total-time; the data channels' set-up before it is not
+in it) and ``devstate_wall_ms`` (the whole ``migrate_locally`` call, starting the
+destination process and both worker pools and pre-faulting the RAM on both sides, which
+QEMU's figures never include: its processes were started before).
 
 Pinning: as ``sweep.py``, the source (QEMU's whole process, or devstate's workers) on the
 first half of the usable CPUs and the destination on the second half.
@@ -59,7 +83,7 @@ a comparison, not a dependency); likewise without a usable /dev/kvm.
 
 Usage: ``python scripts/qemu_compare.py [--vcpus 64 128 256] [--rounds 3] [--memory 64]
 [--live] [--workers N] [--cpu host,-arch-capabilities] [--settle 1.0]
-[--out qemu-compare-out]``.
+[--out qemu-compare-out]``; e.g. ``--vcpus 64 --rounds 1 --memory 1024 --live``.
 Counts beyond QEMU's q35 ``-smp`` maximum (288 in QEMU 7.2, probed at start) run devstate
 alone, with a note.
 """
@@ -108,7 +132,9 @@ COLUMNS = ("round", "vcpus", "qemu_downtime_ms", "qemu_stop_to_resume_ms", "qemu
            "qemu_setup_ms", "qemu_ram_bytes", "devstate_downtime_ms", "devstate_expected_ms",
            "devstate_verified", "devstate_backend", "devstate_workers", "devstate_live",
            "devstate_bytes", "devstate_guest_continued", "devstate_guest_vcpus_running",
-           "note", "error")
+           "devstate_ram_rounds", "devstate_ram_transferred_bytes",
+           "devstate_ram_stop_copy_bytes", "devstate_ram_precopy_ms", "devstate_total_ms",
+           "devstate_wall_ms", "note", "error")
 
 
 class QemuError(Exception):
@@ -117,7 +143,8 @@ class QemuError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class QemuMigration:
-    """What one QEMU migration reported, in ms (``ram_bytes``: RAM moved, all passes)."""
+    """What one QEMU migration reported, in ms (``total_ms``: ``total-time``, the migrate
+    command to completion; ``ram_bytes``: ``ram.transferred``, RAM moved, all passes)."""
 
     downtime_ms: float
     stop_to_resume_ms: float
@@ -290,7 +317,10 @@ def migrate_devstate(vcpus: int, backend: str, workers: int, sides: SideCpus, *,
                      ram_mib: int | None = None) -> tuple[dict[str, Any], str | None]:
     """One devstate migration of the same vCPUs, no devices: the CSV fields, and what was
     wrong with the guest if anything. With ``ram_mib`` a live guest with that much RAM
-    (its vCPUs executing the guest program until the stop); without, bare vCPU state."""
+    (its vCPUs executing the guest program until the stop, dirty rate 0: only its control
+    pages written), its RAM precopied; without, bare vCPU state."""
+    import time
+
     import uvloop
     from sweep import Point, pinned_params
 
@@ -301,10 +331,12 @@ def migrate_devstate(vcpus: int, backend: str, workers: int, sides: SideCpus, *,
     machine: dict[str, Any] = {"name": f"qemu-compare-{vcpus}", "seed": 7,
                                "vcpus": {"count": vcpus, "backend": backend}}
     if ram_mib is not None:
-        machine["ram"] = {"size": f"{ram_mib}MiB"}
+        machine["ram"] = {"size": f"{ram_mib}MiB", "dirty_rate": 0}
     spec = parse_spec(machine)
     source, dest = pinned_params(Point(vcpus, 0, workers, Schedule.CONCURRENT), sides)
+    start = time.perf_counter()
     report = uvloop.run(migrate_locally(spec, source, dest_params=dest))
+    wall_ms = (time.perf_counter() - start) * 1e3
     row: dict[str, Any] = {"devstate_downtime_ms": round(report.downtime_ms, 3),
                            "devstate_expected_ms": round(report.expected_ms, 3),
                            "devstate_verified": report.verified,
@@ -316,9 +348,20 @@ def migrate_devstate(vcpus: int, backend: str, workers: int, sides: SideCpus, *,
     if guest is None:  # a live spec whose report has no guest block: say so, keep the row
         return row, "devstate: a live guest, but the report has no guest block"
     row |= {"devstate_guest_continued": guest.continued,
-            "devstate_guest_vcpus_running": guest.vcpus_running}
-    return row, None if guest.continued else f"devstate: the guest did not continue: " \
-                                             f"{guest.why}"
+            "devstate_guest_vcpus_running": guest.vcpus_running,
+            "devstate_wall_ms": round(wall_ms, 3)}
+    ram = report.ram
+    if ram is not None:
+        row |= {"devstate_ram_rounds": ram.rounds,
+                "devstate_ram_transferred_bytes": ram.transferred_bytes,
+                "devstate_ram_stop_copy_bytes": ram.stop_copy_bytes,
+                "devstate_ram_precopy_ms": round(ram.precopy_ms, 3),
+                "devstate_total_ms": round(ram.precopy_ms + report.downtime_ms, 3)}
+    if not guest.continued:
+        return row, f"devstate: the guest did not continue: {guest.why}"
+    # A live guest's RAM is precopied (concurrent schedule): no ram block means it was not.
+    return row, None if ram is not None else "devstate: a live guest, but its RAM was " \
+                                             "not precopied (the report has no ram block)"
 
 
 def one_round(qemu: str, rnd: int, vcpus: int, args: argparse.Namespace,
@@ -374,6 +417,30 @@ def table(rows: list[dict[str, Any]]) -> str:
         lines.append(f"{vcpus:>6} {_ms(q_down):>14} {_ms(q_e2e):>18} {_ms(ours):>9} "
                      f"{ratio:>14} {len(mine):>4}"
                      + (f" {f'{continued}/{len(mine)}':>15}" if live else "") + f"  {notes}")
+    if live:
+        lines += ["", ram_table(rows)]
+    return "\n".join(lines)
+
+
+def ram_table(rows: list[dict[str, Any]]) -> str:
+    """A live guest's RAM, medians per vCPU count: QEMU's total-time and RAM transferred
+    beside devstate's precopy-to-resume and whole-call times, rounds and RAM sent in all
+    and with the guest stopped (the module docstring says what each covers)."""
+    lines = ["RAM (live, dirty rate 0):",
+             f"{'vCPUs':>6} {'QEMU total':>11} {'QEMU RAM sent':>14} {'devstate total':>15} "
+             f"{'devstate wall':>14} {'rounds':>6} {'devstate RAM sent':>18} "
+             f"{'stop-copy':>10}"]
+    for vcpus in sorted({r["vcpus"] for r in rows}):
+        mine = [r for r in rows if r["vcpus"] == vcpus]
+        rounds = _median(mine, "devstate_ram_rounds")
+        lines.append(
+            f"{vcpus:>6} {_ms(_median(mine, 'qemu_total_ms')):>11} "
+            f"{_mib(_median(mine, 'qemu_ram_bytes')):>14} "
+            f"{_ms(_median(mine, 'devstate_total_ms')):>15} "
+            f"{_ms(_median(mine, 'devstate_wall_ms')):>14} "
+            f"{'-' if rounds is None else f'{rounds:g}':>6} "
+            f"{_mib(_median(mine, 'devstate_ram_transferred_bytes')):>18} "
+            f"{_mib(_median(mine, 'devstate_ram_stop_copy_bytes')):>10}")
     return "\n".join(lines)
 
 
@@ -384,6 +451,10 @@ def _median(rows: list[dict[str, Any]], key: str) -> float | None:
 
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f} ms"
+
+
+def _mib(value: float | None) -> str:
+    return "-" if value is None else f"{value / 2**20:.2f} MiB"
 
 
 def _positive(text: str) -> int:
@@ -401,7 +472,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--memory", type=_positive, default=64,
                    help="guest RAM of QEMU (and of devstate's guest with --live), MiB")
     p.add_argument("--live", action="store_true",
-                   help="devstate migrates a live guest with --memory of RAM, not bare vCPUs")
+                   help="devstate migrates a live guest with --memory of RAM at dirty rate "
+                        "0 (its RAM precopied), not bare vCPUs")
     p.add_argument("--workers", type=_positive, default=None,
                    help="devstate workers per side (default: the CPUs of a side)")
     p.add_argument("--cpu", default=DEFAULT_CPU, help="QEMU's -cpu")
@@ -437,8 +509,9 @@ def main(argv: list[str] | None = None) -> int:
             "devstate_workers": args.workers, "devstate_live": args.live}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "host.json").write_text(json.dumps(info, indent=2) + "\n")
-    ours = (f"a live guest of {args.memory} MiB RAM (no RAM precopy: all of it in the "
-            f"downtime)" if args.live else "kvm vCPUs, no RAM")
+    ours = (f"a live guest of {args.memory} MiB RAM at dirty rate 0 (RAM precopied while "
+            f"it runs: the downtime carries only the last round)" if args.live
+            else "kvm vCPUs, no RAM")
     print(f"{info['qemu_version']} (q35 max {args.qemu_max} vCPUs), guest RAM "
           f"{args.memory} MiB; devstate: {ours}, {args.workers} worker(s) per side\n"
           f"pinning: {sides.note}", flush=True)
@@ -464,8 +537,10 @@ def run(qemu: str, args: argparse.Namespace, sides: SideCpus) -> list[dict[str, 
                     print(f"round {rnd}: {vcpus} vCPUs: QEMU "
                           f"{_ms(_median([row], 'qemu_stop_to_resume_ms'))} stop->resume, "
                           f"devstate {_ms(_median([row], 'devstate_downtime_ms'))}"
-                          + (f" (guest continued: {row['devstate_guest_continued']})"
-                             if args.live else "")
+                          + (f" (guest continued: {row['devstate_guest_continued']}; "
+                             f"RAM: {row['devstate_ram_rounds'] or '-'} rounds, "
+                             f"{_mib(_median([row], 'devstate_ram_stop_copy_bytes'))} "
+                             f"stopped)" if args.live else "")
                           + "".join(f" ({row[k]})" for k in ("note", "error") if row[k]),
                           file=sys.stderr, flush=True)
         except KeyboardInterrupt:

@@ -130,6 +130,7 @@ class Deadline(OnMachine):
         with ``params.wait_for_limit`` it goes on until the limit (as it is then) is met.
         """
         started = time.monotonic()
+        left: dict[int, int] = {}  # what the stop would move, as last known
         while True:
             limit = self.params.downtime_limit_ms  # a controller may change it meanwhile
             if saving.done():
@@ -141,7 +142,8 @@ class Deadline(OnMachine):
             remaining = {i: self.table[i].size for i in streaming}
             remaining.update({i: n for reply in replies.values() for i, n in reply.items()})
             synced = await ram.advance(remaining) if ram is not None else remaining
-            made = await self.estimate(costs, synced or remaining)
+            left = synced if synced is not None else left or remaining
+            made = await self.estimate(costs, left)
             converged = synced is not None and (
                 made.expected_ms <= limit if limit is not None
                 else await self._converged_unlimited(costs, synced, made, ram))
@@ -156,5 +158,5 @@ class Deadline(OnMachine):
                     return made
                 raise DowntimeLimitUnmet(limit, made.expected_ms, f"{made.explain()} (after "
                                          f"{waited:.1f} s of precopy, still "
-                                         f"{sum(remaining.values()) / 2**20:.0f} MiB to send)")
+                                         f"{sum(left.values()) / 2**20:.0f} MiB to send)")
             await asyncio.wait({saving}, timeout=CONVERGE_POLL_S)
