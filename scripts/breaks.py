@@ -138,9 +138,9 @@ BREAKS = (
     Break("guest-left-stopped", "a live guest's vCPUs are not resumed (a failed or "
                                 "cancelled migration, or the destination after COMMIT)",
           (Patch("devstate/worker/loop.py",
-                 "        await self._each_device(\"resume\")\n"
+                 "        await self._throttle.stop()\n"
                  "        return self._host.resume_guest()",
-                 "        await self._each_device(\"resume\")\n        return 0"),),
+                 "        await self._throttle.stop()\n        return 0"),),
           ("tests/test_live_guest.py", "-k", "failed or cancelled")),
     Break("guest-failures-ignored", "the continuity check ignores the failure codes the "
                                     "guest writes",
