@@ -13,11 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from qemu.qmp import EventListener
+from qemu.qmp import EventListener, QMPClient
 
 from devstate.cli import kvm_usable
 from devstate.config.params import MigrationParams, Schedule
@@ -117,6 +118,29 @@ def test_the_example_converges_and_its_json_says_how() -> None:
     assert report["guest"]["continued"] and report["verified"]
 
 
+@contextlib.asynccontextmanager
+async def _outdirtying_pair(tmp_path: Path, capabilities: dict[str, bool],
+                            parameters: dict[str, int]
+                            ) -> AsyncIterator[tuple[QMPClient, QMPClient, str]]:
+    """Two ``devstate vm --qmp`` processes of a guest whose 16 vCPUs rewrite 4 MiB each at
+    4000 pages/s (64 MiB dirty again by the end of every round), the destination listening;
+    the source has ``capabilities`` (events, and these) and ``parameters`` set. Yields the
+    source's and destination's clients and the migration URI; both VMs quit after."""
+    spec_path = _write_spec(tmp_path, _dirtying(16, "128MiB", 4000, "4MiB"))
+    uri = f"unix:{tmp_path / 'incoming.sock'}"
+    async with vm_process(spec_path, tmp_path / "src.qmp") as src_path, \
+            vm_process(spec_path, tmp_path / "dst.qmp", "--incoming", "defer") as dst_path, \
+            client(src_path, "source") as src, client(dst_path, "dest") as dst:
+        await dst.execute("migrate-incoming", {"uri": uri})
+        await src.execute("migrate-set-capabilities", {"capabilities": [
+            {"capability": name, "state": state}
+            for name, state in {"events": True, **capabilities}.items()]})
+        await src.execute("migrate-set-parameters", parameters)
+        yield src, dst, uri
+        await src.execute("quit")
+        await dst.execute("quit")
+
+
 def test_a_guest_that_outdirties_the_link_waits_until_the_limit_is_raised(
         run, tmp_path: Path) -> None:
     """Over QMP: 16 vCPUs rewrite 4 MiB each, 250 MiB/s in all, faster than QEMU's default
@@ -124,21 +148,11 @@ def test_a_guest_that_outdirties_the_link_waits_until_the_limit_is_raised(
     64 MiB, dirty again, more than the stop can move within a 20 ms limit. The migration
     stays active, query-migrate says why (the expected downtime, its critical path, the
     rounds going by), and only when the controller raises the limit does it switch over."""
-    spec = _dirtying(16, "128MiB", 4000, "4MiB")
-    spec_path = _write_spec(tmp_path, spec)
-    incoming = tmp_path / "incoming.sock"
-
     async def scenario() -> dict[str, Any]:
-        async with vm_process(spec_path, tmp_path / "src.qmp") as src_path, \
-                vm_process(spec_path, tmp_path / "dst.qmp", "--incoming", "defer") as dst_path, \
-                client(src_path, "source") as src, client(dst_path, "dest") as dst:
-            await dst.execute("migrate-incoming", {"uri": f"unix:{incoming}"})
-            await src.execute("migrate-set-capabilities", {"capabilities": [
-                {"capability": "events", "state": True}]})
-            await src.execute("migrate-set-parameters", {"downtime-limit": 20})
+        async with _outdirtying_pair(tmp_path, {}, {"downtime-limit": 20}) as (src, _, uri):
             listener = EventListener(("MIGRATION",))
             with src.listen(listener):
-                await src.execute("migrate", {"uri": f"unix:{incoming}"})
+                await src.execute("migrate", {"uri": uri})
                 waiting = []
                 while len(waiting) < 2 or waiting[-1]["ram"]["dirty-sync-count"] < 5:
                     await asyncio.sleep(0.2)
@@ -150,8 +164,6 @@ def test_a_guest_that_outdirties_the_link_waits_until_the_limit_is_raised(
                 await src.execute("migrate-set-parameters", {"downtime-limit": 60_000})
                 seen = await _statuses(listener, ("completed", "failed"))
             final = await src.execute("query-migrate")
-            await src.execute("quit")
-            await dst.execute("quit")
             return {"waiting": waiting, "running": running, "seen": seen,
                     "final": final}
 
@@ -173,24 +185,13 @@ def test_auto_converge_slows_such_a_guest_until_it_switches_over(run, tmp_path: 
     owner keeps its vCPUs stopped a growing share of the time (query-migrate's
     cpu-throttle-percentage), it dirties less per round, and the migration completes by
     itself within the limit; the guest then runs at full speed on the destination."""
-    spec = _dirtying(16, "128MiB", 4000, "4MiB")
-    spec_path = _write_spec(tmp_path, spec)
-    incoming = tmp_path / "incoming.sock"
-
     async def scenario() -> dict[str, Any]:
-        async with vm_process(spec_path, tmp_path / "src.qmp") as src_path, \
-                vm_process(spec_path, tmp_path / "dst.qmp", "--incoming", "defer") as dst_path, \
-                client(src_path, "source") as src, client(dst_path, "dest") as dst:
-            await dst.execute("migrate-incoming", {"uri": f"unix:{incoming}"})
-            await src.execute("migrate-set-capabilities", {"capabilities": [
-                {"capability": "events", "state": True},
-                {"capability": "auto-converge", "state": True}]})
-            await src.execute("migrate-set-parameters", {"downtime-limit": 20,
-                                                         "max-bandwidth": 512 * MIB})
+        async with _outdirtying_pair(tmp_path, {"auto-converge": True}, {
+                "downtime-limit": 20, "max-bandwidth": 512 * MIB}) as (src, _, uri):
             listener = EventListener(("MIGRATION",))
             throttled = 0
             with src.listen(listener):
-                await src.execute("migrate", {"uri": f"unix:{incoming}"})
+                await src.execute("migrate", {"uri": uri})
                 seen: list[str] = []
                 async with asyncio.timeout(120):
                     while not seen or seen[-1] not in ("completed", "failed"):
@@ -201,8 +202,6 @@ def test_auto_converge_slows_such_a_guest_until_it_switches_over(run, tmp_path: 
                                 event = await listener.get()
                                 seen.append(event["data"]["status"])
             final = await src.execute("query-migrate")
-            await src.execute("quit")
-            await dst.execute("quit")
             return {"seen": seen, "final": final, "throttled": throttled}
 
     out = run(scenario())
