@@ -173,7 +173,9 @@ def test_a_guest_that_outdirties_the_link_waits_until_the_limit_is_raised(
     assert last["expected-downtime"] > 20 and "guest RAM" in last["devstate"]["critical-path"]
     assert last["ram"]["dirty-pages-rate"] > 0 and last["ram"]["precopy-rounds"] >= 4
     assert last["ram"]["total"] == 128 * MIB and last["ram"]["transferred"] >= 128 * MIB
-    assert last["ram"]["mbps"] < 128 * 8 * 1.1  # precopy paced at max-bandwidth
+    # Precopy paced at max-bandwidth (128 MiB/s, 1074 Mbit/s; each channel's pacer lets a
+    # burst through first): unpaced, round 1 here runs at 8000-16000.
+    assert last["ram"]["mbps"] < 1074 * 1.5
     assert out["seen"][-1] == "completed", out["seen"]
     final = out["final"]
     assert final["devstate"]["guest"]["continued"] and final["devstate"]["verified"]
