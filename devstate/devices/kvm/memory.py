@@ -51,9 +51,8 @@ class RamRange(StreamDevice):
         assert spec.ram is not None
         self.start, self.length = spec.ram
         self._host = host
-        self._sent = 0          # save: bytes of the range read so far
-        # save, after a precopy: the pages still to send (taken from the dirty log, or the
-        # first round's every page), and the page to look from next; None: no precopy.
+        # save: the pages still to send (every page at first, then those taken from the
+        # dirty log), and the page to look from next; None: no save session.
         self._pending: npt.NDArray[np.bool_] | None = None
         self._cursor = 0
         self._run_at = self._run_left = 0  # save: the run of pages being sent (bytes)
@@ -73,6 +72,9 @@ class RamRange(StreamDevice):
 
     async def precopy_begin(self) -> None:
         """The first round: every page (the owner logs what the guest writes from now)."""
+        self._every_page()
+
+    def _every_page(self) -> None:
         self._pending = np.ones(self.length // PAGE_BYTES, dtype=bool)
         self._cursor = self._run_at = self._run_left = 0
 
@@ -99,28 +101,16 @@ class RamRange(StreamDevice):
 
     async def save_begin(self) -> None:
         """Stop-and-copy (the guest is stopped): after a precopy, the pages still pending
-        and those of the last round (synced at the stop); else the whole range."""
-        self._sent = 0
-        if self._pending is not None:
+        and those of the last round (synced at the stop); else every page."""
+        if self._pending is None:
+            self._every_page()
+        else:
             self._take()
 
     async def save_read(self, out: memoryview) -> int:
-        """Extents that fit ``out``: pending pages after a precopy (0 also when the rest of
-        ``out`` cannot hold an extent: the next packet takes it), else as much of the rest
-        of the range as fits after one header."""
-        if self._pending is not None:
-            return self._read_pending(out)
-        room = len(out) - EXTENT.size
-        left = self.length - self._sent
-        if left == 0:
-            return 0
-        if room <= 0:
-            raise DeviceError(self.id, f"a packet of {len(out)} B cannot hold an extent")
-        n = min(room, left)
-        EXTENT.pack_into(out, 0, self._sent, n, 0)
-        out[EXTENT.size:EXTENT.size + n] = self._range()[self._sent:self._sent + n]
-        self._sent += n
-        return EXTENT.size + n
+        """Extents of the pending pages that fit ``out`` (0 also when the rest of ``out``
+        cannot hold an extent: the next packet takes it)."""
+        return self._read_pending(out)
 
     def _read_pending(self, out: memoryview) -> int:
         """Extents of pending pages into ``out``, filling it but for at most a header's
@@ -137,7 +127,6 @@ class RamRange(StreamDevice):
             filled += EXTENT.size + n
             self._run_at += n
             self._run_left -= n
-            self._sent += n
         return filled
 
     def _next_run(self) -> bool:
