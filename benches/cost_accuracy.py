@@ -24,11 +24,13 @@ SCENARIOS = Path(__file__).resolve().parent / "scenarios"
 
 @dataclass(frozen=True, slots=True)
 class Scenario:
-    """A machine and how it migrates."""
+    """A machine and how it migrates (``dest_params``: the destination's, if not its
+    defaults)."""
 
     name: str
     spec: MachineConfig
     params: MigrationParams
+    dest_params: MigrationParams | None = None
 
 
 def scenario(path: str, channels: int | None = None) -> Scenario:
@@ -66,7 +68,7 @@ def calibrate(history: CostHistory, scenarios: list[Scenario], passes: int) -> N
     assert history.learn
     for _ in range(passes):
         for s in scenarios:
-            migrate_verified(s.spec, s.params, history=history)
+            migrate_verified(s.spec, s.params, dest_params=s.dest_params, history=history)
 
 
 def measure(history: CostHistory, scenarios: list[Scenario], rounds: int) -> list[Accuracy]:
@@ -76,7 +78,8 @@ def measure(history: CostHistory, scenarios: list[Scenario], rounds: int) -> lis
     runs: dict[str, list[tuple[float, float, str]]] = {s.name: [] for s in scenarios}
     for _ in range(rounds):
         for s in scenarios:
-            report = migrate_verified(s.spec, s.params, history=fixed)
+            report = migrate_verified(s.spec, s.params, dest_params=s.dest_params,
+                                      history=fixed)
             # The critical path names the largest terms, "; "-separated: the first decides.
             critical = report.critical_path.split("; ")[0]
             runs[s.name].append((report.expected_ms, report.downtime_ms, critical))
