@@ -53,7 +53,8 @@ def test_a_running_guest_moves_and_continues(run) -> None:
     assert report.resumed_seen_ms is not None
     assert 0 < report.downtime_ms <= report.resumed_seen_ms
     ram = [d for d in report.devices if d.id.startswith("ram/")]
-    assert [d.id for d in ram] == ["ram/0"] and ram[0].bytes >= 32 << 20
+    # One range; what the guest never touched crossed as zero extents (headers alone).
+    assert [d.id for d in ram] == ["ram/0"] and 0 < ram[0].bytes < 32 << 20
     # RAM and the VFIO device by digest (RAM's taken on the destination before it ran);
     # vCPUs and VM-level state by the guest going on.
     assert report.verified and all(d.verified for d in report.devices)

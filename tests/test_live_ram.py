@@ -48,7 +48,7 @@ def _moved_live(report: MigrationReport) -> None:
     assert report.verified, [d.id for d in report.devices if not d.verified]
     ram = report.ram
     assert ram is not None and ram.rounds >= 2 and ram.dirty_sync_count == ram.rounds + 1
-    assert ram.transferred_bytes >= ram.total_bytes  # every page at least once
+    assert ram.transferred_bytes > ram.stop_copy_bytes  # the bulk while the guest ran
     assert 0 < ram.stop_copy_bytes < ram.total_bytes // 4
 
 
@@ -58,6 +58,9 @@ def test_pages_dirtied_in_every_round_all_arrive(run) -> None:
     spec = _dirtying(8, "64MiB", 2000, "1MiB")
     report = run(migrate_locally(spec, MigrationParams(workers=2), compare_digests=True))
     _moved_live(report)
+    # The guest touches its program, its vCPUs' pages and 8 MiB of working sets: the rest
+    # of its 64 MiB crossed as zero extents, headers alone (and arrived: the digests).
+    assert report.ram is not None and report.ram.transferred_bytes < report.ram.total_bytes // 2
 
 
 def test_pages_dirtied_after_the_last_round_move_with_the_stop(run) -> None:
@@ -110,7 +113,7 @@ def test_the_example_converges_and_its_json_says_how() -> None:
     report = report[0] if isinstance(report, list) else report
     assert report["downtime_limit_ms"] == 200 and report["downtime_ms"] > 0
     ram = report["ram"]
-    assert ram["rounds"] >= 2 and ram["transferred_bytes"] >= 1 << 30
+    assert ram["rounds"] >= 2 and ram["transferred_bytes"] > ram["stop_copy_bytes"]
     assert ram["dirty_rate"] > 1000  # 64 vCPUs x 500 pages/s, less what a tick skips
     # Switched over within the limit, as estimated; the stop moved the last round only.
     assert report["overrun_ms"] == 0 and report["expected_ms"] <= 200

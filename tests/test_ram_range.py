@@ -9,6 +9,7 @@ Bytes are seeded through numpy, not through the code under test.
 from __future__ import annotations
 
 import asyncio
+import errno
 
 import numpy as np
 import pytest
@@ -18,18 +19,19 @@ from hypothesis import strategies as st
 
 from devstate.config.spec import Backend, DeviceSpec, Shape, StreamCost
 from devstate.devices.host import DeviceHost
-from devstate.devices.kvm.memory import EXTENT, RamRange
+from devstate.devices.kvm.memory import EXTENT, ZERO, RamRange
 from devstate.devices.kvm.ram import GuestRam
 from devstate.errors import DeviceError
 
 RAM = 1 << 20
-START, LENGTH = 64 << 10, 256 << 10
+PAGE = 4096
+START, LENGTH = 256 << 10, 256 << 10  # a range starts on a dirty-log word (64 pages)
 
 
-def _range(host: DeviceHost) -> RamRange:
+def _range(host: DeviceHost, *, incoming: bool = False) -> RamRange:
     spec = DeviceSpec(0, "ram/0", Backend.GUEST_RAM, Shape.STREAM, 1, LENGTH,
                       ram=(START, LENGTH), stream=StreamCost(LENGTH, 1e9))
-    return RamRange(spec, 0, incoming=False, host=host)
+    return RamRange(spec, 0, incoming=incoming, host=host)
 
 
 def _host(seed: int | None) -> tuple[DeviceHost, GuestRam]:
@@ -102,4 +104,89 @@ def test_an_extent_outside_the_range_and_a_short_stream_are_refused() -> None:
         cut = EXTENT.pack(0, 4096, 0) + bytes(100)
         with pytest.raises(DeviceError, match="inside an extent"):
             _load(device, cut, [])
+        host.close()
+
+
+# Pages of the range with one non-zero byte each, at its start, end, middle and second byte.
+SPARSE = {3: 0, 4: PAGE - 1, 40: PAGE // 2, 63: 1}
+
+
+def _sparse(ram: GuestRam) -> None:
+    view = np.frombuffer(ram.view, np.uint8)
+    for page, at in SPARSE.items():
+        view[START + page * PAGE + at] = page + 1
+
+
+def test_zero_pages_cross_as_headers_and_clear_what_a_failed_load_left() -> None:
+    """A mostly zero range moves as its four data pages and headers for the zero runs; on a
+    destination whose failed load left bytes everywhere, the retry's zero runs clear them."""
+    src_host, src = _host(seed=None)
+    full_host, full = _host(seed=3)
+    dst_host, dst = _host(seed=None)
+    with src, full, dst:
+        _sparse(src)
+        stream = b"".join(_save(_range(src_host), [40_000]))
+        # Extents: pages 0-2 zero, 3-4, 5-39 zero, 40, 41-62 zero, 63.
+        assert len(stream) == len(SPARSE) * PAGE + 6 * EXTENT.size
+        assert EXTENT.unpack_from(stream)[2] == ZERO  # pages 0-2
+        loading = _range(dst_host, incoming=True)  # a new memfd: zero
+        _load(loading, stream, [])
+        assert bytes(dst.view[START:START + LENGTH]) == bytes(src.view[START:START + LENGTH])
+        # Another destination: its first load writes every page, then fails short.
+        dst_host2, dst2 = _host(seed=None)
+        with dst2:
+            retried = _range(dst_host2, incoming=True)
+            whole = b"".join(_save(_range(full_host), [40_000]))
+            with pytest.raises(DeviceError, match="inside an extent"):
+                _load(retried, whole[:-1], [])
+            asyncio.run(retried.reset())
+            assert any(dst2.view[START:START + LENGTH])
+            _load(retried, stream, [7, 5000])
+            assert bytes(dst2.view[START:START + LENGTH]) == \
+                bytes(src.view[START:START + LENGTH])
+            dst_host2.close()
+        src_host.close()
+        full_host.close()
+        dst_host.close()
+
+
+def test_a_zero_page_the_guest_writes_after_the_look_is_sent_again_with_its_bytes() -> None:
+    """Round 1 looks at every page; the guest then writes one it found zero (and the
+    owner's sync logs it): that round still sends it as zero, the next sends its bytes."""
+    src_host, src = _host(seed=None)
+    dst_host, dst = _host(seed=None)
+    page = START // PAGE + 10
+
+    async def rounds(saving: RamRange) -> bytes:
+        async def drain() -> bytes:
+            out = b""
+            while True:
+                buf = bytearray(40_000)
+                try:
+                    n = await saving.precopy_read(memoryview(buf))
+                except OSError as exc:
+                    assert exc.errno == errno.ENOMSG
+                    return out
+                out += buf[:n]
+        await saving.precopy_begin()
+        src.view[page * PAGE + 5] = 0xAB  # the guest writes...
+        src.dirty[page // 64] |= np.uint64(1 << (page % 64))  # ...the owner's sync logs it
+        first = await drain()
+        assert await saving.precopy_remaining() == PAGE
+        return first + await drain()
+
+    with src, dst:
+        stream = asyncio.run(rounds(_range(src_host)))
+        _load(_range(dst_host, incoming=True), stream, [])
+        assert dst.view[page * PAGE + 5] == 0xAB
+        assert bytes(dst.view[START:START + LENGTH]) == bytes(src.view[START:START + LENGTH])
+        src_host.close()
+        dst_host.close()
+
+
+def test_an_extent_with_unknown_flags_is_refused() -> None:
+    host, ram = _host(seed=None)
+    with ram:
+        with pytest.raises(DeviceError, match="flags 0x2: unknown"):
+            _load(_range(host, incoming=True), EXTENT.pack(0, LENGTH, 2), [])
         host.close()

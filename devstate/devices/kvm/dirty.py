@@ -68,6 +68,9 @@ def take(ram: GuestRam, start: int, length: int) -> npt.NDArray[np.bool_]:
     """The pages of RAM bytes ``[start, start + length)`` the shared log holds, a bool per
     page, cleared from the log (they are the caller's to send now)."""
     first, pages = start // PAGE_BYTES, length // PAGE_BYTES
+    # A range owns whole words of the log (ranges are 32 MiB): clearing a shared word would
+    # lose a neighbour's pages.
+    assert first % 64 == 0, f"a range at page {first} shares a word of the dirty log"
     words = ram.dirty[first // 64:-(-(first + pages) // 64)]
     bits = np.unpackbits(words.view(np.uint8), bitorder="little")[:pages].astype(bool)
     words[:] = 0
