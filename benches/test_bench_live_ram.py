@@ -24,17 +24,17 @@ the guest's measured dirty rate (distinct pages the dirty log found per second o
 round: bounded by the working set, whatever the rate asked).
 
 The first bench's estimates are the cost model's defaults, nothing learned (a history that
-does not learn): its RAM constants (``HostCosts.ram_bytes_per_s``,
-``ram_verify_bytes_per_s``) were fitted by hand to the twelve variants above and seven
-runs of 256 MiB-1 GiB; the calibration set is those twelve and three of other RAM sizes
-(256 MiB, 512 MiB, 3 GiB), and ``abs_error`` is the median and largest
-|measured / expected - 1| over it. The second bench measures the
-estimate on scenarios in none of those (:data:`HELD_OUT`: other vCPU counts, RAM sizes,
-rates and working sets) the way :mod:`benches.cost_accuracy` does for devices: a fresh
-cost file first learns from a pass over the calibration set (the weights of the host's
-parts refitted to this host as it is during the run: on a shared 2-core host the same
-migration's downtime moves by a third between runs), then, its constants fixed, estimates
-every held-out stop.
+does not learn): its RAM constants (``HostCosts.ram_bytes_per_s``, ``ram_range_ms``) were
+fitted by least squares (relative errors) to a run of this bench's variants, the
+calibration set: the twelve above and three of other RAM sizes (256 MiB, 512 MiB,
+3 GiB). ``abs_error`` is the median and largest |measured / expected - 1| over it.
+
+The second bench measures the estimate on scenarios in none of those (:data:`HELD_OUT`:
+other vCPU counts, RAM sizes, rates and working sets) the way :mod:`benches.cost_accuracy`
+does for devices: a fresh cost file first learns from a pass over the calibration set (the
+weights of the host's parts refitted to this host as it is during the run: on a shared
+2-core host the same migration's downtime moves by a third between runs), then, its
+constants fixed, estimates every held-out stop.
 
 With benchmarks disabled (CI) each bench migrates one small case once (16 vCPUs, 64 MiB,
 dirty low) and checks what it moved.

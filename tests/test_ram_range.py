@@ -23,9 +23,9 @@ from devstate.devices.kvm.memory import EXTENT, ZERO, RamRange
 from devstate.devices.kvm.ram import GuestRam
 from devstate.errors import DeviceError
 
-RAM = 1 << 20
+RAM = 2 << 20
 PAGE = 4096
-START, LENGTH = 256 << 10, 256 << 10  # a range starts on a dirty-log word (64 pages)
+START, LENGTH = 256 << 10, 1 << 20  # a range starts on a dirty-log word (64 pages)
 
 
 def _range(host: DeviceHost, *, incoming: bool = False) -> RamRange:
@@ -69,6 +69,13 @@ def _load(device: RamRange, stream: bytes, cuts: list[int]) -> None:
     asyncio.run(go())
 
 
+def _digest(ram: GuestRam) -> bytes:
+    """The range's digest computed here: xxh3_128 over each 256 KiB piece's xxh3_128."""
+    return xxhash.xxh3_128_digest(b"".join(
+        xxhash.xxh3_128_digest(ram.view[at:at + (256 << 10)])
+        for at in range(START, START + LENGTH, 256 << 10)))
+
+
 @settings(max_examples=40, deadline=None)
 @given(packets=st.lists(st.integers(EXTENT.size + 1, 40_000), min_size=1, max_size=4),
        cuts=st.lists(st.integers(0, LENGTH), max_size=30))
@@ -83,7 +90,7 @@ def test_a_range_arrives_whole_and_in_place_whatever_the_cuts(packets: list[int]
         assert bytes(dst.view[START:START + LENGTH]) == bytes(src.view[START:START + LENGTH])
         # Only the range was written: the rest of the destination's RAM is untouched.
         assert not any(dst.view[:START]) and not any(dst.view[START + LENGTH:])
-        expected = xxhash.xxh3_128_digest(src.view[START:START + LENGTH])
+        expected = _digest(src)
         # The guest runs on after the load: the digest is the one taken at load_end.
         dst.view[START] ^= 0xFF
         assert asyncio.run(loading.digest()) == expected
@@ -107,8 +114,8 @@ def test_an_extent_outside_the_range_and_a_short_stream_are_refused() -> None:
         host.close()
 
 
-# Pages of the range with one non-zero byte each, at its start, end, middle and second byte.
-SPARSE = {3: 0, 4: PAGE - 1, 40: PAGE // 2, 63: 1}
+# Pages of the range with one non-zero byte each, at its start, end, middle or second byte.
+SPARSE = {3: 0, 4: PAGE - 1, 40: PAGE // 2, 63: 1, 70: 7}
 
 
 def _sparse(ram: GuestRam) -> None:
@@ -126,12 +133,15 @@ def test_zero_pages_cross_as_headers_and_clear_what_a_failed_load_left() -> None
     with src, full, dst:
         _sparse(src)
         stream = b"".join(_save(_range(src_host), [40_000]))
-        # Extents: pages 0-2 zero, 3-4, 5-39 zero, 40, 41-62 zero, 63.
-        assert len(stream) == len(SPARSE) * PAGE + 6 * EXTENT.size
+        # Extents: pages 0-2 zero, 3-4, 5-39 zero, 40, 41-62 zero, 63, 64-69 zero, 70,
+        # 71-255 zero.
+        assert len(stream) == len(SPARSE) * PAGE + 9 * EXTENT.size
         assert EXTENT.unpack_from(stream)[2] == ZERO  # pages 0-2
         loading = _range(dst_host, incoming=True)  # a new memfd: zero
         _load(loading, stream, [])
         assert bytes(dst.view[START:START + LENGTH]) == bytes(src.view[START:START + LENGTH])
+        # Its zero pieces digested unread, the others read: the source's whole digest.
+        assert asyncio.run(loading.digest()) == _digest(src)
         # Another destination: its first load writes every page, then fails short.
         dst_host2, dst2 = _host(seed=None)
         with dst2:
@@ -141,9 +151,12 @@ def test_zero_pages_cross_as_headers_and_clear_what_a_failed_load_left() -> None
                 _load(retried, whole[:-1], [])
             asyncio.run(retried.reset())
             assert any(dst2.view[START:START + LENGTH])
-            _load(retried, stream, [7, 5000])
+            # Cut after page 70: its piece (pages 64-127) is hashed, then the last zero run
+            # clears the rest of it (what the failed load left), and it is hashed again.
+            _load(retried, stream, [7, 5000, len(stream) - EXTENT.size])
             assert bytes(dst2.view[START:START + LENGTH]) == \
                 bytes(src.view[START:START + LENGTH])
+            assert asyncio.run(retried.digest()) == _digest(src)
             dst_host2.close()
         src_host.close()
         full_host.close()
@@ -190,3 +203,22 @@ def test_an_extent_with_unknown_flags_is_refused() -> None:
         with pytest.raises(DeviceError, match="flags 0x2: unknown"):
             _load(_range(host, incoming=True), EXTENT.pack(0, LENGTH, 2), [])
         host.close()
+
+
+def test_a_page_a_later_extent_rewrites_is_in_the_digest() -> None:
+    """Pieces are hashed as the load writes them; one rewritten by a later extent of the
+    same load (a later round) is hashed again: the digest is of the bytes the load ended
+    with, as the source's whole hash of its RAM is."""
+    src_host, src = _host(seed=5)
+    dst_host, dst = _host(seed=None)
+    with src, dst:
+        loading = _range(dst_host, incoming=True)
+        first = b"".join(_save(_range(src_host), [70_000]))
+        src.view[START + 5 * PAGE:START + 6 * PAGE] = bytes(range(256)) * (PAGE // 256)
+        later = EXTENT.pack(5 * PAGE, PAGE, 0) + bytes(src.view[START + 5 * PAGE:
+                                                                 START + 6 * PAGE])
+        _load(loading, first + later, [70_000, len(first) + 3])
+        assert asyncio.run(loading.digest()) == _digest(src)
+        assert asyncio.run(_range(src_host).digest()) == _digest(src)
+        src_host.close()
+        dst_host.close()

@@ -14,8 +14,9 @@ Unlike QEMU's estimate, which counts only RAM, the downtime here is the slowest 
   and every stream device costs its session round trips on its owner;
 * a live guest's **RAM** is a part of its own (its ranges are cheap sessions and cross
   at their own rate, not VFIO's): the bytes precopy left for the stop (what the guest
-  dirtied in the last round) at ``ram_bytes_per_s``, and the destination's digest of every
-  range before the guest runs on it (``ram_verify_bytes_per_s`` per core);
+  dirtied in the last round) at ``ram_bytes_per_s`` (read, sent, written, and the digest's
+  pieces they fall in hashed again), and each range's own work at the stop
+  (``ram_range_ms``: its part of the dirty log, its END, its digest) on the cores;
 
 plus a fixed cost (stop, dispatch, the LOADED/COMMIT/RESUMED round trips). The largest
 term is the **critical path**: the estimate names it, so a limit that cannot be met says
@@ -61,8 +62,9 @@ KEPT_RUNS = 24
 # A host part is fitted once it was at least this share of some run's downtime.
 FIT_SHARE = 0.15
 # The cost model's terms, as stored runs record them (2: streams in transfer order; runs of
-# sequential mode not learned from; 3: guest RAM a part of its own).
-MODEL = 3
+# sequential mode not learned from; 3: guest RAM a part of its own; 4: RAM's digest hashed
+# as it arrives, so the stop costs RAM's ranges and not its size).
+MODEL = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,13 +96,13 @@ class HostCosts:
     record_overhead_us: float = 30.0  # runtime work per record beyond its get and put
     stream_overhead_ms: float = 4.0   # per stream device on its owner: session, END, end
     fixed_ms: float = 8.0             # stop, dispatch, LOADED / COMMIT / RESUMED
-    # Guest RAM left for the stop (read, sent, written), and a core's share of the load's
-    # digest of every range (xxh3 runs at ~30 GB/s on a cached buffer, but a GiB of RAM
-    # streams from memory while the rest of the stop runs): fitted to live migrations of
-    # 8-288 vCPUs, 256 MiB-1 GiB, 0-290 MiB left, 1 or 2 workers, on this project's 2-core
-    # machine (the calibration set of benches/test_bench_live_ram.py).
-    ram_bytes_per_s: float = 1.8e9
-    ram_verify_bytes_per_s: float = 12e9
+    # Guest RAM left for the stop (read, sent, written, its pieces of the digest hashed
+    # again), and each RAM range's own work at the stop (its part of the dirty log, END,
+    # the digest of its pieces): fitted to the calibration set of
+    # benches/test_bench_live_ram.py (16-288 vCPUs, 256 MiB-3 GiB, 0-290 MiB left, 1 or 2
+    # workers) on this project's 2-core machine.
+    ram_bytes_per_s: float = 2.0e9
+    ram_range_ms: float = 0.12
     scale: dict[str, float] = field(default_factory=dict)  # learned, for device terms
     # Learned weights of the host term's parts (copies, records, sessions, RAM; firmware
     # 1), and the host-critical runs they were fitted to: [parts..., firmware, actual -
@@ -242,7 +244,7 @@ def _host_term(table: DeviceTable, plan: Plan, host: HostCosts, arrival: dict[in
     records = [d for d in table if d.stream is None]
     firmware = {i: table[i].stream.firmware_latency_ms  # type: ignore[union-attr]
                 for i in arrival}
-    ram_bytes = sum(d.size for d in table if d.ram is not None)
+    ram_ranges = sum(1 for d in table if d.ram is not None)
     _, w_records, w_sessions, w_ram = host.weights
     last = max(crossed, key=lambda i: (crossed[i] + firmware[i], i), default=None)
     last_firmware = firmware[last] if last is not None else 0.0
@@ -250,16 +252,16 @@ def _host_term(table: DeviceTable, plan: Plan, host: HostCosts, arrival: dict[in
     sessions_ms = -(-len(firmware) // plan.workers) * host.stream_overhead_ms
     # The ranges ride every channel: under a cap they share all of it.
     ram_rate = min(host.ram_bytes_per_s, host.link.limit if host.link else math.inf)
-    ram_ms = (ram_left / ram_rate + ram_bytes / host.ram_verify_bytes_per_s / host.cores) * 1e3
+    ram_ms = ram_left / ram_rate * 1e3 + ram_ranges * host.ram_range_ms / host.cores
     parts = (arrival[last] if last is not None else 0.0, record_ms, sessions_ms, ram_ms,
              last_firmware)
     copy_ms = crossed[last] if last is not None else 0.0
     record_ms, sessions_ms, ram_ms = record_ms * w_records, sessions_ms * w_sessions, \
         ram_ms * w_ram
     said = [f"{len(records)} records ({record_ms:.0f} ms on {host.cores} cores)"]
-    if ram_bytes:
-        said.append(f"guest RAM: {ram_left / 2**20:.1f} MiB left and {ram_bytes / 2**20:.0f} "
-                    f"MiB to verify ({ram_ms:.0f} ms)")
+    if ram_ranges:
+        said.append(f"guest RAM: {ram_left / 2**20:.1f} MiB left in {ram_ranges} ranges "
+                    f"({ram_ms:.0f} ms)")
     if last is not None:
         said[:0] = [f"{moved / 2**20:.0f} MiB of streams, through {table[last].id} "
                     f"({copy_ms:.0f} ms)"]
@@ -278,7 +280,7 @@ def _sequential(table: DeviceTable, host: HostCosts, record_us: float,
     for d in table:
         if d.ram is not None:
             streams_ms += size[d.index] / min(host.ram_bytes_per_s, cap[d.index]) * 1e3 \
-                + d.size / host.ram_verify_bytes_per_s * 1e3
+                + host.ram_range_ms
         elif d.stream is not None:
             rate = min(d.stream.rate, host.copy_bytes_per_s, cap[d.index])
             streams_ms += size[d.index] / rate * 1e3 + d.stream.firmware_latency_ms \
