@@ -317,13 +317,15 @@ def test_live_guest_288_sequential_vs_concurrent(benchmark: BenchmarkFixture) ->
     info["vcpus_running"] = {k: min(r.guest.vcpus_running for r in v if r.guest)
                              for k, v in reports.items()}
     # Both schedules move the same state: a difference means one skipped something. RAM
-    # apart: the concurrent schedule precopies it, re-sending what the guest dirtied.
+    # apart: the concurrent schedule precopies it, re-sending what the guest dirtied, and
+    # either sends a run of zero pages as a header alone; every range of both is compared
+    # by digest (migrate_verified), and both sent some of it.
     def state(report: MigrationReport) -> int:
         return sum(d.bytes for d in report.devices if not d.id.startswith("ram/"))
 
     assert {state(r) for v in reports.values() for r in v} == {state(first)}
-    assert all(sum(d.bytes for d in r.devices if d.id.startswith("ram/")) >= first.guest.ram_bytes
-               for v in reports.values() for r in v)
+    assert all(d.verified and d.bytes > 0 for v in reports.values() for r in v
+               for d in r.devices if d.id.startswith("ram/"))
     if median_s(benchmark) is not None:  # real rounds, not CI's --benchmark-disable
         info["memory"] = {name: memory_pass(spec, params) for name, params in VARIANTS.items()}
         info["memory_how"] = (
