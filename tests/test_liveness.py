@@ -31,16 +31,19 @@ from devstate.phase import Phase
 
 pytestmark = pytest.mark.slow
 
+def _machine(nic: str) -> MachineConfig:
+    """Four vCPUs, a NIC of ``nic`` put at 16 MiB/s, a small GPU."""
+    return parse_spec({"seed": 5, "vcpus": {"count": 4}, "devices": [
+        {"name": "nic0", "size": nic, "write_bandwidth": "16MiB/s"},
+        {"name": "gpu0", "size": "4MiB"}]})
+
+
 # Stop-and-copy lasts over a second (32 MiB put at 16 MiB/s): a SIGSTOP sent when the
 # source enters DEVICE lands in it, whatever the machine's speed.
-SLOW = parse_spec({"seed": 5, "vcpus": {"count": 4}, "devices": [
-    {"name": "nic0", "size": "32MiB", "write_bandwidth": "16MiB/s"},
-    {"name": "gpu0", "size": "4MiB"}]})
+SLOW = _machine("32MiB")
 # The same shape with a stop-and-copy of ~0.75 s: the default bound (10x the estimate) is
 # then ~8 s rather than ~20 s, and still above its 5 s floor, so the 10x rule decides.
-SHORTER = parse_spec({"seed": 5, "vcpus": {"count": 4}, "devices": [
-    {"name": "nic0", "size": "12MiB", "write_bandwidth": "16MiB/s"},
-    {"name": "gpu0", "size": "4MiB"}]})
+SHORTER = _machine("12MiB")
 PEER_TIMEOUT_S = 2.0
 PARAMS = MigrationParams(workers=2, peer_timeout_s=PEER_TIMEOUT_S)
 # Far above any bound under test: a migration not decided by then hangs.

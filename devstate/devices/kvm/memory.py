@@ -263,25 +263,21 @@ class RamRange(StreamDevice):
     def _hash(self, ram: memoryview, which: npt.NDArray[np.bool_]) -> None:
         """Hash the pieces ``which`` selects (their marks cleared)."""
         for k in np.flatnonzero(which).tolist():
-            at = k * PIECE_BYTES
-            self._pieces[k * DIGEST_BYTES:(k + 1) * DIGEST_BYTES] = \
-                xxhash.xxh3_128_digest(ram[at:at + PIECE_BYTES])
+            self._pieces[k * DIGEST_BYTES:(k + 1) * DIGEST_BYTES] = _piece_digest(ram, k)
             self._rewritten[k] = self._unhashed[k] = False
 
     def _zero_fill(self, ram: memoryview, offset: int, length: int) -> None:
         """Make ``[offset, offset + length)`` zero: written only if a load may have left
-        bytes there (a whole page of it is then zero, as a new memfd's). A piece it covers
-        whole is zero now: its digest is known without reading it (a new memfd's pages the
-        guest never touched may be slow to read back on an overcommitted host, and a GiB
-        of them costs ~1 KiB on the wire: reading them would put the destination far behind
-        the source), only the pieces it covers in part are hashed."""
+        bytes there. A piece it covers whole has the zero piece's digest, unread (a GiB of
+        zero runs is ~1 KiB on the wire: reading it would put the destination far behind
+        the source); a piece it covers in part is hashed as written bytes are."""
         pages = slice(offset // PAGE_BYTES, -(-(offset + length) // PAGE_BYTES))
         if self._stale[pages].any():
             np.frombuffer(ram[offset:offset + length], np.uint8)[:] = 0
             self._stale[-(-offset // PAGE_BYTES):(offset + length) // PAGE_BYTES] = False
         whole = range(-(-offset // PIECE_BYTES), (offset + length) // PIECE_BYTES)
-        for k in whole:
-            self._pieces[k * DIGEST_BYTES:(k + 1) * DIGEST_BYTES] = _ZERO_PIECE
+        self._pieces[whole.start * DIGEST_BYTES:whole.stop * DIGEST_BYTES] = \
+            _ZERO_PIECE * len(whole)
         self._rewritten[whole.start:whole.stop] = self._unhashed[whole.start:whole.stop] = False
         for part in {offset // PIECE_BYTES, (offset + length - 1) // PIECE_BYTES} - set(whole):
             self._mark(part * PIECE_BYTES, 1)
@@ -312,5 +308,9 @@ def piecewise_digest(data: memoryview) -> bytes:
     """xxh3_128 over the xxh3_128 of each :data:`PIECE_BYTES` of ``data`` in turn (the last
     piece may be shorter): a range's digest, computed whole."""
     return xxhash.xxh3_128_digest(b"".join(
-        xxhash.xxh3_128_digest(data[at:at + PIECE_BYTES])
-        for at in range(0, len(data), PIECE_BYTES)))
+        _piece_digest(data, k) for k in range(-(-len(data) // PIECE_BYTES))))
+
+
+def _piece_digest(data: memoryview, k: int) -> bytes:
+    """xxh3_128 of piece ``k`` of ``data``."""
+    return xxhash.xxh3_128_digest(data[k * PIECE_BYTES:(k + 1) * PIECE_BYTES])
