@@ -15,9 +15,10 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
-from devstate.devices.kvm.ram import PAGE_BYTES, GuestRam, log_bytes
+from devstate.devices.kvm.ram import PAGE_BYTES, GuestRam, data_pages, log_bytes
 from devstate.errors import DeviceError, SpecError
 
 MIB = 1 << 20
@@ -50,14 +51,26 @@ def test_address_is_where_the_view_lives() -> None:
         assert ctypes.string_at(ram.address + MIB, 4) == b"kvm!"
 
 
-def test_create_and_attach_fault_every_page_in() -> None:
+def test_ram_stays_a_hole_until_written_and_data_pages_finds_what_was() -> None:
+    """No page of RAM is faulted in by mapping it (only the dirty log's are): a page costs
+    memory once something writes it, and data_pages finds those without reading a hole."""
+    def allocated(ram: GuestRam) -> int:
+        return os.fstat(ram.fd).st_blocks * 512
+
     start = rss_shmem_bytes()
-    with GuestRam.create(64 * MIB, "prefault") as ram:
-        after_create = rss_shmem_bytes()
-        assert after_create - start >= 64 * MIB
-        # A second mapping of the same pages has page tables of its own to fill.
-        with GuestRam.attach(ram.fd, ram.size):
-            assert rss_shmem_bytes() - after_create >= 64 * MIB
+    log = log_bytes(64 * MIB)
+    with GuestRam.create(64 * MIB, "holes") as ram:
+        assert allocated(ram) == log
+        with GuestRam.attach(ram.fd, ram.size) as other:
+            assert allocated(ram) == log and rss_shmem_bytes() - start <= 2 * log
+            other.view[5 * PAGE_BYTES] = 1
+            ram.view[40 * PAGE_BYTES + 7] = 2
+            assert allocated(ram) == log + 2 * PAGE_BYTES
+            assert np.flatnonzero(data_pages(ram, 0, 64 * MIB)).tolist() == [5, 40]
+            assert np.flatnonzero(data_pages(ram, 32 * PAGE_BYTES, 16 * PAGE_BYTES)).tolist() \
+                == [8]
+            assert not data_pages(ram, 64 * PAGE_BYTES, 64 * PAGE_BYTES).any()
+            assert allocated(ram) == log + 2 * PAGE_BYTES  # nothing read into being
 
 
 def test_attach_shares_the_pages_both_ways() -> None:

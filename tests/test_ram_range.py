@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 from devstate.config.spec import Backend, DeviceSpec, Shape, StreamCost
 from devstate.devices.host import DeviceHost
 from devstate.devices.kvm.memory import EXTENT, ZERO, RamRange
-from devstate.devices.kvm.ram import GuestRam
+from devstate.devices.kvm.ram import GuestRam, log_bytes
 from devstate.errors import DeviceError
 
 RAM = 2 << 20
@@ -118,6 +119,11 @@ def test_an_extent_outside_the_range_and_a_short_stream_are_refused() -> None:
 SPARSE = {3: 0, 4: PAGE - 1, 40: PAGE // 2, 63: 1, 70: 7}
 
 
+def _allocated(ram: GuestRam) -> int:
+    """Bytes of the memfd that hold pages (its holes hold none)."""
+    return os.fstat(ram.fd).st_blocks * 512
+
+
 def _sparse(ram: GuestRam) -> None:
     view = np.frombuffer(ram.view, np.uint8)
     for page, at in SPARSE.items():
@@ -132,16 +138,25 @@ def test_zero_pages_cross_as_headers_and_clear_what_a_failed_load_left() -> None
     dst_host, dst = _host(seed=None)
     with src, full, dst:
         _sparse(src)
+        holding = _allocated(src)
         stream = b"".join(_save(_range(src_host), [40_000]))
+        assert _allocated(src) == holding  # the look read no hole into being
         # Extents: pages 0-2 zero, 3-4, 5-39 zero, 40, 41-62 zero, 63, 64-69 zero, 70,
         # 71-255 zero.
         assert len(stream) == len(SPARSE) * PAGE + 9 * EXTENT.size
         assert EXTENT.unpack_from(stream)[2] == ZERO  # pages 0-2
         loading = _range(dst_host, incoming=True)  # a new memfd: zero
         _load(loading, stream, [])
+        # The zero runs stayed holes: the destination holds the two digest pieces (256 KiB
+        # each) the five pages fall in, read whole to hash them; the source's digest reads
+        # the same two (checked before this test's own reads fault everything in).
+        pieces = log_bytes(RAM) + 2 * (256 << 10)
+        assert _allocated(dst) == pieces
+        source_digest = asyncio.run(_range(src_host).digest())
+        assert _allocated(src) == pieces
         assert bytes(dst.view[START:START + LENGTH]) == bytes(src.view[START:START + LENGTH])
         # Its zero pieces digested unread, the others read: the source's whole digest.
-        assert asyncio.run(loading.digest()) == _digest(src)
+        assert asyncio.run(loading.digest()) == _digest(src) == source_digest
         # Another destination: its first load writes every page, then fails short.
         dst_host2, dst2 = _host(seed=None)
         with dst2:

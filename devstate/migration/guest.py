@@ -31,9 +31,9 @@ RUN_BEFORE_CHECK_S = 0.25
 
 def check_room(spec: MachineConfig, sides: int = 1) -> None:
     """SpecError unless ``sides`` copies of the spec's guest RAM fit in what this host has
-    available (a local migration holds both sides'): the RAM is pre-faulted whole, so a
+    available (a local migration holds both sides'): the guest may write all of it, so a
     spec asking for more would have the kernel's OOM killer end some process of this host
-    instead of a clear refusal here."""
+    then, instead of a clear refusal here."""
     if spec.ram is None:
         return
     need, available = sides * spec.ram.size, psutil.virtual_memory().available

@@ -49,7 +49,7 @@ from devstate.config.spec import DeviceSpec
 from devstate.devices.base import DIGEST_BYTES, StreamDevice
 from devstate.devices.host import DeviceHost
 from devstate.devices.kvm import dirty
-from devstate.devices.kvm.ram import PAGE_BYTES
+from devstate.devices.kvm.ram import PAGE_BYTES, data_pages
 from devstate.errors import DeviceError
 
 EXTENT = struct.Struct("<QII")
@@ -104,7 +104,12 @@ class RamRange(StreamDevice):
     async def digest(self) -> bytes:
         """The range's digest (the module's docstring): as its last load left it (the guest
         resumed since, and changes it), else as it is now (a source's stopped guest)."""
-        return self._loaded or piecewise_digest(self._range())
+        if self._loaded is not None:
+            return self._loaded
+        data = data_pages(self._host.guest_ram(), self.start, self.length)
+        per_piece = PIECE_BYTES // PAGE_BYTES
+        return piecewise_digest(self._range(), np.logical_or.reduceat(
+            data, np.arange(0, data.size, per_piece)))
 
     async def precopy_begin(self) -> None:
         """The first round: every page (the owner logs what the guest writes from now)."""
@@ -112,8 +117,14 @@ class RamRange(StreamDevice):
 
     def _every_page(self) -> None:
         self._pending = np.ones(self.length // PAGE_BYTES, dtype=bool)
+        # Holes are zero unread; the pages with data are looked at (runs of them at a time,
+        # so a mostly empty range costs little).
+        data = data_pages(self._host.guest_ram(), self.start, self.length)
+        self._zero = np.logical_not(data)
         words = np.frombuffer(self._range(), np.uint64).reshape(-1, PAGE_BYTES // 8)
-        self._zero = np.logical_not(words.any(axis=1))
+        for first, count in _runs(data):
+            self._zero[first:first + count] = np.logical_not(
+                words[first:first + count].any(axis=1))
         self._cursor = self._run_at = self._run_left = 0
 
     async def precopy_read(self, out: memoryview) -> int:
@@ -304,13 +315,22 @@ class RamRange(StreamDevice):
         await self.load_begin()
 
 
-def piecewise_digest(data: memoryview) -> bytes:
+def piecewise_digest(data: memoryview, written: npt.NDArray[np.bool_] | None = None) -> bytes:
     """xxh3_128 over the xxh3_128 of each :data:`PIECE_BYTES` of ``data`` in turn (the last
-    piece may be shorter): a range's digest, computed whole."""
+    piece may be shorter): a range's digest, computed whole. A piece ``written`` says is
+    False (a hole of the memfd) is zero and not read (reading would fault it in)."""
+    whole = len(data) // PIECE_BYTES  # a short last piece is always read
     return xxhash.xxh3_128_digest(b"".join(
-        _piece_digest(data, k) for k in range(-(-len(data) // PIECE_BYTES))))
+        _ZERO_PIECE if written is not None and k < whole and not written[k]
+        else _piece_digest(data, k) for k in range(-(-len(data) // PIECE_BYTES))))
 
 
 def _piece_digest(data: memoryview, k: int) -> bytes:
     """xxh3_128 of piece ``k`` of ``data``."""
     return xxhash.xxh3_128_digest(data[k * PIECE_BYTES:(k + 1) * PIECE_BYTES])
+
+
+def _runs(pages: npt.NDArray[np.bool_]) -> list[tuple[int, int]]:
+    """(first, count) of each run of True in ``pages``."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], pages.view(np.int8), [0]))))
+    return [(int(a), int(b - a)) for a, b in zip(edges[::2], edges[1::2], strict=True)]

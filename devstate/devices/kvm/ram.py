@@ -1,5 +1,5 @@
-"""Guest RAM: one memfd, mapped shared and pre-faulted, that KVM runs the guest on and
-every worker reads and writes in place.
+"""Guest RAM: one memfd, mapped shared, that KVM runs the guest on and every worker reads
+and writes in place.
 
 Runs in: any process. The coordinator *creates* the RAM (:meth:`GuestRam.create`) and passes
 its fd to every worker, which *attaches* (:meth:`GuestRam.attach`); the VM's owner also gives
@@ -9,8 +9,15 @@ same pages (``MAP_SHARED``), so what a vCPU writes a worker reads at once, and t
 A memfd rather than a ``/dev/shm`` file: it has no name anyone can open or leak, it goes
 away with its last fd or mapping, and it passes between processes as an fd (SCM_RIGHTS).
 
-Both ends pre-fault their mapping before the VM stops: the first touch of a shared page
-costs ~50x a warm copy (ARCHITECTURE.md section 5, rule 6), a price stop-and-copy must not pay.
+The RAM is *not* pre-faulted, unlike the arena (ARCHITECTURE.md section 5, rule 6): a page
+nobody wrote stays a hole of the memfd, costs no memory, reads as zero, and a migration
+neither reads nor sends it (:func:`data_pages` finds the holes without touching them; a
+run of zero pages crosses as a header, and the destination leaves it a hole). So each side
+holds the RAM the guest used, not the RAM it was given, as a VMM without preallocation
+does. The first touch of a page is paid where it happens: by the guest on the source, by
+round 1 of the precopy on the destination; in the stop only by a page the guest wrote for
+the first time in the last round. The dirty log after the RAM is pre-faulted: every sync
+writes it.
 
 After the RAM the memfd holds its *dirty log*, a bit per page (:attr:`GuestRam.dirty`): the
 pages the guest wrote that no RAM range has taken yet. The VM's owner ORs in what each
@@ -22,6 +29,7 @@ the two never touch it at once (the coordinator orders them: :mod:`devstate.migr
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 from collections.abc import Callable
@@ -64,7 +72,8 @@ class GuestRam:
 
     @classmethod
     def create(cls, size: int, name: str) -> GuestRam:
-        """New zeroed RAM of ``size`` bytes (a multiple of the page), mapped and pre-faulted.
+        """New zeroed RAM of ``size`` bytes (a multiple of the page), mapped (a hole until
+        written).
 
         ``name`` shows in ``/proc/<pid>/fd`` (``memfd:<name>``), for whoever debugs.
         """
@@ -101,7 +110,7 @@ class GuestRam:
         try:
             if prepare is not None:
                 prepare()
-            return cls(fd, size, _map(fd, size + log_bytes(size)))
+            return cls(fd, size, _map(fd, size))
         except OSError as exc:
             os.close(fd)
             raise DeviceError(_DEVICE, f"{what}: {exc.strerror}", exc.errno) from exc
@@ -188,14 +197,38 @@ def _check_size(size: int) -> None:
 
 
 def _map(fd: int, size: int) -> mmap.mmap:
-    """A shared, writable mapping of ``fd``'s first ``size`` bytes, every page faulted in."""
-    mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    """A shared, writable mapping of ``fd``'s RAM of ``size`` bytes and its dirty log, the
+    log's pages faulted in (the RAM's stay as they are: see the module's docstring)."""
+    log = log_bytes(size)
+    mapping = mmap.mmap(fd, size + log, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     try:
-        mapping.madvise(_MADV_POPULATE_WRITE, 0, size)
+        mapping.madvise(_MADV_POPULATE_WRITE, size, log)
     except OSError:
         # Before Linux 5.14: read one byte per page. A read fault on a memfd allocates the
         # page and maps it writable (shmem tracks no dirty pages), and unlike a write it
         # cannot clobber what another process stores meanwhile.
-        for pos in range(0, size, PAGE_BYTES):
+        for pos in range(size, size + log, PAGE_BYTES):
             mapping[pos]
     return mapping
+
+
+def data_pages(ram: GuestRam, start: int, length: int) -> npt.NDArray[np.bool_]:
+    """A bool per page of RAM bytes ``[start, start + length)``: whether it holds data
+    (False: a hole of the memfd, zero, which nobody wrote). Asks the memfd (SEEK_DATA,
+    SEEK_HOLE): no page is read, so no hole is faulted in."""
+    pages = np.zeros(length // PAGE_BYTES, dtype=bool)
+    end, pos = start + length, start
+    while pos < end:
+        try:
+            data = os.lseek(ram.fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data after pos
+                break
+            raise DeviceError(_DEVICE, f"SEEK_DATA at {pos}: {exc.strerror}",
+                              exc.errno) from exc
+        if data >= end:
+            break
+        hole = min(end, os.lseek(ram.fd, data, os.SEEK_HOLE))
+        pages[(data - start) // PAGE_BYTES:-(-(hole - start) // PAGE_BYTES)] = True
+        pos = hole
+    return pages
