@@ -71,10 +71,10 @@ def _load(device: RamRange, stream: bytes, cuts: list[int]) -> None:
 
 
 def _digest(ram: GuestRam) -> bytes:
-    """The range's digest computed here: xxh3_128 over each 256 KiB piece's xxh3_128."""
+    """The range's digest computed here: xxh3_128 over each 16 KiB piece's xxh3_128."""
     return xxhash.xxh3_128_digest(b"".join(
-        xxhash.xxh3_128_digest(ram.view[at:at + (256 << 10)])
-        for at in range(START, START + LENGTH, 256 << 10)))
+        xxhash.xxh3_128_digest(ram.view[at:at + (16 << 10)])
+        for at in range(START, START + LENGTH, 16 << 10)))
 
 
 @settings(max_examples=40, deadline=None)
@@ -147,10 +147,10 @@ def test_zero_pages_cross_as_headers_and_clear_what_a_failed_load_left() -> None
         assert EXTENT.unpack_from(stream)[2] == ZERO  # pages 0-2
         loading = _range(dst_host, incoming=True)  # a new memfd: zero
         _load(loading, stream, [])
-        # The zero runs stayed holes: the destination holds the two digest pieces (256 KiB
-        # each) the five pages fall in, read whole to hash them; the source's digest reads
-        # the same two (checked before this test's own reads fault everything in).
-        pieces = log_bytes(RAM) + 2 * (256 << 10)
+        # The zero runs stayed holes: the destination holds the five digest pieces (16 KiB,
+        # 4 pages each) the five pages fall in, read whole to hash them; the source's digest
+        # reads the same five (checked before this test's own reads fault everything in).
+        pieces = log_bytes(RAM) + 5 * (16 << 10)
         assert _allocated(dst) == pieces
         source_digest = asyncio.run(_range(src_host).digest())
         assert _allocated(src) == pieces
