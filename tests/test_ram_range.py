@@ -237,3 +237,19 @@ def test_a_page_a_later_extent_rewrites_is_in_the_digest() -> None:
         assert asyncio.run(_range(src_host).digest()) == _digest(src)
         src_host.close()
         dst_host.close()
+
+
+def test_a_destination_that_migrates_on_digests_its_ram_as_it_is_then() -> None:
+    """A range loaded here, then written by the guest that resumed on it, then saved to a
+    next destination: its digest is of the RAM as it is at that save, not as the load
+    left it."""
+    src_host, src = _host(seed=7)
+    dst_host, dst = _host(seed=None)
+    with src, dst:
+        here = _range(dst_host, incoming=True)
+        _load(here, b"".join(_save(_range(src_host), [40_000])), [])
+        assert asyncio.run(here.digest()) == _digest(src)
+        view = np.frombuffer(dst.view, dtype=np.uint8)
+        view[START + 5] ^= 0xFF  # the guest runs on and writes
+        _save(here, [40_000])  # then migrates on
+        assert asyncio.run(here.digest()) == _digest(dst) != _digest(src)

@@ -61,7 +61,7 @@ EXTENT = struct.Struct("<QII")
 # against ~46 ms here), which is off the downtime: on the destination during precopy, on
 # the source after the resume.
 PIECE_BYTES = 4 * PAGE_BYTES
-_ZERO_PIECE = xxhash.xxh3_128_digest(bytes(PIECE_BYTES))
+_ZERO_PIECE = np.void(xxhash.xxh3_128_digest(bytes(PIECE_BYTES)))
 ZERO = 1  # extent flag: the bytes are zero, and none follow the header
 # A run of pending pages is looked for at most this far ahead: a run may end anywhere (the
 # next continues it), and the look costs what it covers.
@@ -96,11 +96,15 @@ class RamRange(StreamDevice):
         self._left = 0          # load: bytes of the current extent still to come
         self._written = 0       # load: bytes written this session
         self._loaded: bytes | None = None  # load: the range's digest when the load ended
-        # load: each piece's digest as last hashed, and the pieces to hash again before the
-        # digest (``_unhashed``) and, of those, the ones written since (``_rewritten``:
-        # hashed as soon as no extent in progress still writes them).
+        # Each piece's digest as last hashed (a load's, or a source's whole digest), and for
+        # a load the pieces to hash again before the digest (``_unhashed``) and, of those,
+        # the ones written since (``_rewritten``: hashed as soon as no extent in progress
+        # still writes them).
         pieces = -(-self.length // PIECE_BYTES)
         self._pieces = bytearray(DIGEST_BYTES * pieces)
+        # The same bytes a digest per item, to set many pieces at once (a slice of the
+        # bytearray is the faster way to set one: ~0.3 against ~0.5 µs, in the downtime).
+        self._each_piece = np.frombuffer(self._pieces, dtype=(np.void, DIGEST_BYTES))
         self._unhashed = np.ones(pieces, dtype=bool)
         self._rewritten = np.zeros(pieces, dtype=bool)
 
@@ -109,19 +113,25 @@ class RamRange(StreamDevice):
 
     async def digest(self) -> bytes:
         """The range's digest (the module's docstring): as its last load left it (the guest
-        resumed since, and changes it), else as it is now (a source's stopped guest)."""
+        resumed since, and changes it), else as it is now (a source's stopped guest: every
+        piece hashed, but a hole of the memfd, zero and unread, since reading would fault
+        it in)."""
         if self._loaded is not None:
             return self._loaded
         data = data_pages(self._host.guest_ram(), self.start, self.length)
-        per_piece = PIECE_BYTES // PAGE_BYTES
-        return piecewise_digest(self._range(), np.logical_or.reduceat(
-            data, np.arange(0, data.size, per_piece)))
+        holds = np.logical_or.reduceat(data, np.arange(0, data.size, PIECE_BYTES // PAGE_BYTES))
+        if self.length % PIECE_BYTES:
+            holds[-1] = True  # a short last piece is hashed: the zero piece's is a whole one's
+        self._known_zero(np.flatnonzero(~holds))
+        self._hash(self._range(), holds)
+        return xxhash.xxh3_128_digest(self._pieces)
 
     async def precopy_begin(self) -> None:
         """The first round: every page (the owner logs what the guest writes from now)."""
         self._every_page()
 
     def _every_page(self) -> None:
+        self._loaded = None  # a save begins: the range is the guest's now, not a load's
         self._pending = np.ones(self.length // PAGE_BYTES, dtype=bool)
         # Holes are zero unread; the pages with data are looked at (runs of them at a time,
         # so a mostly empty range costs little).
@@ -281,8 +291,14 @@ class RamRange(StreamDevice):
         """Hash the pieces ``which`` selects (their marks cleared)."""
         chosen = np.flatnonzero(which)
         for k in chosen.tolist():
-            self._pieces[k * DIGEST_BYTES:(k + 1) * DIGEST_BYTES] = _piece_digest(ram, k)
+            self._pieces[k * DIGEST_BYTES:(k + 1) * DIGEST_BYTES] = xxhash.xxh3_128_digest(
+                ram[k * PIECE_BYTES:(k + 1) * PIECE_BYTES])
         self._rewritten[chosen] = self._unhashed[chosen] = False
+
+    def _known_zero(self, which: slice | npt.NDArray[np.intp]) -> None:
+        """The pieces ``which`` selects are zero: their digest is the zero piece's, unread."""
+        self._each_piece[which] = _ZERO_PIECE
+        self._rewritten[which] = self._unhashed[which] = False
 
     def _zero_fill(self, ram: memoryview, offset: int, length: int) -> None:
         """Make ``[offset, offset + length)`` zero: written only if a load may have left
@@ -294,9 +310,7 @@ class RamRange(StreamDevice):
             np.frombuffer(ram[offset:offset + length], np.uint8)[:] = 0
             self._stale[-(-offset // PAGE_BYTES):(offset + length) // PAGE_BYTES] = False
         whole = range(-(-offset // PIECE_BYTES), (offset + length) // PIECE_BYTES)
-        self._pieces[whole.start * DIGEST_BYTES:whole.stop * DIGEST_BYTES] = \
-            _ZERO_PIECE * len(whole)
-        self._rewritten[whole.start:whole.stop] = self._unhashed[whole.start:whole.stop] = False
+        self._known_zero(slice(whole.start, whole.stop))
         for part in {offset // PIECE_BYTES, (offset + length - 1) // PIECE_BYTES} - set(whole):
             self._mark(part * PIECE_BYTES, 1)
 
@@ -320,21 +334,6 @@ class RamRange(StreamDevice):
         where it sends none); a source forgets its precopy."""
         self._pending = self._zero = None
         await self.load_begin()
-
-
-def piecewise_digest(data: memoryview, written: npt.NDArray[np.bool_] | None = None) -> bytes:
-    """xxh3_128 over the xxh3_128 of each :data:`PIECE_BYTES` of ``data`` in turn (the last
-    piece may be shorter): a range's digest, computed whole. A piece ``written`` says is
-    False (a hole of the memfd) is zero and not read (reading would fault it in)."""
-    whole = len(data) // PIECE_BYTES  # a short last piece is always read
-    return xxhash.xxh3_128_digest(b"".join(
-        _ZERO_PIECE if written is not None and k < whole and not written[k]
-        else _piece_digest(data, k) for k in range(-(-len(data) // PIECE_BYTES))))
-
-
-def _piece_digest(data: memoryview, k: int) -> bytes:
-    """xxh3_128 of piece ``k`` of ``data``."""
-    return xxhash.xxh3_128_digest(data[k * PIECE_BYTES:(k + 1) * PIECE_BYTES])
 
 
 def _runs(pages: npt.NDArray[np.bool_]) -> list[tuple[int, int]]:
