@@ -36,42 +36,55 @@ class ChannelTally:
     """What the source sent on one data channel: bytes after the hello, and its packets."""
 
     bytes: int = 0
-    records: Counter[int] = field(default_factory=Counter)  # device index -> RECORD packets
+    records: Counter[int] = field(default_factory=Counter)  # device index -> records carried
     # device index -> the sequence numbers of its stream packets (CHUNKs and END) here
     streams: dict[int, list[int]] = field(default_factory=dict)
     fin_seq: int | None = None  # the FIN's packet count
+    batches: int = 0  # RECORDS packets (several records in one)
     packets: int = 0  # packets before the FIN
 
     def feed(self, data: bytes, parser: PacketParser) -> None:
         self.bytes += len(data)
-        for header in parser.feed(data):
+        for header, records in parser.feed(data):
             if header.kind is wire.PacketKind.FIN:
                 assert self.fin_seq is None, "two FINs on one channel"
                 self.fin_seq = header.seq
             else:
                 self.packets += 1
-                if header.kind is wire.PacketKind.RECORD:
-                    self.records[header.device] += 1
+                if records:
+                    self.records.update(records)
+                    self.batches += header.kind is wire.PacketKind.RECORDS
                 else:
                     self.streams.setdefault(header.device, []).append(header.seq)
 
 
 class PacketParser:
-    """Splits a data channel's byte stream into packet headers, skipping payloads."""
+    """Splits a data channel's byte stream into packet headers, and the devices whose
+    records each carries (RECORD: its device; RECORDS: the batch's, from its table)."""
 
     def __init__(self, devices: int) -> None:
         self._devices = devices
         self._header = bytearray()
+        self._header_done: wire.PacketHeader | None = None
+        self._payload = bytearray()  # a RECORDS payload, kept to read its table
         self._skip = 0
 
-    def feed(self, data: bytes) -> list[wire.PacketHeader]:
-        headers = []
+    def feed(self, data: bytes) -> list[tuple[wire.PacketHeader, list[int]]]:
+        out: list[tuple[wire.PacketHeader, list[int]]] = []
         view = memoryview(data)
         while view:
             if self._skip:
                 n = min(self._skip, len(view))
                 self._skip -= n
+                if self._header_done is not None:
+                    self._payload += view[:n]
                 view = view[n:]
+                if not self._skip and self._header_done is not None:
+                    batch = wire.decode_records(memoryview(bytes(self._payload)),
+                                                devices=self._devices)
+                    out.append((self._header_done, [device for device, _ in batch]))
+                    self._header_done = None
+                    self._payload.clear()
                 continue
             take = min(wire.PACKET_HEADER_BYTES - len(self._header), len(view))
             self._header += view[:take]
@@ -79,10 +92,14 @@ class PacketParser:
             if len(self._header) == wire.PACKET_HEADER_BYTES:
                 header = wire.decode_packet_header(bytes(self._header), devices=self._devices,
                                                    max_payload=1 << 30)
-                headers.append(header)
                 self._skip = header.length
                 self._header.clear()
-        return headers
+                if header.kind is wire.PacketKind.RECORDS:
+                    self._header_done = header
+                else:
+                    out.append((header, [header.device] if header.kind is wire.PacketKind.RECORD
+                                else []))
+        return out
 
 
 @dataclass

@@ -70,7 +70,7 @@ def test_each_header_field_is_checked(field: str, value: int) -> None:
     buf = _packet(wire.PacketKind.CHUNK, 1, 0, b"x" * 16)
     original = struct.unpack_from(fmt, buf, off)[0]
     bad = {"magic": value | 1 << 20, "version": (value % 60000) + 2,
-           "flags": 3 if value % 2 else 16,
+           "flags": 3 if value % 2 else 32,
            "device": 8 + value, "reserved": value + 1, "length": MAX + 1 + value}[field]
     assert bad != original
     struct.pack_into(fmt, buf, off, bad)
@@ -100,6 +100,67 @@ def test_record_and_end_rules() -> None:
     header = _check(_packet(wire.PacketKind.END, 0, 5, end), devices=1)
     assert header.kind is wire.PacketKind.END
     assert wire.decode_end(end) == wire.EndOfState(b"d" * 16, 1234, 5)
+
+
+def _records(devices: list[int], records: list[bytes], stride: int) -> bytearray:
+    """A RECORDS payload, its table written after the records, as the source does."""
+    table = wire.records_table_bytes(len(devices))
+    out = bytearray(table + len(devices) * stride)
+    for k, record in enumerate(records):
+        out[table + k * stride:table + k * stride + len(record)] = record
+    assert wire.pack_records_table(memoryview(out), devices, len(records[0]), stride) == len(out)
+    return out
+
+
+@given(data=st.data(), count=st.integers(1, 16), length=st.integers(1, 200),
+       pad=st.integers(0, 9))
+def test_records_round_trip(data: st.DataObject, count: int, length: int, pad: int) -> None:
+    devices = data.draw(st.lists(st.integers(0, 999), min_size=count, max_size=count,
+                                 unique=True))
+    records = [data.draw(st.binary(min_size=length, max_size=length)) for _ in devices]
+    payload = _records(devices, records, length + pad)
+    got = wire.decode_records(memoryview(payload), devices=1000)
+    assert [(d, bytes(r)) for d, r in got] == list(zip(devices, records, strict=True))
+    header = _check(_packet(wire.PacketKind.RECORDS, devices[0], 0, bytes(payload)),
+                    devices=1000)
+    assert header.kind is wire.PacketKind.RECORDS
+
+
+def test_records_table_rules() -> None:
+    """Each malformed table is refused naming its field, before any record is taken."""
+    good = _records([3, 5], [b"a" * 10, b"b" * 10], 16)
+
+    def refused(payload: bytes | bytearray, field: str, devices: int = 8) -> None:
+        with pytest.raises(ProtocolError) as info:
+            wire.decode_records(memoryview(bytearray(payload)), devices=devices)
+        assert info.value.field == field
+
+    def table(count: int, length: int, stride: int, reserved: int = 0) -> bytearray:
+        out = bytearray(good)
+        out[:16] = b"".join(v.to_bytes(4, "little") for v in (count, length, stride, reserved))
+        return out
+
+    refused(good[:15], "records.table")
+    refused(table(2, 10, 16, reserved=1), "records.reserved")
+    refused(table(0, 10, 16), "records.count")
+    refused(table(2**32 - 1, 10, 16), "records.count")  # a table longer than the payload
+    refused(table(2, 0, 16), "records.length")
+    refused(table(2, 17, 16), "records.length")  # a record longer than its stride
+    refused(table(2, 10, 15), "records.stride")  # the records do not fill the payload
+    refused(good + b"x", "records.stride")
+    refused(good, "records.device", devices=5)
+    refused(_records([4, 4], [b"a", b"b"], 8), "records.device")
+    with pytest.raises(ProtocolError, match="seq"):
+        wire.decode_packet_header(_packet(wire.PacketKind.RECORDS, 0, 1, bytes(good))[:HDR],
+                                  devices=8, max_payload=MAX)
+
+
+@given(raw=st.binary(max_size=200))
+def test_arbitrary_records_bytes_raise_only_protocol_error(raw: bytes) -> None:
+    try:
+        wire.decode_records(memoryview(raw), devices=8)
+    except ProtocolError:
+        pass
 
 
 def test_checksum_mismatch_is_an_integrity_error() -> None:

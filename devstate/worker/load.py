@@ -156,7 +156,7 @@ class Loader:
                 header = wire.decode_packet_header(buf[start:start + HDR],
                                                    devices=len(self._owner),
                                                    max_payload=self._max_payload)
-                if header.kind is wire.PacketKind.CHUNK:
+                if header.kind in _OWN_SLOT:
                     have = min(end - start - HDR, header.length)
                     await self._receive_chunk(channel, sock, header, buf[start:start + HDR],
                                               buf[start + HDR:start + HDR + have])
@@ -221,6 +221,9 @@ class Loader:
             self._slots.release(slot)
             share.release()
             raise
+        if header.kind is wire.PacketKind.RECORDS:
+            await self._take_records(payload, partial(self._give_back, slot, share))
+            return
         owner = self._owner[header.device]
         if owner != self.worker:
             self._lend(owner, header, slot, share)
@@ -228,6 +231,30 @@ class Loader:
         state = self._accept(header.kind, header.device, header.seq, header.checksum,
                              payload, partial(self._give_back, slot, share))
         await self._settled(state, header.device)
+
+    async def _take_records(self, payload: memoryview, release: Release) -> None:
+        """Take each record of a verified RECORDS packet: ours are put straight from the
+        packet's slot (``release`` gives it back after the last), another worker's are
+        lent in a record slot of their own, as a RECORD."""
+        records = wire.decode_records(payload, devices=len(self._owner))
+        held = _Held(release, len(records))
+        try:
+            for index, record in records:
+                owner = self._owner[index]
+                if owner != self.worker:
+                    slot = await self._slots.acquire(self._record_class)
+                    slot.view[:len(record)] = record
+                    # The packet's checksum covered it; a lent RECORD's is not checked again.
+                    self._lend(owner, wire.PacketHeader(wire.PacketKind.RECORD, index, 0,
+                                                        len(record), 0), slot)
+                    held.take()
+                    held.release()
+                    continue
+                held.take()  # before the accept: a failing accept keeps it (the load fails)
+                state = self._accept(wire.PacketKind.RECORD, index, 0, 0, record, held.release)
+                await self._settled(state, index)
+        finally:
+            held.drop_untaken()
 
     async def _small_packet(self, header: wire.PacketHeader, payload: memoryview) -> None:
         """Handle a RECORD or END packet that sits in a receive window."""
@@ -408,16 +435,19 @@ class Loader:
         self._queued.set()
 
     async def _put_lane(self) -> None:
-        """One owner thread's lane: put whatever is queued, up to RECORD_BATCH records in
-        one call on its thread, while the channels go on receiving; the lanes never wait
-        for each other."""
+        """One owner thread's lane: put its share of whatever is queued (up to
+        RECORD_BATCH records) in one call on its thread, while the channels go on
+        receiving; the lanes never wait for each other."""
         while not self._all_loaded.is_set():
             if not self._to_put:
                 self._queued.clear()
                 await self._queued.wait()
                 continue
-            taken = self._to_put[:RECORD_BATCH]
-            del self._to_put[:RECORD_BATCH]
+            # A share, not all: a RECORDS packet queues a whole batch at once, which the
+            # other lanes should put alongside rather than wait for the next packet.
+            share = min(RECORD_BATCH, -(-len(self._to_put) // self._threads))
+            taken = self._to_put[:share]
+            del self._to_put[:share]
             if self._to_put:
                 self._queued.set()  # more than this lane takes: wake a waiting one
             assert self._batch is not None  # only batched records are queued
@@ -436,6 +466,38 @@ class Loader:
             for put in taken:
                 put.state.record_loaded(len(put.record), start_ns, end_ns)
                 self._loaded_one(put.index)
+
+
+# Packets received into a slot of their own rather than a receive window: a stream's chunks
+# and batches of records (put straight from it).
+_OWN_SLOT = frozenset({wire.PacketKind.CHUNK, wire.PacketKind.RECORDS})
+
+
+class _Held:
+    """A RECORDS packet's slot, held until every record in it was put (or copied)."""
+
+    __slots__ = ("_release", "_left", "_untaken")
+
+    def __init__(self, release: Release, records: int) -> None:
+        self._release = release
+        self._left = records
+        self._untaken = records
+
+    def take(self) -> None:
+        """A record is taken (to be put, or copied), and released by its taker."""
+        self._untaken -= 1
+
+    def release(self) -> None:
+        """One record is done with the slot; the last gives it back."""
+        self._left -= 1
+        if not self._left:
+            self._release()
+
+    def drop_untaken(self) -> None:
+        """Records never taken (a failure part-way) are done with it too."""
+        while self._untaken > 0:
+            self._untaken -= 1
+            self.release()
 
 
 @dataclass(frozen=True, slots=True)

@@ -82,6 +82,12 @@ class Saver:
         self._threads = held.threads
         self._batch = held.batch
         self._batched = batched_records(held)
+        # A batch of records rides in one RECORDS packet, in a chunk slot, if two or more
+        # fit there (at a stride of the largest record, 8-aligned).
+        self._stride = -(-max((held.devices[i].spec.size for i in self._batched),
+                              default=0) // 8) * 8
+        self._per_packet = 0 if not self._stride else _records_per_packet(
+            held.slots.sizes[held.chunk_class] - HDR, self._stride)
         self._senders = {
             k: PacketSender(sock, Pacer.for_channel(bandwidth_limit, routes.channels))
             for k, sock in held.channels.items()}
@@ -290,22 +296,50 @@ class Saver:
 
     async def _get_lane(self, queue: deque[int], results: list[ResultRow]) -> None:
         """One owner thread's lane: get and ship batches from ``queue`` until it is empty
-        (or another lane failed, which empties it)."""
+        (or another lane failed, which empties it). A batch is got straight into one
+        RECORDS packet's slot when a chunk slot holds it, else into a slot per record."""
         assert self._batch is not None  # only batched records are queued
         size = FIRST_BATCH
         while queue:
             batch = [queue.popleft() for _ in range(min(size, len(queue)))]
-            size = RECORD_BATCH
-            slots = [await self._slots.acquire(self._record_class) for _ in batch]
+            size = self._per_packet or RECORD_BATCH
+            if self._per_packet:
+                slot = await self._slots.acquire(self._chunk_class)
+                start = HDR + wire.records_table_bytes(len(batch))
+                outs = [slot.view[start + k * self._stride:start + (k + 1) * self._stride]
+                        for k in range(len(batch))]
+                slots = [slot]
+            else:
+                slots = [await self._slots.acquire(self._record_class) for _ in batch]
+                outs = [slot.view[HDR:] for slot in slots]
             try:
                 timed = await finish_on_thread(
                     self._executor, _get_many, self._batch, [self._devices[i] for i in batch],
-                    [slot.view[HDR:] for slot in slots])
+                    outs)
             except BaseException:
                 queue.clear()
+                for slot in slots:
+                    self._slots.release(slot)
                 raise
-            results += self._ship_records(batch, slots, [timed] * len(batch))
+            if self._per_packet:
+                results += self._ship_batch(batch, slots[0], timed)
+            else:
+                results += self._ship_records(batch, slots, [timed] * len(batch))
             await asyncio.sleep(0)
+
+    def _ship_batch(self, batch: Sequence[int], slot: Slot, timed: Timed) -> list[ResultRow]:
+        """Make the records got into ``slot`` one RECORDS packet and queue it."""
+        length, start_ns, end_ns = timed
+        size = wire.pack_records_table(slot.view[HDR:], batch, length, self._stride)
+        wire.pack_packet_header(slot.view, wire.PacketKind.RECORDS, batch[0], 0,
+                                slot.view[HDR:HDR + size])
+        channel = self._routes.channel(self.worker, self._records_routed)
+        self._emit(batch[0], 0, slot, HDR + size, channel, ordered=False)
+        self._records_routed += 1
+        self.devices_done += len(batch)
+        self.bytes_read += length * len(batch)
+        return [(index, self._devices[index].id, length, 1, start_ns, end_ns, self.worker, 0,
+                 channel) for index in batch]
 
     def _ship_records(self, batch: Sequence[int], slots: Sequence[Slot],
                       timed: Sequence[Timed]) -> list[ResultRow]:
@@ -485,6 +519,15 @@ class _Hop:
     def __init__(self) -> None:
         self.channel = -1
         self.queued: asyncio.Future[None] | None = None
+
+
+def _records_per_packet(room: int, stride: int) -> int:
+    """How many records of ``stride`` bytes a RECORDS packet takes in ``room`` bytes of
+    payload, up to RECORD_BATCH; 0 if fewer than two fit (then each rides alone)."""
+    fit = min(RECORD_BATCH, room // stride)
+    while fit > 1 and wire.records_table_bytes(fit) + fit * stride > room:
+        fit -= 1
+    return fit if fit > 1 else 0
 
 
 def _runs_of_same_shape(order: Sequence[int], devices: dict[int, Device]) -> list[list[int]]:
