@@ -55,6 +55,7 @@ from devstate.worker.probe import RecordProbe
 from devstate.worker.save import Saver
 from devstate.worker.threads import OwnerThreads
 from devstate.worker.throttle import GuestThrottle
+from devstate.worker.wakeup import prefer_wakeups
 
 
 def worker_main(index: int, conn: Connection, arena_name: str, arena_size: int,
@@ -64,6 +65,7 @@ def worker_main(index: int, conn: Connection, arena_name: str, arena_size: int,
     try:
         if cpu is not None:
             psutil.Process().cpu_affinity([cpu])
+        prefer_wakeups()
         arena = Arena.attach(arena_name, arena_size)
     except BaseException as exc:  # report why start-up failed before exiting
         conn.send(m.Reply(0, False, error_type=type(exc).__name__, error=str(exc)))

@@ -17,6 +17,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from devstate.devices.base import RecordDevice
+from devstate.worker.wakeup import prefer_wakeups
 
 if TYPE_CHECKING:
     from devstate.worker.holdings import Holdings
@@ -51,6 +52,7 @@ class OwnerThreads:
     def _pin(self) -> None:
         if self.cpus:
             os.sched_setaffinity(0, {self.cpus[next(self._started) % len(self.cpus)]})
+        prefer_wakeups()
 
     def fits(self, cpus: Sequence[int], count: int) -> bool:
         """Whether these threads are the ones a job asks for."""
