@@ -26,8 +26,11 @@ T = TypeVar("T")
 
 # Batched records per batch and owner thread. The source's threads get one batch while the
 # loop ships the one before (so the destination starts putting at once); the destination
-# puts whatever has arrived, up to this many per thread in one call.
-RECORD_BATCH = 16
+# puts whatever has arrived, up to this many per thread in one call. A batch travels as one
+# RECORDS packet (64 vCPUs: ~440 KB, within a 1 MiB chunk slot). Measured with 288 vCPUs on
+# 2 cores, interleaved, 24 migrations each: 64 against 16 cut the median downtime 4-9%
+# (less Python per record on both sides); 128 was no better, 8 was worse.
+RECORD_BATCH = 64
 # A source lane's first batch is smaller, so that the destination starts putting sooner
 # (measured: ~10% less downtime for 288 vCPUs on 2 cores).
 FIRST_BATCH = 4
