@@ -4,6 +4,7 @@ the sharded experiment (a VM per worker) still works, labelled as such."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -150,6 +151,22 @@ def test_vcpu_records_ride_in_batches_when_a_chunk_slot_holds_them(
         assert 3 <= batches <= 6 and packets == batches + 3, (batches, packets)
     else:  # the 3 VM-level records and 40 vCPUs, one packet each
         assert batches == 0 and packets == 43, packets
+
+
+def test_one_record_per_packet_batches_fit_the_record_slots_of_both_threads(run) -> None:
+    """Records that ride one to a packet (chunks of 4 KiB) are got into a record slot
+    each, a lane's whole batch at once: with 64 slots (the fewest the cost probe takes) and
+    two owner threads, each lane's batch must be at most 32, or each lane holds part of its
+    batch and waits for slots the other holds, forever."""
+    spec = parse_spec({"seed": 10, "vcpus": {"count": 160, "backend": "kvm"}})
+    params = MigrationParams(chunk_bytes=4096, record_slots=64, vcpu_threads=2)
+
+    async def bounded() -> Any:
+        async with asyncio.timeout(120):
+            return await migrate_locally(spec, params, compare_digests=True)
+
+    report = run(bounded())
+    assert report.verified and report.kvm is not None and report.kvm.threads == 2
 
 
 @pytest.mark.parametrize("readback", list(Readback))

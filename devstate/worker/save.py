@@ -88,6 +88,10 @@ class Saver:
                               default=0) // 8) * 8
         self._per_packet = 0 if not self._stride else _records_per_packet(
             held.slots.sizes[held.chunk_class] - HDR, self._stride)
+        # Else a slot per record: every lane's whole batch must fit in the record slots at
+        # once, or two lanes could each hold part of theirs and wait for the rest forever.
+        self._per_slots = max(1, min(RECORD_BATCH,
+                                     held.slots.counts[held.record_class] // held.threads))
         self._senders = {
             k: PacketSender(sock, Pacer.for_channel(bandwidth_limit, routes.channels))
             for k, sock in held.channels.items()}
@@ -299,10 +303,10 @@ class Saver:
         (or another lane failed, which empties it). A batch is got straight into one
         RECORDS packet's slot when a chunk slot holds it, else into a slot per record."""
         assert self._batch is not None  # only batched records are queued
-        size = FIRST_BATCH
+        size = min(FIRST_BATCH, self._per_packet or self._per_slots)
         while queue:
             batch = [queue.popleft() for _ in range(min(size, len(queue)))]
-            size = self._per_packet or RECORD_BATCH
+            size = self._per_packet or self._per_slots
             if self._per_packet:
                 slot = await self._slots.acquire(self._chunk_class)
                 start = HDR + wire.records_table_bytes(len(batch))
