@@ -10,8 +10,9 @@ packet waiting, can sit behind the source's get threads. A thread may ask for a 
 slice (``sched_attr.sched_runtime``, Linux 6.12 and later), which also lets it preempt on
 wakeup: the loop and the owner threads ask for 100 us, so the two sides' threads take turns
 at the batch's pace instead of the scheduler's. Measured (288 vCPUs, 2 cores, old and new
-interleaved, 30 migrations each): the median downtime was lower in each of five runs, by
-1.6 to 8%.
+interleaved, 24-30 migrations each): the median downtime 8% and 1.6% lower in two runs of
+this form, 6-8% in three of an earlier one that shortened every thread of a worker; the
+loop thread alone, 0.8-2.3%.
 
 ``SCHED_FLAG_RESET_ON_FORK`` keeps the short slice to the threads that ask: the guest's
 vCPU threads and any process a worker starts begin with the default. On a kernel without
