@@ -65,7 +65,7 @@ class PacketParser:
     def __init__(self, devices: int) -> None:
         self._devices = devices
         self._header = bytearray()
-        self._header_done: wire.PacketHeader | None = None
+        self._records_header: wire.PacketHeader | None = None
         self._payload = bytearray()  # a RECORDS payload, kept to read its table
         self._skip = 0
 
@@ -76,14 +76,14 @@ class PacketParser:
             if self._skip:
                 n = min(self._skip, len(view))
                 self._skip -= n
-                if self._header_done is not None:
+                if self._records_header is not None:
                     self._payload += view[:n]
                 view = view[n:]
-                if not self._skip and self._header_done is not None:
+                if not self._skip and self._records_header is not None:
                     batch = wire.decode_records(memoryview(bytes(self._payload)),
                                                 devices=self._devices)
-                    out.append((self._header_done, [device for device, _ in batch]))
-                    self._header_done = None
+                    out.append((self._records_header, [device for device, _ in batch]))
+                    self._records_header = None
                     self._payload.clear()
                 continue
             take = min(wire.PACKET_HEADER_BYTES - len(self._header), len(view))
@@ -95,7 +95,7 @@ class PacketParser:
                 self._skip = header.length
                 self._header.clear()
                 if header.kind is wire.PacketKind.RECORDS:
-                    self._header_done = header
+                    self._records_header = header
                 else:
                     out.append((header, [header.device] if header.kind is wire.PacketKind.RECORD
                                 else []))

@@ -5,13 +5,14 @@ partition of the arena and its data channels (none, one or several: :mod:`devsta
 
 Receiving: small packets (records, END markers) arrive batched into a channel's receive
 *window*, a slot of the arena, and records of this worker's devices are put straight from
-there, except a KVM VM's vCPUs: each is copied to a record slot of its own and queued, and
-whatever has arrived is put in one batch, split over the owner's threads, while the
-channels go on receiving (the source sends them a batch at a time, so get, transfer and
-put overlap). A stream CHUNK's payload goes to a chunk slot of its own: after a chunk header, the
-receiver reads only up to the next header, so payloads land in their slot by ``recv_into``
-without a copy (a copy happens only for payload bytes that shared one read with small
-packets before them). When no chunk slot is free the receiver stops reading: the channel
+there. A stream CHUNK's payload, and a RECORDS packet (a batch of a KVM VM's vCPUs), goes
+to a chunk slot of its own: after such a header, the receiver reads only up to the next
+header, so payloads land in their slot by ``recv_into`` without a copy (a copy happens only
+for payload bytes that shared one read with small packets before them). A batch's records
+are queued and put from that slot, whatever has arrived split over the owner's threads,
+while the channels go on receiving (the source sends them a batch at a time, so get,
+transfer and put overlap); a vCPU that came alone in a RECORD is first copied out of the
+window into a record slot. When no chunk slot is free the receiver stops reading: the channel
 fills and the sender blocks (backpressure, bounded memory). Each channel has its own share
 of the chunk slots: a channel whose slots all hold packets that came early must never
 starve the channel that carries the packet they wait for. Each channel ends with a FIN that

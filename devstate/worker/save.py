@@ -5,7 +5,8 @@ partition of the arena (a :class:`~devstate.arena.slots.SlotPool`) and its data 
 one or several: :mod:`devstate.net.route`).
 
 Each packet is built in place in one slot: the 32-byte header, then the payload the device
-wrote straight into the slot. The route picks the packet's channel. On a channel of this
+wrote straight into the slot (a KVM VM's vCPUs: a batch of records an owner thread got
+into one slot, a RECORDS packet). The route picks the packet's channel. On a channel of this
 worker a :class:`PacketSender` task batches whatever packets are ready into one ``sendmsg``
 and releases their slots as soon as the kernel has the bytes; on another worker's channel
 the slot is lent to that worker (:mod:`devstate.worker.handoff`), which sends it and gives it back.
@@ -333,35 +334,36 @@ class Saver:
 
     def _ship_batch(self, batch: Sequence[int], slot: Slot, timed: Timed) -> list[ResultRow]:
         """Make the records got into ``slot`` one RECORDS packet and queue it."""
-        length, start_ns, end_ns = timed
+        length = timed[0]
         size = wire.pack_records_table(slot.view[HDR:], batch, length, self._stride)
         wire.pack_packet_header(slot.view, wire.PacketKind.RECORDS, batch[0], 0,
                                 slot.view[HDR:HDR + size])
-        channel = self._routes.channel(self.worker, self._records_routed)
-        self._emit(batch[0], 0, slot, HDR + size, channel, ordered=False)
-        self._records_routed += 1
-        self.devices_done += len(batch)
-        self.bytes_read += length * len(batch)
-        return [(index, self._devices[index].id, length, 1, start_ns, end_ns, self.worker, 0,
-                 channel) for index in batch]
+        return self._queue_records(batch, slot, HDR + size, timed)
 
     def _ship_records(self, batch: Sequence[int], slots: Sequence[Slot],
                       timed: Sequence[Timed]) -> list[ResultRow]:
         """Make each got record a RECORD packet in its slot and queue it on its channel."""
         results = []
-        for index, slot, (length, start_ns, end_ns) in zip(batch, slots, timed, strict=True):
-            payload = slot.view[HDR:HDR + length]
+        for index, slot, got in zip(batch, slots, timed, strict=True):
+            payload = slot.view[HDR:HDR + got[0]]
             # One packet is the whole record; its checksum is its digest: no END follows.
             wire.pack_packet_header(slot.view, wire.PacketKind.RECORD, index, 0, payload)
-            # Records need no order among themselves: none waits for a QUEUED.
-            channel = self._routes.channel(self.worker, self._records_routed)
-            self._emit(index, 0, slot, HDR + length, channel, ordered=False)
-            self._records_routed += 1
-            self.devices_done += 1
-            self.bytes_read += length
-            results.append((index, self._devices[index].id, length, 1, start_ns, end_ns,
-                            self.worker, 0, channel))
+            results += self._queue_records((index,), slot, HDR + got[0], got)
         return results
+
+    def _queue_records(self, indices: Sequence[int], slot: Slot, size: int,
+                       timed: Timed) -> list[ResultRow]:
+        """Queue the packet in ``slot[:size]``, carrying the records of ``indices`` (each
+        of ``timed``'s length), on the next channel records take; their result rows."""
+        length, start_ns, end_ns = timed
+        # Records need no order among themselves: none waits for a QUEUED.
+        channel = self._routes.channel(self.worker, self._records_routed)
+        self._emit(indices[0], 0, slot, size, channel, ordered=False)
+        self._records_routed += 1
+        self.devices_done += len(indices)
+        self.bytes_read += length * len(indices)
+        return [(index, self._devices[index].id, length, 1, start_ns, end_ns, self.worker, 0,
+                 channel) for index in indices]
 
     def _get_record(self, index: int, slot: Slot) -> Timed:
         """Get one record into its slot, on the loop."""
