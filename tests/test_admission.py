@@ -11,11 +11,14 @@ import pytest
 from devstate.config.params import MigrationParams
 from devstate.config.spec import parse_spec
 from devstate.devices import device_table
+from devstate.migration.deadline import Deadline
 from devstate.migration.local import destination
+from devstate.migration.machine import Machine
 from devstate.migration.source import SourceVM
 from devstate.planning.admission import Admission, TransferOrder
 from devstate.planning.cost import HostCosts, estimate
 from devstate.planning.plan import make_plan, spec_order_plan, tail_s
+from tests.kvm_access import needs_kvm
 
 # Listed short tail first (as a VMM's bus order might have it): a small device with 10 ms
 # of firmware, then a big one with 300 ms, and vCPUs that load after the small one.
@@ -48,6 +51,43 @@ def test_the_gate_holds_a_stream_while_those_ahead_fill_the_budget(run) -> None:
         return seen
 
     assert run(scenario()) == ["start 12"]
+
+
+def test_ram_ranges_move_together_and_hold_the_streams_behind_as_one(run) -> None:
+    """A guest's RAM ranges are pieces of one stream: each at a rate above the budget,
+    they would move one at a time as devices do; they never wait for each other, and a
+    stream behind them waits for the last of them."""
+    async def scenario() -> None:
+        # A device (10), three RAM ranges (20-22) and a device behind them (30), every one
+        # at 2 units against a budget of 1.5: as devices, each would wait for the one ahead.
+        gate = Admission(TransferOrder(((10, 2.0), (20, 2.0), (21, 2.0), (22, 2.0),
+                                        (30, 2.0)), budget=1.5,
+                                       ram=frozenset({20, 21, 22})))
+        assert [gate.may_start(i) for i in (10, 20, 21, 22, 30)] == [True] + [False] * 4
+        gate.finished(10)
+        assert [gate.may_start(i) for i in (20, 21, 22, 30)] == [True, True, True, False]
+        behind = asyncio.ensure_future(gate.turn(30))
+        for index in (20, 22):
+            gate.finished(index)
+            await asyncio.sleep(0.01)
+            assert not behind.done()  # range 21 still moves
+        gate.finished(21)
+        await asyncio.wait_for(behind, 1.0)
+
+    run(scenario())
+
+
+@needs_kvm
+def test_the_deadlines_transfer_order_names_the_guests_ram_ranges() -> None:
+    """What the workers' gates are given: the RAM ranges marked as pieces of one stream,
+    the VFIO devices not (a machine built, not started: no process runs)."""
+    spec = parse_spec({**TAILS, "vcpus": {"count": 2, "backend": "kvm"},
+                       "ram": {"size": "96MiB"}})
+    order = Deadline(Machine(spec, MigrationParams(workers=2))).transfer_order(HostCosts())
+    ids = {d.index: d.id for d in device_table(spec)}
+    assert sorted(ids[i] for i in order.ram) == ["ram/0", "ram/1", "ram/2"]
+    assert {ids[i] for i, _ in order.streams} == {"ram/0", "ram/1", "ram/2", "vfio/small",
+                                                  "vfio/big"}
 
 
 def test_the_plan_moves_the_longest_tail_first_and_spec_order_its_table() -> None:

@@ -49,8 +49,8 @@ class Deadline(OnMachine):
         table = self.table
         streams = tuple((i, float(v.rate))
                         for i in self.plan.transfer if (v := table[i].stream) is not None)
-        return TransferOrder(streams, min(costs.copy_bytes_per_s,
-                                          self._stop_copy_cap()))
+        return TransferOrder(streams, min(costs.copy_bytes_per_s, self._stop_copy_cap()),
+                             frozenset(d.index for d in table if d.ram is not None))
 
     def _stop_copy_cap(self) -> float:
         """What the bandwidth limit lets stop-and-copy send per second (inf: no cap)."""

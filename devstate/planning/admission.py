@@ -11,6 +11,13 @@ tail, longest first, solves (Jackson's rule). So a stream waits at the gate unti
 streams before it in the transfer order that are still moving no longer fill the
 ``budget`` (bytes/s); the first one never waits, so the transfer never stalls.
 
+A guest's RAM ranges are one stream cut into pieces for the pool, not streams of their
+own: they have no tail (no firmware, nothing loads after them), so they never hold each
+other, and they hold the streams behind them as one stream at the RAM's rate. Held one at
+a time like devices, the 48 mostly clean ranges of a 1.5 GiB guest ended one after another
+at the stop, 0.2-0.4 ms apart when their owners were two workers (each waiting for the
+other's note): 96 vCPUs moved in 24-26 ms with two workers per side against 15-17 with one.
+
 Every worker holds the same order and learns of other workers' finished streams from
 their notes (``handoff.Op.SENT``); a note that comes late only delays a start.
 """
@@ -28,6 +35,7 @@ class TransferOrder:
 
     streams: tuple[tuple[int, float], ...] = ()  # (device index, bytes/s), first first
     budget: float = math.inf  # bytes/s (> 0) the streams ahead of one may add up to
+    ram: frozenset[int] = frozenset()  # the guest's RAM ranges: pieces of one stream
 
 
 class Admission:
@@ -45,7 +53,11 @@ class Admission:
         rank = self._rank.get(index)
         if rank is None:
             return True
-        ahead = sum(rate for i, rate in self._order.streams[:rank] if i not in self._finished)
+        ram = self._order.ram
+        moving = [(i, rate) for i, rate in self._order.streams[:rank] if i not in self._finished]
+        ahead = sum(rate for i, rate in moving if i not in ram)
+        if index not in ram:  # the RAM ahead, as one stream
+            ahead += max((rate for i, rate in moving if i in ram), default=0.0)
         return ahead < self._order.budget
 
     async def turn(self, index: int) -> None:
