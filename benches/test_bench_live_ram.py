@@ -25,10 +25,11 @@ the guest's measured dirty rate (distinct pages the dirty log found per second o
 round: bounded by the working set, whatever the rate asked).
 
 The first bench's estimates are the cost model's defaults, nothing learned (a history that
-does not learn): its RAM constants (``HostCosts.ram_bytes_per_s``, ``ram_range_ms``) were
-fitted by least squares (relative errors) to a run of this bench's variants, the
-calibration set: the twelve above and three of other RAM sizes (256 MiB, 512 MiB,
-3 GiB). ``abs_error`` is the median and largest |measured / expected - 1| over it.
+does not learn): its RAM constants (``HostCosts.ram_bytes_per_s``,
+``ram_fault_bytes_per_s``, ``ram_range_ms``) were fitted by least squares (relative
+errors) to two runs of this bench's variants, the calibration set: the twelve above and
+three of other RAM sizes (256 MiB, 512 MiB, 3 GiB). ``abs_error`` is the median and
+largest |measured / expected - 1| over it.
 
 The second bench measures the estimate on scenarios in none of those (:data:`HELD_OUT`:
 other vCPU counts, RAM sizes, rates and working sets) the way :mod:`benches.cost_accuracy`

@@ -83,6 +83,21 @@ def test_guest_ram_is_learned_apart_from_vfio_copies() -> None:
     assert host.weights[3] == pytest.approx(3.0, rel=0.02)
 
 
+@needs_kvm
+def test_ram_never_sent_before_costs_its_faults_too() -> None:
+    """Of a range's bytes left for the stop, those the destination never received land in
+    holes there: the RAM part counts them again at the fault rate, the rest not."""
+    spec = parse_spec({"vcpus": {"count": 1, "backend": "kvm"}, "ram": {"size": "64MiB"}})
+    table = device_table(spec)
+    ranges = [d.index for d in table if d.ram is not None]
+    host = HostCosts(ram_bytes_per_s=1e9, ram_fault_bytes_per_s=0.5e9, ram_range_ms=0.0)
+    plan = make_plan(table, 2)
+    left = {i: 10**7 for i in ranges}
+    warm = estimate(table, plan, host, (0.0, 0.0), left).host_parts[3]
+    cold = estimate(table, plan, host, (0.0, 0.0), left, {ranges[0]: 10**7}).host_parts[3]
+    assert warm == pytest.approx(2 * 10.0) and cold == pytest.approx(warm + 20.0)
+
+
 def test_a_disturbed_run_teaches_nothing() -> None:
     made = estimate(device_table(HUGE), make_plan(device_table(HUGE), 2), HostCosts())
     assert refine(HostCosts(), made, made.expected_ms * 10) == HostCosts()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from devstate.devices.kvm import guest
-from devstate.devices.kvm.dirty import DirtyLog, take
+from devstate.devices.kvm.dirty import DirtyLog, forget_sent, mark_sent, per_range, take
 from devstate.devices.kvm.live import LiveGuest
 from devstate.devices.kvm.ram import PAGE_BYTES, GuestRam
 from devstate.devices.kvm.vm import KvmVm
@@ -32,6 +32,25 @@ def test_take_gives_a_ranges_pages_and_clears_only_them() -> None:
         second = take(ram, 32 * MIB, 32 * MIB)
         assert list(np.flatnonzero(second)) == [0, 8, 8191]
         assert not ram.dirty.any() and not take(ram, 0, 32 * MIB).any()
+
+
+def test_each_range_counts_its_dirty_pages_and_those_never_sent() -> None:
+    """Bits set straight into both shared logs: a range's dirty pages count as never sent
+    until the range marks them sent, and a new migration forgets what it sent."""
+    with GuestRam.create(64 * MIB, "sent") as ram:
+        for page in (0, 1, 2, 8191, 8192, 9000):
+            ram.dirty[page // 64] |= np.uint64(1 << (page % 64))
+        assert per_range(ram) == ((4, 4), (2, 2))
+        sent = np.zeros(8192, dtype=bool)
+        sent[[1, 2, 3]] = True  # page 3 sent but clean: not counted at all
+        mark_sent(ram, 0, sent)
+        sent[:] = False
+        sent[9000 - 8192] = True
+        mark_sent(ram, 32 * MIB, sent)
+        assert per_range(ram) == ((4, 2), (2, 1))
+        forget_sent(ram, 0, 32 * MIB)
+        assert per_range(ram) == ((4, 4), (2, 1))  # the second range's marks stay
+        assert int(np.bitwise_count(ram.dirty).sum()) == 6  # the dirty log untouched
 
 
 @pytest.fixture
@@ -66,13 +85,16 @@ def test_rounds_of_dirty_pages_rebuild_the_ram_of_a_running_guest(running_guest)
     log = DirtyLog(vm, ram)
     log.start()
     copy = np.array(np.frombuffer(ram.view, np.uint8))  # round 1: every page
+    for start in range(0, ram.size, 32 * MIB):
+        mark_sent(ram, start, np.ones(32 * MIB // PAGE_BYTES, dtype=bool))
     pages = copy.reshape(-1, PAGE_BYTES)
     seen = []
 
     def one_round() -> int:
         counts = log.sync()
         dirty = np.flatnonzero(take(ram, 0, ram.size))
-        assert sum(counts) == len(dirty)
+        assert sum(n for n, _ in counts) == len(dirty)
+        assert sum(n for _, n in counts) == 0  # every page was sent in round 1
         source = np.frombuffer(ram.view, np.uint8).reshape(-1, PAGE_BYTES)
         pages[dirty] = source[dirty]
         return len(dirty)
@@ -98,9 +120,9 @@ def test_the_log_stops_and_starts_empty(running_guest) -> None:
     log = DirtyLog(vm, ram)
     log.start()
     time.sleep(0.1)
-    assert sum(log.sync()) > 0
+    assert sum(n for n, _ in log.sync()) > 0
     ram.dirty[:] = np.uint64(0xFFFF)  # stale bits from a migration that ended
     log.stop()
     log.start()
     live.stop()
-    assert sum(log.sync()) < 8 * 64  # what the guest wrote since the start, no stale bits
+    assert sum(n for n, _ in log.sync()) < 8 * 64  # written since the start, no stale bits

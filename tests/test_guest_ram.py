@@ -36,7 +36,7 @@ def rss_shmem_bytes() -> int:
 def test_create_gives_zeroed_writable_ram_of_the_size() -> None:
     with GuestRam.create(4 * MIB, "test-guest-ram") as ram:
         assert ram.size == len(ram.view) == 4 * MIB
-        assert os.fstat(ram.fd).st_size == 4 * MIB + log_bytes(4 * MIB)  # and its dirty log
+        assert os.fstat(ram.fd).st_size == 4 * MIB + log_bytes(4 * MIB)  # and its logs
         assert len(ram.dirty) * 64 == 4 * MIB // PAGE_BYTES and not ram.dirty.any()
         assert not any(ram.view[::PAGE_BYTES])
         ram.view[123:126] = b"abc"
@@ -121,7 +121,7 @@ def test_sizes_that_are_not_whole_pages_are_refused(size: int) -> None:
 def test_attach_with_the_wrong_size_names_both() -> None:
     with GuestRam.create(MIB, "size") as ram, \
             pytest.raises(DeviceError, match=rf"holds {MIB + log_bytes(MIB)} B, expected "
-                                             rf"{2 * MIB} B and its dirty log"):
+                                             rf"{2 * MIB} B and its logs"):
         GuestRam.attach(ram.fd, 2 * MIB)
 
 

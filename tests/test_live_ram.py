@@ -192,7 +192,7 @@ def test_auto_converge_slows_such_a_guest_until_it_switches_over(run, tmp_path: 
     itself within the limit; the guest then runs at full speed on the destination."""
     async def scenario() -> dict[str, Any]:
         async with _outdirtying_pair(tmp_path, {"auto-converge": True}, {
-                "downtime-limit": 20, "max-bandwidth": 512 * MIB}) as (src, _, uri):
+                "downtime-limit": 20, "max-bandwidth": 256 * MIB}) as (src, _, uri):
             listener = EventListener(("MIGRATION",))
             throttled = 0
             with src.listen(listener):
@@ -212,7 +212,10 @@ def test_auto_converge_slows_such_a_guest_until_it_switches_over(run, tmp_path: 
     out = run(scenario())
     assert out["seen"][-1] == "completed", out["seen"]
     final = out["final"]
-    assert out["throttled"] >= 20 and final["ram"]["precopy-rounds"] >= 4
+    # A guest that converges soon after the first step may be throttled between two looks:
+    # the completed status still says how far it was throttled.
+    throttled = max(out["throttled"], final.get("cpu-throttle-percentage", 0))
+    assert throttled >= 20 and final["ram"]["precopy-rounds"] >= 4
     assert final["downtime"] <= 20 * 3  # within the limit's reach, not 60 MiB late
     assert final["devstate"]["ram"]["throttle_pct"] >= 20
     assert final["devstate"]["guest"]["continued"] and final["devstate"]["verified"]

@@ -212,6 +212,35 @@ def test_a_zero_page_the_guest_writes_after_the_look_is_sent_again_with_its_byte
         dst_host.close()
 
 
+def test_the_pages_sent_with_their_bytes_are_told_to_the_shared_log() -> None:
+    """Round 1 sends two pages with bytes and the rest of the range as zero headers: asked
+    what is left, the range marks those two pages sent (the destination holds them) and no
+    other, in the RAM's shared log; a new precopy forgets them."""
+    host, ram = _host(seed=None)
+    first = START // PAGE
+    with ram:
+        for page in (first + 3, first + 200):
+            ram.view[page * PAGE + 7] = 0x5A  # the guest wrote these two
+
+        async def round_one(saving: RamRange) -> None:
+            await saving.precopy_begin()
+            while True:
+                try:
+                    await saving.precopy_read(memoryview(bytearray(40_000)))
+                except OSError as exc:
+                    assert exc.errno == errno.ENOMSG
+                    break
+            await saving.precopy_remaining()
+
+        saving = _range(host)
+        asyncio.run(round_one(saving))
+        sent = np.unpackbits(ram.sent.view(np.uint8), bitorder="little")
+        assert list(np.flatnonzero(sent)) == [first + 3, first + 200]
+        asyncio.run(saving.precopy_begin())
+        assert not ram.sent.any()
+        host.close()
+
+
 def test_an_extent_with_unknown_flags_is_refused() -> None:
     host, ram = _host(seed=None)
     with ram:

@@ -122,8 +122,9 @@ class DeviceHost:
         else:
             self._dirty.stop()
 
-    def sync_dirty(self) -> tuple[int, ...]:
-        """KVM's dirty log into the shared log; the pages it holds per RAM range."""
+    def sync_dirty(self) -> tuple[tuple[int, int], ...]:
+        """KVM's dirty log into the shared log; per RAM range, the pages it holds and how
+        many of those were never sent (:func:`devstate.devices.kvm.dirty.per_range`)."""
         if self._dirty is None or not self._dirty.on:
             raise DeviceError("guest-ram", "the dirty log is not on")
         return self._dirty.sync()

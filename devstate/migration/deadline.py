@@ -57,17 +57,18 @@ class Deadline(OnMachine):
         limit = self.params.bandwidth_limit
         return limit if limit is not None and self.params.cap_stop_copy else math.inf
 
-    async def estimate(self, costs: HostCosts,
-                       remaining: dict[int, int] | None = None) -> Estimate:
+    async def estimate(self, costs: HostCosts, remaining: dict[int, int] | None = None,
+                       unsent: dict[int, int] | None = None) -> Estimate:
         """The expected downtime, with record costs probed on the workers (once) where the
         spec cannot know them (real KVM vCPUs), and for precopy devices the bytes they still
-        have to send (``remaining``). Runs before the stop, the VM still running."""
+        have to send (``remaining``; of a RAM range's, ``unsent`` never sent before). Runs
+        before the stop, the VM still running."""
         if self._record_us is None and self.machine.spec.vcpus.backend is Backend.KVM \
                 and self.machine.spec.vcpus.count:
             self._record_us = await self.probe_records()
         # Under the bandwidth cap as it is now (a controller may change it meanwhile).
         return estimate(self.table, self.plan, costs.capped(self.params), self._record_us,
-                        remaining, sequential=not self.params.concurrent)
+                        remaining, unsent, sequential=not self.params.concurrent)
 
     async def probe_records(self, sample: int = PROBE_RECORDS) -> tuple[float, float]:
         """Get up to ``sample`` record devices per worker into the arena and put them back,
@@ -143,7 +144,7 @@ class Deadline(OnMachine):
             remaining.update({i: n for reply in replies.values() for i, n in reply.items()})
             synced = await ram.advance(remaining) if ram is not None else remaining
             left = synced if synced is not None else left or remaining
-            made = await self.estimate(costs, left)
+            made = await self.estimate(costs, left, ram.unsent if ram is not None else None)
             converged = synced is not None and (
                 made.expected_ms <= limit if limit is not None
                 else await self._converged_unlimited(costs, synced, made, ram))

@@ -8,9 +8,11 @@ The RAM ranges send their round's pages from whichever workers own them; once ev
 has sent its round, the coordinator has the VM's owner sync KVM's log into the shared log
 (:mod:`devstate.devices.kvm.dirty`): the pages the guest dirtied during the round are the
 next round's. Each sync says how many pages each range now holds, which is what
-stop-and-copy would have to send if the switchover came now: the estimate weighs it with
-the vCPUs and VFIO state (:meth:`devstate.migration.deadline.Deadline.converge`). At the
-stop the owner syncs once more (the last round, sent with the guest stopped).
+stop-and-copy would have to send if the switchover came now, and how many of them were
+never sent (holes on the destination, which the stop's writes fault in): the estimate
+weighs both with the vCPUs and VFIO state
+(:meth:`devstate.migration.deadline.Deadline.converge`). At the stop the owner syncs once
+more (the last round, sent with the guest stopped).
 
 The two sides of the shared log never meet: the owner writes it only in a sync, which the
 coordinator asks for after every range answered for its round; a range takes its part only
@@ -47,6 +49,7 @@ class RamPrecopy(OnMachine):
         self.rounds = self.syncs = 0
         self._queued = 0      # page bytes handed to the ranges so far (every round's)
         self.remaining = 0    # page bytes the ranges have yet to send, at the last look
+        self.unsent: dict[int, int] = {}  # of each range's at the last sync, bytes never sent
         self.dirty_rate = 0.0  # pages/s the guest dirtied over the last round
         self.throttle_pct = 0  # auto-converge: the share of time the guest is kept stopped
 
@@ -60,6 +63,7 @@ class RamPrecopy(OnMachine):
         # QEMU counts the sync that starts its bitmap too: so does dirty_sync_count.
         self.rounds = self.syncs = 1
         self._queued = self.remaining = self.total
+        self.unsent = {}
         self.dirty_rate = 0.0
         self.throttle_pct = 0
 
@@ -74,9 +78,9 @@ class RamPrecopy(OnMachine):
         self.remaining = left
         if left or not self.on:
             return None
-        counts: tuple[int, ...] = await self.pool.call(VM_OWNER, m.SyncDirty())
+        counts: tuple[tuple[int, int], ...] = await self.pool.call(VM_OWNER, m.SyncDirty())
         now = time.monotonic()
-        pages = sum(counts)
+        pages = sum(dirty for dirty, _ in counts)
         self.dirty_rate = pages / max(now - self._synced, 1e-6)
         self._synced = now
         self._round_starts.append(now)
@@ -84,8 +88,10 @@ class RamPrecopy(OnMachine):
         self.syncs += 1
         self._queued += pages * PAGE_BYTES
         self.remaining = pages * PAGE_BYTES
-        return {**remaining, **{i: n * PAGE_BYTES for i, n in zip(self.ranges, counts,
-                                                                  strict=True)}}
+        self.unsent = {i: unsent * PAGE_BYTES
+                       for i, (_, unsent) in zip(self.ranges, counts, strict=True)}
+        return {**remaining, **{i: dirty * PAGE_BYTES
+                                for i, (dirty, _) in zip(self.ranges, counts, strict=True)}}
 
     async def throttle_more(self) -> None:
         """Auto-converge, after a round that did not converge: keep the guest stopped a

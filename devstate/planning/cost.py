@@ -15,8 +15,10 @@ Unlike QEMU's estimate, which counts only RAM, the downtime here is the slowest 
 * a live guest's **RAM** is a part of its own (its ranges are cheap sessions and cross
   at their own rate, not VFIO's): the bytes precopy left for the stop (what the guest
   dirtied in the last round) at ``ram_bytes_per_s`` (read, sent, written, and the digest's
-  pieces they fall in hashed again), and each range's own work at the stop
-  (``ram_range_ms``: its part of the dirty log, its END, its digest) on the cores;
+  pieces they fall in hashed again), those of them never sent before again at
+  ``ram_fault_bytes_per_s`` (holes on the destination: the write faults each page in),
+  and each range's own work at the stop (``ram_range_ms``: its part of the dirty log, its
+  END, its digest) on the cores;
 
 plus a fixed cost (stop, dispatch, the LOADED/COMMIT/RESUMED round trips). The largest
 term is the **critical path**: the estimate names it, so a limit that cannot be met says
@@ -63,8 +65,9 @@ KEPT_RUNS = 24
 FIT_SHARE = 0.15
 # The cost model's terms, as stored runs record them (2: streams in transfer order; runs of
 # sequential mode not learned from; 3: guest RAM a part of its own; 4: RAM's digest hashed
-# as it arrives, so the stop costs RAM's ranges and not its size).
-MODEL = 4
+# as it arrives, so the stop costs RAM's ranges and not its size; 5: RAM's pages never sent
+# before fault in on the destination).
+MODEL = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,12 +100,15 @@ class HostCosts:
     stream_overhead_ms: float = 4.0   # per stream device on its owner: session, END, end
     fixed_ms: float = 8.0             # stop, dispatch, LOADED / COMMIT / RESUMED
     # Guest RAM left for the stop (read, sent, written, its pieces of the digest hashed
-    # again), and each RAM range's own work at the stop (its part of the dirty log, END,
-    # the digest of its pieces): fitted to the calibration set of
-    # benches/test_bench_live_ram.py (16-288 vCPUs, 256 MiB-3 GiB, 0-290 MiB left, 1 or 2
-    # workers) on this project's 2-core machine.
-    ram_bytes_per_s: float = 2.0e9
-    ram_range_ms: float = 0.12
+    # again), those of its bytes the destination never received once more (written into
+    # holes, each page faulted in: alone, 19 MiB took 11.8 ms so and 1.0 ms again), and
+    # each RAM range's own work at the stop (its part of the dirty log, END, the digest
+    # of its pieces): least squares (relative errors) over two runs of the calibration set
+    # of benches/test_bench_live_ram.py (16-288 vCPUs, 256 MiB-3 GiB, 0-290 MiB left,
+    # 0-30 MiB of it never sent, 1 or 2 workers) on this project's 2-core machine.
+    ram_bytes_per_s: float = 2.6e9
+    ram_fault_bytes_per_s: float = 1.35e9
+    ram_range_ms: float = 0.025
     scale: dict[str, float] = field(default_factory=dict)  # learned, for device terms
     # Learned weights of the host term's parts (copies, records, sessions, RAM; firmware
     # 1), and the host-critical runs they were fitted to: [parts..., firmware, actual -
@@ -159,14 +165,16 @@ class Estimate:
 
 def estimate(table: DeviceTable, plan: Plan, host: HostCosts,
              record_us: tuple[float, float] | None = None,
-             remaining: dict[int, int] | None = None, *,
+             remaining: dict[int, int] | None = None,
+             unsent: dict[int, int] | None = None, *,
              sequential: bool = False) -> Estimate:
     """Expected stop-and-copy downtime of ``table`` moved by ``plan`` (its workers per side,
     its transfer order); ``sequential``: one device after another, as VMMs do today.
 
     ``record_us`` is the measured (get, put) of one record in µs; None takes the spec's
     sim-vcpu costs. ``remaining`` gives, for devices in precopy, the bytes they have left
-    (by device index): only those are left for stop-and-copy.
+    (by device index): only those are left for stop-and-copy; ``unsent``, of a RAM
+    range's, the bytes never sent before (None: none).
     """
     left = remaining or {}
     streams = [d for d in table if d.stream is not None]
@@ -174,14 +182,15 @@ def estimate(table: DeviceTable, plan: Plan, host: HostCosts,
         table.machine.vcpus.get_us, table.machine.vcpus.put_us)
     size = {d.index: left.get(d.index, d.stream.size) for d in streams if d.stream is not None}
     cap = {d.index: _capped_rate(host, plan, d.index) for d in streams}
+    ram = {d.index for d in streams if d.ram is not None}
+    ram_bytes = (sum(size[i] for i in ram), sum((unsent or {}).get(i, 0) for i in ram))
     if sequential:
-        return _sequential(table, host, get_us + put_us, size, cap)
+        return _sequential(table, host, get_us + put_us, size, cap, ram_bytes)
     terms = [_device_term(d, size[d.index], cap[d.index], host) for d in streams]
     # Streams move in the plan's order (devstate.planning.admission): each one's last byte
     # crosses once the bytes of those before it have, then its firmware runs; the latest of
     # those ends the streams' share of the host term (Jackson's bound for one shared
     # resource). Under a cap the same holds per channel, at the channel's share.
-    ram = {d.index for d in streams if d.ram is not None}
     arrival, moved = {}, 0
     for index in plan.transfer:
         if index in ram:
@@ -190,10 +199,9 @@ def estimate(table: DeviceTable, plan: Plan, host: HostCosts,
         arrival[index] = moved / host.copy_bytes_per_s * 1e3
     on_link = _link_arrival(host.link, plan, size)
     crossed = {i: max(ms * host.weights[0], on_link.get(i, 0.0)) for i, ms in arrival.items()}
-    ram_left = sum(size[i] for i in ram)
     terms.extend(_chains(table, size, crossed, cap, host))
     host_term, parts = _host_term(table, plan, host, arrival, crossed, moved,
-                                  get_us + put_us, ram_left)
+                                  get_us + put_us, ram_bytes)
     terms.append(host_term)
     terms.sort(key=lambda t: -t.ms)
     return Estimate(host.fixed_ms + terms[0].ms, tuple(terms), parts)
@@ -233,11 +241,13 @@ def _device_term(d: DeviceSpec, size: int, cap: float, host: HostCosts) -> Term:
 
 
 def _host_term(table: DeviceTable, plan: Plan, host: HostCosts, arrival: dict[int, float],
-               crossed: dict[int, float], moved: int, record_us: float, ram_left: int
+               crossed: dict[int, float], moved: int, record_us: float,
+               ram_bytes: tuple[int, int]
                ) -> tuple[Term, tuple[float, float, float, float, float]]:
     """The work every device shares on this host: VFIO stream copies in transfer order (and
     the firmware of the last to arrive), record gets and puts on the cores, stream
-    sessions, and a live guest's RAM (``ram_left`` bytes to send, and every range's digest).
+    sessions, and a live guest's RAM (``ram_bytes``: bytes to send, and of them those never
+    sent before; and every range's digest).
     ``arrival`` is when each VFIO stream's last byte is copied (ms, unweighted),
     ``crossed`` the same weighted and no sooner than the cap lets it pass. Returns the
     term and its unweighted parts (copy, records, sessions, RAM, firmware)."""
@@ -250,9 +260,7 @@ def _host_term(table: DeviceTable, plan: Plan, host: HostCosts, arrival: dict[in
     last_firmware = firmware[last] if last is not None else 0.0
     record_ms = len(records) * (record_us + host.record_overhead_us) / 1e3 / host.cores
     sessions_ms = -(-len(firmware) // plan.workers) * host.stream_overhead_ms
-    # The ranges ride every channel: under a cap they share all of it.
-    ram_rate = min(host.ram_bytes_per_s, host.link.limit if host.link else math.inf)
-    ram_ms = ram_left / ram_rate * 1e3 + ram_ranges * host.ram_range_ms / host.cores
+    ram_ms = _ram_ms(host, ram_bytes) + ram_ranges * host.ram_range_ms / host.cores
     parts = (arrival[last] if last is not None else 0.0, record_ms, sessions_ms, ram_ms,
              last_firmware)
     copy_ms = crossed[last] if last is not None else 0.0
@@ -260,8 +268,8 @@ def _host_term(table: DeviceTable, plan: Plan, host: HostCosts, arrival: dict[in
         ram_ms * w_ram
     said = [f"{len(records)} records ({record_ms:.0f} ms on {host.cores} cores)"]
     if ram_ranges:
-        said.append(f"guest RAM: {ram_left / 2**20:.1f} MiB left in {ram_ranges} ranges "
-                    f"({ram_ms:.0f} ms)")
+        said.append(f"guest RAM: {ram_bytes[0] / 2**20:.1f} MiB left ({ram_bytes[1] / 2**20:.1f}"
+                    f" never sent) in {ram_ranges} ranges ({ram_ms:.0f} ms)")
     if last is not None:
         said[:0] = [f"{moved / 2**20:.0f} MiB of streams, through {table[last].id} "
                     f"({copy_ms:.0f} ms)"]
@@ -271,17 +279,24 @@ def _host_term(table: DeviceTable, plan: Plan, host: HostCosts, arrival: dict[in
                 copy_ms + record_ms + sessions_ms + ram_ms + last_firmware), parts
 
 
+def _ram_ms(host: HostCosts, ram_bytes: tuple[int, int]) -> float:
+    """Guest RAM's bytes left for the stop, of them ``ram_bytes[1]`` into holes (ms)."""
+    # The ranges ride every channel: under a cap they share all of it.
+    rate = min(host.ram_bytes_per_s, host.link.limit if host.link else math.inf)
+    return (ram_bytes[0] / rate + ram_bytes[1] / host.ram_fault_bytes_per_s) * 1e3
+
+
 def _sequential(table: DeviceTable, host: HostCosts, record_us: float,
-                size: dict[int, int], cap: dict[int, float]) -> Estimate:
+                size: dict[int, int], cap: dict[int, float],
+                ram_bytes: tuple[int, int]) -> Estimate:
     """One device after another: the sum of every stream's bytes (at its slower rate, or
-    the host's copy rate or the cap if slower) and firmware, every record's get and put,
-    and every stream's session. The sum is the critical path: nothing overlaps."""
-    streams_ms = 0.0
+    the host's copy rate or the cap if slower) and firmware, guest RAM's bytes, every
+    record's get and put, and every stream's session. The sum is the critical path:
+    nothing overlaps."""
+    ranges = sum(1 for d in table if d.ram is not None)
+    streams_ms = _ram_ms(host, ram_bytes) + ranges * host.ram_range_ms
     for d in table:
-        if d.ram is not None:
-            streams_ms += size[d.index] / min(host.ram_bytes_per_s, cap[d.index]) * 1e3 \
-                + host.ram_range_ms
-        elif d.stream is not None:
+        if d.stream is not None and d.ram is None:
             rate = min(d.stream.rate, host.copy_bytes_per_s, cap[d.index])
             streams_ms += size[d.index] / rate * 1e3 + d.stream.firmware_latency_ms \
                 + host.stream_overhead_ms

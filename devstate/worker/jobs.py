@@ -201,8 +201,8 @@ class ThrottleGuest(Job):
 
 @dataclass(frozen=True, slots=True)
 class SyncDirty(Job):
-    """The VM's owner: KVM's dirty log into the shared log; replies with the pages it holds
-    per RAM range."""
+    """The VM's owner: KVM's dirty log into the shared log; replies with, per RAM range, the
+    pages it holds and how many of those were never sent."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -254,7 +254,8 @@ class Worker:
         self._throttle.set(job.percent)
 
     @handles(m.SyncDirty)
-    async def _sync_dirty(self, _job: m.SyncDirty, _: int | None) -> tuple[int, ...]:
+    async def _sync_dirty(self, _job: m.SyncDirty, _: int | None
+                          ) -> tuple[tuple[int, int], ...]:
         return self._host.sync_dirty()
 
     @handles(m.GuestCheck)

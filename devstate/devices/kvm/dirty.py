@@ -49,19 +49,46 @@ class DirtyLog:
             self.on = False
             self._vm.log_dirty(False)
 
-    def sync(self) -> tuple[int, ...]:
-        """Fetch and clear KVM's log of every slot into the shared log; return how many
-        pages of each RAM range the shared log now holds (dirty and not yet taken)."""
+    def sync(self) -> tuple[tuple[int, int], ...]:
+        """Fetch and clear KVM's log of every slot into the shared log; return, for each RAM
+        range, how many pages the shared log now holds (dirty and not yet taken) and how
+        many of those were never sent (:func:`per_range`)."""
         for slot in self._vm.ram_slots:
             first = slot.offset // PAGE_BYTES // 64
             words = self._scratch[first:first + -(-slot.size // PAGE_BYTES // 64)]
             self._vm.dirty_log(slot, words)
             self._ram.dirty[first:first + words.size] |= words
-        counts = np.bitwise_count(self._ram.dirty)
-        ranges = -(-self._ram.size // RAM_RANGE_BYTES)
+        return per_range(self._ram)
+
+
+def per_range(ram: GuestRam) -> tuple[tuple[int, int], ...]:
+    """For each RAM range: the pages the shared log holds, and of those the ones never
+    sent to the destination (holes there: the write that fills them faults them in)."""
+    ranges = -(-ram.size // RAM_RANGE_BYTES)
+
+    def by_range(words: npt.NDArray[np.uint64]) -> list[int]:
+        counts = np.bitwise_count(words)
         pad = ranges * _RANGE_WORDS - counts.size
-        per_range = np.pad(counts, (0, max(0, pad)))[:ranges * _RANGE_WORDS]
-        return tuple(int(n) for n in per_range.reshape(ranges, _RANGE_WORDS).sum(axis=1))
+        padded = np.pad(counts, (0, max(0, pad)))[:ranges * _RANGE_WORDS]
+        return [int(n) for n in padded.reshape(ranges, _RANGE_WORDS).sum(axis=1)]
+
+    return tuple(zip(by_range(ram.dirty), by_range(ram.dirty & ~ram.sent), strict=True))
+
+
+def mark_sent(ram: GuestRam, start: int, sent: npt.NDArray[np.bool_]) -> None:
+    """Add ``sent`` (a bool per page of the range at RAM byte ``start``: whose bytes
+    crossed) to the shared log of pages sent."""
+    first = start // PAGE_BYTES
+    assert first % 64 == 0, f"a range at page {first} shares a word of the sent log"
+    bits = np.packbits(sent, bitorder="little")
+    bits = np.pad(bits, (0, -bits.size % 8))
+    ram.sent[first // 64:first // 64 + bits.size // 8] |= bits.view(np.uint64)
+
+
+def forget_sent(ram: GuestRam, start: int, length: int) -> None:
+    """A new migration of the range at ``start``: its destination holds none of its pages."""
+    first = start // PAGE_BYTES
+    ram.sent[first // 64:-(-(first + length // PAGE_BYTES) // 64)] = 0
 
 
 def take(ram: GuestRam, start: int, length: int) -> npt.NDArray[np.bool_]:

@@ -85,6 +85,9 @@ class RamRange(StreamDevice):
         # save: the pages that were zero when a send of every page began (None: that
         # send is over); a page the guest dirtied since is taken off.
         self._zero: npt.NDArray[np.bool_] | None = None
+        # save: the pages whose bytes crossed in this save, told to the RAM's shared log
+        # of sent pages when the coordinator asks what is left (dirty.mark_sent).
+        self._sent: npt.NDArray[np.bool_] | None = None
         self._cursor = 0
         self._run_at = self._run_left = 0  # save: the run of pages being sent (bytes)
         self._run_zero = False              # save: whether that run is of zero pages
@@ -133,6 +136,8 @@ class RamRange(StreamDevice):
     def _every_page(self) -> None:
         self._loaded = None  # a save begins: the range is the guest's now, not a load's
         self._pending = np.ones(self.length // PAGE_BYTES, dtype=bool)
+        self._sent = np.zeros(self.length // PAGE_BYTES, dtype=bool)
+        dirty.forget_sent(self._host.guest_ram(), self.start, self.length)
         # Holes are zero unread; the pages with data are looked at (runs of them at a time,
         # so a mostly empty range costs little).
         data = data_pages(self._host.guest_ram(), self.start, self.length)
@@ -152,8 +157,10 @@ class RamRange(StreamDevice):
         return n
 
     async def precopy_remaining(self) -> int:
-        """Bytes of the pages still to send, after taking those the log has gained."""
-        assert self._pending is not None
+        """Bytes of the pages still to send, after taking those the log has gained; the
+        pages sent so far go to the shared log of sent pages, for the owner's next sync."""
+        assert self._pending is not None and self._sent is not None
+        dirty.mark_sent(self._host.guest_ram(), self.start, self._sent)
         self._take()
         return int(np.count_nonzero(self._pending)) * PAGE_BYTES + self._run_left
 
@@ -196,6 +203,8 @@ class RamRange(StreamDevice):
                 continue
             n = min(self._run_left, len(out) - filled - EXTENT.size)
             at = self._run_at
+            if self._sent is not None:
+                self._sent[at // PAGE_BYTES:-(-(at + n) // PAGE_BYTES)] = True
             EXTENT.pack_into(out, filled, at, n, 0)
             out[filled + EXTENT.size:filled + EXTENT.size + n] = ram[at:at + n]
             filled += EXTENT.size + n
@@ -228,7 +237,7 @@ class RamRange(StreamDevice):
     async def save_end(self) -> None:
         """The session is over (the range stays as the stopped guest left it): the next save
         is a whole one unless it begins with a precopy."""
-        self._pending = self._zero = None
+        self._pending = self._zero = self._sent = None
         self._run_left = 0
 
     async def load_begin(self) -> None:
