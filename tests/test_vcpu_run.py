@@ -311,6 +311,49 @@ def test_a_paused_start_runs_nothing_until_resume(guest_of: Callable[..., Guest]
 
 
 @needs_kvm
+def test_armed_threads_wait_for_the_release_and_touch_no_vcpu(
+        guest_of: Callable[..., Guest], engine: EngineName) -> None:
+    """arm() wakes the threads to the entry barrier and returns: no vCPU runs, and each
+    answers another thread's ioctls at once, until resume() releases them; resume then
+    answers when it released them, not when they arrived (a destination arms before its
+    commit: the wake-ups leave the downtime)."""
+    guest = guest_of(16)
+    with VcpuRunner(guest.vcpus, engine=engine) as runner:
+        runner.start(paused=True)
+        runner.arm()
+        armed = time.monotonic_ns()
+        assert runner.state is RunnerState.ARMED and not runner.running
+        runner.arm()  # armed already: nothing to do
+        time.sleep(0.05)
+        assert guest.counters() == (0,) * 16, "a vCPU ran while armed"
+        assert {guest.rip(i) for i in range(guest.n)} == {guest.rip(0)}  # never entered
+        resumed = runner.resume()
+        assert resumed >= armed + 50_000_000 and runner.running
+        all_advance(guest)
+        with pytest.raises(DeviceError, match="arm: the vCPU runner is running"):
+            runner.arm()
+
+
+@needs_kvm
+def test_a_stop_parks_armed_threads_again(guest_of: Callable[..., Guest],
+                                          engine: EngineName) -> None:
+    """A migration that fails before its commit: the armed threads park again, none ran,
+    and a later arm and resume run the guest as usual."""
+    guest = guest_of(16)
+    with VcpuRunner(guest.vcpus, engine=engine) as runner:
+        runner.start(paused=True)
+        for _ in range(3):
+            runner.arm()
+            runner.stop()
+            assert runner.state is RunnerState.STOPPED
+        time.sleep(0.02)
+        assert guest.counters() == (0,) * 16
+        runner.arm()
+        runner.resume()
+        all_advance(guest)
+
+
+@needs_kvm
 def test_idle_vcpus_stop_and_resume(guest_of: Callable[..., Guest],
                                     engine: EngineName) -> None:
     """vCPUs halted in the kernel (the common case of a real guest) are kicked out too."""

@@ -129,6 +129,13 @@ class DeviceHost:
             raise DeviceError("guest-ram", "the dirty log is not on")
         return self._dirty.sync()
 
+    def arm_guest(self) -> None:
+        """Wake the stopped guest's vCPU threads to their entry barrier, so that
+        :meth:`resume_guest` only releases them (a destination, once its vCPUs are loaded,
+        before the commit); nothing without a guest."""
+        if self._guest is not None:
+            self._guest.arm()
+
     def resume_guest(self) -> int:
         """Every vCPU back in KVM_RUN (a destination's first time: from the state its
         vCPUs were loaded with); monotonic ns when the last one was released (0: no guest

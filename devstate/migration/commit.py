@@ -5,6 +5,7 @@ Runs in: both coordinators, over the main channel (ARCHITECTURE.md §5, rule 1):
     destination                                  source
     every device put and verified
     LOADED {devices}  ------------------------>  (stop-and-copy done)
+    (a live guest's vCPU threads wake meanwhile)
                       <------------------------  COMMIT       from here the source will not
     resume every device                                       resume on its own
     RESUMED           ------------------------>  t1: downtime = t1 - t0

@@ -64,12 +64,20 @@ class Machine(AsyncLifecycle):
             await self.pool.call(VM_OWNER, m.StartGuest(paused=self.incoming))
         self.running = not self.incoming
 
-    async def stop_guest(self) -> int:
-        """Stop a live guest's vCPUs; monotonic ns of the last one to stop (0: no guest)."""
+    async def stop_guest(self, *, switch_over: bool = False) -> int:
+        """Stop a live guest's vCPUs; monotonic ns of the last one to stop (0: no guest).
+        With ``switch_over``, the VM's owner then switches its armed Save over itself
+        (:class:`~devstate.worker.jobs.StopGuest`)."""
         if self.memory is None:
             return 0
-        stopped: int = await self.pool.call(VM_OWNER, m.StopGuest())
+        stopped: int = await self.pool.call(VM_OWNER, m.StopGuest(switch_over))
         return stopped
+
+    async def arm_guest(self) -> None:
+        """Have the VM's owner wake a loaded guest's vCPU threads to their entry barrier
+        (:class:`~devstate.worker.jobs.ArmGuest`); nothing without a guest."""
+        if self.memory is not None:
+            await self.pool.call(VM_OWNER, m.ArmGuest())
 
     async def guest_problem(self) -> str | None:
         """What the VM's owner saw go wrong with the running vCPUs, if anything."""

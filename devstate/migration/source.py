@@ -53,7 +53,7 @@ from devstate.migration import liveness
 from devstate.migration.commit import RESUMED_TIMEOUT_S, SourceCommit
 from devstate.migration.deadline import Deadline
 from devstate.migration.dirty import RamPrecopy
-from devstate.migration.machine import Machine, OnMachine
+from devstate.migration.machine import VM_OWNER, Machine, OnMachine
 from devstate.net import channels
 from devstate.net.route import Routes
 from devstate.phase import Phase
@@ -254,12 +254,16 @@ class Outgoing(OnMachine):
             with no_gc_pauses():
                 # A live guest's downtime starts when its last vCPU left KVM_RUN (the
                 # owner's clock is this host's): the RAM ranges and vCPUs are read after.
-                t0 = await self.machine.stop_guest() or time.monotonic_ns()
+                # The VM's owner switches over on its own as soon as the guest stopped
+                # (its vCPUs are the stop's longest path); the others once told.
+                stopped = await self.machine.stop_guest(switch_over=True)
+                t0 = stopped or time.monotonic_ns()
                 if ram is not None:
                     ram.stopped(t0)
                 self.machine.running = False
                 status(Phase.DEVICE)
-                await self.pool.call_all({w: m.SwitchOver() for w in range(self.plan.workers)})
+                await self.pool.call_all({w: m.SwitchOver() for w in range(self.plan.workers)
+                                          if not stopped or w != VM_OWNER})
                 await self.deadline.within_limit(self._alongside_peer(saving, loading), t0, made)
                 await beats.stop()  # nothing may follow COMMIT on the channel
                 t1 = await commit.commit(sock, bound)

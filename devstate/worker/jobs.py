@@ -180,7 +180,11 @@ class StartGuest(Job):
 @dataclass(frozen=True, slots=True)
 class StopGuest(Job):
     """The VM's owner: every vCPU out of KVM_RUN; replies when the last one stopped
-    (monotonic ns; 0 if no guest runs here)."""
+    (monotonic ns; 0 if no guest runs here). With ``switch_over``, if a guest stopped, the
+    owner's armed Save then switches over at once, as :class:`SwitchOver` would: its vCPUs
+    are read one round trip sooner (the coordinator switches the other workers over)."""
+
+    switch_over: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +218,13 @@ class GuestCheck(Job):
 @dataclass(frozen=True, slots=True)
 class Pause(Job):
     """Stop every owned device (the VM pauses on this side, outside any migration)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ArmGuest(Job):
+    """The VM's owner on a destination, every vCPU loaded: wake the guest's vCPU threads
+    to their entry barrier, so that :class:`Resume` only releases them after the commit
+    (:meth:`devstate.devices.kvm.run.VcpuRunner.arm`)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -239,9 +239,12 @@ class Worker:
         self._host.start_guest(paused=job.paused)
 
     @handles(m.StopGuest)
-    async def _stop_guest(self, _job: m.StopGuest, _: int | None) -> int:
+    async def _stop_guest(self, job: m.StopGuest, _: int | None) -> int:
         await self._throttle.stop()  # the guest runs again: its stop is the real one
-        return self._host.stop_guest()
+        stopped = self._host.stop_guest()
+        if job.switch_over and stopped:
+            self._switch_over_now()
+        return stopped
 
     @handles(m.LogDirty)
     async def _log_dirty(self, job: m.LogDirty, _: int | None) -> None:
@@ -327,6 +330,10 @@ class Worker:
 
     @handles(m.SwitchOver)
     async def _switch_over(self, _job: m.SwitchOver, _: int | None) -> None:
+        self._switch_over_now()
+
+    def _switch_over_now(self) -> None:
+        """The VM stopped: the armed Save moves on to its stop-and-copy."""
         if self._switchover is None:
             raise RuntimeError(f"worker {self.index}: no Save to switch over")
         if self._saver is not None:
@@ -386,6 +393,10 @@ class Worker:
                 self._probe_paused = False
                 self._host.resume_guest()
 
+    @handles(m.ArmGuest)
+    async def _arm_guest(self, _job: m.ArmGuest, _: int | None) -> None:
+        self._host.arm_guest()
+
     @handles(m.Resume)
     async def _resume(self, _job: m.Resume, _: int | None) -> int:
         self._drop_channels()  # a source recovering: channels of a failed setup
@@ -411,6 +422,7 @@ class Worker:
 
     @handles(m.Discard)
     async def _discard(self, _job: m.Discard, _: int | None) -> None:
+        self._host.stop_guest()  # an armed guest's threads back to parked
         self._drop_channels()
         await asyncio.gather(*(d.reset() for d in self._devices.values()
                                if isinstance(d, StreamDevice)))

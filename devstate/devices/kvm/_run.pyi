@@ -14,8 +14,11 @@ class Runner:
         """Start the threads, running or parked; (last arrival ns, late positions)."""
     def stop(self, timeout: float, /) -> tuple[int, list[int]]:
         """Every thread out of KVM_RUN and parked; (last park ns, late positions)."""
+    def arm(self) -> None:
+        """Wake every parked thread to the entry barrier; return at once."""
     def resume(self, timeout: float, /) -> tuple[int, list[int]]:
-        """Every thread back into KVM_RUN; (last entry ns, late positions)."""
+        """Every thread back into KVM_RUN (armed first, unless armed); (release ns, late
+        positions)."""
     def faults(self) -> list[tuple[int, int, bytes]]:
         """(position, errno, kvm_run snapshot) of each vCPU whose KVM_RUN failed."""
     def close(self) -> None:

@@ -42,9 +42,15 @@ class LiveGuest:
             return 0
         return self._runner.stop()  # a broken runner says so here
 
+    def arm(self) -> None:
+        """Wake the stopped vCPU threads to the entry barrier ahead of :meth:`resume`
+        (:meth:`VcpuRunner.arm`); nothing if they are not stopped."""
+        if self._runner is not None and self._runner.state is RunnerState.STOPPED:
+            self._runner.arm()
+
     def resume(self) -> int:
-        """Every vCPU back in KVM_RUN; monotonic ns of the last one (0: it was running:
-        a source recovering from a migration that failed before its stop)."""
+        """Every vCPU back in KVM_RUN; monotonic ns when they were released (0: it was
+        running: a source recovering from a migration that failed before its stop)."""
         if self._runner is None or self._runner.state is RunnerState.RUNNING:
             return 0
         return self._runner.resume()

@@ -4,12 +4,14 @@ Runs in: the process that owns the VM (the owner rule, ARCHITECTURE.md section 3
 thread; :class:`VcpuRunner` serialises its own calls. The vCPU threads are its own.
 
 Downtime starts when the source's last vCPU is out of KVM_RUN and ends when the
-destination's last vCPU is back in it, so :meth:`VcpuRunner.stop` and
-:meth:`VcpuRunner.resume` wait for every vCPU thread and answer the
-``time.monotonic_ns()`` of the last one. A resume wakes every thread to an entry barrier
-while no vCPU is in the guest yet, then releases them all into KVM_RUN: otherwise, with
-busy guests, the first vCPUs back in the guest take the host's CPUs and the others wait
-for a time slice even to wake up. The vCPU threads are SCHED_BATCH (no wakeup
+destination's vCPUs are released back into it, so :meth:`VcpuRunner.stop` waits for every
+vCPU thread and answers the ``time.monotonic_ns()`` of the last one, and
+:meth:`VcpuRunner.resume` answers when it released them. A resume wakes every thread to
+an entry barrier while no vCPU is in the guest yet, then releases them all into KVM_RUN:
+otherwise, with busy guests, the first vCPUs back in the guest take the host's CPUs and
+the others wait for a time slice even to wake up. :meth:`VcpuRunner.arm` does the
+wake-up alone, ahead: a destination arms once its vCPUs are loaded, and its resume after
+the commit only releases them. The vCPU threads are SCHED_BATCH (no wakeup
 preemption), so that the owner's own threads are not starved while the host's CPUs are
 overcommitted (_run.c has the reasons and the figures).
 
@@ -90,6 +92,7 @@ class _Engine(Protocol):
 
     def start(self, paused: bool, timeout: float, /) -> tuple[int, list[int]]: ...
     def stop(self, timeout: float, /) -> tuple[int, list[int]]: ...
+    def arm(self) -> None: ...
     def resume(self, timeout: float, /) -> tuple[int, list[int]]: ...
     def faults(self) -> list[tuple[int, int, bytes]]: ...
     def close(self) -> None: ...
@@ -104,6 +107,7 @@ class RunnerState(enum.Enum):
     NEW = "new"
     RUNNING = "running"
     STOPPED = "stopped"
+    ARMED = "armed"  # stopped, every thread woken to the entry barrier (resume releases)
     BROKEN = "broken"  # a thread could not be started, or did not answer in time
     CLOSED = "closed"
 
@@ -202,20 +206,34 @@ class VcpuRunner:
         with self._lock:
             self._check_owner("stop")
             if self._state is not RunnerState.STOPPED:
-                self._expect("stop", RunnerState.RUNNING)
+                self._expect("stop", RunnerState.RUNNING, RunnerState.ARMED)
                 ns, late = self._engine.stop(self._timeout)
                 self._stopped_ns = self._arrived("stop", ns, late, RunnerState.STOPPED)
             self._raise_faults()
             return self._stopped_ns
 
+    def arm(self) -> None:
+        """Wake every stopped vCPU thread to the entry barrier and return at once: the
+        threads wait there, touching no vCPU, until :meth:`resume` releases them (it then
+        waits for no wake-up) or :meth:`stop` parks them again. Refuses, like
+        :meth:`resume`, if a vCPU faulted; armed already: nothing to do."""
+        with self._lock:
+            self._check_owner("arm")
+            if self._state is not RunnerState.ARMED:
+                self._expect("arm", RunnerState.STOPPED)
+                self._raise_faults()
+                self._engine.arm()
+                self._state = RunnerState.ARMED
+
     def resume(self) -> int:
-        """Send every vCPU back into KVM_RUN; return when the last one acknowledged, which
-        releases them all into it (monotonic ns). Refuses (the first :class:`VcpuFault`, as a
-        :class:`DeviceError`) if a vCPU faulted. Running already: returns the same time."""
+        """Send every vCPU back into KVM_RUN: once every thread arrived at the entry
+        barrier, release them all into it; return when they were released (monotonic ns).
+        Refuses (the first :class:`VcpuFault`, as a :class:`DeviceError`) if a vCPU
+        faulted. Running already: returns the same time."""
         with self._lock:
             self._check_owner("resume")
             if self._state is not RunnerState.RUNNING:
-                self._expect("resume", RunnerState.STOPPED)
+                self._expect("resume", RunnerState.STOPPED, RunnerState.ARMED)
                 self._raise_faults()
                 ns, late = self._engine.resume(self._timeout)
                 self._resumed_ns = self._arrived("resume", ns, late, RunnerState.RUNNING)
@@ -232,8 +250,8 @@ class VcpuRunner:
             raise DeviceError("kvm", f"{op}: the vCPU runner belongs to process {self._owner}"
                                      " (the owner rule)")
 
-    def _expect(self, op: str, state: RunnerState) -> None:
-        if self._state is not state:
+    def _expect(self, op: str, *states: RunnerState) -> None:
+        if self._state not in states:
             raise DeviceError("kvm", f"{op}: the vCPU runner is {self._state.value}")
 
     def _arrived(self, op: str, ns: int, late: list[int], state: RunnerState) -> int:

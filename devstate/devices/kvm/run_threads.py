@@ -70,6 +70,8 @@ class ThreadEngine:
         self._released_cond = threading.Condition(self._lock)  # the entry barrier opened
         self._arrived = threading.Condition(self._lock)  # the last thread parked or entered
         self._phase, self._generation, self._released = _Phase.STOP, 1, 0
+        self._armed = False  # woken to the entry barrier by arm(), not released yet
+        self._released_ns = 0
         self._parked_count = self._entered_count = 0
         self._parked, self._entered_gen = [False] * n, [0] * n
         self._park_ns, self._enter_ns = [0] * n, [0] * n
@@ -158,11 +160,12 @@ class ThreadEngine:
                                          if self._entered_gen[i] != self._generation]
 
     def stop(self, timeout: float, /) -> tuple[int, list[int]]:
+        self._armed = False
         self._phase = _Phase.STOP
         self._kick()
         return self._wait(True, timeout)
 
-    def resume(self, timeout: float, /) -> tuple[int, list[int]]:
+    def arm(self) -> None:
         with self._lock:
             if not all(self._parked) or self._faults:
                 raise ValueError("a vCPU thread is not parked, or faulted")
@@ -172,13 +175,21 @@ class ThreadEngine:
             self._phase = _Phase.RUN
             self._generation += 1
             self._go.notify_all()
-        return self._release(timeout)
+        self._armed = True
+
+    def resume(self, timeout: float, /) -> tuple[int, list[int]]:
+        if not self._armed:
+            self.arm()
+        self._armed = False
+        ns, late = self._release(timeout)
+        return (ns if late else self._released_ns), late
 
     def _release(self, timeout: float) -> tuple[int, list[int]]:
         """Once every thread arrived at the entry barrier, release them into KVM_RUN."""
         ns, late = self._wait(False, timeout)
         if not late:
             with self._lock:
+                self._released_ns = monotonic_ns()
                 self._released = self._generation
                 self._released_cond.notify_all()
         return ns, late
