@@ -491,16 +491,19 @@ static int check_parked(struct shared *s) {
 
 PyDoc_STRVAR(arm_doc,
 "arm()\n\n"
-"Wake every parked thread to the entry barrier (one broadcast) and return at once: the\n"
-"threads wait there, touching no vCPU, for resume() to release them, or stop() to park\n"
-"them again. So the wake-ups are paid before the resume, not in it. Every thread must\n"
-"be parked and none faulted (ValueError otherwise).");
+"Wake every parked thread to the entry barrier (one broadcast; the GIL is released) and\n"
+"return: the threads wait there, touching no vCPU, for resume() to release them, or\n"
+"stop() to park them again. So the wake-ups are paid before the resume, not in it.\n"
+"Every thread must be parked and none faulted (ValueError otherwise).");
 
 static PyObject *Runner_arm(Runner *self, PyObject *unused) {
     (void)unused;
     if (check_open(self) < 0 || check_parked(self->s) < 0)
         return NULL;
-    wake_to_barrier(self->s);
+    struct shared *s = self->s;
+    Py_BEGIN_ALLOW_THREADS
+    wake_to_barrier(s); /* a broadcast to n sleepers: ~1-2 ms for 288 on 2 host CPUs */
+    Py_END_ALLOW_THREADS
     self->armed = 1;
     Py_RETURN_NONE;
 }
