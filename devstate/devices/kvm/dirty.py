@@ -78,27 +78,31 @@ def per_range(ram: GuestRam) -> tuple[tuple[int, int], ...]:
 def mark_sent(ram: GuestRam, start: int, sent: npt.NDArray[np.bool_]) -> None:
     """Add ``sent`` (a bool per page of the range at RAM byte ``start``: whose bytes
     crossed) to the shared log of pages sent."""
-    first = start // PAGE_BYTES
-    assert first % 64 == 0, f"a range at page {first} shares a word of the sent log"
+    words = _range_words(ram.sent, start, sent.size * PAGE_BYTES)
     bits = np.packbits(sent, bitorder="little")
-    bits = np.pad(bits, (0, -bits.size % 8))
-    ram.sent[first // 64:first // 64 + bits.size // 8] |= bits.view(np.uint64)
+    words |= np.pad(bits, (0, words.size * 8 - bits.size)).view(np.uint64)
 
 
 def forget_sent(ram: GuestRam, start: int, length: int) -> None:
     """A new migration of the range at ``start``: its destination holds none of its pages."""
-    first = start // PAGE_BYTES
-    ram.sent[first // 64:-(-(first + length // PAGE_BYTES) // 64)] = 0
+    _range_words(ram.sent, start, length)[:] = 0
 
 
 def take(ram: GuestRam, start: int, length: int) -> npt.NDArray[np.bool_]:
     """The pages of RAM bytes ``[start, start + length)`` the shared log holds, a bool per
     page, cleared from the log (they are the caller's to send now)."""
-    first, pages = start // PAGE_BYTES, length // PAGE_BYTES
-    # A range owns whole words of the log (ranges are 32 MiB): clearing a shared word would
-    # lose a neighbour's pages.
-    assert first % 64 == 0, f"a range at page {first} shares a word of the dirty log"
-    words = ram.dirty[first // 64:-(-(first + pages) // 64)]
-    bits = np.unpackbits(words.view(np.uint8), bitorder="little")[:pages].astype(bool)
+    words = _range_words(ram.dirty, start, length)
+    bits = np.unpackbits(words.view(np.uint8), bitorder="little")[:length // PAGE_BYTES]
     words[:] = 0
-    return bits
+    return bits.astype(bool)
+
+
+def _range_words(log: npt.NDArray[np.uint64], start: int,
+                 length: int) -> npt.NDArray[np.uint64]:
+    """The words of ``log`` (the dirty or the sent log) that hold the pages of RAM bytes
+    ``[start, start + length)``, as a view."""
+    first, pages = start // PAGE_BYTES, length // PAGE_BYTES
+    # A range owns whole words of the logs (ranges are 32 MiB): clearing a shared word
+    # would lose a neighbour's pages.
+    assert first % 64 == 0, f"a range at page {first} shares a word of the logs"
+    return log[first // 64:-(-(first + pages) // 64)]
