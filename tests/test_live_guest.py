@@ -87,9 +87,12 @@ def test_a_guest_page_changed_in_flight_stops_the_guest_continuing(run) -> None:
     assert not next(d for d in report.devices if d.id == "ram/0").verified
 
 
-def test_a_failed_migration_leaves_the_source_guest_running(run) -> None:
-    """The destination's worker dies mid-load: the source resumes its guest, whose
-    counters then advance past where they stopped."""
+@pytest.mark.parametrize("fault", ["record-put:kill-worker", "resume:kill-worker"])
+def test_a_failed_migration_leaves_the_source_guest_running(run, fault: str) -> None:
+    """The destination's worker dies mid-load (before COMMIT), or as it resumes after COMMIT
+    (its guest's threads woken already: the destination stops what is left and says
+    nothing runs there): the source resumes its guest, whose counters then advance past
+    where they stopped."""
     spec = _live(8)
 
     async def scenario() -> None:
@@ -98,8 +101,7 @@ def test_a_failed_migration_leaves_the_source_guest_running(run) -> None:
             assert memory is not None
             with pytest.raises(MigrationFailed):
                 from devstate.migration.local import destination
-                async with destination(spec, MigrationParams(
-                        workers=2, fault="record-put:kill-worker")) as dest:
+                async with destination(spec, MigrationParams(workers=2, fault=fault)) as dest:
                     await source.migrate(dest.address)
             stopped = memory.counters()
             await asyncio.sleep(0.3)
