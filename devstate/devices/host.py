@@ -131,8 +131,8 @@ class DeviceHost:
 
     def arm_guest(self) -> None:
         """Wake the stopped guest's vCPU threads to their entry barrier, so that
-        :meth:`resume_guest` only releases them (a destination, once its vCPUs are loaded,
-        before the commit); nothing without a guest."""
+        :meth:`resume_guest` only releases them (a destination, before its load); nothing
+        without a guest."""
         if self._guest is not None:
             self._guest.arm()
 

@@ -5,9 +5,10 @@ Runs in: both coordinators, over the main channel (ARCHITECTURE.md §5, rule 1):
     destination                                  source
     every device put and verified
     LOADED {devices}  ------------------------>  (stop-and-copy done)
-    (a live guest's vCPU threads wake meanwhile)
                       <------------------------  COMMIT       from here the source will not
     resume every device                                       resume on its own
+      (a live guest's vCPU threads, woken
+      before the stop, are only released)
     RESUMED           ------------------------>  t1: downtime = t1 - t0
       or, if a resume failed: stop and reset
       every device, then FAILED {running: false} ->  the source may resume: nothing runs there

@@ -94,7 +94,6 @@ class Incoming(OnMachine):
         main, hello = await channels.accept_source(listener)
         if on_accepted is not None:
             on_accepted()
-        arming: asyncio.Future[None] | None = None
         try:
             main, said = await self._handshake(main, hello, listener, tls)
             bound = liveness.destination_bound(self.params, said.peer_timeout_s)
@@ -102,25 +101,25 @@ class Incoming(OnMachine):
                 await self.machine.prepare_vcpus(said.concurrent)
                 await self.pool.call_all({w: m.PrepareLoad(self.plan.devices_of(w))
                                           for w in range(self.plan.workers)})
+                # A live guest's vCPU threads wake to their entry barrier now, before the
+                # stop (there they touch no vCPU, so the load puts its vCPUs meanwhile):
+                # the resume after the commit only releases them, and none of the
+                # wake-ups falls in the downtime.
+                await self.machine.arm_guest()
                 with no_gc_pauses():  # the source has stopped: no collection pauses until
                     loaded = await self._load(main, said.concurrent, bound)  # the resume
-                    # A live guest's vCPU threads wake while LOADED and COMMIT cross: the
-                    # resume after the commit then only releases them.
-                    arming = asyncio.ensure_future(self.machine.arm_guest())
                     await commit.await_commit(main, loaded, bound)
                     # A live guest's counters as they were at the stop (its RAM is here).
                     memory = self.machine.memory
                     at_stop = memory.counters() if memory is not None else None
         except BaseException as exc:
-            if arming is not None:  # its failure is this one's; the discard parks them
-                await asyncio.gather(arming, return_exceptions=True)
-            await self._discard(main, exc)
+            await self._discard(main, exc)  # it parks an armed guest's threads again
             main.close()
             if isinstance(exc, DevstateError | OSError):
                 return IncomingResult(False, describe(exc),
                                       aborted=isinstance(exc, SourceAborted))
             raise
-        return await self._resume(main, said.digests, keep_lease, at_stop, arming)
+        return await self._resume(main, said.digests, keep_lease, at_stop)
 
     async def _handshake(self, main: channels.Channel, hello: wire.Hello,
                          listener: channels.Listener, tls: channels.TlsConfig | None
@@ -135,15 +134,12 @@ class Incoming(OnMachine):
         return main, said
 
     async def _resume(self, main: channels.Channel, send_digests: bool,
-                      keep_lease: bool, at_stop: npt.NDArray[np.uint64] | None,
-                      arming: asyncio.Future[None] | None) -> IncomingResult:
-        """Committed: run the VM here (once ``arming``, the guest's wake-up, is done), then
-        report (off the critical path): with a live guest, whether it went on from its
-        counters ``at_stop``."""
+                      keep_lease: bool, at_stop: npt.NDArray[np.uint64] | None
+                      ) -> IncomingResult:
+        """Committed: run the VM here, then report (off the critical path): with a live
+        guest, whether it went on from its counters ``at_stop``."""
         try:
             with no_gc_pauses():
-                if arming is not None:
-                    await arming
                 resumed = await self.pool.call_all({w: m.Resume()
                                                     for w in range(self.plan.workers)})
         except DevstateError as exc:

@@ -222,8 +222,9 @@ class Pause(Job):
 
 @dataclass(frozen=True, slots=True)
 class ArmGuest(Job):
-    """The VM's owner on a destination, every vCPU loaded: wake the guest's vCPU threads
-    to their entry barrier, so that :class:`Resume` only releases them after the commit
+    """The VM's owner on a destination, before the load: wake the guest's vCPU threads to
+    their entry barrier, where they touch no vCPU while the load puts them, so that
+    :class:`Resume` only releases them after the commit
     (:meth:`devstate.devices.kvm.run.VcpuRunner.arm`)."""
 
 

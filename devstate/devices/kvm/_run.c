@@ -21,11 +21,11 @@
  *   phase == CLOSE? exit                  close:  phase = CLOSE; as stop; generation++
  *                                                 and wake all; join
  *
- * Why arm apart: a destination arms its guest once every vCPU is loaded, before the
- * commit; the threads then wake while the LOADED / COMMIT messages cross, and the resume
- * after the commit only releases them (the wake-ups of 288 threads on 2 host CPUs took
- * 1.7-2 ms of the downtime). Armed threads wait at the barrier and touch no vCPU, and a
- * stop parks them again (a migration that fails before the commit).
+ * Why arm apart: a destination arms its guest before its load, so the threads wake before
+ * the source even stops, and the resume after the commit only releases them (the wake-ups
+ * of 288 threads on 2 host CPUs took 1.7-2 ms of the downtime). Armed threads wait at the
+ * barrier and touch no vCPU, so the load may put the vCPUs meanwhile, and a stop parks
+ * them again (a migration that fails).
  *
  * Why the entry barrier: with busy guests, the first threads back in KVM_RUN take the host
  * CPUs, and the others wait for a time slice before they can even wake up (measured: 1.4 s

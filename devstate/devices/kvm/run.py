@@ -10,8 +10,8 @@ vCPU thread and answers the ``time.monotonic_ns()`` of the last one, and
 an entry barrier while no vCPU is in the guest yet, then releases them all into KVM_RUN:
 otherwise, with busy guests, the first vCPUs back in the guest take the host's CPUs and
 the others wait for a time slice even to wake up. :meth:`VcpuRunner.arm` does the
-wake-up alone, ahead: a destination arms once its vCPUs are loaded, and its resume after
-the commit only releases them. The vCPU threads are SCHED_BATCH (no wakeup
+wake-up alone, ahead: a destination arms before its load (armed threads touch no vCPU),
+and its resume after the commit only releases them. The vCPU threads are SCHED_BATCH (no wakeup
 preemption), so that the owner's own threads are not starved while the host's CPUs are
 overcommitted (_run.c has the reasons and the figures).
 
