@@ -98,6 +98,26 @@ def test_ram_never_sent_before_costs_its_faults_too() -> None:
     assert warm == pytest.approx(2 * 10.0) and cold == pytest.approx(warm + 20.0)
 
 
+@needs_kvm
+def test_one_range_at_a_time_crosses_at_its_own_channels_share_of_the_cap() -> None:
+    """Sequential (one device after another): each RAM range rides its owner's channel
+    alone, at that channel's share of a bandwidth cap, not at the whole cap; its bytes
+    never sent before add their faults once."""
+    spec = parse_spec({"vcpus": {"count": 1, "backend": "kvm"}, "ram": {"size": "64MiB"}})
+    table = device_table(spec)
+    ranges = [d.index for d in table if d.ram is not None]
+    host = HostCosts(ram_bytes_per_s=1e9, ram_fault_bytes_per_s=0.5e9, ram_range_ms=0.0,
+                     record_overhead_us=0.0, fixed_ms=0.0)
+    capped = host.capped(MigrationParams(workers=1, channels=2,
+                                         bandwidth_limit=2e8, cap_stop_copy=True))
+    plan = make_plan(table, 1)
+    left = {i: 10**7 for i in ranges}
+    made = estimate(table, plan, capped, (0.0, 0.0), left, {ranges[0]: 10**7},
+                    sequential=True)
+    # Two ranges of 10 MB at 1e8 B/s (half of 2e8: two channels), then 10 MB of faults.
+    assert made.expected_ms == pytest.approx(2 * 100.0 + 20.0)
+
+
 def test_a_disturbed_run_teaches_nothing() -> None:
     made = estimate(device_table(HUGE), make_plan(device_table(HUGE), 2), HostCosts())
     assert refine(HostCosts(), made, made.expected_ms * 10) == HostCosts()

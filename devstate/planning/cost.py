@@ -183,9 +183,10 @@ def estimate(table: DeviceTable, plan: Plan, host: HostCosts,
     size = {d.index: left.get(d.index, d.stream.size) for d in streams if d.stream is not None}
     cap = {d.index: _capped_rate(host, plan, d.index) for d in streams}
     ram = {d.index for d in streams if d.ram is not None}
-    ram_bytes = (sum(size[i] for i in ram), sum((unsent or {}).get(i, 0) for i in ram))
+    # Written into holes on the destination: the faults come on top of the bytes' own cost.
+    ram_unsent = sum((unsent or {}).get(i, 0) for i in ram)
     if sequential:
-        return _sequential(table, host, get_us + put_us, size, cap, ram_bytes)
+        return _sequential(table, host, get_us + put_us, size, cap, ram_unsent)
     terms = [_device_term(d, size[d.index], cap[d.index], host) for d in streams]
     # Streams move in the plan's order (devstate.planning.admission): each one's last byte
     # crosses once the bytes of those before it have, then its firmware runs; the latest of
@@ -201,7 +202,7 @@ def estimate(table: DeviceTable, plan: Plan, host: HostCosts,
     crossed = {i: max(ms * host.weights[0], on_link.get(i, 0.0)) for i, ms in arrival.items()}
     terms.extend(_chains(table, size, crossed, cap, host))
     host_term, parts = _host_term(table, plan, host, arrival, crossed, moved,
-                                  get_us + put_us, ram_bytes)
+                                  get_us + put_us, sum(size[i] for i in ram), ram_unsent)
     terms.append(host_term)
     terms.sort(key=lambda t: -t.ms)
     return Estimate(host.fixed_ms + terms[0].ms, tuple(terms), parts)
@@ -241,13 +242,12 @@ def _device_term(d: DeviceSpec, size: int, cap: float, host: HostCosts) -> Term:
 
 
 def _host_term(table: DeviceTable, plan: Plan, host: HostCosts, arrival: dict[int, float],
-               crossed: dict[int, float], moved: int, record_us: float,
-               ram_bytes: tuple[int, int]
-               ) -> tuple[Term, tuple[float, float, float, float, float]]:
+               crossed: dict[int, float], moved: int, record_us: float, ram_left: int,
+               ram_unsent: int) -> tuple[Term, tuple[float, float, float, float, float]]:
     """The work every device shares on this host: VFIO stream copies in transfer order (and
     the firmware of the last to arrive), record gets and puts on the cores, stream
-    sessions, and a live guest's RAM (``ram_bytes``: bytes to send, and of them those never
-    sent before; and every range's digest).
+    sessions, and a live guest's RAM (``ram_left`` bytes to send, ``ram_unsent`` of them
+    never sent before, and every range's digest).
     ``arrival`` is when each VFIO stream's last byte is copied (ms, unweighted),
     ``crossed`` the same weighted and no sooner than the cap lets it pass. Returns the
     term and its unweighted parts (copy, records, sessions, RAM, firmware)."""
@@ -260,7 +260,10 @@ def _host_term(table: DeviceTable, plan: Plan, host: HostCosts, arrival: dict[in
     last_firmware = firmware[last] if last is not None else 0.0
     record_ms = len(records) * (record_us + host.record_overhead_us) / 1e3 / host.cores
     sessions_ms = -(-len(firmware) // plan.workers) * host.stream_overhead_ms
-    ram_ms = _ram_ms(host, ram_bytes) + ram_ranges * host.ram_range_ms / host.cores
+    # The ranges ride every channel: under a cap they share all of it.
+    ram_rate = min(host.ram_bytes_per_s, host.link.limit if host.link else math.inf)
+    ram_ms = (ram_left / ram_rate + ram_unsent / host.ram_fault_bytes_per_s) * 1e3 \
+        + ram_ranges * host.ram_range_ms / host.cores
     parts = (arrival[last] if last is not None else 0.0, record_ms, sessions_ms, ram_ms,
              last_firmware)
     copy_ms = crossed[last] if last is not None else 0.0
@@ -268,8 +271,8 @@ def _host_term(table: DeviceTable, plan: Plan, host: HostCosts, arrival: dict[in
         ram_ms * w_ram
     said = [f"{len(records)} records ({record_ms:.0f} ms on {host.cores} cores)"]
     if ram_ranges:
-        said.append(f"guest RAM: {ram_bytes[0] / 2**20:.1f} MiB left ({ram_bytes[1] / 2**20:.1f}"
-                    f" never sent) in {ram_ranges} ranges ({ram_ms:.0f} ms)")
+        said.append(f"guest RAM: {ram_left / 2**20:.1f} MiB left ({ram_unsent / 2**20:.1f} "
+                    f"never sent) in {ram_ranges} ranges ({ram_ms:.0f} ms)")
     if last is not None:
         said[:0] = [f"{moved / 2**20:.0f} MiB of streams, through {table[last].id} "
                     f"({copy_ms:.0f} ms)"]
@@ -279,24 +282,18 @@ def _host_term(table: DeviceTable, plan: Plan, host: HostCosts, arrival: dict[in
                 copy_ms + record_ms + sessions_ms + ram_ms + last_firmware), parts
 
 
-def _ram_ms(host: HostCosts, ram_bytes: tuple[int, int]) -> float:
-    """Guest RAM's bytes left for the stop, of them ``ram_bytes[1]`` into holes (ms)."""
-    # The ranges ride every channel: under a cap they share all of it.
-    rate = min(host.ram_bytes_per_s, host.link.limit if host.link else math.inf)
-    return (ram_bytes[0] / rate + ram_bytes[1] / host.ram_fault_bytes_per_s) * 1e3
-
-
 def _sequential(table: DeviceTable, host: HostCosts, record_us: float,
-                size: dict[int, int], cap: dict[int, float],
-                ram_bytes: tuple[int, int]) -> Estimate:
+                size: dict[int, int], cap: dict[int, float], ram_unsent: int) -> Estimate:
     """One device after another: the sum of every stream's bytes (at its slower rate, or
-    the host's copy rate or the cap if slower) and firmware, guest RAM's bytes, every
-    record's get and put, and every stream's session. The sum is the critical path:
-    nothing overlaps."""
-    ranges = sum(1 for d in table if d.ram is not None)
-    streams_ms = _ram_ms(host, ram_bytes) + ranges * host.ram_range_ms
+    the host's copy rate or the cap if slower; a RAM range at its own channel's share of
+    the cap) and firmware, the faults of the ``ram_unsent`` bytes, every record's get and
+    put, and every stream's session. The sum is the critical path: nothing overlaps."""
+    streams_ms = ram_unsent / host.ram_fault_bytes_per_s * 1e3
     for d in table:
-        if d.stream is not None and d.ram is None:
+        if d.ram is not None:
+            streams_ms += size[d.index] / min(host.ram_bytes_per_s, cap[d.index]) * 1e3 \
+                + host.ram_range_ms
+        elif d.stream is not None:
             rate = min(d.stream.rate, host.copy_bytes_per_s, cap[d.index])
             streams_ms += size[d.index] / rate * 1e3 + d.stream.firmware_latency_ms \
                 + host.stream_overhead_ms
