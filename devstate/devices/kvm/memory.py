@@ -181,6 +181,9 @@ class RamRange(StreamDevice):
             self._every_page()
         else:
             self._take()
+        # Nobody asks what is left after the stop: its sends need no marking (the
+        # downtime's extents would each pay a numpy store for nothing).
+        self._sent = None
 
     async def save_read(self, out: memoryview) -> int:
         """Extents of the pending pages that fit ``out`` (0 also when the rest of ``out``
