@@ -47,6 +47,11 @@ def test_four_streams_load_concurrently_and_in_order(run) -> None:
     # All four were loading at once: each started before any finished.
     assert max(d.load_start_ms for d in streams) < min(d.load_done_ms for d in streams)
     assert {d.dest_worker for d in streams} == {0, 1}
+    # The downtime ends when the destination's workers resumed (after every device
+    # completed its load, firmware included), which RESUMED's arrival follows.
+    assert report.resumed_seen_ms is not None
+    done = max(d.load_done_ms for d in report.devices)
+    assert done < report.downtime_ms <= report.resumed_seen_ms
 
 
 def test_sequential_mode_loads_one_device_after_another(run) -> None:

@@ -16,9 +16,11 @@ Sequence of one migration (main channel messages in capitals)::
             SwitchOver: every worker gets its devices in parallel and streams them
             <- LOADED (every device put and its digest verified)
             COMMIT -> (from here the source will not resume: the destination will)
-            <- RESUMED, received at t1: downtime = t1 - t0, both on this host's clock (an
-               upper bound by one main-channel latency; valid across hosts)
-            <- REPORT: per-device results [and digests, if asked, compared here]
+            <- RESUMED, received at t1
+            <- REPORT: per-device results [and digests, if asked, compared here], and when
+               the destination's last worker resumed, its clock shifted to ours (an upper
+               bound by one main-channel latency, as t1 is; valid across hosts):
+               downtime = that - t0, at most t1 - t0
             [on_lease: the main channel stays open, the destination's lease on the VM]
 
 Any failure before COMMIT cancels the workers, tells the destination to discard (ABORT),
@@ -441,11 +443,12 @@ class Outgoing(OnMachine):
             rows.append(DeviceReport.join(r, d, t0=t0, shift=shift, verified=verified))
         mode = ("sequential" if not self.params.concurrent
                 else SHARDED_MODE if self.params.sharded_vms else "concurrent")
-        # A live guest's downtime ends when its last vCPU was released into KVM_RUN on the
-        # destination (its clock shifted to ours, an upper bound by one channel latency,
-        # as RESUMED's arrival is): hundreds of vCPUs waking at once on a few cores can
-        # hold up the RESUMED message itself, which then says more about the host's
-        # scheduler than about the guest. Both are in the report.
+        # The downtime ends when the VM runs on the destination: its last worker resumed
+        # (a live guest: its last vCPU released into KVM_RUN), the destination's clock
+        # shifted to ours, an upper bound by one channel latency as RESUMED's arrival is.
+        # RESUMED itself is one more hop through busy processes, and hundreds of vCPUs
+        # waking at once on a few cores can hold it up far longer, which then says more
+        # about the host's scheduler than about the guest. Both are in the report.
         resumed_seen_ms = (t1 - t0) / 1e6
         if report.resumed_ns:
             t1 = min(t1, report.resumed_ns + shift)

@@ -114,7 +114,7 @@ class Report(Control):
     digests: dict[str, str]  # device id -> hex digest
     kvm: dict[str, JsonValue]  # VcpuCost.to_json() of the destination ({}: no kvm vCPUs)
     guest: dict[str, JsonValue] | None = None  # GuestReport.to_json() (None: no live guest)
-    resumed_ns: int = 0  # a live guest: its last vCPU released into KVM_RUN, our clock
+    resumed_ns: int = 0  # the last worker's resume (a live guest's last vCPU released), our clock
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,16 +140,34 @@ def decode_as(cls: type[M], body: JsonObject) -> M:
     field (unknown fields are ignored: a newer peer may add some). A container's own type
     is checked here; its elements by their users (DeviceResult.from_json, the device
     table compared whole)."""
-    hints = typing.get_type_hints(cls)
+    fields = _FIELDS.get(cls)
+    if fields is None:
+        fields = _FIELDS[cls] = _fields(cls)
     values: dict[str, JsonValue] = {}
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        hint = hints[f.name]
-        if isinstance(hint, types.UnionType):  # optional: X | None
-            if body.get(f.name) is None:
-                continue
-            hint = next(a for a in typing.get_args(hint) if a is not type(None))
-        values[f.name] = field(body, f.name, typing.get_origin(hint) or hint)
+    for name, expected, optional in fields:
+        if optional and body.get(name) is None:
+            continue
+        values[name] = field(body, name, expected)
     try:
         return cls(**values)
     except TypeError as exc:  # pragma: no cover - every field was checked above
         raise ProtocolError(f"control.{cls.kind.name}", str(exc)) from None
+
+
+# Each message class's fields, worked out once: the annotations are strings, and evaluating
+# them compiles each (LOADED, COMMIT and RESUMED are decoded inside the downtime).
+_FIELDS: dict[type[Control], tuple[tuple[str, type, bool], ...]] = {}
+
+
+def _fields(cls: type[Control]) -> tuple[tuple[str, type, bool], ...]:
+    """Each field of ``cls``: its name, the JSON type it must have, and whether it may be
+    left out (its type admits None)."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        hint = hints[f.name]
+        optional = isinstance(hint, types.UnionType)  # X | None
+        if optional:
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        out.append((f.name, typing.get_origin(hint) or hint, optional))
+    return tuple(out)

@@ -116,8 +116,9 @@ class MigrationReport:
     destination_params: dict[str, Any] = field(default_factory=dict)
     kvm: KvmReport | None = None  # the KVM vCPUs' engine, threads and cost, if any
     guest: GuestReport | None = None  # a live guest: did it continue on the destination
-    # A live guest: stop to the source seeing RESUMED (downtime_ms ends at the release of
-    # the destination's last vCPU, which RESUMED follows).
+    # Stop to the source seeing RESUMED (downtime_ms ends when the destination's last
+    # worker resumed, a live guest's last vCPU released, which RESUMED follows); None from
+    # a destination that does not say when it resumed.
     resumed_seen_ms: float | None = None
     ram: RamReport | None = None  # a live guest's RAM precopy: rounds, bytes, rates
 

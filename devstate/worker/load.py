@@ -253,7 +253,8 @@ class Loader:
                     continue
                 held.take()  # before the accept: a failing accept keeps it (the load fails)
                 state = self._accept(wire.PacketKind.RECORD, index, 0, 0, record, held.release)
-                await self._settled(state, index)
+                if not self._concurrent:  # (a coroutine per record costs, in the downtime)
+                    await self._settled(state, index)
         finally:
             held.drop_untaken()
 

@@ -28,6 +28,7 @@ import gc
 import os
 import signal
 import socket
+import time
 import traceback
 from collections.abc import Awaitable, Callable
 from multiprocessing.connection import Connection
@@ -403,7 +404,9 @@ class Worker:
         injector.strike("resume")
         await self._each_device("resume")
         await self._throttle.stop()
-        return self._host.resume_guest()
+        # When this worker's part of the VM runs again: a live guest's last vCPU released
+        # into KVM_RUN, else the end of its devices' resume.
+        return self._host.resume_guest() or time.monotonic_ns()
 
     @handles(m.PrepareVcpus)
     async def _prepare_vcpus(self, job: m.PrepareVcpus, _: int | None) -> None:
@@ -466,13 +469,15 @@ class Worker:
         concurrently (each is a round trip to its model); records one after another: a
         task per vCPU would cost more than its step. A device whose step is the base
         class's no-op is skipped: a resume after COMMIT is downtime, and 1024 awaits of
-        nothing are a measurable part of it."""
-        streams = [d for d in self._devices.values() if isinstance(d, StreamDevice)]
-        for device in self._devices.values():
-            if not isinstance(device, StreamDevice) and \
-                    getattr(type(device), step) is not getattr(Device, step):
-                await getattr(device, step)()
-        await asyncio.gather(*(getattr(d, step)() for d in streams))
+        nothing are a measurable part of it (as is asking each of them: the question
+        goes to their few classes)."""
+        kinds = {type(d) for d in self._devices.values()}
+        streams = {k for k in kinds if issubclass(k, StreamDevice)}
+        stepped = {k for k in kinds - streams if getattr(k, step) is not getattr(Device, step)}
+        for device in [d for d in self._devices.values() if type(d) in stepped]:
+            await getattr(device, step)()
+        await asyncio.gather(*(getattr(d, step)() for d in self._devices.values()
+                               if type(d) in streams))
 
     async def _close_devices(self) -> None:
         results = await asyncio.gather(*(d.close() for d in self._devices.values()),
