@@ -103,7 +103,7 @@ class BaselineError(DevstateError):
 class BaselineReport:
     """One baseline migration. Times are ms from the source's stop (t0), its clock."""
 
-    downtime_ms: float  # to RESUMED received (devstate's end point)
+    downtime_ms: float  # to RESUMED received (devstate's resumed_seen_ms)
     loaded_ms: float    # to LOADED received
     saved_ms: float     # to the last byte of every device sent
     devices: int

@@ -24,6 +24,7 @@ from devstate.cli import kvm_usable
 from devstate.config.params import MigrationParams, Schedule
 from devstate.config.spec import MachineConfig, load_spec, parse_spec
 from devstate.errors import SpecError
+from devstate.migration.guest import guest_params
 from devstate.migration.local import destination, migrate_locally
 from devstate.migration.source import SourceVM
 from devstate.report.migration import MigrationReport
@@ -98,6 +99,18 @@ def test_without_precopy_the_whole_ram_moves_stopped(run) -> None:
                                  compare_digests=True))
     assert report.guest is not None and report.guest.continued and report.verified
     assert report.ram is None
+
+
+def test_the_guest_ticks_at_the_specs_period_and_dirties_a_ticks_worth() -> None:
+    spec = parse_spec({"vcpus": {"count": 4, "backend": "kvm"},
+                       "ram": {"size": "32MiB", "dirty_rate": 300, "working_set": "64KiB",
+                               "tick_ms": 20}})
+    params = guest_params(spec)
+    assert params.tick_ns == 20_000_000 and params.dirty_pages_per_tick == 6
+    assert parse_spec(spec.to_dict()) == spec
+    default = guest_params(parse_spec({"vcpus": {"count": 4, "backend": "kvm"},
+                                       "ram": {"size": "32MiB"}}))
+    assert default.tick_ns == 50_000_000 and default.dirty_pages_per_tick == 0
 
 
 def test_the_example_converges_and_its_json_says_how() -> None:
@@ -226,6 +239,8 @@ def test_auto_converge_slows_such_a_guest_until_it_switches_over(run, tmp_path: 
     ({"size": "32MiB", "dirty_rate": 10, "working_set": "1000B"}, "ram.working_set"),
     ({"size": "32MiB", "dirty_rate": 10, "working_set": "64MiB"}, "ram.working_set"),
     ({"size": "32MiB", "dirty": 10}, "ram"),
+    ({"size": "32MiB", "tick_ms": 0.1}, "ram.tick_ms"),  # KVM would stretch it to 0.2
+    ({"size": "32MiB", "tick_ms": 5000}, "ram.tick_ms"),  # past a u32 of ns
 ])
 def test_dirty_settings_that_cannot_run_name_their_field(ram: dict[str, Any],
                                                          field: str) -> None:

@@ -25,8 +25,10 @@ from devstate.errors import SpecError
 from devstate.report.guest import GuestReport
 
 # How long the destination lets a resumed guest run before it looks: enough ticks for
-# every vCPU to advance its counter many times over, even with hundreds sharing 2 cores.
+# every vCPU to advance its counter many times over, even with hundreds sharing 2 cores;
+# and at least this many ticks (a vCPU halted at the stop goes on at its next tick).
 RUN_BEFORE_CHECK_S = 0.25
+TICKS_BEFORE_CHECK = 2
 
 
 def check_room(spec: MachineConfig, sides: int = 1) -> None:
@@ -45,12 +47,15 @@ def check_room(spec: MachineConfig, sides: int = 1) -> None:
 
 
 def guest_params(spec: MachineConfig) -> guest.GuestParams:
-    """What the guest program does per tick, from the spec's ``[ram]``: its dirty rate in
-    whole pages per tick (at least one if it dirties at all), over its working set."""
+    """What the guest program does per tick, from the spec's ``[ram]``: its tick, and its
+    dirty rate in whole pages per tick (at least one if it dirties at all), over its
+    working set."""
     assert spec.ram is not None
     ram = spec.ram
-    per_tick = round(ram.dirty_rate * guest.DEFAULT_TICK_NS / 1e9)
-    return guest.GuestParams(dirty_pages_per_tick=max(per_tick, 1) if ram.dirty_rate else 0,
+    tick_ns = round(ram.tick_ms * 1e6)
+    per_tick = round(ram.dirty_rate * tick_ns / 1e9)
+    return guest.GuestParams(tick_ns=tick_ns,
+                             dirty_pages_per_tick=max(per_tick, 1) if ram.dirty_rate else 0,
                              working_set_pages=ram.working_set // PAGE_BYTES)
 
 
@@ -61,6 +66,8 @@ class LiveMemory:
     def __init__(self, spec: MachineConfig, *, side: str, incoming: bool) -> None:
         assert spec.ram is not None
         self.layout = guest.GuestLayout.of(spec.vcpus.count, spec.ram.size)
+        self._run_before_check_s = max(RUN_BEFORE_CHECK_S,
+                                       TICKS_BEFORE_CHECK * spec.ram.tick_ms / 1e3)
         check_room(spec)
         self.ram = GuestRam.create(spec.ram.size, name=f"devstate-{side}-ram")
         try:
@@ -80,7 +87,7 @@ class LiveMemory:
         ``before`` (its counters at the stop); ``problem`` asks the VM's owner what went
         wrong with the vCPUs meanwhile (an exit the guest never makes), if anything."""
         started = time.monotonic()
-        await asyncio.sleep(RUN_BEFORE_CHECK_S)
+        await asyncio.sleep(self._run_before_check_s)
         trouble = await problem()
         seen = guest_view.continuity(before, guest_view.GuestView(self.ram.view, self.layout))
         why = "; ".join(filter(None, (trouble, seen.why)))

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
+from devstate.config.spec import DEFAULT_TICK_MS, MIN_TICK_MS
 from devstate.devices.kvm import guest_program as gp
 from devstate.devices.kvm import structs, uapi
 from devstate.devices.kvm.uapi import Ioctl
@@ -34,12 +35,11 @@ if TYPE_CHECKING:  # an annotation only; importing it here puts mypy in an impor
 # A tick of 50 ms and 256 loops a tick (~5 us of native code): 5120 loops/s per vCPU.
 # The tick's yield and timer interrupt run in kvm-pvm's emulator and cost ~100 us of host
 # CPU each (measured), so 288 vCPUs take ~0.5 of a host CPU at 20 ticks/s, and twice that
-# at 40: the tick is what lets hundreds of vCPUs share 2 host CPUs with a migration.
-DEFAULT_TICK_NS = 50_000_000
+# at 40: the tick is what lets hundreds of vCPUs share 2 host CPUs with a migration. A
+# spec sets it (``[ram] tick_ms``, where its bounds are explained).
+DEFAULT_TICK_NS = round(DEFAULT_TICK_MS * 1e6)
 DEFAULT_LOOPS_PER_TICK = 256
-# KVM raises a shorter periodic LAPIC timer to its min_timer_period_us (200 by default), so
-# a shorter tick would not be the tick asked for.
-MIN_TICK_NS = 200_000
+MIN_TICK_NS = round(MIN_TICK_MS * 1e6)
 
 AREA_BYTES = gp.PAGE_BYTES  # a vCPU's page: control block, TSS, checksum block, stacks
 _PARAMS = struct.Struct("<7I")  # magic, version, vcpus, tick_ns, loops, dirty, ws pages
