@@ -12,6 +12,7 @@ assemble guest.S skip when GNU as is missing.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import mmap
 import resource
@@ -28,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from devstate.config.spec import parse_spec
 from devstate.devices.kvm import guest, guest_view, structs, uapi
 from devstate.devices.kvm import guest_program as gp
 from devstate.devices.kvm.guest import GuestLayout, GuestParams
@@ -37,6 +39,8 @@ from devstate.devices.kvm.uapi import Ioctl, KvmError
 from devstate.devices.kvm.vcpu import KvmVcpu
 from devstate.devices.kvm.vm import KvmVm
 from devstate.errors import SpecError
+from devstate.migration.guest import LATE_VCPUS_S, RUN_BEFORE_CHECK_S, LiveMemory
+from devstate.report.guest import GuestReport
 from tests.kvm_access import needs_kvm
 
 MIB = 1 << 20
@@ -206,6 +210,55 @@ def test_continuity_names_a_vcpu_that_stopped_counting(
     seen = guest_view.continuity(before, view)
     assert (seen.vcpus_running, seen.continued) == (2, False)
     assert seen.why == "cpu/1 counter went back from 1001 to 5; cpu/2 counter stayed at 1002"
+    assert seen.final  # a counter gone back stays wrong, however long one waits
+
+
+def test_a_vcpu_that_has_not_moved_yet_is_worth_another_look(
+        installed: tuple[GuestRam, GuestLayout]) -> None:
+    ram, layout = installed
+    view = GuestView(ram.view, layout)
+    before = view.counters()
+    advance_all(ram, layout)
+    put_u64(ram, layout, 2, gp.CB_COUNTER, 0)
+    seen = guest_view.continuity(before, view)
+    assert (seen.continued, seen.final, seen.why) == (False, False, "cpu/2 counter stayed at 0")
+    put_u64(ram, layout, 2, gp.CB_FAIL_CODE, gp.Failure.VECTOR_REGISTER)
+    assert guest_view.continuity(before, view).final  # now it never will
+
+
+def test_the_destination_looks_again_for_vcpus_slow_to_move() -> None:
+    """LiveMemory.continuity: a vCPU that moves only after the first look (its first entry
+    into KVM_RUN late on a loaded host) still counts as continued; one that never moves
+    is reported once the looks give up."""
+    spec = parse_spec({"vcpus": {"count": 4, "backend": "kvm"}, "ram": {"size": "4MiB"}})
+
+    async def judge(late_s: float | None) -> tuple[GuestReport, float]:
+        with LiveMemory(spec, side="test", incoming=False) as memory:
+            before = memory.counters()
+
+            async def nothing_wrong() -> str | None:
+                return None
+
+            async def move_late() -> None:
+                assert late_s is not None
+                await asyncio.sleep(late_s)
+                for index in range(4):
+                    offset = memory.layout.area(index) + gp.CB_COUNTER
+                    memory.ram.view[offset:offset + 8] = (7 + index).to_bytes(8, "little")
+
+            mover = asyncio.ensure_future(move_late()) if late_s is not None else None
+            started = time.monotonic()
+            report = await memory.continuity(before, nothing_wrong)
+            if mover is not None:
+                await mover
+            return report, time.monotonic() - started
+
+    report, took = asyncio.run(judge(RUN_BEFORE_CHECK_S + 0.3))
+    assert report.continued and report.vcpus_running == 4, report.why
+    assert RUN_BEFORE_CHECK_S + 0.3 <= took < RUN_BEFORE_CHECK_S + LATE_VCPUS_S
+    report, took = asyncio.run(judge(None))
+    assert not report.continued and report.why.startswith("cpu/0 counter stayed at 0")
+    assert took >= RUN_BEFORE_CHECK_S + LATE_VCPUS_S
 
 
 def test_continuity_recounts_the_checksum_blocks(

@@ -29,6 +29,12 @@ from devstate.report.guest import GuestReport
 # and at least this many ticks (a vCPU halted at the stop goes on at its next tick).
 RUN_BEFORE_CHECK_S = 0.25
 TICKS_BEFORE_CHECK = 2
+# A look that finds only vCPUs not moved yet looks again, this often and this much longer
+# at most: on a loaded host the first entries of hundreds of vCPUs into KVM_RUN (kvm-pvm
+# builds each one's shadow page tables) can outlast the first look (a 200-vCPU guest's
+# last vCPU had not run 0.25 s after its release once, in a bench on a noisy host).
+LOOK_AGAIN_S = 0.05
+LATE_VCPUS_S = 2.0
 
 
 def check_room(spec: MachineConfig, sides: int = 1) -> None:
@@ -85,11 +91,18 @@ class LiveMemory:
                          problem: Callable[[], Awaitable[str | None]]) -> GuestReport:
         """Let the resumed guest run, then judge from its RAM whether it went on from
         ``before`` (its counters at the stop); ``problem`` asks the VM's owner what went
-        wrong with the vCPUs meanwhile (an exit the guest never makes), if anything."""
+        wrong with the vCPUs meanwhile (an exit the guest never makes), if anything. A look
+        that finds only vCPUs not moved yet looks again, for ``LATE_VCPUS_S`` at most."""
         started = time.monotonic()
         await asyncio.sleep(self._run_before_check_s)
-        trouble = await problem()
-        seen = guest_view.continuity(before, guest_view.GuestView(self.ram.view, self.layout))
+        give_up = time.monotonic() + LATE_VCPUS_S
+        view = guest_view.GuestView(self.ram.view, self.layout)
+        while True:
+            trouble = await problem()
+            seen = guest_view.continuity(before, view)
+            if seen.final or trouble is not None or time.monotonic() >= give_up:
+                break
+            await asyncio.sleep(LOOK_AGAIN_S)
         why = "; ".join(filter(None, (trouble, seen.why)))
         return GuestReport(self.layout.vcpus, seen.vcpus_running,
                            seen.continued and trouble is None, self.ram.size,

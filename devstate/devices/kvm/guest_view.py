@@ -141,6 +141,10 @@ class Continuity:
     vcpus_running: int
     continued: bool
     why: str = ""
+    # False when each problem is one a later look may clear (a counter that has not moved
+    # yet, a checksum block mid-update), none that it cannot (a failure code, a counter
+    # gone back, a checksum that does not hold).
+    final: bool = True
 
 
 def continuity(before: npt.NDArray[np.uint64], after: GuestView, *,
@@ -158,13 +162,16 @@ def continuity(before: npt.NDArray[np.uint64], after: GuestView, *,
     problems = [failure.describe() for failure in after.failures()]
     problems += [f"cpu/{i} counter went back from {before[i]} to {counters[i]}"
                  for i in np.flatnonzero(counters < before)]
-    problems += [f"cpu/{i} counter stayed at {counters[i]}"
-                 for i in np.flatnonzero(counters == before)]
+    stayed = [f"cpu/{i} counter stayed at {counters[i]}"
+              for i in np.flatnonzero(counters == before)]
     checksums = after.checksums(settle_s)
-    problems += [f"cpu/{i} checksum does not hold" for i in checksums.bad]
-    problems += [f"cpu/{i} checksum unverified (mid-update at every look)"
+    bad = [f"cpu/{i} checksum does not hold" for i in checksums.bad]
+    unsettled = [f"cpu/{i} checksum unverified (mid-update at every look)"
                  for i in checksums.unsettled]
+    final = bool(problems or bad) or not (stayed or unsettled)
+    problems += stayed + bad + unsettled
     why = "; ".join(problems[:WHY_PROBLEMS])
     if len(problems) > WHY_PROBLEMS:
         why += f"; and {len(problems) - WHY_PROBLEMS} more"
-    return Continuity(vcpus, int(np.count_nonzero(counters > before)), not problems, why)
+    return Continuity(vcpus, int(np.count_nonzero(counters > before)), not problems, why,
+                      final)
