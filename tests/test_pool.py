@@ -60,6 +60,21 @@ def test_calls_return_values_and_errors_name_the_worker(run) -> None:
     run(scenario())
 
 
+def test_a_resume_answers_when_the_workers_devices_ran_again_and_0_without_any(run) -> None:
+    """The downtime ends at the latest answer: a worker that holds no part of the VM must
+    not move it (woken late, its answer once came 14 ms after the vCPUs' release)."""
+    async def scenario() -> tuple[int, dict[int, int], int]:
+        async with _pool() as pool:
+            await pool.call(0, m.OpenDevices((0, 1), incoming=True))
+            before = time.monotonic_ns()
+            resumed = await pool.call_all({w: m.Resume() for w in range(2)})
+            return before, resumed, time.monotonic_ns()
+
+    before, resumed, after = run(scenario())
+    assert before < resumed[0] < after  # the same host's monotonic clock
+    assert resumed[1] == 0
+
+
 def test_a_killed_worker_fails_its_pending_call_within_one_second(run) -> None:
     async def scenario() -> float:
         async with _pool() as pool:
