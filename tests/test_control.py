@@ -31,7 +31,7 @@ EXAMPLES: list[Control] = [
                    4, "spread", True, False, 1 << 20),
     MigrationHello("5b0c6a0e-0000-4000-8000-000000000002", [], 1, "affinity", False, True,
                    4096, peer_timeout_s=7.5),
-    Ready(), Heartbeat(), Loaded(516), Commit(), Resumed(),
+    Ready(), Ready("0d1e-boot/4026531834"), Heartbeat(), Loaded(516), Commit(), Resumed(),
     Failed("device model died"), Failed("resume failed", running=False),
     Abort("cancelled"),
     Report([{"index": 0, "id": "cpu/0"}], 123, {"workers": 2}, {"cpu/0": "ab"},

@@ -47,6 +47,7 @@ from devstate.errors import (
 )
 from devstate.lifecycle import background, no_gc_pauses
 from devstate.migration import commit, liveness
+from devstate.migration.clock import monotonic_clock_id
 from devstate.migration.machine import Machine, OnMachine
 from devstate.net import channels
 from devstate.net.route import Routes
@@ -259,7 +260,7 @@ class Incoming(OnMachine):
                           self.params.vcpu_readback is Readback.BEFORE_COMMIT)
                 for w in range(self.plan.workers)})) as (loading,):
             self._ready_ns = time.monotonic_ns()
-            await channels.send(main, Ready())
+            await channels.send(main, Ready(monotonic_clock_id()))
             async with liveness.Heartbeats(main, bound, self._workers_answer):
                 results: dict[int, int] = await self._unless_source_speaks(
                     main, loading, "the load", bound)

@@ -18,9 +18,9 @@ Sequence of one migration (main channel messages in capitals)::
             COMMIT -> (from here the source will not resume: the destination will)
             <- RESUMED, received at t1
             <- REPORT: per-device results [and digests, if asked, compared here], and when
-               the destination's last worker resumed, its clock shifted to ours (an upper
-               bound by one main-channel latency, as t1 is; valid across hosts):
-               downtime = that - t0, at most t1 - t0
+               the destination's last worker resumed, on our clock (the same clock on one
+               host; across hosts shifted by the READY exchange, an upper bound by one
+               main-channel latency, as t1 is): downtime = that - t0, at most t1 - t0
             [on_lease: the main channel stays open, the destination's lease on the VM]
 
 Any failure before COMMIT cancels the workers, tells the destination to discard (ABORT),
@@ -51,7 +51,7 @@ from devstate.errors import (
     describe,
 )
 from devstate.lifecycle import background, no_gc_pauses
-from devstate.migration import liveness
+from devstate.migration import clock, liveness
 from devstate.migration.commit import RESUMED_TIMEOUT_S, SourceCommit
 from devstate.migration.deadline import Deadline
 from devstate.migration.dirty import RamPrecopy
@@ -103,6 +103,7 @@ class Outgoing(OnMachine):
         # A live guest's RAM, precopied while the guest runs (None: no guest RAM).
         self.ram = RamPrecopy(machine) if machine.spec.live else None
         self._ready_ns = 0  # when the last migration's READY arrived
+        self._ready_clock: str | None = None  # the monotonic clock it said it reads
 
     async def migrate(self, address: channels.Address, *, tls: channels.TlsConfig | None = None,
                       compare_digests: bool = False, costs: HostCosts | None = None,
@@ -361,7 +362,7 @@ class Outgoing(OnMachine):
             str(migration_id), self.table.handshake(), n, routes.routing.value,
             self.params.concurrent, compare_digests, self.params.chunk_bytes,
             bound.seconds))
-        await self._alongside_peer(self.pool.call_all({
+        ready = await self._alongside_peer(self.pool.call_all({
             w: m.ConnectChannels(address, tuple(
                 (k, channels.hello(wire.ChannelKind.DATA, k, n, migration_id,
                                    tls=tls is not None))
@@ -369,6 +370,7 @@ class Outgoing(OnMachine):
             for w in range(self.plan.workers)}),
             channels.expect(sock, Ready))
         self._ready_ns = time.monotonic_ns()
+        self._ready_clock = ready.clock
 
     async def _alongside_peer(self, work: Awaitable[Any], reply: Awaitable[T]) -> T:
         """Await the workers' ``work`` and the destination's ``reply`` together; the first
@@ -430,9 +432,8 @@ class Outgoing(OnMachine):
         # proves they arrived is the guest going on from where it stopped, not a digest.
         running = {d.id for d in self.table if d.backend in RUNNING_BACKENDS} \
             if guest is not None else set()
-        # The destination's clock is its own (another host, perhaps): its times count from
-        # when it sent READY, which is when READY arrived here less one channel latency.
-        shift = self._ready_ns - report.ready_ns
+        # The destination's times are on its own clock (another host's, perhaps).
+        shift = clock.shift_to_ours(self._ready_ns, report.ready_ns, self._ready_clock)
         rows = []
         for r in sorted(saved, key=lambda r: r.index):
             d = dest.get(r.id)
@@ -444,8 +445,8 @@ class Outgoing(OnMachine):
         mode = ("sequential" if not self.params.concurrent
                 else SHARDED_MODE if self.params.sharded_vms else "concurrent")
         # The downtime ends when the VM runs on the destination: its last worker resumed
-        # (a live guest: its last vCPU released into KVM_RUN), the destination's clock
-        # shifted to ours, an upper bound by one channel latency as RESUMED's arrival is.
+        # (a live guest: its last vCPU released into KVM_RUN), on our clock (across hosts
+        # an upper bound by one channel latency, as RESUMED's arrival is).
         # RESUMED itself is one more hop through busy processes, and hundreds of vCPUs
         # waking at once on a few cores can hold it up far longer, which then says more
         # about the host's scheduler than about the guest. Both are in the report.

@@ -57,9 +57,11 @@ class MigrationHello(Control):
 
 @dataclass(frozen=True, slots=True)
 class Ready(Control):
-    """Destination -> source: the table is accepted, every channel adopted, devices ready."""
+    """Destination -> source: the table is accepted, every channel adopted, devices ready;
+    ``clock`` names the monotonic clock its times are on (devstate.migration.clock)."""
 
     kind: ClassVar[ControlType] = ControlType.READY
+    clock: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
