@@ -190,6 +190,13 @@ BREAKS = (
                  "give_up:",
                  "            if True:"),),
           ("tests/test_guest_program.py", "-k", "slow_to_move")),
+    Break("beat-after-answer", "a side's heartbeat waits a beat after its workers' "
+                               "answers: late answers within the bound end the migration",
+          (Patch("devstate/migration/liveness.py",
+                 "await asyncio.gather(asyncio.sleep(self._bound.beat_s), self._alive())",
+                 "await asyncio.sleep(self._bound.beat_s)\n"
+                 "                await self._alive()"),),
+          ("tests/test_liveness.py", "-k", "late_worker")),
 )
 
 

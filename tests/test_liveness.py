@@ -15,6 +15,7 @@ import dataclasses
 import os
 import re
 import signal
+import socket
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -230,3 +231,38 @@ def test_a_lost_source_worker_is_logged_as_not_resumed(run, caplog) -> None:
     assert "cannot run on either side" in error and not running
     logged = caplog.text
     assert "the source cannot resume" in logged and "resumed on the source" not in logged
+
+
+def test_late_worker_answers_within_the_bound_keep_the_peer_hearing_beats(run) -> None:
+    """A side whose workers answer each progress query later than a beat but within the
+    bound (a host whose cores a busy guest holds) is alive: its beats go out as the answers
+    come, not a beat after them, so the peer never meets the bound's silence; a side whose
+    workers never answer falls silent."""
+    bound = liveness.PeerBound(3.0, "the test's bound")  # a beat every 0.75 s
+    late_s = 2.5  # each answer: later than a beat, 0.5 s inside the bound
+
+    async def late() -> None:
+        await asyncio.sleep(late_s)
+
+    async def never() -> None:
+        await asyncio.Event().wait()
+
+    async def heard(alive: Callable[[], Any], listen_s: float) -> str:
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            ours.setblocking(False)
+            theirs.setblocking(False)
+            async with liveness.Heartbeats(ours, bound, alive):
+                try:
+                    async with asyncio.timeout(listen_s):
+                        await liveness.recv(theirs, bound, "source", "the test")
+                except liveness.PeerSilent:
+                    return "silent"
+                except TimeoutError:
+                    return "heard beats throughout"
+        return "a message that is not a beat"
+
+    # Two late answers and more: each beat 2.5 s after the last (the old cadence, a beat's
+    # wait and then the answer, left 3.25 s between beats and failed this).
+    assert run(heard(late, 2.6 * late_s)) == "heard beats throughout"
+    assert run(heard(never, 2 * bound.seconds)) == "silent"
