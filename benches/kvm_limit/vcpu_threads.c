@@ -1,9 +1,14 @@
-// Copied unchanged from the project's shared tools (tools/kvm-limit/vcpu_threads.c) so that
-// the benchmarks can build the reference from a clean clone; see benches/one_vm.py.
+// Copied from the project's shared tools (tools/kvm-limit/vcpu_threads.c) so that the
+// benchmarks can build the reference from a clean clone; see benches/one_vm.py. One
+// addition, off unless asked: a third argument TICK_NS arms every vCPU's LAPIC timer as a
+// live guest's tick (periodic, TICK_NS apart) before the timed rounds, on this VM and on a
+// second, idle VM of as many vCPUs: a live migration has two VMs whose timers fire on the
+// host while their vCPUs are stopped or being loaded, and what those interrupts cost the
+// same ioctls is part of the limit for such a guest.
 // Physical-limit probe: get (and put) the state of N KVM vCPUs of ONE VM from T threads of
 // one process, in C, with nothing else in the loop. Tells whether the kernel lets the
 // vCPUs of one VM be read/written in parallel on this host (the only path a real VMM has).
-// Build: gcc -O2 -pthread vcpu_threads.c -o vcpu_threads ; run: ./vcpu_threads NVCPUS ROUNDS
+// Build: gcc -O2 -pthread vcpu_threads.c -o vcpu_threads ; run: ./vcpu_threads NVCPUS ROUNDS [TICK_NS]
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <linux/kvm.h>
@@ -79,7 +84,25 @@ int main(int argc, char **argv) {
     struct { struct kvm_msrs h; struct kvm_msr_entry e; } one = {.h.nmsrs = 1, .e.index = list.idx[k]};
     if (ioctl(vfd[0], KVM_GET_MSRS, &one) == 1 && NMSR < MAXMSR) msr_idx[NMSR++] = list.idx[k]; }
   printf("state per vCPU: %u MSRs, xsave %d bytes\n", NMSR, xsave_size);
-  run(1, 0, 0); run(1, 1, 0);
+  run(1, 0, 0);
+  unsigned tick_ns = argc > 3 ? (unsigned)strtoul(argv[3], NULL, 10) : 0;
+  if (tick_ns) {   // the live guest's timers: see the top of the file
+    int vm2 = ioctl(kvm, KVM_CREATE_VM, 0);
+    if (ioctl(vm2, KVM_CREATE_IRQCHIP, 0) < 0) { perror("irqchip 2"); return 1; }
+    for (int i = 0; i < nv; i++) {
+      char *r = state[i].l.regs;
+      *(unsigned *)(r + 0xF0) |= 0x100;               // SVR: APIC software-enabled
+      *(unsigned *)(r + 0x3E0) = 0xB;                 // TDCR: divide by 1 (KVM's bus: 1 ns)
+      *(unsigned *)(r + 0x320) = (1u << 17) | 0xEC;   // LVTT: periodic, vector 0xEC
+      *(unsigned *)(r + 0x380) = tick_ns;             // TMICT: the period
+      int other = ioctl(vm2, KVM_CREATE_VCPU, i);
+      if (other < 0 || ioctl(other, KVM_SET_CPUID2, &cpuid) < 0) { perror("vcpu 2"); return 1; }
+      if (ioctl(vfd[i], KVM_SET_LAPIC, &state[i].l) < 0 || ioctl(other, KVM_SET_LAPIC, &state[i].l) < 0) {
+        perror("arm lapic"); return 1; }
+    }
+    printf("LAPIC timers armed every %u ns on both VMs\n", tick_ns);
+  }
+  run(1, 1, 0);
   const char *names[] = {"get 1 thread", "get 2 threads", "put 1 thread", "put 2 threads"};
   double t[4][64];
   for (int r = 0; r < rounds; r++) {   // interleaved, so noise hits every variant alike
