@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -142,6 +143,27 @@ def test_destination_refuses_an_incompatible_machine(run) -> None:
     error, running, unchanged = run(scenario())
     assert "device 4" in str(error) and "4194304" in str(error) and "8388608" in str(error)
     assert running and unchanged
+
+
+def test_a_local_destination_shares_the_session_not_the_process_group(run) -> None:
+    """Its own group, so that a terminal's Ctrl-C reaches only the source; the source's
+    session (and so its scheduler autogroup), so that both sides' threads share the CPUs
+    thread by thread during the stop-and-copy."""
+
+    async def scenario() -> tuple[int, int, str | None]:
+        async with destination(_vfio({"name": "nic0", "size": "1MiB"}),
+                               MigrationParams(workers=1)) as dest:
+            group = Path(f"/proc/{dest.pid}/autogroup")
+            found = os.getsid(dest.pid), os.getpgid(dest.pid), \
+                group.read_text() if group.exists() else None
+            os.kill(dest.pid, signal.SIGTERM)  # no migration comes: end it
+            return found
+
+    session, group, autogroup = run(scenario())
+    assert session == os.getsid(0)
+    assert group != os.getpgid(0)
+    if autogroup is not None:  # a kernel with autogroup scheduling
+        assert autogroup == Path("/proc/self/autogroup").read_text()
 
 
 async def _migrate_refused(spec: MachineConfig, source_fault: str) -> tuple[str, bool, bool]:

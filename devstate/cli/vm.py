@@ -29,6 +29,9 @@ async def vm_command(args: argparse.Namespace) -> int:
     if args.parent is not None:
         # A destination started by a local migration: SIGTERM (clean unwind) if it dies.
         end_with_parent(args.parent, signal.SIGTERM)
+        # It runs as a background group of its parent's terminal session: what it says
+        # on stderr gets through even where the terminal stops such writers (stty tostop).
+        signal.signal(signal.SIGTTOU, signal.SIG_IGN)
     spec = load_spec(args.spec)
     tls = tls_config(args)
     params = _vm_params(args)
