@@ -150,18 +150,19 @@ def test_a_local_destination_shares_the_session_not_the_process_group(run) -> No
     session (and so its scheduler autogroup), so that both sides' threads share the CPUs
     thread by thread during the stop-and-copy."""
 
-    async def scenario() -> tuple[int, int, str | None]:
+    async def scenario() -> tuple[int, int, int, str | None]:
         async with destination(_vfio({"name": "nic0", "size": "1MiB"}),
                                MigrationParams(workers=1)) as dest:
             group = Path(f"/proc/{dest.pid}/autogroup")
-            found = os.getsid(dest.pid), os.getpgid(dest.pid), \
+            found = dest.pid, os.getsid(dest.pid), os.getpgid(dest.pid), \
                 group.read_text() if group.exists() else None
             os.kill(dest.pid, signal.SIGTERM)  # no migration comes: end it
             return found
 
-    session, group, autogroup = run(scenario())
+    pid, session, group, autogroup = run(scenario())
     assert session == os.getsid(0)
     assert group != os.getpgid(0)
+    assert group == pid  # the leader of a group of its own
     if autogroup is not None:  # a kernel with autogroup scheduling
         assert autogroup == Path("/proc/self/autogroup").read_text()
 

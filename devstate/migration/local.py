@@ -75,10 +75,9 @@ async def destination(spec: MachineConfig, params: MigrationParams, *,
         # then ends the destination in order (below) instead of both racing to tear down.
         # Not a session of its own: Linux's autogroup scheduler shares the CPUs between
         # sessions first and between threads only within one, so the destination's put
-        # threads took half of each CPU from the source's get threads that feed them, and
-        # ran out of records (288 live vCPUs on 2 cores, interleaved, 12 migrations each:
-        # median downtime 34.7 ms in two sessions, 33.0 in one; idle vCPUs 29.2 and 28.2).
-        # setpgid runs in the child before exec (uvloop has no process_group=).
+        # threads took half of each CPU from the source's get threads that feed them
+        # (docs/benchmarks.md, "A live guest"). setpgid runs in the child before exec
+        # (uvloop has no process_group=).
         proc = await asyncio.create_subprocess_exec(
             *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=os.setpgrp)
