@@ -197,6 +197,12 @@ BREAKS = (
                  "await asyncio.sleep(self._bound.beat_s)\n"
                  "                await self._alive()"),),
           ("tests/test_liveness.py", "-k", "late_worker")),
+    Break("runnable-not-counted", "a worker that is silent but runnable (starved by a busy "
+                                  "guest, not frozen) stops its side's heartbeats",
+          (Patch("devstate/worker/pool.py",
+                 'return state == b"R"',
+                 "return False"),),
+          ("tests/test_liveness.py", "-k", "silent_worker")),
 )
 
 

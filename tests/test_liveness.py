@@ -29,6 +29,7 @@ from devstate.migration import liveness
 from devstate.migration.local import Destination, destination
 from devstate.migration.source import FailedAfterCommit, SourceVM
 from devstate.phase import Phase
+from devstate.worker import faults
 
 pytestmark = pytest.mark.slow
 
@@ -266,3 +267,79 @@ def test_late_worker_answers_within_the_bound_keep_the_peer_hearing_beats(run) -
     # beat's wait and then the answer, sent it at 3.25 s, after the bound: silent).
     assert run(heard(late, 1.7 * late_s)) == "heard beats throughout"
     assert run(heard(never, 2 * bound.seconds)) == "silent"
+
+
+# nic0 runs precopy: its chunks are read while the VM runs, where a busy guest starves the
+# VM's owner (issue 20).
+PRECOPY = parse_spec({"seed": 5, "vcpus": {"count": 4}, "devices": [
+    {"name": "nic0", "size": "8MiB", "precopy": True}, {"name": "gpu0", "size": "4MiB"}]})
+
+
+@pytest.mark.parametrize("fault", ["busy-worker", "block-worker"])
+def test_a_silent_worker_on_a_cpu_is_starved_not_frozen(run, fault: str) -> None:
+    """A source worker answers nothing for three bounds during precopy: busy on a CPU (a
+    starved VM owner looks so: runnable, its turn not come), its side still beats and the
+    migration completes; blocked (asleep, as a wedged worker), its side falls silent and
+    the destination gives up, the source resuming."""
+    async def scenario() -> dict[str, Any]:
+        assert faults.STALL_S > 2.5 * PEER_TIMEOUT_S
+        plain = dataclasses.replace(PARAMS, precopy=True)
+        armed = dataclasses.replace(plain, fault=f"precopy:{fault}")
+        outcome: dict[str, Any] = {}
+        async with SourceVM(PRECOPY, armed) as source:
+            before = await source.digests()
+            async with destination(PRECOPY, plain) as dest:
+                try:
+                    async with asyncio.timeout(CEILING_S):
+                        report = await source.migrate(dest.address, compare_digests=True)
+                    outcome["verified"] = report.verified
+                except MigrationFailed as exc:
+                    outcome["error"] = str(exc)
+            outcome["running"] = source.running
+            if source.running:
+                outcome["unchanged"] = await source.digests() == before
+        return outcome
+
+    outcome = run(scenario())
+    if fault == "busy-worker":
+        assert outcome.get("verified") is True, outcome
+        assert not outcome["running"]
+    else:
+        error = outcome.get("error", "")
+        assert "peer timeout" in error and "source resumed" in error, outcome
+        assert outcome["running"] and outcome["unchanged"]
+
+
+def test_a_runnable_silence_counts_as_alive_only_within_the_grace(run) -> None:
+    """SideAnswers alone, its pool a stand-in whose one worker never answers: runnable, it
+    passes at once until its query is ``grace_s`` old, then holds the beat; not runnable
+    (stopped or blocked), it holds the beat from the start."""
+    class Silent:
+        size = 1
+
+        def __init__(self, runnable: bool) -> None:
+            self._runnable = runnable
+
+        async def call(self, worker: int, command: object) -> None:
+            await asyncio.Event().wait()
+
+        def runnable(self, worker: int) -> bool:
+            return self._runnable
+
+    async def passes(answers: liveness.SideAnswers) -> bool:
+        try:
+            async with asyncio.timeout(0.3):
+                await answers()
+        except TimeoutError:
+            return False
+        return True
+
+    async def scenario(runnable: bool) -> list[bool]:
+        pool: Any = Silent(runnable)
+        async with liveness.SideAnswers(pool, grace_s=0.5) as answers:
+            seen = [await passes(answers)]
+            await asyncio.sleep(0.6)
+            return [*seen, await passes(answers)]
+
+    assert run(scenario(True)) == [True, False]
+    assert run(scenario(False)) == [False, False]

@@ -261,14 +261,11 @@ class Incoming(OnMachine):
                 for w in range(self.plan.workers)})) as (loading,):
             self._ready_ns = time.monotonic_ns()
             await channels.send(main, Ready(monotonic_clock_id()))
-            async with liveness.Heartbeats(main, bound, self._workers_answer):
+            async with liveness.SideAnswers(self.pool) as answers, \
+                    liveness.Heartbeats(main, bound, answers):
                 results: dict[int, int] = await self._unless_source_speaks(
                     main, loading, "the load", bound)
         return sum(results.values())
-
-    async def _workers_answer(self) -> None:
-        """Return once every worker answered a small query (a heartbeat's condition)."""
-        await self.pool.call_all({w: m.Progress() for w in range(self.plan.workers)})
 
     async def _unless_source_speaks(self, main: channels.Channel, work: Awaitable[T],
                                     during: str, bound: liveness.PeerBound | None = None

@@ -15,7 +15,12 @@ would wait for ever with the VM paused. QEMU behaves so too and leaves it to the
 
 A heartbeat stands for the whole side, not only its coordinator: a frozen worker stops its
 side's beats just as a frozen coordinator does (its bytes stop too, but a peer cannot tell
-a stopped stream from a slow device; a stalled pool query it can). The source sends beats
+a stopped stream from a slow device; a stalled pool query it can). A worker that has not
+answered yet but whose loop is *runnable* (on a CPU or waiting for one, not stopped or
+blocked) is starved, not frozen: a busy guest's vCPU threads share the host's cores with
+the VM's owner, whose answers then take seconds (1.2-2.0 s with 288 vCPUs on 2 cores,
+measured). It counts as answered, for RUNNABLE_GRACE_S at most (:class:`SideAnswers`),
+since a loop spinning in a bug is runnable too. The source sends beats
 until it commits, the destination until it says LOADED: after those, each waits for one
 prompt reply (COMMIT, RESUMED) under the same bound.
 
@@ -42,6 +47,8 @@ from devstate.errors import ChannelError, DevstateError
 from devstate.net import channels
 from devstate.protocol import wire
 from devstate.protocol.control import Heartbeat, M, decode_as
+from devstate.worker import jobs
+from devstate.worker.pool import WorkerPool
 
 PEER_TIMEOUT_FLOOR_S = 5.0
 PEER_TIMEOUT_CEILING_S = 60.0
@@ -49,6 +56,10 @@ PEER_TIMEOUT_FACTOR = 10.0
 # At least a few beats fit in any bound, so that one late beat is never taken for silence.
 HEARTBEAT_S = 1.0
 BEATS_PER_BOUND = 4
+# How long a runnable worker's silence passes for starvation, and how often a side looks
+# at the state of the workers it waits for.
+RUNNABLE_GRACE_S = PEER_TIMEOUT_CEILING_S
+ANSWER_POLL_S = 0.05
 
 
 class PeerSilent(ChannelError):
@@ -116,6 +127,54 @@ async def expect(sock: channels.Channel, cls: type[M], bound: PeerBound, peer: s
     silent peer raises :class:`PeerSilent`, FAILED raises :class:`PeerFailed`."""
     kind, body = await recv(sock, bound, peer, during)
     return decode_as(cls, channels.checked(kind, body, cls.kind))
+
+
+class SideAnswers:
+    """A side's heartbeat condition: ``await answers()`` returns once every worker of
+    ``pool`` answered a small query, or each that has not yet is runnable and was asked
+    less than ``grace_s`` ago. A query not answered stays asked, one per worker: the next
+    beat waits for the same answer, so a starved worker's queue does not grow. An async
+    context manager: the queries still asked end with it.
+    """
+
+    def __init__(self, pool: WorkerPool, grace_s: float = RUNNABLE_GRACE_S) -> None:
+        self._pool = pool
+        self._grace_s = grace_s
+        self._asked: dict[int, tuple[asyncio.Task[object], float]] = {}
+
+    async def __aenter__(self) -> SideAnswers:
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        tasks = [task for task, _ in self._asked.values()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+        self._asked.clear()
+
+    async def __call__(self) -> None:
+        """Return once the side counts as alive; a worker's failure (lost) raises."""
+        loop = asyncio.get_running_loop()
+        for w in range(self._pool.size):
+            asked = self._asked.get(w)
+            if asked is None or asked[0].done():
+                if asked is not None:
+                    asked[0].result()
+                self._asked[w] = (loop.create_task(self._pool.call(w, jobs.Progress())),
+                                  loop.time())
+        while True:
+            waiting = {w: asked for w, asked in self._asked.items() if not asked[0].done()}
+            if not waiting:
+                for task, _ in self._asked.values():
+                    task.result()
+                return
+            if all(loop.time() - since < self._grace_s and self._pool.runnable(w)
+                   for w, (_, since) in waiting.items()):
+                return
+            await asyncio.wait([task for task, _ in waiting.values()], timeout=ANSWER_POLL_S,
+                               return_when=asyncio.FIRST_COMPLETED)
 
 
 class Heartbeats:

@@ -240,14 +240,17 @@ class Outgoing(OnMachine):
                       self.deadline.transfer_order(costs))
             for w in range(self.plan.workers)})
         loaded = liveness.expect(sock, Loaded, bound, "destination", "the save and load")
-        beats = liveness.Heartbeats(sock, bound, self.progress)
-        async with background(save, loaded) as (saving, loading), beats:
+        async with background(save, loaded) as (saving, loading), \
+                liveness.SideAnswers(self.pool) as answers, \
+                liveness.Heartbeats(sock, bound, answers) as beats:
             try:
+                # The destination giving up meanwhile (its own liveness bound, say) ends
+                # the wait too: a guest is not stopped for a migration already failed.
                 if precopy:
-                    made = self.last_estimate = await self.deadline.converge(saving, costs,
-                                                                             precopy, ram)
+                    made = self.last_estimate = await _unless_ended(
+                        self.deadline.converge(saving, costs, precopy, ram), saving, loading)
                 else:
-                    await self._armed(saving, gen)
+                    await self._armed(gen, saving, loading)
                 if before_stop is not None:
                     status(Phase.PRE_SWITCHOVER)
                     await _unless_ended(before_stop(), saving, loading)
@@ -272,12 +275,13 @@ class Outgoing(OnMachine):
                 t1 = await commit.commit(sock, bound)
         return t0, t1, made
 
-    async def _armed(self, saving: asyncio.Future[Any], gen: int) -> None:
+    async def _armed(self, gen: int, saving: asyncio.Future[Any],
+                     loading: asyncio.Future[Any]) -> None:
         """Return once every worker's Save is set up and waits for the stop (its set-up is
-        then not part of the downtime); a Save that ended first raises its error."""
+        then not part of the downtime); a Save or load that ended first raises its error."""
         armed = await _unless_ended(self.pool.call_all({w: m.Armed(gen)
                                                         for w in range(self.plan.workers)}),
-                                    saving)
+                                    saving, loading)
         if not all(armed.values()):  # a Save ended unarmed: its own reply says why
             await asyncio.wait({saving})
             saving.result()

@@ -20,7 +20,10 @@ Points, by the step of a migration they belong to::
     resume    destination: devices about to resume, after COMMIT
 
 Faults: ``kill-worker`` (SIGKILL of the worker itself), ``freeze-worker`` (SIGSTOP of
-the worker itself: a worker that neither answers nor dies, until SIGCONT), ``kill-model``
+the worker itself: a worker that neither answers nor dies, until SIGCONT), ``busy-worker``
+and ``block-worker`` (the worker's loop keeps its CPU busy, or sleeps, for STALL_S, then
+goes on: a worker that does not answer for a while, runnable or blocked: the liveness
+rule tells the two apart), ``kill-model``
 (SIGKILL of the device model the point is about), ``cut-channels`` (the worker's data
 channels shut down both ways), ``truncate`` (half the packet sent, then its channel shut
 down), and two that change bytes where exactly one check can see them:
@@ -51,6 +54,7 @@ import enum
 import os
 import signal
 import socket
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -63,6 +67,9 @@ from devstate.devices.kvm.record import Section
 
 # struct kvm_regs: rax rbx rcx rdx rsi rdi rsp rbp ..., 8 bytes each.
 _RBP = 7 * 8
+# How long busy-worker and block-worker hold the worker's loop: longer than the peer
+# timeouts the tests set (2 s), far shorter than the liveness rule's ceiling (60 s).
+STALL_S = 6.0
 
 
 class Fault(enum.StrEnum):
@@ -70,6 +77,8 @@ class Fault(enum.StrEnum):
 
     KILL_WORKER = "kill-worker"
     FREEZE_WORKER = "freeze-worker"
+    BUSY_WORKER = "busy-worker"
+    BLOCK_WORKER = "block-worker"
     KILL_MODEL = "kill-model"
     CUT_CHANNELS = "cut-channels"
     CORRUPT = "corrupt"
@@ -156,6 +165,12 @@ class Injector:
             os.kill(os.getpid(), signal.SIGKILL)
         elif fault is Fault.FREEZE_WORKER:
             os.kill(os.getpid(), signal.SIGSTOP)
+        elif fault is Fault.BUSY_WORKER:
+            until = time.monotonic() + STALL_S
+            while time.monotonic() < until:  # on a CPU, answering nothing
+                pass
+        elif fault is Fault.BLOCK_WORKER:
+            time.sleep(STALL_S)  # blocked, answering nothing
         elif fault is Fault.KILL_MODEL and model_pid is not None:
             os.kill(model_pid, signal.SIGKILL)
         elif fault is Fault.CUT_CHANNELS:

@@ -266,6 +266,24 @@ class WorkerPool(AsyncLifecycle):
         lost = self.lost()
         return [i for i in range(self.size) if i not in lost]
 
+    def runnable(self, worker: int) -> bool:
+        """Whether ``worker``'s main thread, which runs its loop, is on a CPU or waiting for
+        one now (state R): neither stopped (SIGSTOP) nor blocked. A worker that has not
+        answered yet but is runnable is starved, not frozen
+        (:mod:`devstate.migration.liveness` counts it so)."""
+        pid = self._procs[worker].pid
+        if pid is None or worker in self._lost:
+            return False
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as stat:
+                fields = stat.read()
+        except OSError:  # exited
+            return False
+        # "pid (comm) state ...": the name may hold spaces and parentheses, the state
+        # follows its last ")".
+        state = fields[fields.rindex(b")") + 2:].split(b" ", 1)[0]
+        return state == b"R"
+
     async def close(self) -> None:
         """Shut every worker down (politely, then by force) and release the arena."""
         if self._closed:
