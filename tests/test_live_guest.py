@@ -27,9 +27,9 @@ from devstate.devices.kvm.guest import GuestLayout
 from devstate.devices.kvm.guest_view import GuestView
 from devstate.devices.kvm.ram import GuestRam
 from devstate.errors import MigrationFailed
-from devstate.migration.local import migrate_locally
+from devstate.migration.local import destination, migrate_locally
 from devstate.migration.source import SourceVM
-from devstate.report.migration import format_table
+from devstate.report.migration import MigrationReport, format_table
 from tests.test_cli import devstate
 from tests.test_qmp_faults import _vm_pid
 
@@ -88,9 +88,22 @@ def test_a_register_changed_in_flight_stops_the_guest_continuing(run) -> None:
 
 def test_a_guest_page_changed_in_flight_stops_the_guest_continuing(run) -> None:
     """A word of cpu/0's checksum block flips before its packet's checksum is taken: every
-    packet and END are valid and the page lands as sent; the guest's checksum fails."""
+    packet and END are valid and the page lands as sent; the guest's checksum fails.
+
+    The fault strikes the stop's first chunk of guest RAM, which holds cpu/0's page only
+    if cpu/0 wrote it after precopy's last round: the guest runs three of its ticks
+    between that round and the stop (``before_stop``), so it has, however short the
+    rounds were."""
     spec = _live(8)
-    report = run(migrate_locally(spec, MigrationParams(workers=2, fault="get:alter")))
+
+    async def migrate() -> MigrationReport:
+        async with SourceVM(spec, MigrationParams(workers=2, fault="get:alter")) as source, \
+                destination(spec, MigrationParams(workers=2)) as dest:
+            return await source.outgoing.migrate(dest.address, compare_digests=True,
+                                                 before_stop=lambda: asyncio.sleep(0.15))
+
+    assert spec.ram is not None and spec.ram.tick_ms == 50
+    report = run(migrate())
     assert report.guest is not None and not report.guest.continued
     assert "cpu/0" in report.guest.why and "checksum" in report.guest.why
     # The source's RAM digest is of its own (unchanged) RAM: ram/0 is not verified either.

@@ -202,7 +202,8 @@ def spoil(fault: Fault, packet: memoryview) -> memoryview:
 def _alter_guest_page(payload: memoryview) -> None:
     """ALTER at ``get``: in the first stop-and-copy chunk of guest RAM, flip a bit of vCPU
     0's first checksum word. The chunk is a run of extents: the whole range from address 0
-    (no precopy), or the pages dirtied last (vCPU 0's page always is: its counter moves).
+    (no precopy), or the pages dirtied last (vCPU 0's page is, once vCPU 0 ticked after
+    precopy's last round: its counter moved).
     vCPU 0's page follows the GDT, whose size depends on the vCPU count: read from the
     params block when the chunk carries it, else that of a guest of up to 253 vCPUs (whose
     GDT ends in the same page)."""
