@@ -27,10 +27,11 @@ from devstate.devices.kvm.guest import GuestLayout
 from devstate.devices.kvm.guest_view import GuestView
 from devstate.devices.kvm.ram import GuestRam
 from devstate.errors import MigrationFailed
-from devstate.migration.local import destination, migrate_locally
+from devstate.migration.local import migrate_locally
 from devstate.migration.source import SourceVM
-from devstate.report.migration import MigrationReport, format_table
+from devstate.report.migration import format_table
 from tests.test_cli import devstate
+from tests.test_live_ram import TICKS_S, _paused
 from tests.test_qmp_faults import _vm_pid
 
 USABLE, WHY = kvm_usable()
@@ -95,15 +96,9 @@ def test_a_guest_page_changed_in_flight_stops_the_guest_continuing(run) -> None:
     between that round and the stop (``before_stop``), so it has, however short the
     rounds were."""
     spec = _live(8)
-
-    async def migrate() -> MigrationReport:
-        async with SourceVM(spec, MigrationParams(workers=2, fault="get:alter")) as source, \
-                destination(spec, MigrationParams(workers=2)) as dest:
-            return await source.outgoing.migrate(dest.address, compare_digests=True,
-                                                 before_stop=lambda: asyncio.sleep(0.15))
-
-    assert spec.ram is not None and spec.ram.tick_ms == 50
-    report = run(migrate())
+    assert spec.ram is not None and spec.ram.tick_ms * 3 <= TICKS_S * 1e3
+    report = run(_paused(spec, MigrationParams(workers=2, fault="get:alter"),
+                         dest_params=MigrationParams(workers=2)))
     assert report.guest is not None and not report.guest.continued
     assert "cpu/0" in report.guest.why and "checksum" in report.guest.why
     # The source's RAM digest is of its own (unchanged) RAM: ram/0 is not verified either.

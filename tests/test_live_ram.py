@@ -53,11 +53,26 @@ def _moved_live(report: MigrationReport) -> None:
     assert 0 < ram.stop_copy_bytes < ram.total_bytes // 4
 
 
+# A small guest's rounds can all end within one of its 50 ms ticks (round 1 sends only
+# the pages that hold data: a few ms): the tests that need pages dirty at the stop hold the
+# switchover for three ticks (pause-before-switchover), the guest writing on meanwhile.
+TICKS_S = 0.15
+
+
+async def _paused(spec: MachineConfig, params: MigrationParams, pause_s: float = TICKS_S,
+                  dest_params: MigrationParams | None = None) -> MigrationReport:
+    """One migration whose switchover waits ``pause_s`` after precopy's last round."""
+    async with SourceVM(spec, params) as source, \
+            destination(spec, dest_params or params) as dest:
+        return await source.outgoing.migrate(dest.address, compare_digests=True,
+                                             before_stop=lambda: asyncio.sleep(pause_s))
+
+
 def test_pages_dirtied_in_every_round_all_arrive(run) -> None:
     """A small guest rewriting its whole working set every tick: each round finds it dirty
     again, and the pages of every round (and of the stop) land where they belong."""
     spec = _dirtying(8, "64MiB", 2000, "1MiB")
-    report = run(migrate_locally(spec, MigrationParams(workers=2), compare_digests=True))
+    report = run(_paused(spec, MigrationParams(workers=2)))
     _moved_live(report)
     # The guest touches its program, its vCPUs' pages and 8 MiB of working sets: the rest
     # of its 64 MiB crossed as zero extents, headers alone (and arrived: the digests).
@@ -68,15 +83,8 @@ def test_pages_dirtied_after_the_last_round_move_with_the_stop(run) -> None:
     """A controller holds the switchover (pause-before-switchover) for 0.3 s after the
     last round, the guest dirtying on: only the owner's sync at the stop knows those
     pages, and every range must still match."""
-    spec = _dirtying(8, "64MiB", 2000, "1MiB")
-
-    async def scenario() -> MigrationReport:
-        async with SourceVM(spec, MigrationParams(workers=2)) as source, \
-                destination(spec, MigrationParams(workers=2)) as dest:
-            return await source.outgoing.migrate(dest.address, compare_digests=True,
-                                                 before_stop=lambda: asyncio.sleep(0.3))
-
-    _moved_live(run(scenario()))
+    _moved_live(run(_paused(_dirtying(8, "64MiB", 2000, "1MiB"), MigrationParams(workers=2),
+                            0.3)))
 
 
 def test_a_range_with_nothing_to_send_leaves_the_slot_to_the_others(run) -> None:
@@ -87,8 +95,7 @@ def test_a_range_with_nothing_to_send_leaves_the_slot_to_the_others(run) -> None
     spec = _dirtying(8, "48MiB", 100, "256KiB")
     params = MigrationParams(workers=1, chunk_slots=1, downtime_limit_ms=1000,
                              precopy_timeout_s=5)
-    _moved_live(run(migrate_locally(spec, params, dest_params=MigrationParams(workers=1),
-                                    compare_digests=True)))
+    _moved_live(run(_paused(spec, params, dest_params=MigrationParams(workers=1))))
 
 
 def test_without_precopy_the_whole_ram_moves_stopped(run) -> None:
