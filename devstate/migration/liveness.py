@@ -166,10 +166,8 @@ class SideAnswers:
                                   loop.time())
         while True:
             waiting = {w: asked for w, asked in self._asked.items() if not asked[0].done()}
-            if not waiting:
-                for task, _ in self._asked.values():
-                    task.result()
-                return
+            for w in self._asked.keys() - waiting.keys():
+                self._asked[w][0].result()  # a lost worker raises
             if all(loop.time() - since < self._grace_s and self._pool.runnable(w)
                    for w, (_, since) in waiting.items()):
                 return
